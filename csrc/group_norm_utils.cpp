@@ -1,0 +1,134 @@
+#include "group_norm_utils.h"
+
+#include <ATen/ATen.h>
+
+namespace gnflex {
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "none" || name == "identity") return Activation::None;
+  if (name == "relu") return Activation::ReLU;
+  if (name == "silu" || name == "swish") return Activation::SiLU;
+  if (name == "gelu") return Activation::GELU;
+  TORCH_CHECK(false, "gnflex.group_norm: unknown activation '", std::string(name),
+              "'; expected one of 'none', 'relu', 'silu', 'gelu'");
+}
+
+at::ScalarType acc_dtype_for(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType param_dtype(const c10::optional<at::Tensor>& weight, const at::Tensor& input) {
+  return weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
+}
+
+namespace {
+
+bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+void check_channel_param(const c10::optional<at::Tensor>& param, const char* name,
+                         const at::Tensor& input, int64_t C) {
+  if (!param.has_value() || !param->defined()) return;
+  const at::Tensor& p = *param;
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == C, "gnflex.group_norm: expected ", name,
+              " of shape [", C, "] (num_channels), got ", p.sizes());
+  TORCH_CHECK(p.device() == input.device(), "gnflex.group_norm: ", name, " is on ", p.device(),
+              " but input is on ", input.device());
+  const bool same = p.scalar_type() == input.scalar_type();
+  const bool fp32_with_half = p.scalar_type() == at::kFloat && is_reduced_float(input.scalar_type());
+  TORCH_CHECK(same || fp32_with_half, "gnflex.group_norm: ", name, " dtype ", p.scalar_type(),
+              " does not match input dtype ", input.scalar_type(),
+              " (float32 parameters are allowed with float16/bfloat16 input)");
+}
+
+}  // namespace
+
+GroupNormShape check_forward_args(const at::Tensor& input,
+                                  const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                                  double eps) {
+  TORCH_CHECK(input.dim() >= 2,
+              "gnflex.group_norm: expected input of shape (N, C, *) with at least 2 dims, got ",
+              input.dim(), " dims with shape ", input.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype),
+              "gnflex.group_norm: expected a float32, float64, float16 or bfloat16 input, got ",
+              dtype);
+  const int64_t C = input.size(1);
+  TORCH_CHECK(num_groups > 0, "gnflex.group_norm: num_groups must be positive, got ", num_groups);
+  TORCH_CHECK(C % num_groups == 0, "gnflex.group_norm: num_channels (", C,
+              ") must be divisible by num_groups (", num_groups, ")");
+  TORCH_CHECK(eps >= 0, "gnflex.group_norm: eps must be non-negative, got ", eps);
+  check_channel_param(weight, "weight", input, C);
+  check_channel_param(bias, "bias", input, C);
+  const int64_t N = input.size(0);
+  const int64_t HxW = C == 0 || N == 0 ? 0 : input.numel() / (N * C);
+  return {N, C, HxW, num_groups};
+}
+
+GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                   const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias, int64_t num_groups) {
+  const GroupNormShape shape = check_forward_args(input, weight, bias, num_groups, 0.0);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "gnflex.group_norm_backward: grad_out shape ",
+              grad_out.sizes(), " does not match input shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(),
+              "gnflex.group_norm_backward: grad_out dtype ", grad_out.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "gnflex.group_norm_backward: grad_out is on ",
+              grad_out.device(), " but input is on ", input.device());
+  const auto acc = acc_dtype_for(input.scalar_type());
+  for (const auto* stat : {&mean, &rstd}) {
+    const char* name = stat == &mean ? "mean" : "rstd";
+    TORCH_CHECK(stat->numel() == shape.N * shape.G, "gnflex.group_norm_backward: expected ", name,
+                " with N * num_groups = ", shape.N * shape.G, " elements, got shape ",
+                stat->sizes());
+    TORCH_CHECK(stat->scalar_type() == acc, "gnflex.group_norm_backward: expected ", name,
+                " of dtype ", acc, ", got ", stat->scalar_type());
+    TORCH_CHECK(stat->device() == input.device(), "gnflex.group_norm_backward: ", name,
+                " is on ", stat->device(), " but input is on ", input.device());
+  }
+  return shape;
+}
+
+namespace {
+
+// True when `t` is dense with the channel dim innermost: strides match a
+// row-major (N, *spatial, C) tensor. Size-1 dims may have any stride.
+bool is_channels_last_dense(const at::Tensor& t) {
+  if (t.dim() < 3 || t.stride(1) != 1) return false;
+  int64_t expected = t.size(1);
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return t.size(0) == 1 || t.stride(0) == expected;
+}
+
+}  // namespace
+
+at::Tensor to_native_layout(const at::Tensor& input, Layout* layout) {
+  // A tensor that is both (e.g. C == 1 or HxW == 1) is read as channels-first.
+  if (!input.is_contiguous() && is_channels_last_dense(input)) {
+    *layout = Layout::ChannelsLast;
+    return input;
+  }
+  *layout = Layout::ChannelsFirst;
+  return input.contiguous();
+}
+
+at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  // empty_like keeps the strides of a dense tensor.
+  return at::empty_like(like).copy_(t);
+}
+
+at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C,
+                         at::ScalarType acc_dtype, double fill, const at::Device& device) {
+  if (param.has_value() && param->defined()) {
+    return param->to(acc_dtype).contiguous();
+  }
+  return at::full({C}, fill, at::TensorOptions().dtype(acc_dtype).device(device));
+}
+
+}  // namespace gnflex

@@ -1,0 +1,29 @@
+"""gnflex: GroupNorm for PyTorch on its own CPU/CUDA kernels.
+
+Importing gnflex loads the op library (``torch.ops.gnflex.group_norm`` and
+``torch.ops.gnflex.group_norm_backward``) and registers their fake kernels.
+"""
+from ._ops import built_with_cuda, library_path, ops
+from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
+from . import functional
+from .config import ACTIVATIONS, GN_GROUP_PRIORITY, MODES, GNConfig, choose_gn_groups
+from .functional import group_norm
+from .modules import GNCNN, ConvGNAct, GroupNormFlex
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "GN_GROUP_PRIORITY",
+    "MODES",
+    "ConvGNAct",
+    "GNCNN",
+    "GNConfig",
+    "GroupNormFlex",
+    "built_with_cuda",
+    "choose_gn_groups",
+    "functional",
+    "group_norm",
+    "library_path",
+    "ops",
+]

@@ -1,0 +1,38 @@
+"""Loads the native op library and checks it matches the running torch."""
+import os
+
+import torch
+
+try:
+    from . import _build_info
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "gnflex's native library is not built. Install gnflex with "
+        "`pip install --no-build-isolation .` (after installing torch)."
+    ) from exc
+
+
+def _release(version):
+    return str(version).split("+")[0]
+
+
+if _release(_build_info.torch_version) != _release(torch.__version__):
+    raise ImportError(
+        f"gnflex was built against torch {_build_info.torch_version} but torch {torch.__version__} "
+        "is imported; the C++ ABI differs between releases. Rebuild gnflex against this torch: "
+        "`pip install --no-build-isolation --no-deps --force-reinstall .`"
+    )
+
+from . import _C  # noqa: E402  (registers torch.ops.gnflex.*)
+
+ops = torch.ops.gnflex
+
+
+def library_path():
+    """Path of the compiled op library, for ``torch.ops.load_library``."""
+    return os.path.abspath(_C.__file__)
+
+
+def built_with_cuda():
+    """True when the library was compiled with CUDA kernels."""
+    return bool(_build_info.with_cuda)

@@ -1,0 +1,177 @@
+"""nn.Modules: GroupNormFlex, ConvGNAct and the small GNCNN backbone."""
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import GNConfig
+
+
+def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
+    config = GNConfig() if config is None else config
+    if not isinstance(config, GNConfig):
+        raise TypeError(f"config must be a GNConfig, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+class GroupNormFlex(nn.Module):
+    """GroupNorm (+ fused activation) over an (N, C, *) input, on gnflex's kernels.
+
+    ``GroupNormFlex(64)`` is GroupNorm with automatically chosen groups;
+    ``GroupNormFlex(64, GNConfig(mode="ln_like"))`` or
+    ``GroupNormFlex(64, mode="in_like", activation="silu")`` pick other modes
+    (keyword overrides replace fields of ``config``).
+
+    Parameters are named ``weight`` and ``bias`` as in ``nn.GroupNorm`` so
+    state_dicts load both ways. ``affine=False`` (in the config) drops both,
+    ``bias=False`` only the bias.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        config: Optional[GNConfig] = None,
+        *,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        **overrides,
+    ):
+        super().__init__()
+        config = _resolve_config(config, overrides)
+        self.config = config
+        self.num_channels = num_channels
+        self.num_groups = config.num_groups(num_channels)
+        self.mode = config.mode
+        self.eps = float(config.eps)
+        self.affine = config.affine
+        self.activation = config.activation
+        factory = {"device": device, "dtype": dtype}
+        if config.affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.ops.gnflex.group_norm(
+            input, self.weight, self.bias, self.num_groups, self.eps, self.activation
+        )[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, groups={self.num_groups}, mode={self.mode}, eps={self.eps}, "
+            f"affine={self.affine}, activation={self.activation}"
+        )
+
+
+class ConvGNAct(nn.Module):
+    """Conv2d (no bias) -> GroupNormFlex with the activation fused into the norm.
+
+    ``padding=None`` keeps the spatial size at stride 1 ("same" for odd
+    kernels). ``groups`` is the convolution's groups (as in timm's
+    ConvNormAct); the norm's groups come from ``config``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: Optional[int] = None,
+        dilation: int = 1,
+        groups: int = 1,
+        activation: str = "relu",
+        config: Optional[GNConfig] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if padding is None:
+            padding = (kernel_size - 1) // 2 * dilation
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=False, **factory,
+        )
+        self.norm = GroupNormFlex(out_channels, config, activation=activation, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x))
+
+
+class GNCNN(nn.Module):
+    """A small GroupNorm CNN: stem -> stage1 -> stage2 of ConvGNAct blocks,
+    global average pool and a linear classifier.
+
+    For an input (N, in_channels, H, W) and ``widths=(w0, w1, w2, w3)``:
+
+    ========  ==========================================  ===================
+    part      blocks (kernel 3)                            output
+    ========  ==========================================  ===================
+    stem      w0 /2, w0 /2, w1 /2                          P3 (N, w1, H/8, W/8)
+    stage1    w2 /2, w2                                    P4 (N, w2, H/16, W/16)
+    stage2    w3 /2, w3                                    P5 (N, w3, H/32, W/32)
+    head      global average pool, Linear(w3, num_classes) logits (N, num_classes)
+    ========  ==========================================  ===================
+
+    (sizes rounded up: each stride-2 conv maps H to ceil(H / 2)).
+    ``forward(x)`` returns logits; ``forward(x, return_features=True)`` (or
+    ``return_features=True`` at construction) returns
+    ``(logits, {"p3": P3, "p4": P4, "p5": P5})``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        activation: str = "relu",
+        config: Optional[GNConfig] = None,
+        return_features: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"widths must have 4 values (stem, stem out, stage1, stage2), got {widths}")
+        w0, w1, w2, w3 = widths
+        factory = {"device": device, "dtype": dtype}
+
+        def block(cin, cout, stride):
+            return ConvGNAct(cin, cout, 3, stride, activation=activation, config=config, **factory)
+
+        self.stem = nn.Sequential(block(in_channels, w0, 2), block(w0, w0, 2), block(w0, w1, 2))
+        self.stage1 = nn.Sequential(block(w1, w2, 2), block(w2, w2, 1))
+        self.stage2 = nn.Sequential(block(w2, w3, 2), block(w3, w3, 1))
+        self.head = nn.Linear(w3, num_classes, **factory)
+        self.return_features = return_features
+        self.feature_channels = (w1, w2, w3)
+
+    def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
+        p3 = self.stem(x)
+        p4 = self.stage1(p3)
+        p5 = self.stage2(p4)
+        return {"p3": p3, "p4": p4, "p5": p5}
+
+    def forward(
+        self, x: Tensor, return_features: Optional[bool] = None
+    ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
+        features = self.forward_features(x)
+        logits = self.head(features["p5"].mean(dim=(2, 3)))
+        want = self.return_features if return_features is None else return_features
+        if want:
+            return logits, features
+        return logits
