@@ -34,11 +34,20 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---- the vectorized loop driver ------------------------------------------
 // A step of the loop handles `count` values of type V: whole SIMD vectors of
 // the accumulate type in the body, one scalar in the tail.
+template <typename V>
+constexpr int64_t lanes_of() {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return 1;
+  } else {
+    return V::size();
+  }
+}
+
 template <typename V, int Count>
 struct Step {
   using type = V;
   static constexpr int count = Count;
-  static constexpr int64_t lanes = std::is_arithmetic_v<V> ? 1 : V::size();
+  static constexpr int64_t lanes = lanes_of<V>();
 };
 
 // Runs body(i, Step) over [0, n): SIMD steps, then the scalar tail. The body

@@ -1,0 +1,78 @@
+"""Shared test helpers: devices, per-dtype tolerances and the independent
+reference (torch.nn.functional.group_norm + activation, in float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gnflex
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# (rtol, atol) of a result in `dtype` against the float64 reference computed
+# from the same input values: mostly the rounding of the output to dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def _cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    if not gnflex.built_with_cuda():
+        return "gnflex was built without CUDA kernels"
+    return None
+
+
+CUDA_SKIP = _cuda_skip_reason()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))]),
+]
+
+
+def act_ref(z, activation):
+    return {"none": lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}[activation](z)
+
+
+def reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none"):
+    """float64 GroupNorm + activation of the given values (autograd-capable)."""
+    w = None if weight is None else weight.double()
+    b = None if bias is None else bias.double()
+    # Contiguous: torch's channels_last kernel is less accurate (1e-3 on the
+    # large-mean stability case even in float64).
+    return act_ref(F.group_norm(x.double().contiguous(), num_groups, w, b, eps), activation)
+
+
+def assert_close_to_ref(actual, expected, dtype, scale=1.0):
+    """`actual` within dtype tolerance of float64 `expected`; `scale` widens
+    atol for quantities whose size is not ~1 (gradients summed over groups)."""
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+
+
+def make_input(shape, dtype, device="cpu", layout="contiguous", seed=0):
+    """Random input in the requested memory layout:
+    contiguous, channels_last (dense, channel innermost) or strided (non-dense)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        # (N, C, *s) stored as (N, *s, C): works for any rank >= 3.
+        perm = [0] + list(range(2, len(shape))) + [1]
+        inv = [0, len(shape) - 1] + list(range(1, len(shape) - 1))
+        x = x.permute(perm).contiguous().permute(inv)
+    elif layout == "strided":
+        # Every other element of the last dim: not dense in any layout.
+        big = torch.randn(*shape[:-1], shape[-1] * 2, generator=g, dtype=torch.float64)
+        x = big[..., ::2]
+    return x.to(dtype=dtype, device=device)
+
+
+def make_params(C, dtype, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype=dtype, device=device)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    return w, b

@@ -1,0 +1,134 @@
+"""Gradients: against autograd of the float64 reference, gradcheck,
+gradgradcheck and torch.library.opcheck on both ops."""
+import pytest
+import torch
+
+import gnflex
+from conftest import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, make_input, make_params,
+                      reference)
+
+SHAPES = [((4, 6), 3), ((2, 12, 17), 4), ((2, 32, 9, 11), 8), ((2, 8, 3, 5, 7), 2),
+          ((1, 8, 70, 70), 2), ((2, 520, 3, 3), 13)]
+
+
+def grads_of(fn, x, w, b, dy):
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y, x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "strided"))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+def test_gradients_match_reference(device, dtype, layout, activation, shape, groups):
+    if layout == "channels_last" and len(shape) < 3:
+        pytest.skip("an (N, C) input has a single layout")
+    x = make_input(shape, dtype, device, layout)
+    w, b = make_params(shape[1], dtype, device)
+    dy = make_input(shape, dtype, device, seed=5)
+    _, dx, dw, db = grads_of(lambda x, w, b: gnflex.group_norm(x, groups, w, b, activation=activation),
+                            x, w, b, dy)
+    _, rdx, rdw, rdb = grads_of(lambda x, w, b: reference(x, groups, w, b, activation=activation),
+                               x, w, b, dy)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    # dx is O(rstd); dweight/dbias sum over N * HxW values: scale atol to them.
+    assert_close_to_ref(dx, rdx, dtype, scale=max(1.0, rdx.abs().max().item()))
+    assert_close_to_ref(dw, rdw, dtype, scale=max(1.0, rdw.abs().max().item()))
+    assert_close_to_ref(db, rdb, dtype, scale=max(1.0, rdb.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_gradcheck_float64(device, activation, layout):
+    x = make_input((2, 6, 3, 4), torch.float64, device, layout).requires_grad_()
+    w, b = (t.requires_grad_() for t in make_params(6, torch.float64, device))
+    fn = lambda x, w, b: gnflex.group_norm(x, 3, w, b, activation=activation)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_without_affine(device):
+    x = make_input((3, 4, 5), torch.float64, device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: gnflex.group_norm(x, 2, activation="silu"), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: gnflex.group_norm(x, 2, activation="silu"), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_requested_gradients_are_computed(device):
+    x = make_input((2, 8, 4, 4), torch.float32, device)
+    w, b = make_params(8, torch.float32, device)
+    y, mean, rstd = torch.ops.gnflex.group_norm(x, w, b, 4, 1e-5, "relu")
+    dy = torch.randn_like(y)
+    full = torch.ops.gnflex.group_norm_backward(dy, x, mean, rstd, w, b, 4, "relu", [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [False, True, True]):
+        part = torch.ops.gnflex.group_norm_backward(dy, x, mean, rstd, w, b, 4, "relu", mask)
+        for wanted, got, ref in zip(mask, part, full):
+            if wanted:
+                assert torch.equal(got, ref)
+            else:
+                assert got is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_out_in_another_layout(device):
+    # dy contiguous while x is channels_last (and the reverse): same gradients.
+    x_cl = make_input((2, 16, 5, 6), torch.float32, device, "channels_last")
+    x_cf = x_cl.contiguous()
+    dy = make_input((2, 16, 5, 6), torch.float32, device, seed=3)
+    w, b = make_params(16, torch.float32, device)
+    out = []
+    for x, g in ((x_cl, dy), (x_cf, dy.to(memory_format=torch.channels_last))):
+        _, dx, dw, db = grads_of(lambda x, w, b: gnflex.group_norm(x, 4, w, b, activation="gelu"), x, w, b, g)
+        assert dx.stride() == x.stride()
+        out.append((dx, dw, db))
+    for a, r in zip(*out):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_backward_bitwise_deterministic_across_threads(layout):
+    x = make_input((2, 64, 40, 40), torch.float32, "cpu", layout)
+    dy = make_input((2, 64, 40, 40), torch.float32, "cpu", layout, seed=9)
+    w, b = make_params(64, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads_of(lambda x, w, b: gnflex.group_norm(x, 8, w, b, activation="silu"), x, w, b, dy)
+        torch.set_num_threads(max(2, threads))
+        again = grads_of(lambda x, w, b: gnflex.group_norm(x, 8, w, b, activation="silu"), x, w, b, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for a, r in zip(one, again):
+        assert torch.equal(a, r)
+
+
+OPCHECK_CASES = [
+    ((2, 8, 5, 5), "contiguous", 4, "silu", True),
+    ((2, 8, 5, 5), "channels_last", 2, "relu", True),
+    ((3, 6, 7), "contiguous", 3, "gelu", False),
+    ((2, 4, 3, 3, 3), "channels_last", 2, "none", True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,layout,groups,activation,affine", OPCHECK_CASES, ids=str)
+def test_opcheck(device, shape, layout, groups, activation, affine):
+    x = make_input(shape, torch.float32, device, layout).requires_grad_()
+    w, b = make_params(shape[1], torch.float32, device) if affine else (None, None)
+    if affine:
+        w.requires_grad_()
+        b.requires_grad_()
+    torch.library.opcheck(torch.ops.gnflex.group_norm.default, (x, w, b, groups, 1e-5, activation))
+    y, mean, rstd = torch.ops.gnflex.group_norm(x.detach(), w, b, groups, 1e-5, activation)
+    dy = torch.randn_like(y)
+    for mask in ([True, affine, affine], [True, False, False], [False, affine, affine]):
+        torch.library.opcheck(
+            torch.ops.gnflex.group_norm_backward.default,
+            (dy, x.detach(), mean, rstd, w if w is None else w.detach(), b if b is None else b.detach(),
+             groups, activation, mask),
+        )
