@@ -1,0 +1,231 @@
+"""Python API: GNConfig, choose_gn_groups, GroupNormFlex, ConvGNAct, GNCNN."""
+import pytest
+import torch
+from torch import nn
+
+import gnflex
+from gnflex import GNCNN, ConvGNAct, GNConfig, GroupNormFlex, choose_gn_groups
+from conftest import act_ref, make_input
+
+
+def test_choose_gn_groups_follows_the_rule_for_every_channel_count():
+    priority = (32, 16, 8, 4, 2, 1)
+    for min_cpg in (1, 2, 4):
+        for c in range(1, 1025):
+            expected = next((g for g in priority if c % g == 0 and c // g >= min_cpg), None)
+            if expected is None:
+                with pytest.raises(ValueError):
+                    choose_gn_groups(c, min_channels_per_group=min_cpg)
+            else:
+                assert choose_gn_groups(c, min_channels_per_group=min_cpg) == expected, (c, min_cpg)
+
+
+def test_choose_gn_groups_documented_examples():
+    assert choose_gn_groups(16) == 16 and choose_gn_groups(8) == 8
+    assert choose_gn_groups(16, min_channels_per_group=2) == 8
+    assert choose_gn_groups(8, min_channels_per_group=2) == 4
+    assert choose_gn_groups(64) == 32 and choose_gn_groups(24) == 8 and choose_gn_groups(7) == 1
+    assert choose_gn_groups(12, priority=(6, 3)) == 6
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "8"])
+def test_choose_gn_groups_rejects_bad_channels(bad):
+    with pytest.raises(ValueError):
+        choose_gn_groups(bad)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown mode"):
+        GNConfig(mode="bn")
+    with pytest.raises(ValueError, match="unknown activation"):
+        GNConfig(activation="tanh")
+    for groups in (0, -1, 1.5, "four"):
+        with pytest.raises(ValueError):
+            GNConfig(groups=groups)
+    with pytest.raises(ValueError, match="conflicts"):
+        GNConfig(mode="ln_like", groups=4)
+    with pytest.raises(ValueError):
+        GNConfig(eps=-1.0)
+    with pytest.raises(ValueError):
+        GNConfig(min_channels_per_group=0)
+
+
+def test_config_modes_pick_groups():
+    assert GNConfig().num_groups(64) == 32
+    assert GNConfig(min_channels_per_group=2).num_groups(16) == 8
+    assert GNConfig(groups=4).num_groups(64) == 4
+    assert GNConfig(mode="ln_like").num_groups(48) == 1
+    assert GNConfig(mode="in_like").num_groups(48) == 48
+    with pytest.raises(ValueError, match=r"num_channels \(10\) must be divisible by num_groups \(3\)"):
+        GNConfig(groups=3).num_groups(10)
+
+
+def test_groupnormflex_construction_errors():
+    with pytest.raises(ValueError, match=r"num_channels \(10\) must be divisible by num_groups \(3\)"):
+        GroupNormFlex(10, groups=3)
+    with pytest.raises(ValueError, match="unknown mode"):
+        GroupNormFlex(8, mode="batch")
+    with pytest.raises(ValueError, match="unknown activation"):
+        GroupNormFlex(8, activation="softplus")
+    with pytest.raises(ValueError):
+        GroupNormFlex(8, groups=0)
+    with pytest.raises(TypeError):
+        GroupNormFlex(8, config={"mode": "gn"})
+
+
+@pytest.mark.parametrize("mode,groups", [("ln_like", lambda c: 1), ("in_like", lambda c: c)])
+def test_modes_equal_torch_groupnorm(mode, groups):
+    x = make_input((3, 12, 5, 5), torch.float32)
+    ours = GroupNormFlex(12, mode=mode)
+    ref = nn.GroupNorm(groups(12), 12)
+    with torch.no_grad():
+        for p in (ours.weight, ours.bias):
+            p.normal_()
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "silu", "gelu"])
+def test_groupnormflex_matches_groupnorm_plus_activation(activation):
+    x = make_input((2, 32, 6, 6), torch.float32, layout="channels_last")
+    ours = GroupNormFlex(32, groups=8, activation=activation)
+    ref = nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), act_ref(ref(x.contiguous()), activation), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_with_nn_groupnorm():
+    ref = nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours = GroupNormFlex(16, groups=4)
+    ours.load_state_dict(ref.state_dict())
+    back = nn.GroupNorm(4, 16)
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.weight, ref.weight) and torch.equal(back.bias, ref.bias)
+    x = make_input((2, 16, 4, 4), torch.float32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_affine_false_and_bias_false_like_nn_groupnorm():
+    no_affine = GroupNormFlex(8, affine=False)
+    assert no_affine.weight is None and no_affine.bias is None
+    assert set(no_affine.state_dict()) == set(nn.GroupNorm(4, 8, affine=False).state_dict()) == set()
+    no_bias = GroupNormFlex(8, groups=4, bias=False)
+    assert no_bias.bias is None and no_bias.weight is not None
+    ref = nn.GroupNorm(4, 8, bias=False)
+    no_bias.load_state_dict(ref.state_dict())
+    x = make_input((2, 8, 3, 3), torch.float32)
+    torch.testing.assert_close(no_bias(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_affine(x), nn.GroupNorm(8, 8, affine=False)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_factory_kwargs_and_repr():
+    m = GroupNormFlex(16, GNConfig(activation="silu"), dtype=torch.float64, device="cpu")
+    assert m.weight.dtype == torch.float64 and m.weight.device.type == "cpu"
+    text = repr(m)
+    assert "groups=16" in text and "mode=gn" in text and "activation=silu" in text
+    m16 = GroupNormFlex(16, dtype=torch.bfloat16)
+    assert m16(torch.randn(2, 16, 3, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_overrides_replace_config_fields():
+    base = GNConfig(mode="gn", groups=4, activation="relu")
+    m = GroupNormFlex(16, base, activation="gelu", eps=1e-3)
+    assert (m.num_groups, m.activation, m.eps) == (4, "gelu", 1e-3)
+    assert base.activation == "relu"  # the config itself is unchanged
+
+
+def test_conv_gn_act_block():
+    block = ConvGNAct(3, 16, kernel_size=3, stride=2, activation="silu")
+    assert block.conv.bias is None and block.norm.activation == "silu"
+    x = torch.randn(2, 3, 17, 17)
+    y = block(x)
+    assert y.shape == (2, 16, 9, 9)
+    ref = nn.functional.silu(nn.functional.group_norm(block.conv(x), block.norm.num_groups,
+                                                      block.norm.weight, block.norm.bias))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert ConvGNAct(4, 8, kernel_size=5)(torch.randn(1, 4, 10, 10)).shape == (1, 8, 10, 10)
+
+
+def test_gncnn_shapes_and_features():
+    model = GNCNN(in_channels=3, num_classes=7, widths=(8, 16, 32, 64))
+    x = torch.randn(2, 3, 64, 96)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    logits2, feats = model(x, return_features=True)
+    torch.testing.assert_close(logits, logits2)
+    assert list(feats) == ["p3", "p4", "p5"]
+    assert feats["p3"].shape == (2, 16, 8, 12)
+    assert feats["p4"].shape == (2, 32, 4, 6)
+    assert feats["p5"].shape == (2, 64, 2, 3)
+    flagged = GNCNN(widths=(8, 16, 32, 64), return_features=True)
+    assert isinstance(flagged(torch.randn(1, 3, 32, 32)), tuple)
+    with pytest.raises(ValueError):
+        GNCNN(widths=(8, 16))
+
+
+def test_gncnn_trains():
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32, 32), config=GNConfig(min_channels_per_group=2), activation="silu")
+    x = torch.randn(8, 3, 32, 32)
+    target = torch.randint(0, 10, (8,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_torchscript_matches_eager():
+    torch.manual_seed(0)
+    norm = GroupNormFlex(16, groups=4, activation="gelu")
+    x = make_input((2, 16, 5, 5), torch.float32, layout="channels_last")
+    scripted = torch.jit.script(norm)
+    torch.testing.assert_close(scripted(x), norm(x))
+
+    model = GNCNN(widths=(8, 16, 32, 32)).eval()
+    img = torch.randn(2, 3, 32, 32, requires_grad=True)
+    scripted_model = torch.jit.script(model)
+    out, ref = scripted_model(img), model(img)
+    torch.testing.assert_close(out, ref)
+    feats = scripted_model(img, True)[1]
+    torch.testing.assert_close(feats["p4"], model(img, True)[1]["p4"])
+    (g_script,) = torch.autograd.grad(out.sum(), img)
+    (g_eager,) = torch.autograd.grad(ref.sum(), img)
+    torch.testing.assert_close(g_script, g_eager)
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32, 32), activation="silu")
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref.sum().backward()
+    for g, r in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_functional_mirrors_torch():
+    x = make_input((2, 8, 4, 4), torch.float32)
+    w = torch.rand(8) + 0.5
+    b = torch.randn(8)
+    torch.testing.assert_close(gnflex.functional.group_norm(x, 4, w, b, 1e-3),
+                               nn.functional.group_norm(x, 4, w, b, 1e-3), rtol=1e-5, atol=1e-5)
+    y, mean, rstd = gnflex.functional.group_norm_with_stats(x, 4)
+    assert mean.shape == rstd.shape == (2, 4)
