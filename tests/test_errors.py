@@ -53,7 +53,7 @@ def test_backward_errors():
 
 def test_module_rejects_wrong_input():
     m = gnflex.GroupNormFlex(8, groups=4)
-    with pytest.raises(RuntimeError, match=r"expected weight of shape \[8\]"):
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \[12\] \(num_channels\), got \[8\]"):
         m(torch.randn(2, 12, 3, 3))
     with pytest.raises(RuntimeError, match="at least 2 dims"):
         m(torch.randn(8))
