@@ -15,11 +15,24 @@
 // arithmetic operators and the gn_* primitives below. The CPU back end adds
 // gn_* overloads for at::vec::Vectorized (csrc/cpu/vec_math.h, which must be
 // included before this header), so the same templates run as SIMD code.
+//
+// Everything sits in an inline namespace named after the CPU capability the
+// including file is compiled for, so the AVX2 and the default copies of these
+// functions never merge at link time (an AVX2 copy must not run on a CPU
+// without AVX2).
 #pragma once
 #define GNFLEX_GN_MATH_H
 
 #include <cmath>
 #include <cstdint>
+
+#include "gn_types.h"
+
+#ifdef CPU_CAPABILITY
+#define GNFLEX_MATH_NS CPU_CAPABILITY
+#else
+#define GNFLEX_MATH_NS portable
+#endif
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define GNFLEX_HD __host__ __device__ __forceinline__
@@ -28,12 +41,8 @@
 #endif
 
 namespace gnflex {
-
-// Activation fused after the affine transform. The values are part of the
-// ABI between the dispatcher-facing code and the kernels.
-enum class Activation : int { None = 0, ReLU = 1, SiLU = 2, GELU = 3 };
-
 namespace math {
+inline namespace GNFLEX_MATH_NS {
 
 // ---- scalar primitives (float and double) --------------------------------
 GNFLEX_HD float gn_exp(float v) { return ::expf(v); }
@@ -166,5 +175,6 @@ GNFLEX_HD T weight_grad_term(T sum_gx, T sum_g, T mean_shift, T rstd) {
   return rstd * (sum_gx - mean_shift * sum_g);
 }
 
+}  // namespace GNFLEX_MATH_NS
 }  // namespace math
 }  // namespace gnflex

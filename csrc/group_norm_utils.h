@@ -10,48 +10,13 @@
 #include <tuple>
 #include <type_traits>
 
-#include "gn_math.h"
+#include "gn_types.h"
 
 namespace gnflex {
 
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Sizes of an (N, C, *) input seen as (N, C, HxW) with num_groups groups.
-struct GroupNormShape {
-  int64_t N;
-  int64_t C;
-  int64_t HxW;
-  int64_t G;
-  int64_t channels_per_group() const { return C / G; }
-  // Number of values normalised together.
-  int64_t group_size() const { return C / G * HxW; }
-};
-
-// Memory layouts the kernels read natively.
-//   ChannelsFirst: dense (N, C, *spatial) row-major (NCHW).
-//   ChannelsLast: dense with the channel innermost, (N, *spatial, C) in
-//                 memory: channels_last, channels_last_3d, and a transposed
-//                 (N, L, C) tensor of rank 3.
-enum class Layout { ChannelsFirst, ChannelsLast };
-
 Activation parse_activation(c10::string_view name);
-
-// Calls f(std::integral_constant<Activation, A>{}) for the runtime value, so
-// kernels take the activation as a template parameter.
-template <typename F>
-void dispatch_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::ReLU:
-      return f(std::integral_constant<Activation, Activation::ReLU>{});
-    case Activation::SiLU:
-      return f(std::integral_constant<Activation, Activation::SiLU>{});
-    case Activation::GELU:
-      return f(std::integral_constant<Activation, Activation::GELU>{});
-    case Activation::None:
-    default:
-      return f(std::integral_constant<Activation, Activation::None>{});
-  }
-}
 
 GroupNormShape check_forward_args(const at::Tensor& input,
                                   const c10::optional<at::Tensor>& weight,

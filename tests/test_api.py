@@ -170,20 +170,25 @@ def test_gncnn_shapes_and_features():
 
 
 def test_gncnn_trains():
+    # Learnable task: the class is the brightest quadrant of the image.
     torch.manual_seed(0)
-    model = GNCNN(widths=(8, 16, 32, 32), config=GNConfig(min_channels_per_group=2), activation="silu")
-    x = torch.randn(8, 3, 32, 32)
-    target = torch.randint(0, 10, (8,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    labels = torch.arange(32) % 4
+    x = torch.randn(32, 3, 32, 32) * 0.5
+    for i, q in enumerate(labels.tolist()):
+        r, c = divmod(q, 2)
+        x[i, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] += 1.0
+    model = GNCNN(num_classes=4, widths=(8, 16, 32, 32), config=GNConfig(min_channels_per_group=2),
+                  activation="silu")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
-        loss = nn.functional.cross_entropy(model(x), target)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(p.grad is not None for p in model.parameters())
-    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert losses[-1] < 0.3 * losses[0], losses
 
 
 def test_torchscript_matches_eager():
@@ -229,3 +234,13 @@ def test_functional_mirrors_torch():
                                nn.functional.group_norm(x, 4, w, b, 1e-3), rtol=1e-5, atol=1e-5)
     y, mean, rstd = gnflex.functional.group_norm_with_stats(x, 4)
     assert mean.shape == rstd.shape == (2, 4)
+
+
+def test_demo_command_runs():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gnflex", "demo", "--steps", "3", "--batch-size", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "GNCNN" in proc.stdout and "held-out accuracy" in proc.stdout

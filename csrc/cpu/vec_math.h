@@ -8,12 +8,17 @@
 #error "include cpu/vec_math.h before gn_math.h so the activation templates see the SIMD overloads"
 #endif
 
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (DEFAULT, AVX2) before including cpu/vec_math.h"
+#endif
+
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 namespace gnflex {
 namespace math {
+inline namespace CPU_CAPABILITY {
 
 template <typename T>
 inline at::vec::Vectorized<T> gn_exp(const at::vec::Vectorized<T>& v) { return v.exp(); }
@@ -29,6 +34,7 @@ inline at::vec::Vectorized<T> gn_positive_mask(const at::vec::Vectorized<T>& v) 
   return Vec::blendv(Vec(T(0)), Vec(T(1)), v > Vec(T(0)));
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace math
 }  // namespace gnflex
 
@@ -36,6 +42,7 @@ inline at::vec::Vectorized<T> gn_positive_mask(const at::vec::Vectorized<T>& v) 
 
 namespace gnflex {
 namespace cpu {
+namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
@@ -75,5 +82,6 @@ inline V load_as(const T* p) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace gnflex

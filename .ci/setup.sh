@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment with torch and the build/test
+# dependencies, then builds and installs gnflex into it (non-editable).
+# Sourced by .ci/test and .ci/demo; safe to run again.
+#
+#   GNFLEX_VENV    venv location (default: <repo>/.venv)
+#   GNFLEX_TORCH   torch requirement (default: torch==2.14.1, a CUDA 13.0 build)
+#   GNFLEX_CUDA    1/0 to force the CUDA build on/off (default: when nvcc is found)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GNFLEX_VENV:-$REPO/.venv}"
+TORCH_REQ="${GNFLEX_TORCH:-torch==2.14.1}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating venv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+echo "== installing $TORCH_REQ and build/test dependencies"
+"$PY" -m pip install -q "$TORCH_REQ"
+"$PY" -m pip install -q "setuptools>=64" wheel ninja numpy pytest expecttest
+
+# The CUDA toolkit lives here on our machines; torch would otherwise guess /usr/local.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+echo "== building and installing gnflex (CUDA_HOME=${CUDA_HOME:-none}, GNFLEX_CUDA=${GNFLEX_CUDA:-auto})"
+"$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$REPO"
+"$PY" -c "import gnflex, torch; print('gnflex', gnflex.__version__, 'on torch', torch.__version__, '| CUDA kernels:', gnflex.built_with_cuda())"

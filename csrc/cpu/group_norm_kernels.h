@@ -1,0 +1,59 @@
+// Entry points of the CPU kernels, one copy per CPU capability. Pointers are
+// type-erased so this header needs no ATen tensor code: group_norm_cpu.cpp
+// checks arguments, allocates outputs and calls the copy for this CPU.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "../gn_types.h"
+
+namespace gnflex {
+namespace cpu {
+
+// Pointers to contiguous buffers in `layout`; statistics and per-channel
+// parameters are in the accumulate type (double for double input, else float).
+struct ForwardParams {
+  c10::ScalarType dtype;
+  GroupNormShape shape;
+  Layout layout;
+  Activation activation;
+  double eps;
+  const void* x;
+  const void* weight;  // (C,) accumulate type
+  const void* bias;    // (C,) accumulate type
+  void* y;
+  void* mean;  // (N, G) accumulate type
+  void* rstd;  // (N, G) accumulate type
+};
+
+struct BackwardParams {
+  c10::ScalarType dtype;
+  GroupNormShape shape;
+  Layout layout;
+  Activation activation;
+  const void* dy;
+  const void* x;
+  const void* mean;
+  const void* rstd;
+  const void* weight;
+  const void* bias;
+  void* dx;       // null: not wanted
+  void* dweight;  // (C,) accumulate type, always written
+  void* dbias;    // (C,) accumulate type, always written
+};
+
+#define GNFLEX_DECLARE_CPU_KERNELS(capability)                     \
+  namespace capability {                                           \
+  void group_norm_forward_kernel(const ForwardParams& params);     \
+  void group_norm_backward_kernel(const BackwardParams& params);   \
+  }
+
+GNFLEX_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(__x86_64__) || defined(_M_X64)
+#define GNFLEX_HAVE_AVX2_KERNELS 1
+GNFLEX_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#undef GNFLEX_DECLARE_CPU_KERNELS
+
+}  // namespace cpu
+}  // namespace gnflex
