@@ -32,4 +32,5 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 echo "== building and installing gnflex (CUDA_HOME=${CUDA_HOME:-none}, GNFLEX_CUDA=${GNFLEX_CUDA:-auto})"
 "$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$REPO"
-"$PY" -c "import gnflex, torch; print('gnflex', gnflex.__version__, 'on torch', torch.__version__, '| CUDA kernels:', gnflex.built_with_cuda())"
+# From / so that the installed package is imported, not the source tree.
+(cd / && "$PY" -c "import gnflex, torch; print('gnflex', gnflex.__version__, 'on torch', torch.__version__, '| CUDA kernels:', gnflex.built_with_cuda())")

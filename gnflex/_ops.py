@@ -23,7 +23,14 @@ if _release(_build_info.torch_version) != _release(torch.__version__):
         "`pip install --no-build-isolation --no-deps --force-reinstall .`"
     )
 
-from . import _C  # noqa: E402  (registers torch.ops.gnflex.*)
+try:
+    from . import _C  # noqa: E402  (registers torch.ops.gnflex.*)
+except ImportError as exc:
+    raise ImportError(
+        f"gnflex's op library did not load from {os.path.dirname(__file__)}: {exc}. If that is a "
+        "source checkout, build it in place (`pip install --no-build-isolation -e .`) or import "
+        "gnflex from outside the checkout so the installed package is used."
+    ) from exc
 
 ops = torch.ops.gnflex
 

@@ -37,26 +37,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_with_capability(capability):
+def run_with_capability(capability, cwd):
     env = dict(os.environ)
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
+    # cwd outside the checkout so the installed gnflex is imported.
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     cap, worst = proc.stdout.split()
     return cap, float(worst)
 
 
-def test_portable_kernels_match_reference():
-    cap, worst = run_with_capability("default")
+def test_portable_kernels_match_reference(tmp_path):
+    cap, worst = run_with_capability("default", tmp_path)
     assert cap == "DEFAULT"
     assert worst <= 1.0
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                     reason="this CPU has no AVX2: only the portable kernels can run")
-def test_avx2_kernels_match_reference():
-    cap, worst = run_with_capability("avx2")
+def test_avx2_kernels_match_reference(tmp_path):
+    cap, worst = run_with_capability("avx2", tmp_path)
     assert cap == "AVX2"
     assert worst <= 1.0

@@ -66,8 +66,9 @@ def test_build_info_matches_running_torch():
     assert os.path.isfile(gnflex.library_path())
 
 
-def test_import_under_other_torch_version_fails_clearly():
+def test_import_under_other_torch_version_fails_clearly(tmp_path):
     code = "import torch; torch.__version__ = '1.0.0'; import gnflex"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode != 0
     assert "gnflex was built against torch" in proc.stderr and "1.0.0" in proc.stderr

@@ -287,10 +287,42 @@ inline V coef(const T* table, int64_t index, bool per_channel, int64_t j) {
   return per_channel ? load_as<V>(table + index + j) : V(table[index]);
 }
 
+// The forward's per-(n, c) coefficient tables: y = act((x - pivot) * scale + shift).
+template <typename T>
+struct AffineTables {
+  const T* pivot;
+  const T* scale;
+  const T* shift;
+};
+
+// For the values at channel offset j of a run: x - pivot, and the
+// pre-activation output z = (x - pivot) * scale + shift.
+template <typename V, typename T>
+inline V centered(V x, const AffineTables<T>& t, int64_t ci, bool per_channel, int64_t j) {
+  return x - coef<V>(t.pivot, ci, per_channel, j);
+}
+
+template <typename V, typename T>
+inline V pre_activation(V x_centered, const AffineTables<T>& t, int64_t ci, bool per_channel,
+                        int64_t j) {
+  return x_centered * coef<V>(t.scale, ci, per_channel, j) + coef<V>(t.shift, ci, per_channel, j);
+}
+
+// d = x - pivot and g = dy * act'(z), z recomputed from x.
+template <Activation A, typename V, typename T>
+inline std::pair<V, V> centered_and_grad(V x, V dy, const AffineTables<T>& t, int64_t ci,
+                                         bool per_channel, int64_t j) {
+  const V d = centered(x, t, ci, per_channel, j);
+  if constexpr (A == Activation::None) {
+    return {d, dy};
+  } else {
+    return {d, dy * math::activate_grad<A>(pre_activation(d, t, ci, per_channel, j))};
+  }
+}
+
 template <typename scalar_t, Activation A>
 void apply_forward(const scalar_t* x, scalar_t* y, const GroupNormShape& s, Layout layout,
-                   const acc_type<scalar_t>* pivot, const acc_type<scalar_t>* scale,
-                   const acc_type<scalar_t>* shift) {
+                   const AffineTables<acc_type<scalar_t>>& t) {
   for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, bool per_channel) {
     simd_for<scalar_t>(len, [&](int64_t i, auto step) {
       using S = decltype(step);
@@ -299,30 +331,18 @@ void apply_forward(const scalar_t* x, scalar_t* y, const GroupNormShape& s, Layo
       load_values(x + base + i, v);
       for (int k = 0; k < S::count; ++k) {
         const int64_t j = i + k * S::lanes;
-        const V z = (v[k] - coef<V>(pivot, ci, per_channel, j)) * coef<V>(scale, ci, per_channel, j) +
-                    coef<V>(shift, ci, per_channel, j);
-        v[k] = math::activate<A>(z);
+        v[k] = math::activate<A>(pre_activation(centered(v[k], t, ci, per_channel, j), t, ci,
+                                                per_channel, j));
       }
       store_values(y + base + i, v);
     });
   });
 }
 
-// g = dy * act'(z) with z recomputed from x, the pre-activation output.
-template <Activation A, typename V>
-inline V activation_input_grad(V dy, V x_minus_pivot, V scale, V shift) {
-  if constexpr (A == Activation::None) {
-    return dy;
-  } else {
-    return dy * math::activate_grad<A>(x_minus_pivot * scale + shift);
-  }
-}
-
 // Per-(n, c) sums of g * (x - pivot) and g.
 template <typename scalar_t, Activation A>
 void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormShape& s,
-                       Layout layout, const acc_type<scalar_t>* pivot,
-                       const acc_type<scalar_t>* scale, const acc_type<scalar_t>* shift,
+                       Layout layout, const AffineTables<acc_type<scalar_t>>& t,
                        acc_type<scalar_t>* sum_gx, acc_type<scalar_t>* sum_g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t planes = s.N * s.C;
@@ -339,10 +359,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormSha
       load_values(x + base + i, xv);
       load_values(dy + base + i, dv);
       for (int k = 0; k < S::count; ++k) {
-        const int64_t j = i + k * S::lanes;
-        const V d = xv[k] - coef<V>(pivot, ci, per_channel, j);
-        const V g = activation_input_grad<A>(dv[k], d, coef<V>(scale, ci, per_channel, j),
-                                             coef<V>(shift, ci, per_channel, j));
+        const auto [d, g] = centered_and_grad<A>(xv[k], dv[k], t, ci, per_channel, i + k * S::lanes);
         if constexpr (std::is_array_v<std::remove_reference_t<decltype(a)>>) {
           a[k] = g * d;
           b[k] = g;
@@ -404,8 +421,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormSha
 
 template <typename scalar_t, Activation A>
 void apply_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const GroupNormShape& s,
-                      Layout layout, const acc_type<scalar_t>* pivot,
-                      const acc_type<scalar_t>* scale, const acc_type<scalar_t>* shift,
+                      Layout layout, const AffineTables<acc_type<scalar_t>>& t,
                       const acc_type<scalar_t>* g_coef, const acc_type<scalar_t>* x_coef,
                       const acc_type<scalar_t>* bias_coef) {
   for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, bool per_channel) {
@@ -417,9 +433,7 @@ void apply_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const
       load_values(dy + base + i, dv);
       for (int k = 0; k < S::count; ++k) {
         const int64_t j = i + k * S::lanes;
-        const V d = xv[k] - coef<V>(pivot, ci, per_channel, j);
-        const V g = activation_input_grad<A>(dv[k], d, coef<V>(scale, ci, per_channel, j),
-                                             coef<V>(shift, ci, per_channel, j));
+        const auto [d, g] = centered_and_grad<A>(xv[k], dv[k], t, ci, per_channel, j);
         dv[k] = coef<V>(g_coef, ci, per_channel, j) * g + coef<V>(x_coef, ci, per_channel, j) * d +
                 coef<V>(bias_coef, ci, per_channel, j);
       }
@@ -458,7 +472,7 @@ void forward_typed(const ForwardParams& p) {
   }
   dispatch_activation(p.activation, [&](auto a) {
     apply_forward<scalar_t, decltype(a)::value>(x, static_cast<scalar_t*>(p.y), s, p.layout,
-                                               pivots.data(), scale.data(), shift.data());
+                                               {pivots.data(), scale.data(), shift.data()});
   });
 }
 
@@ -488,10 +502,11 @@ void backward_typed(const BackwardParams& p) {
     shift[i] = affine.shift;
   }
 
+  const AffineTables<acc_t> tables{pivots.data(), scale.data(), shift.data()};
   std::vector<acc_t> sum_gx(planes), sum_g(planes);
   dispatch_activation(p.activation, [&](auto a) {
-    channel_grad_sums<scalar_t, decltype(a)::value>(dy, x, s, p.layout, pivots.data(), scale.data(),
-                                                    shift.data(), sum_gx.data(), sum_g.data());
+    channel_grad_sums<scalar_t, decltype(a)::value>(dy, x, s, p.layout, tables, sum_gx.data(),
+                                                    sum_g.data());
   });
 
   // Parameter gradients: sums over samples in a fixed order.
@@ -525,8 +540,8 @@ void backward_typed(const BackwardParams& p) {
   }
   dispatch_activation(p.activation, [&](auto a) {
     apply_input_grad<scalar_t, decltype(a)::value>(dy, x, static_cast<scalar_t*>(p.dx), s, p.layout,
-                                                   pivots.data(), scale.data(), shift.data(),
-                                                   g_coef.data(), x_coef.data(), bias_coef.data());
+                                                   tables, g_coef.data(), x_coef.data(),
+                                                   bias_coef.data());
   });
 }
 
