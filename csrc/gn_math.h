@@ -34,12 +34,6 @@
 #define GNFLEX_MATH_NS portable
 #endif
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define GNFLEX_HD __host__ __device__ __forceinline__
-#else
-#define GNFLEX_HD inline
-#endif
-
 namespace gnflex {
 namespace math {
 inline namespace GNFLEX_MATH_NS {

@@ -5,6 +5,13 @@
 #include <cstdint>
 #include <type_traits>
 
+// Functions usable from host code and CUDA kernels.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define GNFLEX_HD __host__ __device__ __forceinline__
+#else
+#define GNFLEX_HD inline
+#endif
+
 namespace gnflex {
 
 // Activation fused after the affine transform.
@@ -23,9 +30,9 @@ struct GroupNormShape {
   int64_t C;
   int64_t HxW;
   int64_t G;
-  int64_t channels_per_group() const { return C / G; }
+  GNFLEX_HD int64_t channels_per_group() const { return C / G; }
   // Number of values normalised together.
-  int64_t group_size() const { return C / G * HxW; }
+  GNFLEX_HD int64_t group_size() const { return C / G * HxW; }
 };
 
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime value, so
