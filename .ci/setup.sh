@@ -28,6 +28,12 @@ echo "== installing $TORCH_REQ and build/test dependencies"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+# With a toolkit and a CUDA build of torch, the CUDA kernels must build: a
+# silent fallback to CPU-only would hide a broken .cu file.
+if [ -z "${GNFLEX_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] \
+   && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  export GNFLEX_CUDA=1
+fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 echo "== building and installing gnflex (CUDA_HOME=${CUDA_HOME:-none}, GNFLEX_CUDA=${GNFLEX_CUDA:-auto})"

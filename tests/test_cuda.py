@@ -1,0 +1,147 @@
+"""CUDA-specific cases. The numerics/gradient suites in test_forward.py and
+test_backward.py also run on CUDA through their `device` parameter; all of
+these skip with a reason on machines without a GPU."""
+import pytest
+import torch
+
+import gnflex
+from conftest import CUDA_SKIP, assert_close_to_ref, make_input, make_params, reference
+
+needs_cuda = pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
+pytestmark = pytest.mark.cuda
+
+
+def test_cuda_kernels_are_registered_for_every_op():
+    # Runs without a GPU: the library built here must carry CUDA kernels.
+    if not gnflex.built_with_cuda():
+        pytest.skip("gnflex was built without CUDA (no nvcc or a CPU-only torch at build time)")
+    for op in ("gnflex::group_norm", "gnflex::group_norm_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+
+
+def forward_backward(fn, x, w, b, dy):
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    return (y,) + torch.autograd.grad(y, (x, w, b), dy)
+
+
+def check_against_reference(x, groups, activation="silu", dtype=torch.float32):
+    """Forward and all gradients against autograd of the float64 reference."""
+    w, b = make_params(x.shape[1], x.dtype, x.device)
+    dy = torch.randn_like(x)
+    ours = forward_backward(lambda x, w, b: gnflex.group_norm(x, groups, w, b, activation=activation),
+                            x, w, b, dy)
+    ref = forward_backward(lambda x, w, b: reference(x, groups, w, b, activation=activation),
+                           x.double(), w.double(), b.double(), dy.double())
+    for a, r in zip(ours, ref):
+        assert_close_to_ref(a, r, dtype, scale=max(1.0, r.abs().max().item()))
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_split_group_path(layout):
+    # N * G far below the SM count: each group is spread over many blocks.
+    x = make_input((1, 256, 128, 128), torch.float32, "cuda", layout)
+    check_against_reference(x, 32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape,groups", [((64, 8, 1, 1), 8), ((3, 64, 2, 1), 64), ((5, 6), 3)])
+def test_tiny_groups(shape, groups):
+    check_against_reference(make_input(shape, torch.float32, "cuda"), groups)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5), (3, 9, 13), (1, 3, 33, 31)])
+def test_sizes_not_multiple_of_vector_width(dtype, shape):
+    x = make_input(shape, dtype, "cuda")
+    check_against_reference(x, 3, dtype=dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("offset", (1, 3, 5))
+def test_misaligned_storage_offset(offset):
+    base = torch.randn(2 * 16 * 9 * 9 + offset, device="cuda")
+    x = base[offset:].view(2, 16, 9, 9)
+    assert x.storage_offset() == offset
+    check_against_reference(x, 4)
+
+
+@needs_cuda
+def test_channels_last_3d():
+    x = make_input((2, 16, 5, 6, 7), torch.float32, "cuda", "channels_last")
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    y = gnflex.group_norm(x, 4)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    check_against_reference(x, 4)
+
+
+@needs_cuda
+def test_cuda_graph_capture_and_replay():
+    x = make_input((4, 32, 16, 16), torch.float32, "cuda", "channels_last")
+    w, b = make_params(32, torch.float32, "cuda")
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gnflex.group_norm(static_x, 8, w, b, activation="silu")  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = gnflex.group_norm(static_x, 8, w, b, activation="silu")
+    new_x = make_input((4, 32, 16, 16), torch.float32, "cuda", "channels_last", seed=7)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_ref(static_y, reference(new_x, 8, w, b, activation="silu"), torch.float32)
+
+
+@needs_cuda
+def test_non_default_stream():
+    x = make_input((2, 32, 24, 24), torch.float32, "cuda")
+    w, b = make_params(32, torch.float32, "cuda")
+    expected = gnflex.group_norm(x, 8, w, b, activation="gelu")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = gnflex.group_norm(x, 8, w, b, activation="gelu")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_bitwise_reproducible(layout):
+    x = make_input((2, 64, 48, 48), torch.float32, "cuda", layout)
+    w, b = make_params(64, torch.float32, "cuda")
+    dy = torch.randn_like(x)
+
+    def run():
+        return forward_backward(lambda x, w, b: gnflex.group_norm(x, 32, w, b, activation="silu"),
+                                x, w, b, dy)
+
+    first = run()
+    for _ in range(3):
+        for a, r in zip(run(), first):
+            assert torch.equal(a, r)
+
+
+@pytest.mark.skipif(CUDA_SKIP is not None or torch.cuda.device_count() < 2,
+                    reason=str(CUDA_SKIP or "needs a second GPU"))
+def test_second_device():
+    x = make_input((2, 16, 8, 8), torch.float32, "cuda:1")
+    y = gnflex.group_norm(x, 4)
+    assert y.device == x.device
+    check_against_reference(x, 4)
+
+
+@needs_cuda
+def test_cpu_and_cuda_agree():
+    x = make_input((2, 32, 20, 20), torch.float32, "cpu", "channels_last")
+    w, b = make_params(32, torch.float32)
+    y_cpu = gnflex.group_norm(x, 8, w, b, activation="silu")
+    y_cuda = gnflex.group_norm(x.cuda(), 8, w.cuda(), b.cuda(), activation="silu")
+    torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-5, atol=1e-5)
