@@ -17,11 +17,11 @@ at::ScalarType acc_dtype_for(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+
 at::ScalarType param_dtype(const c10::optional<at::Tensor>& weight, const at::Tensor& input) {
   return weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
 }
-
-namespace {
 
 bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
@@ -39,8 +39,6 @@ void check_channel_param(const c10::optional<at::Tensor>& param, const char* nam
               " does not match input dtype ", input.scalar_type(),
               " (float32 parameters are allowed with float16/bfloat16 input)");
 }
-
-}  // namespace
 
 GroupNormShape check_forward_args(const at::Tensor& input,
                                   const c10::optional<at::Tensor>& weight,
@@ -91,8 +89,6 @@ GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor&
   return shape;
 }
 
-namespace {
-
 // True when `t` is dense with the channel dim innermost: strides match a
 // row-major (N, *spatial, C) tensor. Size-1 dims may have any stride.
 bool is_channels_last_dense(const at::Tensor& t) {
@@ -104,8 +100,6 @@ bool is_channels_last_dense(const at::Tensor& t) {
   }
   return t.size(0) == 1 || t.stride(0) == expected;
 }
-
-}  // namespace
 
 at::Tensor to_native_layout(const at::Tensor& input, Layout* layout) {
   // A tensor that is both (e.g. C == 1 or HxW == 1) is read as channels-first.
@@ -129,6 +123,52 @@ at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C,
     return param->to(acc_dtype).contiguous();
   }
   return at::full({C}, fill, at::TensorOptions().dtype(acc_dtype).device(device));
+}
+
+}  // namespace
+
+ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                           c10::string_view activation) {
+  ForwardSetup f;
+  f.shape = check_forward_args(input, weight, bias, num_groups, eps);
+  f.activation = parse_activation(activation);
+  f.x = to_native_layout(input, &f.layout);
+  const auto acc = acc_dtype_for(f.x.scalar_type());
+  f.weight = channel_param(weight, f.shape.C, acc, 1.0, f.x.device());
+  f.bias = channel_param(bias, f.shape.C, acc, 0.0, f.x.device());
+  f.y = at::empty_like(f.x);
+  f.mean = at::empty({f.shape.N, f.shape.G}, f.x.options().dtype(acc));
+  f.rstd = at::empty({f.shape.N, f.shape.G}, f.x.options().dtype(acc));
+  return f;
+}
+
+BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                             const at::Tensor& mean, const at::Tensor& rstd,
+                             const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                             c10::string_view activation, std::array<bool, 3> output_mask) {
+  BackwardSetup b;
+  b.shape = check_backward_args(grad_out, input, mean, rstd, weight, bias, num_groups);
+  b.activation = parse_activation(activation);
+  b.x = to_native_layout(input, &b.layout);
+  b.dy = with_strides_of(grad_out, b.x);
+  b.mean = mean.contiguous();
+  b.rstd = rstd.contiguous();
+  const auto acc = acc_dtype_for(b.x.scalar_type());
+  b.weight = channel_param(weight, b.shape.C, acc, 1.0, b.x.device());
+  b.bias = channel_param(bias, b.shape.C, acc, 0.0, b.x.device());
+  if (output_mask[0]) b.dx = at::empty_like(b.x);
+  b.dweight = at::zeros({b.shape.C}, b.x.options().dtype(acc));
+  b.dbias = at::zeros({b.shape.C}, b.x.options().dtype(acc));
+  return b;
+}
+
+TensorTriple backward_result(const BackwardSetup& setup, const c10::optional<at::Tensor>& weight,
+                             const at::Tensor& input, std::array<bool, 3> output_mask) {
+  const auto dtype = param_dtype(weight, input);
+  return {defined_if(output_mask[0], setup.dx), defined_if(output_mask[1], setup.dweight.to(dtype)),
+          defined_if(output_mask[2], setup.dbias.to(dtype))};
 }
 
 }  // namespace gnflex

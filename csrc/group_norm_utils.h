@@ -18,33 +18,45 @@ using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Activation parse_activation(c10::string_view name);
 
-GroupNormShape check_forward_args(const at::Tensor& input,
-                                  const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                  double eps);
-
-GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
-                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                   const c10::optional<at::Tensor>& weight,
-                                   const c10::optional<at::Tensor>& bias, int64_t num_groups);
-
-// The input itself when its layout is native, else a contiguous copy.
-at::Tensor to_native_layout(const at::Tensor& input, Layout* layout);
-
-// `t` with exactly the strides of `like` (a tensor in native layout), copying
-// only when they differ. Used to bring grad_out into the input's layout.
-at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like);
-
-// Weight or bias as a contiguous (C,) tensor of the accumulate dtype, or
-// `fill` everywhere when absent.
-at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C,
-                         at::ScalarType acc_dtype, double fill, const at::Device& device);
-
 // Accumulate dtype of an input dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType dtype);
 
-// Dtype of dweight/dbias: the weight's when given, else the input's.
-at::ScalarType param_dtype(const c10::optional<at::Tensor>& weight, const at::Tensor& input);
+// What a back end needs for the forward: validated sizes, the input in a
+// native layout, parameters as (C,) accumulate-dtype tensors and the
+// allocated outputs (y in the input's layout, mean/rstd (N, G)).
+struct ForwardSetup {
+  GroupNormShape shape;
+  Activation activation;
+  Layout layout;
+  at::Tensor x, weight, bias;
+  at::Tensor y, mean, rstd;
+};
+
+ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                           c10::string_view activation);
+
+// The same for the backward: grad_out in the input's layout, contiguous
+// statistics, dx allocated when wanted (else undefined), and dweight/dbias
+// as zeroed (C,) accumulate-dtype tensors.
+struct BackwardSetup {
+  GroupNormShape shape;
+  Activation activation;
+  Layout layout;
+  at::Tensor dy, x, mean, rstd, weight, bias;
+  at::Tensor dx, dweight, dbias;
+};
+
+BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                             const at::Tensor& mean, const at::Tensor& rstd,
+                             const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                             c10::string_view activation, std::array<bool, 3> output_mask);
+
+// The op's result: outputs left out by output_mask undefined (None), the
+// parameter gradients in the parameters' dtype.
+TensorTriple backward_result(const BackwardSetup& setup, const c10::optional<at::Tensor>& weight,
+                             const at::Tensor& input, std::array<bool, 3> output_mask);
 
 // Undefined tensor (-> None in Python) for outputs output_mask leaves out.
 inline at::Tensor defined_if(bool wanted, const at::Tensor& t) {

@@ -171,6 +171,35 @@ __device__ void for_each_in_span(int64_t len, const scalar_t* first, bool same_a
   }
 }
 
+// What a channels-first block reads: part `part` of plane `plane` (= n * C + c).
+struct PlaneSpan {
+  int64_t plane;
+  int64_t part;
+  int64_t offset;
+  int64_t len;
+};
+
+__device__ __forceinline__ PlaneSpan plane_span(const GroupNormShape& s, const PartPlan& plan) {
+  const int64_t plane = blockIdx.x / plan.parts;
+  const int64_t part = blockIdx.x % plan.parts;
+  return {plane, part, plane * s.HxW + part * plan.span, plan.count(part, s.HxW)};
+}
+
+// What a channels-last block reads: rows [row_begin, row_end) of sample n.
+struct RowSpan {
+  int64_t n;
+  int64_t part;
+  int64_t row_begin;
+  int64_t row_end;
+};
+
+__device__ __forceinline__ RowSpan row_span(const GroupNormShape& s, const PartPlan& plan) {
+  const int64_t n = blockIdx.x / plan.parts;
+  const int64_t part = blockIdx.x % plan.parts;
+  const int64_t row_begin = part * plan.span;
+  return {n, part, row_begin, row_begin + plan.count(part, s.HxW)};
+}
+
 // Channels-last block shape: threads along channels (x), rows (y).
 struct RowTile {
   int tx;
@@ -267,15 +296,12 @@ __global__ void partial_sums_cf_kernel(const scalar_t* __restrict__ x, const sca
                                        GroupNormShape s, PartPlan plan,
                                        const ChannelCoefs<acc_t>* __restrict__ coefs,
                                        Sum2<acc_t>* __restrict__ partial) {
-  const int64_t plane = blockIdx.x / plan.parts;
-  const int64_t part = blockIdx.x % plan.parts;
-  const int64_t offset = plane * s.HxW + part * plan.span;
-  const int64_t len = plan.count(part, s.HxW);
-  const scalar_t* xs = x + offset;
-  const scalar_t* dys = Op::kUsesGrad ? dy + offset : xs;
-  const ChannelCoefs<acc_t> k = coefs[plane];
+  const PlaneSpan span = plane_span(s, plan);
+  const scalar_t* xs = x + span.offset;
+  const scalar_t* dys = Op::kUsesGrad ? dy + span.offset : xs;
+  const ChannelCoefs<acc_t> k = coefs[span.plane];
   Sum2<acc_t> sum{acc_t(0), acc_t(0)};
-  for_each_in_span(len, xs, misalignment(xs) == misalignment(dys), [&](int64_t i, auto width) {
+  for_each_in_span(span.len, xs, misalignment(xs) == misalignment(dys), [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     acc_t xv[W], dv[W];
     load_values<W>(xs + i, xv);
@@ -291,9 +317,9 @@ __global__ void partial_sums_cf_kernel(const scalar_t* __restrict__ x, const sca
   });
   sum = block_sum2(sum);
   if (threadIdx.x == 0) {
-    const int64_t n = plane / s.C;
-    const int64_t c = plane % s.C;
-    partial[(n * plan.parts + part) * s.C + c] = sum;
+    const int64_t n = span.plane / s.C;
+    const int64_t c = span.plane % s.C;
+    partial[(n * plan.parts + span.part) * s.C + c] = sum;
   }
 }
 
@@ -304,17 +330,15 @@ __global__ void partial_sums_cl_kernel(const scalar_t* __restrict__ x, const sca
                                        const ChannelCoefs<acc_t>* __restrict__ coefs,
                                        Sum2<acc_t>* __restrict__ partial) {
   __shared__ Sum2<acc_t> tile_sums[kThreads];
-  const int64_t n = blockIdx.x / plan.parts;
-  const int64_t part = blockIdx.x % plan.parts;
-  const int64_t row_begin = part * plan.span;
-  const int64_t row_end = row_begin + plan.count(part, s.HxW);
+  const RowSpan rows = row_span(s, plan);
+  const int64_t n = rows.n;
   const RowTile t = row_tile(s.C);
   for (int64_t c0 = 0; c0 < s.C; c0 += t.width) {
     const int64_t c = c0 + t.tx;
     Sum2<acc_t> sum{acc_t(0), acc_t(0)};
     if (c < s.C && t.ty < t.height) {
       const ChannelCoefs<acc_t> k = coefs[n * s.C + c];
-      for (int64_t r = row_begin + t.ty; r < row_end; r += t.height) {
+      for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
         const int64_t idx = (n * s.HxW + r) * s.C + c;
         const acc_t dv = Op::kUsesGrad ? static_cast<acc_t>(dy[idx]) : acc_t(0);
         const Sum2<acc_t> v = Op::apply(static_cast<acc_t>(x[idx]), dv, k);
@@ -330,7 +354,7 @@ __global__ void partial_sums_cl_kernel(const scalar_t* __restrict__ x, const sca
         total.a += tile_sums[y * t.width + t.tx].a;
         total.b += tile_sums[y * t.width + t.tx].b;
       }
-      partial[(n * plan.parts + part) * s.C + c] = total;
+      partial[(n * plan.parts + rows.part) * s.C + c] = total;
     }
     __syncthreads();
   }
@@ -341,16 +365,13 @@ template <typename Op, typename scalar_t, typename acc_t>
 __global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                                 scalar_t* __restrict__ out, GroupNormShape s, PartPlan plan,
                                 const ChannelCoefs<acc_t>* __restrict__ coefs) {
-  const int64_t plane = blockIdx.x / plan.parts;
-  const int64_t part = blockIdx.x % plan.parts;
-  const int64_t offset = plane * s.HxW + part * plan.span;
-  const int64_t len = plan.count(part, s.HxW);
-  const scalar_t* xs = x + offset;
-  const scalar_t* dys = Op::kUsesGrad ? dy + offset : xs;
-  scalar_t* os = out + offset;
-  const ChannelCoefs<acc_t> k = coefs[plane];
+  const PlaneSpan span = plane_span(s, plan);
+  const scalar_t* xs = x + span.offset;
+  const scalar_t* dys = Op::kUsesGrad ? dy + span.offset : xs;
+  scalar_t* os = out + span.offset;
+  const ChannelCoefs<acc_t> k = coefs[span.plane];
   const bool aligned = misalignment(xs) == misalignment(dys) && misalignment(xs) == misalignment(os);
-  for_each_in_span(len, xs, aligned, [&](int64_t i, auto width) {
+  for_each_in_span(span.len, xs, aligned, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     acc_t xv[W], dv[W];
     load_values<W>(xs + i, xv);
@@ -368,15 +389,13 @@ template <typename Op, typename scalar_t, typename acc_t>
 __global__ void apply_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                                 scalar_t* __restrict__ out, GroupNormShape s, PartPlan plan,
                                 const ChannelCoefs<acc_t>* __restrict__ coefs) {
-  const int64_t n = blockIdx.x / plan.parts;
-  const int64_t part = blockIdx.x % plan.parts;
-  const int64_t row_begin = part * plan.span;
-  const int64_t row_end = row_begin + plan.count(part, s.HxW);
+  const RowSpan rows = row_span(s, plan);
+  const int64_t n = rows.n;
   const RowTile t = row_tile(s.C);
   if (t.ty >= t.height) return;
   for (int64_t c = t.tx; c < s.C; c += t.width) {
     const ChannelCoefs<acc_t> k = coefs[n * s.C + c];
-    for (int64_t r = row_begin + t.ty; r < row_end; r += t.height) {
+    for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
       const int64_t idx = (n * s.HxW + r) * s.C + c;
       const acc_t dv = Op::kUsesGrad ? static_cast<acc_t>(dy[idx]) : acc_t(0);
       out[idx] = static_cast<scalar_t>(Op::apply(static_cast<acc_t>(x[idx]), dv, k));
@@ -384,40 +403,61 @@ __global__ void apply_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   }
 }
 
-// Forward statistics: one thread per (n, g) merges the group's partial sums
-// in a fixed order, writes mean/rstd and the channels' scale/shift.
+// Merges the Welford stats of the 32 lanes in a fixed tree; the result is
+// valid in lane 0.
+template <typename acc_t>
+__device__ WelfordStats<acc_t> warp_welford_merge(WelfordStats<acc_t> s) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    WelfordStats<acc_t> other;
+    other.count = __shfl_down_sync(0xffffffffu, s.count, offset);
+    other.mean = __shfl_down_sync(0xffffffffu, s.mean, offset);
+    other.m2 = __shfl_down_sync(0xffffffffu, s.m2, offset);
+    s = math::welford_combine(s, other);
+  }
+  return s;
+}
+
+// Forward statistics: one warp per (n, g). Lane l merges the group's partial
+// sums l, l + 32, ... (over parts x channels) in order, the lanes merge in a
+// fixed tree; then mean/rstd and the channels' scale/shift are written.
 template <typename acc_t>
 __global__ void forward_finalize_kernel(GroupNormShape s, PartPlan plan, acc_t eps,
                                         const Sum2<acc_t>* __restrict__ partial,
                                         const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                                         ChannelCoefs<acc_t>* __restrict__ coefs, acc_t* __restrict__ mean,
                                         acc_t* __restrict__ rstd) {
-  const int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (ng >= s.N * s.G) return;
+  const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (ng >= s.N * s.G) return;  // uniform per warp
   const int64_t n = ng / s.G;
   const int64_t Cg = s.channels_per_group();
   const int64_t c_begin = ng % s.G * Cg;
   WelfordStats<acc_t> stats;
-  for (int64_t part = 0; part < plan.parts; ++part) {
-    const int64_t count = plan.count(part, s.HxW);
-    for (int64_t c = c_begin; c < c_begin + Cg; ++c) {
-      const Sum2<acc_t> p = partial[(n * plan.parts + part) * s.C + c];
-      stats = math::welford_combine(stats, math::welford_from_sums(count, p.a, p.b));
-    }
+  for (int64_t item = lane; item < plan.parts * Cg; item += 32) {
+    const int64_t part = item / Cg;
+    const Sum2<acc_t> p = partial[(n * plan.parts + part) * s.C + c_begin + item % Cg];
+    stats = math::welford_combine(stats, math::welford_from_sums(plan.count(part, s.HxW), p.a, p.b));
   }
+  stats = warp_welford_merge(stats);
+  // Broadcast lane 0's result.
+  stats.count = __shfl_sync(0xffffffffu, stats.count, 0);
+  stats.mean = __shfl_sync(0xffffffffu, stats.mean, 0);
+  stats.m2 = __shfl_sync(0xffffffffu, stats.m2, 0);
   const acc_t pivot = coefs[n * s.C + c_begin].pivot;
   const acc_t r = math::rstd_from_stats(stats, eps);
-  mean[ng] = pivot + stats.mean;
-  rstd[ng] = r;
-  for (int64_t c = c_begin; c < c_begin + Cg; ++c) {
+  if (lane == 0) {
+    mean[ng] = pivot + stats.mean;
+    rstd[ng] = r;
+  }
+  for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
     const auto affine = math::fold_affine(stats.mean, r, weight[c], bias[c]);
     coefs[n * s.C + c].scale = affine.scale;
     coefs[n * s.C + c].shift = affine.shift;
   }
 }
 
-// Backward: one thread per (n, g) sums the parts per channel (kept for the
-// parameter gradients) and writes the dx coefficients of the group.
+// Backward: one warp per (n, g). Per channel the lanes sum the parts (kept
+// for the parameter gradients); then the group's dx coefficients.
 template <typename acc_t>
 __global__ void backward_finalize_kernel(GroupNormShape s, PartPlan plan,
                                          const Sum2<acc_t>* __restrict__ partial,
@@ -425,27 +465,34 @@ __global__ void backward_finalize_kernel(GroupNormShape s, PartPlan plan,
                                          const acc_t* __restrict__ weight,
                                          ChannelCoefs<acc_t>* __restrict__ coefs,
                                          Sum2<acc_t>* __restrict__ channel_sums) {
-  const int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (ng >= s.N * s.G) return;
+  const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (ng >= s.N * s.G) return;  // uniform per warp
   const int64_t n = ng / s.G;
   const int64_t Cg = s.channels_per_group();
   const int64_t c_begin = ng % s.G * Cg;
-  acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);
+  acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);  // meaningful in lane 0
   for (int64_t c = c_begin; c < c_begin + Cg; ++c) {
     Sum2<acc_t> total{acc_t(0), acc_t(0)};
-    for (int64_t part = 0; part < plan.parts; ++part) {
+    for (int64_t part = lane; part < plan.parts; part += 32) {
       const Sum2<acc_t> p = partial[(n * plan.parts + part) * s.C + c];
       total.a += p.a;
       total.b += p.b;
     }
-    channel_sums[n * s.C + c] = total;
-    sum_gwx += weight[c] * total.a;
-    sum_gw += weight[c] * total.b;
+    total.a = warp_sum(total.a);
+    total.b = warp_sum(total.b);
+    if (lane == 0) {
+      channel_sums[n * s.C + c] = total;
+      sum_gwx += weight[c] * total.a;
+      sum_gw += weight[c] * total.b;
+    }
   }
   const acc_t r = rstd[ng];
   const acc_t mean_shift = mean[ng] - coefs[n * s.C + c_begin].pivot;
-  const auto dx = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift, r, s.group_size());
-  for (int64_t c = c_begin; c < c_begin + Cg; ++c) {
+  auto dx = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift, r, s.group_size());
+  dx.x_coef = __shfl_sync(0xffffffffu, dx.x_coef, 0);
+  dx.bias_coef = __shfl_sync(0xffffffffu, dx.bias_coef, 0);
+  for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
     coefs[n * s.C + c].g_coef = r * weight[c];
     coefs[n * s.C + c].x_coef = dx.x_coef;
     coefs[n * s.C + c].bias_coef = dx.bias_coef;
@@ -519,46 +566,39 @@ at::Tensor coef_table(int64_t planes, at::ScalarType acc_dtype, const at::Tensor
 TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                              c10::string_view activation) {
-  const GroupNormShape s = check_forward_args(input, weight, bias, num_groups, eps);
-  const Activation act = parse_activation(activation);
   c10::cuda::CUDAGuard device_guard(input.device());
-  Layout layout;
-  const at::Tensor x = to_native_layout(input, &layout);
-  const auto acc_dtype = acc_dtype_for(x.scalar_type());
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({s.N, s.G}, x.options().dtype(acc_dtype));
-  at::Tensor rstd = at::empty({s.N, s.G}, x.options().dtype(acc_dtype));
-  if (s.N * s.C == 0) return {y, mean, rstd};
-  const at::Tensor w = channel_param(weight, s.C, acc_dtype, 1.0, x.device());
-  const at::Tensor b = channel_param(bias, s.C, acc_dtype, 0.0, x.device());
-  const PartPlan plan = make_plan(s, layout);
-  at::Tensor coefs = coef_table(s.N * s.C, acc_dtype, x);
-  at::Tensor partial = at::empty({std::max<int64_t>(1, s.N * plan.parts * s.C), 2}, x.options().dtype(acc_dtype));
+  ForwardSetup f = setup_forward(input, weight, bias, num_groups, eps, activation);
+  const GroupNormShape& s = f.shape;
+  if (s.N * s.C == 0) return {f.y, f.mean, f.rstd};
+  const auto acc_dtype = acc_dtype_for(f.x.scalar_type());
+  const PartPlan plan = make_plan(s, f.layout);
+  at::Tensor coefs = coef_table(s.N * s.C, acc_dtype, f.x);
+  at::Tensor partial = at::empty({std::max<int64_t>(1, s.N * plan.parts * s.C), 2}, f.x.options().dtype(acc_dtype));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gnflex_group_norm_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "gnflex_group_norm_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* x_ptr = f.x.const_data_ptr<scalar_t>();
     auto* coef_ptr = reinterpret_cast<ChannelCoefs<acc_t>*>(coefs.data_ptr<acc_t>());
     auto* partial_ptr = reinterpret_cast<Sum2<acc_t>*>(partial.data_ptr<acc_t>());
-    const acc_t* w_ptr = w.const_data_ptr<acc_t>();
-    const acc_t* b_ptr = b.const_data_ptr<acc_t>();
+    const acc_t* w_ptr = f.weight.const_data_ptr<acc_t>();
+    const acc_t* b_ptr = f.bias.const_data_ptr<acc_t>();
 
     channel_coefs_kernel<<<blocks_for(s.N * s.C), kThreads, 0, stream>>>(
-        x_ptr, s, layout, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr), w_ptr,
+        x_ptr, s, f.layout, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr), w_ptr,
         b_ptr, coef_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_partial_sums<StatsOp>(x_ptr, x_ptr, s, layout, plan, coef_ptr, partial_ptr, stream);
-    forward_finalize_kernel<<<blocks_for(s.N * s.G), kThreads, 0, stream>>>(
-        s, plan, static_cast<acc_t>(eps), partial_ptr, w_ptr, b_ptr, coef_ptr, mean.data_ptr<acc_t>(),
-        rstd.data_ptr<acc_t>());
+    launch_partial_sums<StatsOp>(x_ptr, x_ptr, s, f.layout, plan, coef_ptr, partial_ptr, stream);
+    forward_finalize_kernel<<<blocks_for(s.N * s.G * 32), kThreads, 0, stream>>>(
+        s, plan, static_cast<acc_t>(eps), partial_ptr, w_ptr, b_ptr, coef_ptr, f.mean.data_ptr<acc_t>(),
+        f.rstd.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_activation(act, [&](auto a) {
-      launch_apply<ForwardOp<decltype(a)::value>>(x_ptr, x_ptr, y.data_ptr<scalar_t>(), s, layout, plan,
-                                                  coef_ptr, stream);
+    dispatch_activation(f.activation, [&](auto a) {
+      launch_apply<ForwardOp<decltype(a)::value>>(x_ptr, x_ptr, f.y.data_ptr<scalar_t>(), s, f.layout,
+                                                  plan, coef_ptr, stream);
     });
   });
-  return {y, mean, rstd};
+  return {f.y, f.mean, f.rstd};
 }
 
 TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input,
@@ -566,66 +606,52 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
                                       const c10::optional<at::Tensor>& weight,
                                       const c10::optional<at::Tensor>& bias, int64_t num_groups,
                                       c10::string_view activation, std::array<bool, 3> output_mask) {
-  const GroupNormShape s = check_backward_args(grad_out, input, mean, rstd, weight, bias, num_groups);
-  const Activation act = parse_activation(activation);
   c10::cuda::CUDAGuard device_guard(input.device());
-  Layout layout;
-  const at::Tensor x = to_native_layout(input, &layout);
-  const at::Tensor dy = with_strides_of(grad_out, x);
-  const auto acc_dtype = acc_dtype_for(x.scalar_type());
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor rstd_c = rstd.contiguous();
-  const at::Tensor w = channel_param(weight, s.C, acc_dtype, 1.0, x.device());
-  const at::Tensor b = channel_param(bias, s.C, acc_dtype, 0.0, x.device());
-  at::Tensor dx = output_mask[0] ? at::empty_like(x) : at::Tensor();
-  at::Tensor dweight = at::zeros({s.C}, x.options().dtype(acc_dtype));
-  at::Tensor dbias = at::zeros({s.C}, x.options().dtype(acc_dtype));
-  const auto pdtype = param_dtype(weight, input);
-  if (s.N * s.C == 0) {
-    return {defined_if(output_mask[0], dx), defined_if(output_mask[1], dweight.to(pdtype)),
-            defined_if(output_mask[2], dbias.to(pdtype))};
-  }
-  const PartPlan plan = make_plan(s, layout);
-  at::Tensor coefs = coef_table(s.N * s.C, acc_dtype, x);
-  at::Tensor partial = at::empty({std::max<int64_t>(1, s.N * plan.parts * s.C), 2}, x.options().dtype(acc_dtype));
-  at::Tensor channel_sums = at::empty({s.N * s.C, 2}, x.options().dtype(acc_dtype));
+  BackwardSetup bs = setup_backward(grad_out, input, mean, rstd, weight, bias, num_groups, activation,
+                                    output_mask);
+  const GroupNormShape& s = bs.shape;
+  if (s.N * s.C == 0) return backward_result(bs, weight, input, output_mask);
+  const auto acc_dtype = acc_dtype_for(bs.x.scalar_type());
+  const PartPlan plan = make_plan(s, bs.layout);
+  at::Tensor coefs = coef_table(s.N * s.C, acc_dtype, bs.x);
+  at::Tensor partial = at::empty({std::max<int64_t>(1, s.N * plan.parts * s.C), 2}, bs.x.options().dtype(acc_dtype));
+  at::Tensor channel_sums = at::empty({s.N * s.C, 2}, bs.x.options().dtype(acc_dtype));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gnflex_group_norm_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bs.x.scalar_type(), "gnflex_group_norm_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-    const acc_t* mean_ptr = mean_c.const_data_ptr<acc_t>();
-    const acc_t* rstd_ptr = rstd_c.const_data_ptr<acc_t>();
-    const acc_t* w_ptr = w.const_data_ptr<acc_t>();
+    const scalar_t* x_ptr = bs.x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_ptr = bs.dy.const_data_ptr<scalar_t>();
+    const acc_t* mean_ptr = bs.mean.const_data_ptr<acc_t>();
+    const acc_t* rstd_ptr = bs.rstd.const_data_ptr<acc_t>();
+    const acc_t* w_ptr = bs.weight.const_data_ptr<acc_t>();
     auto* coef_ptr = reinterpret_cast<ChannelCoefs<acc_t>*>(coefs.data_ptr<acc_t>());
     auto* partial_ptr = reinterpret_cast<Sum2<acc_t>*>(partial.data_ptr<acc_t>());
     auto* sums_ptr = reinterpret_cast<Sum2<acc_t>*>(channel_sums.data_ptr<acc_t>());
 
     channel_coefs_kernel<<<blocks_for(s.N * s.C), kThreads, 0, stream>>>(
-        x_ptr, s, layout, mean_ptr, rstd_ptr, w_ptr, b.const_data_ptr<acc_t>(), coef_ptr);
+        x_ptr, s, bs.layout, mean_ptr, rstd_ptr, w_ptr, bs.bias.const_data_ptr<acc_t>(), coef_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_activation(act, [&](auto a) {
-      launch_partial_sums<GradSumsOp<decltype(a)::value>>(x_ptr, dy_ptr, s, layout, plan, coef_ptr,
+    dispatch_activation(bs.activation, [&](auto a) {
+      launch_partial_sums<GradSumsOp<decltype(a)::value>>(x_ptr, dy_ptr, s, bs.layout, plan, coef_ptr,
                                                           partial_ptr, stream);
     });
-    backward_finalize_kernel<<<blocks_for(s.N * s.G), kThreads, 0, stream>>>(
+    backward_finalize_kernel<<<blocks_for(s.N * s.G * 32), kThreads, 0, stream>>>(
         s, plan, partial_ptr, mean_ptr, rstd_ptr, w_ptr, coef_ptr, sums_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (output_mask[1] || output_mask[2]) {
       param_grad_kernel<<<blocks_for(s.C), kThreads, 0, stream>>>(
-          s, sums_ptr, mean_ptr, rstd_ptr, coef_ptr, dweight.data_ptr<acc_t>(), dbias.data_ptr<acc_t>());
+          s, sums_ptr, mean_ptr, rstd_ptr, coef_ptr, bs.dweight.data_ptr<acc_t>(), bs.dbias.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (output_mask[0]) {
-      dispatch_activation(act, [&](auto a) {
-        launch_apply<InputGradOp<decltype(a)::value>>(x_ptr, dy_ptr, dx.data_ptr<scalar_t>(), s, layout,
-                                                      plan, coef_ptr, stream);
+      dispatch_activation(bs.activation, [&](auto a) {
+        launch_apply<InputGradOp<decltype(a)::value>>(x_ptr, dy_ptr, bs.dx.data_ptr<scalar_t>(), s,
+                                                      bs.layout, plan, coef_ptr, stream);
       });
     }
   });
-  return {defined_if(output_mask[0], dx), defined_if(output_mask[1], dweight.to(pdtype)),
-          defined_if(output_mask[2], dbias.to(pdtype))};
+  return backward_result(bs, weight, input, output_mask);
 }
 
 }  // namespace
