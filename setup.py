@@ -71,6 +71,7 @@ def extension():
         glob.glob(os.path.join(CSRC, "*.cpp"))
         + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
         + glob.glob(os.path.join(CSRC, "autograd", "*.cpp"))
+        + glob.glob(os.path.join(CSRC, "autocast", "*.cpp"))
     )
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     with_cuda = want_cuda(cuda_sources)

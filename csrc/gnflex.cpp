@@ -1,7 +1,11 @@
-// Operator schemas of the gnflex library: the one place they are defined.
-// Back ends register kernels for them in csrc/cpu, csrc/cuda and
-// csrc/autograd; the fake (meta) kernels live in gnflex/_meta.py.
+// Operator schemas of the gnflex library: the one place they are defined,
+// and the C++ entry points (gnflex_ops.h) that call them. Back ends register
+// kernels in csrc/cpu, csrc/cuda, csrc/autograd and csrc/autocast; the fake
+// (meta) kernels live in gnflex/_meta.py.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "gnflex_ops.h"
 
 TORCH_LIBRARY(gnflex, m) {
   // y = act(GroupNorm(input)); mean and rstd are (N, num_groups) in the
@@ -18,6 +22,36 @@ TORCH_LIBRARY(gnflex, m) {
       "Tensor? weight, Tensor? bias, int num_groups, str activation, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
 }
+
+namespace gnflex {
+
+TensorTriple group_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                        c10::string_view activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gnflex::group_norm", "")
+                       .typed<TensorTriple(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                           const c10::optional<at::Tensor>&, int64_t, double,
+                                           c10::string_view)>();
+  return op.call(input, weight, bias, num_groups, eps, activation);
+}
+
+TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                 const at::Tensor& mean, const at::Tensor& rstd,
+                                 const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                                 c10::string_view activation, std::array<bool, 3> output_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gnflex::group_norm_backward", "")
+          .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const c10::optional<at::Tensor>&,
+                              const c10::optional<at::Tensor>&, int64_t, c10::string_view,
+                              std::array<bool, 3>)>();
+  return op.call(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask);
+}
+
+}  // namespace gnflex
 
 #ifdef GNFLEX_PYTHON_MODULE
 // `import gnflex._C` loads this library, which runs the registrations above.

@@ -11,10 +11,9 @@
 #include <type_traits>
 
 #include "gn_types.h"
+#include "gnflex_ops.h"
 
 namespace gnflex {
-
-using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Activation parse_activation(c10::string_view name);
 

@@ -6,8 +6,10 @@ Importing gnflex loads the op library (``torch.ops.gnflex.group_norm`` and
 from ._ops import built_with_cuda, library_path, ops
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
 from . import functional
+from . import onnx  # noqa: F401  (gnflex.onnx.export; imports onnxscript lazily)
 from .config import ACTIVATIONS, GN_GROUP_PRIORITY, MODES, GNConfig, choose_gn_groups
 from .functional import group_norm
+from .convert import ConversionReport, convert
 from .modules import GNCNN, ConvGNAct, GroupNormFlex
 
 __version__ = "0.1.0"
@@ -16,12 +18,14 @@ __all__ = [
     "ACTIVATIONS",
     "GN_GROUP_PRIORITY",
     "MODES",
+    "ConversionReport",
     "ConvGNAct",
     "GNCNN",
     "GNConfig",
     "GroupNormFlex",
     "built_with_cuda",
     "choose_gn_groups",
+    "convert",
     "functional",
     "group_norm",
     "library_path",

@@ -17,33 +17,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-TensorTriple call_group_norm(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                             double eps, c10::string_view activation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gnflex::group_norm", "")
-                       .typed<TensorTriple(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                           const c10::optional<at::Tensor>&, int64_t, double,
-                                           c10::string_view)>();
-  return op.call(input, weight, bias, num_groups, eps, activation);
-}
-
-TensorTriple call_group_norm_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                      const at::Tensor& mean, const at::Tensor& rstd,
-                                      const c10::optional<at::Tensor>& weight,
-                                      const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                      c10::string_view activation,
-                                      std::array<bool, 3> output_mask) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("gnflex::group_norm_backward", "")
-          .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, const c10::optional<at::Tensor>&,
-                              const c10::optional<at::Tensor>&, int64_t, c10::string_view,
-                              std::array<bool, 3>)>();
-  return op.call(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask);
-}
-
 c10::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
@@ -82,7 +55,7 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
                                const c10::optional<at::Tensor>& bias, int64_t num_groups,
                                double eps, c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = call_group_norm(input, weight, bias, num_groups, eps, activation);
+    auto [y, mean, rstd] = group_norm(input, weight, bias, num_groups, eps, activation);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
                             mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
@@ -123,7 +96,7 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
       return grads;
     }
 
-    auto [dx, dweight, dbias] = call_group_norm_backward(
+    auto [dx, dweight, dbias] = group_norm_backward(
         grad_y, input, saved[3], saved[4], optional_if_defined(weight), optional_if_defined(bias),
         num_groups, activation, mask);
     grads[0] = dx;

@@ -1,0 +1,141 @@
+"""Models out of eager Python: TorchScript (fresh processes), torch.compile,
+torch.export and ONNX (run by onnxruntime)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import gnflex
+from gnflex import GNCNN, ConvGNAct, GNConfig, GroupNormFlex
+
+
+def randomize_norms(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GroupNormFlex) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return model
+
+
+MODELS = {
+    "groupnormflex": (lambda: GroupNormFlex(16, groups=4, activation="silu"), (2, 16, 6, 6)),
+    "convgnact": (lambda: ConvGNAct(3, 16, stride=2, activation="gelu"), (2, 3, 12, 12)),
+    "gncnn": (lambda: GNCNN(widths=(8, 16, 32, 32)), (2, 3, 32, 32)),
+}
+
+LOADER = textwrap.dedent(
+    """
+    import sys, torch
+    mode, model_path, data_path = sys.argv[1:4]
+    if mode == "import":
+        import gnflex  # noqa: F401
+    else:
+        torch.ops.load_library(sys.argv[4])  # the op library alone, no gnflex package
+    model = torch.jit.load(model_path)
+    data = torch.load(data_path)
+    x = data["x"].clone().requires_grad_()
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, data["out"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, data["grad"], rtol=1e-5, atol=1e-6)
+    print("OK")
+    """
+)
+
+
+@pytest.mark.parametrize("how", ("script", "trace"))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torchscript_saved_model_runs_in_fresh_processes(tmp_path, name, how):
+    make, shape = MODELS[name]
+    model = randomize_norms(make()).eval()
+    x = torch.randn(shape, requires_grad=True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    exported = torch.jit.script(model) if how == "script" else torch.jit.trace(model, x.detach())
+    torch.testing.assert_close(exported(x), out)
+    model_path, data_path = tmp_path / "model.pt", tmp_path / "data.pt"
+    exported.save(str(model_path))
+    torch.save({"x": x.detach(), "out": out.detach(), "grad": grad}, data_path)
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    for mode, extra in (("import", []), ("library", [gnflex.library_path()])):
+        proc = subprocess.run([sys.executable, str(script), mode, str(model_path), str(data_path), *extra],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0 and "OK" in proc.stdout, (mode, proc.stderr[-3000:])
+
+
+def test_torch_compile_training_step_dynamic_batch():
+    torch.manual_seed(0)
+    model = GNCNN(widths=(8, 16, 32, 32), activation="silu")
+    reference = GNCNN(widths=(8, 16, 32, 32), activation="silu")
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        target = torch.randint(0, 10, (batch,))
+        for m in (model, reference):
+            m.zero_grad()
+        loss = nn.functional.cross_entropy(compiled(x), target)
+        loss.backward()
+        ref_loss = nn.functional.cross_entropy(reference(x), target)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for p, r in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_export_gncnn(tmp_path):
+    model = randomize_norms(GNCNN(widths=(8, 16, 32, 32))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    assert any("gnflex.group_norm" in str(node.target) for node in program.graph.nodes)
+    for n in (2, 5):
+        xs = torch.randn(n, 3, 32, 32)
+        torch.testing.assert_close(program.module()(xs), model(xs))
+    path = tmp_path / "gncnn.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    torch.testing.assert_close(loaded.module()(x), model(x))
+
+
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is a test dependency (.ci/setup.sh installs it)")
+
+
+@pytest.mark.parametrize("opset", (18, 21))
+@pytest.mark.parametrize("activation", ("none", "relu", "silu", "gelu"))
+@pytest.mark.parametrize("mode", ("gn", "ln_like", "in_like"))
+def test_onnx_export_runs_in_onnxruntime(tmp_path, opset, activation, mode):
+    import numpy as np
+    import onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
+                          GroupNormFlex(16, GNConfig(mode=mode, activation=activation))).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 9, 7)
+    path = tmp_path / "model.onnx"
+    gnflex.onnx.export(model, (x,), str(path), opset=opset)
+    graph_ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GroupNormalization" in graph_ops if opset >= 21 else "ReduceMean" in graph_ops
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    expected = model(x).detach().numpy()
+    assert np.abs(out - expected).max() <= 1e-4
+
+
+def test_onnx_export_gncnn_without_affine(tmp_path):
+    import numpy as np
+
+    model = GNCNN(widths=(8, 16, 16, 16), config=GNConfig(affine=False)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / "gncnn.onnx"
+    gnflex.onnx.export(model, (x,), str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.abs(out - model(x).detach().numpy()).max() <= 1e-4
