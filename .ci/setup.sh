@@ -23,6 +23,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "== installing $TORCH_REQ and build/test dependencies"
 "$PY" -m pip install -q "$TORCH_REQ"
 "$PY" -m pip install -q "setuptools>=64" wheel ninja numpy pytest expecttest
+# Test dependencies of the export/interop tests (ONNX, torchvision models);
+# torchvision must match torch (0.29.1 <-> 2.14.1).
+if [ "$TORCH_REQ" = "torch==2.14.1" ]; then
+  "$PY" -m pip install -q onnx onnxruntime onnxscript torchvision==0.29.1
+fi
 
 # The CUDA toolkit lives here on our machines; torch would otherwise guess /usr/local.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
