@@ -10,8 +10,8 @@ Environment switches:
 Install with ``pip install --no-build-isolation .`` after torch is installed
 (build isolation would fetch another torch).
 """
-import glob
 import os
+import runpy
 import shutil
 
 from setuptools import find_packages, setup
@@ -20,7 +20,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"  # relative: setuptools wants relative source paths
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
@@ -67,13 +67,9 @@ def write_build_info(with_cuda):
 def extension():
     debug = os.environ.get("GNFLEX_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(
-        glob.glob(os.path.join(CSRC, "*.cpp"))
-        + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
-        + glob.glob(os.path.join(CSRC, "autograd", "*.cpp"))
-        + glob.glob(os.path.join(CSRC, "autocast", "*.cpp"))
-    )
-    cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    # The source list lives in gnflex/_sources.py (also used by gnflex.jit).
+    list_sources = runpy.run_path(os.path.join(ROOT, "gnflex", "_sources.py"))["sources"]
+    sources, cuda_sources = list_sources(CSRC)
     with_cuda = want_cuda(cuda_sources)
     write_build_info(with_cuda)
     # OpenMP: at::parallel_for expands to `#pragma omp parallel` in our code.

@@ -5,6 +5,17 @@
 #include <cstdint>
 #include <type_traits>
 
+// The dispatcher namespace of the ops: torch.ops.gnflex. The JIT build
+// (gnflex/jit.py) compiles the same sources as another namespace
+// (-DGNFLEX_OP_NAMESPACE=gnflex_jit) so both builds can be loaded side by side.
+#ifndef GNFLEX_OP_NAMESPACE
+#define GNFLEX_OP_NAMESPACE gnflex
+#endif
+#define GNFLEX_STRINGIFY_(x) #x
+#define GNFLEX_STRINGIFY(x) GNFLEX_STRINGIFY_(x)
+// "gnflex::<op>" in the configured namespace.
+#define GNFLEX_OP_NAME(op) GNFLEX_STRINGIFY(GNFLEX_OP_NAMESPACE) "::" op
+
 // Functions usable from host code and CUDA kernels.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define GNFLEX_HD __host__ __device__ __forceinline__

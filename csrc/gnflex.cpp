@@ -5,9 +5,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "gn_types.h"
 #include "gnflex_ops.h"
 
-TORCH_LIBRARY(gnflex, m) {
+TORCH_LIBRARY(GNFLEX_OP_NAMESPACE, m) {
   // y = act(GroupNorm(input)); mean and rstd are (N, num_groups) in the
   // accumulate dtype (float32, float64 for float64 input). activation is one
   // of "none", "relu", "silu", "gelu".
@@ -29,7 +30,7 @@ TensorTriple group_norm(const at::Tensor& input, const c10::optional<at::Tensor>
                         const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                         c10::string_view activation) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("gnflex::group_norm", "")
+                       .findSchemaOrThrow(GNFLEX_OP_NAME("group_norm"), "")
                        .typed<TensorTriple(const at::Tensor&, const c10::optional<at::Tensor>&,
                                            const c10::optional<at::Tensor>&, int64_t, double,
                                            c10::string_view)>();
@@ -43,7 +44,7 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
                                  c10::string_view activation, std::array<bool, 3> output_mask) {
   static auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("gnflex::group_norm_backward", "")
+          .findSchemaOrThrow(GNFLEX_OP_NAME("group_norm_backward"), "")
           .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const c10::optional<at::Tensor>&,
                               const c10::optional<at::Tensor>&, int64_t, c10::string_view,

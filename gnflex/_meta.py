@@ -29,14 +29,12 @@ def _empty_in_native_layout(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.register_fake("gnflex::group_norm")
 def _group_norm_fake(input, weight, bias, num_groups, eps=1e-5, activation="none"):
     torch._check(input.dim() >= 2, lambda: "gnflex.group_norm: expected input of shape (N, C, *)")
     stats = input.new_empty((input.shape[0], num_groups), dtype=_acc_dtype(input.dtype))
     return _empty_in_native_layout(input), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("gnflex::group_norm_backward")
 def _group_norm_backward_fake(grad_out, input, mean, rstd, weight, bias, num_groups, activation,
                               output_mask):
     param_dtype = weight.dtype if weight is not None else input.dtype
@@ -45,3 +43,13 @@ def _group_norm_backward_fake(grad_out, input, mean, rstd, weight, bias, num_gro
     dweight = input.new_empty((channels,), dtype=param_dtype) if output_mask[1] else None
     dbias = input.new_empty((channels,), dtype=param_dtype) if output_mask[2] else None
     return dx, dweight, dbias
+
+
+def register_fakes(namespace):
+    """Register the fake kernels for the ops of `namespace` (gnflex, or the
+    namespace of a JIT build)."""
+    torch.library.register_fake(f"{namespace}::group_norm")(_group_norm_fake)
+    torch.library.register_fake(f"{namespace}::group_norm_backward")(_group_norm_backward_fake)
+
+
+register_fakes("gnflex")

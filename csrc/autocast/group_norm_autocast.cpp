@@ -8,6 +8,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
+#include "../gn_types.h"
 #include "../gnflex_ops.h"
 
 namespace gnflex {
@@ -28,7 +29,7 @@ TensorTriple group_norm_autocast_cuda(const at::Tensor& input, const c10::option
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gnflex, AutocastCUDA, m) {
+TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, AutocastCUDA, m) {
   m.impl("group_norm", &group_norm_autocast_cuda);
 }
 

@@ -115,7 +115,7 @@ TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gnflex, Autograd, m) {
+TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, Autograd, m) {
   m.impl("group_norm", &group_norm_autograd);
 }
 

@@ -86,7 +86,7 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gnflex, CPU, m) {
+TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, CPU, m) {
   m.impl("group_norm", &group_norm_cpu);
   m.impl("group_norm_backward", &group_norm_backward_cpu);
 }

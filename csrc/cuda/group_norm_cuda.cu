@@ -656,7 +656,7 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gnflex, CUDA, m) {
+TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, CUDA, m) {
   m.impl("group_norm", &group_norm_cuda);
   m.impl("group_norm_backward", &group_norm_backward_cuda);
 }
