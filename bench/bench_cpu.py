@@ -1,15 +1,19 @@
-"""CPU benchmark: gnflex vs torch's native GroupNorm, same process, same run.
+"""CPU benchmark: gnflex vs torch, in the same process and run.
 
-    python bench/bench_cpu.py [--threads 2] [--quick] [--md results.md] [--json results.json]
+    python bench/bench_cpu.py [--threads 2] [--quick] [--jit] [--md out.md] [--json out.json]
 
-Times forward and forward+backward with torch.utils.benchmark for a few
-shapes, fp32 and bf16, NCHW and channels_last, with and without a SiLU (fused
-in gnflex, F.silu after native GN for torch). Ratio = torch time / gnflex
-time, so > 1 means gnflex is faster. The geomean per category closes the table.
+For each shape (from detection / classification / diffusion models), dtype
+(fp32, bf16), layout (NCHW, channels_last), activation (none, SiLU) and pass
+(forward, forward+backward), times with torch.utils.benchmark:
+  gnflex    gnflex.group_norm (SiLU fused)
+  torch     F.group_norm (+ F.silu)
+  compile   torch.compile (Inductor) of F.group_norm (+ F.silu)   [--compile]
+  clone     x.clone(), the memory-traffic floor of the forward      [forward rows]
+  jit       the JIT build of this checkout's csrc/ (gnflex.jit)     [--jit]
+Ratios are baseline time / gnflex time (> 1: gnflex faster); "clone_ratio"
+is gnflex time / clone time (the issue's target is <= 1.3).
 """
 import argparse
-import json
-import math
 import platform
 import sys
 
@@ -18,14 +22,18 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
 import gnflex
+from _common import summarize, write_results
 
 SHAPES = [  # (shape, groups)
     ((8, 64, 56, 56), 32),
+    ((32, 32, 112, 112), 32),
     ((8, 256, 32, 32), 32),
+    ((64, 1024, 7, 7), 32),
     ((2, 512, 64, 64), 32),
     ((1, 320, 64, 64), 32),
-    ((64, 1024, 7, 7), 32),
     ((4, 128, 16, 16, 16), 32),
+    ((16, 128, 1024), 32),
+    ((1, 256, 56, 56), 32),
 ]
 QUICK_SHAPES = [((8, 64, 56, 56), 32), ((8, 256, 32, 32), 32)]
 
@@ -41,11 +49,10 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def make_case(shape, groups, dtype, layout, activation, backward):
+def make_fns(shape, groups, dtype, layout, activation, backward, jit_ops, with_compile):
     x = torch.randn(shape, dtype=dtype)
-    if layout == "channels_last":
-        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-        x = x.to(memory_format=fmt)
+    if layout == "channels_last" and len(shape) in (4, 5):
+        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     w = torch.rand(shape[1], dtype=dtype) + 0.5
     b = torch.randn(shape[1], dtype=dtype)
     if backward:
@@ -53,18 +60,24 @@ def make_case(shape, groups, dtype, layout, activation, backward):
             t.requires_grad_()
     dy = torch.randn_like(x)
 
-    def ours():
-        return gnflex.group_norm(x, groups, w, b, activation=activation)
-
-    def native():
+    def native(x, w, b):
         y = F.group_norm(x, groups, w, b)
         return F.silu(y) if activation == "silu" else y
 
+    fns = {
+        "gnflex": lambda: gnflex.group_norm(x, groups, w, b, activation=activation),
+        "torch": lambda: native(x, w, b),
+    }
+    if with_compile:
+        compiled = torch.compile(native)
+        fns["compile"] = lambda: compiled(x, w, b)
+    if jit_ops is not None:
+        fns["jit"] = lambda: jit_ops.group_norm(x, w, b, groups, 1e-5, activation)[0]
     if backward:
-        def run(fn):
-            return lambda: torch.autograd.grad(fn(), (x, w, b), dy)
-        return run(ours), run(native)
-    return ours, native
+        fns = {k: (lambda f: lambda: torch.autograd.grad(f(), (x, w, b), dy))(f) for k, f in fns.items()}
+    else:
+        fns["clone"] = lambda: x.clone()
+    return fns
 
 
 def measure(fn, min_run_time):
@@ -77,19 +90,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--quick", action="store_true", help="two shapes, fp32 only")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of GN (+SiLU)")
+    p.add_argument("--jit", action="store_true", help="also time the JIT build of this checkout")
     p.add_argument("--md", help="write a markdown table here")
     p.add_argument("--json", help="write raw results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    jit_ops = None
+    if args.jit:
+        import gnflex.jit
 
-    machine = {
-        "cpu": cpu_model(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "gnflex": gnflex.__version__,
-        "python": platform.python_version(),
-    }
+        jit_ops = gnflex.jit.load()
+
+    machine = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+               "gnflex": gnflex.__version__, "python": platform.python_version(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
@@ -98,51 +114,39 @@ def main(argv=None):
             for activation in ("none", "silu"):
                 for backward in (False, True):
                     for shape, groups in shapes:
-                        ours, native = make_case(shape, groups, dtype, layout, activation, backward)
-                        t_ours = measure(ours, args.min_run_time)
-                        t_native = measure(native, args.min_run_time)
-                        row = {
-                            "dtype": str(dtype).replace("torch.", ""), "layout": layout,
-                            "activation": activation, "pass": "fwd+bwd" if backward else "fwd",
-                            "shape": "x".join(map(str, shape)), "groups": groups,
-                            "gnflex_ms": t_ours * 1e3, "torch_ms": t_native * 1e3,
-                            "ratio": t_native / t_ours,
-                        }
+                        if layout == "channels_last" and len(shape) == 3:
+                            continue  # an (N, C, L) input has no channels_last format
+                        fns = make_fns(shape, groups, dtype, layout, activation, backward, jit_ops, args.compile)
+                        t = {k: measure(f, args.min_run_time) * 1e3 for k, f in fns.items()}
+                        row = {"dtype": str(dtype).replace("torch.", ""), "layout": layout,
+                               "act": activation, "pass": "fwd+bwd" if backward else "fwd",
+                               "shape": "x".join(map(str, shape)),
+                               **{f"{k}_ms": v for k, v in t.items()},
+                               "vs_torch": t["torch"] / t["gnflex"]}
+                        if "compile" in t:
+                            row["vs_compile"] = t["compile"] / t["gnflex"]
+                        if "jit" in t:
+                            row["vs_jit"] = t["jit"] / t["gnflex"]
+                        if "clone" in t:
+                            row["clone_ratio"] = t["gnflex"] / t["clone"]
                         rows.append(row)
-                        print(f"{row['dtype']:9s} {layout:13s} {activation:5s} {row['pass']:8s} "
-                              f"{row['shape']:16s} gnflex {row['gnflex_ms']:8.3f} ms  torch "
-                              f"{row['torch_ms']:8.3f} ms  ratio {row['ratio']:5.2f}", flush=True)
+                        print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in row.items()), flush=True)
 
-    categories = {}
-    for r in rows:
-        categories.setdefault((r["dtype"], r["layout"], r["activation"], r["pass"]), []).append(r["ratio"])
-    summary = [
-        {"dtype": k[0], "layout": k[1], "activation": k[2], "pass": k[3],
-         "geomean_ratio": math.exp(sum(math.log(v) for v in vals) / len(vals))}
-        for k, vals in categories.items()
-    ]
-    print("\nGeomean ratio (torch time / gnflex time; > 1: gnflex faster)")
+    ratio_fields = ["vs_torch", "vs_compile", "vs_jit", "clone_ratio"]
+    summary = summarize(rows, ["dtype", "layout", "act", "pass"], ratio_fields)
+    print("\nGeomeans (vs_*: baseline time / gnflex time, > 1: gnflex faster; clone_ratio: gnflex / clone)")
     for s in summary:
-        print(f"  {s['dtype']:9s} {s['layout']:13s} {s['activation']:5s} {s['pass']:8s} {s['geomean_ratio']:5.2f}")
+        print("  " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
     print("machine:", machine)
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows, "summary": summary}, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write("# CPU benchmark: gnflex vs torch native GroupNorm\n\n")
-            f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n\n")
-            f.write("Ratio = torch time / gnflex time (> 1: gnflex faster). SiLU rows: gnflex fuses it, "
-                    "torch runs native GN then F.silu.\n\n")
-            f.write("## Geomean per category\n\n| dtype | layout | act | pass | geomean ratio |\n|---|---|---|---|---|\n")
-            for s in summary:
-                f.write(f"| {s['dtype']} | {s['layout']} | {s['activation']} | {s['pass']} | {s['geomean_ratio']:.2f} |\n")
-            f.write("\n## All cases\n\n| dtype | layout | act | pass | shape | G | gnflex ms | torch ms | ratio |\n"
-                    "|---|---|---|---|---|---|---|---|---|\n")
-            for r in rows:
-                f.write(f"| {r['dtype']} | {r['layout']} | {r['activation']} | {r['pass']} | {r['shape']} | "
-                        f"{r['groups']} | {r['gnflex_ms']:.3f} | {r['torch_ms']:.3f} | {r['ratio']:.2f} |\n")
+    columns = ["dtype", "layout", "act", "pass", "shape", "gnflex_ms", "torch_ms"] + \
+        [c for c in ("compile_ms", "jit_ms", "clone_ms") if any(c in r for r in rows)] + \
+        [c for c in ratio_fields if any(c in r for r in rows)]
+    write_results(args, "CPU benchmark: gnflex vs torch", machine,
+                  "Ratios vs_*: baseline time / gnflex time (> 1: gnflex faster). clone_ratio: gnflex time / "
+                  "x.clone() time (forward only). SiLU rows: gnflex fuses it; torch runs F.group_norm then F.silu.",
+                  rows, summary, columns,
+                  ["dtype", "layout", "act", "pass"] + [c for c in ratio_fields if any(c in r for r in rows)])
     return 0
 
 

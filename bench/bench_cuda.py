@@ -14,7 +14,6 @@ forward+backward >= 2.5x native; fused GN+SiLU >= 1.1x torch.compile;
 forward >= 85% of copy bandwidth on large shapes; (1,256,128,128) G=32 >= 3x.
 """
 import argparse
-import json
 import math
 import sys
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
+from _common import geomean, write_results
 
 SHAPES = [  # (shape, groups)
     ((8, 256, 64, 64), 32),
@@ -115,9 +115,6 @@ def main(argv=None):
                         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                               flush=True)
 
-    def geomean(vals):
-        return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
-
     summary = {
         "forward vs native": geomean([r["vs_torch"] for r in rows if r["pass"] == "fwd"]),
         "channels_last fwd+bwd vs native": geomean(
@@ -130,20 +127,12 @@ def main(argv=None):
     }
     print("\n".join(f"{k}: {v:.2f}" for k, v in summary.items()))
     print("machine:", machine)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows, "summary": summary}, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"# CUDA benchmark on {device}\n\n" + ", ".join(f"{k} {v}" for k, v in machine.items()))
-            f.write("\n\n| measure | geomean |\n|---|---|\n")
-            f.writelines(f"| {k} | {v:.2f} |\n" for k, v in summary.items())
-            f.write("\n| dtype | layout | act | pass | shape | gnflex ms | torch ms | compile ms | vs torch | vs compile |\n"
-                    "|---|---|---|---|---|---|---|---|---|---|\n")
-            for r in rows:
-                f.write(f"| {r['dtype']} | {r['layout']} | {r['activation']} | {r['pass']} | {r['shape']} | "
-                        f"{r['gnflex_ms']:.4f} | {r['torch_ms']:.4f} | {r['compile_ms']:.4f} | "
-                        f"{r['vs_torch']:.2f} | {r['vs_compile']:.2f} |\n")
+    write_results(args, f"CUDA benchmark on {device}", machine,
+                  "vs_torch / vs_compile: baseline time / gnflex time (> 1: gnflex faster); copy_fraction: "
+                  "x.clone() time / gnflex time (forward only).",
+                  rows, [{"measure": k, "geomean": v} for k, v in summary.items()],
+                  ["dtype", "layout", "activation", "pass", "shape", "gnflex_ms", "torch_ms", "compile_ms",
+                   "vs_torch", "vs_compile"], ["measure", "geomean"])
     return 0
 
 

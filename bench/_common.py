@@ -1,0 +1,41 @@
+"""Pieces both benchmarks share: geomeans per category and the result files."""
+import json
+import math
+
+
+def geomean(values):
+    values = [v for v in values if v == v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarize(rows, keys, ratio_fields):
+    """Geomean of each ratio field per combination of `keys` values."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return [
+        {**dict(zip(keys, key)),
+         **{f: geomean([r[f] for r in members if f in r]) for f in ratio_fields}}
+        for key, members in groups.items()
+    ]
+
+
+def markdown_table(records, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(args, title, machine, notes, rows, summary, row_columns, summary_columns):
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows, "summary": summary}, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"# {title}\n\nMachine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n\n")
+            f.write(notes + "\n\n## Geomean per category\n\n")
+            f.write(markdown_table(summary, summary_columns))
+            f.write("\n## All cases\n\n")
+            f.write(markdown_table(rows, row_columns))
