@@ -21,7 +21,6 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"  # relative: setuptools wants relative source paths
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def find_nvcc():
@@ -68,8 +67,8 @@ def extension():
     debug = os.environ.get("GNFLEX_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The source list lives in gnflex/_sources.py (also used by gnflex.jit).
-    list_sources = runpy.run_path(os.path.join(ROOT, "gnflex", "_sources.py"))["sources"]
-    sources, cuda_sources = list_sources(CSRC)
+    source_info = runpy.run_path(os.path.join(ROOT, "gnflex", "_sources.py"))
+    sources, cuda_sources = source_info["sources"](CSRC)
     with_cuda = want_cuda(cuda_sources)
     write_build_info(with_cuda)
     # OpenMP: at::parallel_for expands to `#pragma omp parallel` in our code.
@@ -83,7 +82,7 @@ def extension():
         define_macros=define_macros,
     )
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["DEFAULT_CUDA_ARCHS"])
         extra_compile_args["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("GNFLEX_WITH_CUDA", None))
         kwargs["sources"] = sources + cuda_sources

@@ -99,9 +99,9 @@ def main(argv=None):
     torch.manual_seed(0)
     jit_ops = None
     if args.jit:
-        import gnflex.jit
+        from gnflex import jit as gnflex_jit  # a plain `import gnflex.jit` would make gnflex local here
 
-        jit_ops = gnflex.jit.load()
+        jit_ops = gnflex_jit.load()
 
     machine = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                "gnflex": gnflex.__version__, "python": platform.python_version(),

@@ -7,6 +7,8 @@ import glob
 import os
 
 CPP_DIRS = ("", "cpu", "autograd", "autocast")
+# CUDA archs built when TORCH_CUDA_ARCH_LIST is unset: A100, H100/H200, PTX for newer GPUs.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 CUDA_DIRS = ("cuda",)
 
 

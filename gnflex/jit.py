@@ -14,7 +14,9 @@ the JIT ops as on the installed ones.
 
 Environment: ``GNFLEX_SOURCE_DIR`` (the checkout; default: the one this package
 lives in), ``GNFLEX_JIT_CACHE`` (build directory; default
-``~/.cache/gnflex/jit``), ``GNFLEX_CUDA=1`` to build the CUDA kernels too.
+``~/.cache/gnflex/jit``). The CUDA kernels are built when ``with_cuda=True``,
+or by default when a GPU is visible (``GNFLEX_CUDA=0/1`` overrides), for
+``TORCH_CUDA_ARCH_LIST`` (default: the package's, 8.0;9.0+PTX).
 """
 import os
 import runpy
@@ -49,9 +51,14 @@ def load(*, namespace=NAMESPACE, build_directory=None, with_cuda=None, verbose=F
 
     root = source_dir()
     csrc = os.path.join(root, "csrc")
-    cpp, cuda = runpy.run_path(os.path.join(root, "gnflex", "_sources.py"))["sources"](csrc)
+    source_info = runpy.run_path(os.path.join(root, "gnflex", "_sources.py"))
+    cpp, cuda = source_info["sources"](csrc)
     if with_cuda is None:
-        with_cuda = os.environ.get("GNFLEX_CUDA", "0") == "1"
+        flag = os.environ.get("GNFLEX_CUDA")
+        with_cuda = flag == "1" if flag in ("0", "1") else torch.cuda.is_available()
+    if with_cuda:
+        # Without it torch derives the archs from the visible GPUs (and fails without one).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["DEFAULT_CUDA_ARCHS"])
     build_directory = build_directory or os.environ.get("GNFLEX_JIT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "gnflex", "jit", namespace)
     os.makedirs(build_directory, exist_ok=True)

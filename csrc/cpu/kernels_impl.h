@@ -255,12 +255,17 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
 }
 
 // ---- elementwise passes ------------------------------------------------------
+// Compile-time layout of a run's coefficients (see for_each_run).
+using PerChannel = std::true_type;
+using PerRun = std::false_type;
+
 // Calls fn(base, len, coef_index, per_channel) for every contiguous run of
 // values that share a coefficient layout, in parallel:
 //   channels-first: a run is (part of) one (n, c) plane, coefficients are
-//                   scalars at coef_index = n * C + c (per_channel = false);
+//                   scalars at coef_index = n * C + c (per_channel: PerRun);
 //   channels-last:  a run is one row of C channels, coefficients are the
-//                   arrays starting at coef_index = n * C (per_channel = true).
+//                   arrays starting at coef_index = n * C (per_channel: PerChannel).
+// per_channel is a type so each layout gets its own loop, free of branches.
 template <typename Fn>
 void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
   if (layout == Layout::ChannelsFirst) {
@@ -269,22 +274,26 @@ void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t plane = item / chunks;
         const int64_t start = item % chunks * kChunk;
-        fn(plane * s.HxW + start, std::min(kChunk, s.HxW - start), plane, false);
+        fn(plane * s.HxW + start, std::min(kChunk, s.HxW - start), plane, PerRun{});
       }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(s.C, 1));
     at::parallel_for(0, s.N * s.HxW, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) fn(row * s.C, s.C, row / s.HxW * s.C, true);
+      for (int64_t row = begin; row < end; ++row) fn(row * s.C, s.C, row / s.HxW * s.C, PerChannel{});
     });
   }
 }
 
 // A coefficient table entry as value type V: broadcast of the run's scalar
 // (channels-first) or the vector of channels starting at channel j.
-template <typename V, typename T>
-inline V coef(const T* table, int64_t index, bool per_channel, int64_t j) {
-  return per_channel ? load_as<V>(table + index + j) : V(table[index]);
+template <typename V, typename T, typename P>
+inline V coef(const T* table, int64_t index, P /*per_channel*/, int64_t j) {
+  if constexpr (P::value) {
+    return load_as<V>(table + index + j);
+  } else {
+    return V(table[index]);
+  }
 }
 
 // The forward's per-(n, c) coefficient tables: y = act((x - pivot) * scale + shift).
@@ -297,21 +306,21 @@ struct AffineTables {
 
 // For the values at channel offset j of a run: x - pivot, and the
 // pre-activation output z = (x - pivot) * scale + shift.
-template <typename V, typename T>
-inline V centered(V x, const AffineTables<T>& t, int64_t ci, bool per_channel, int64_t j) {
+template <typename V, typename T, typename P>
+inline V centered(V x, const AffineTables<T>& t, int64_t ci, P per_channel, int64_t j) {
   return x - coef<V>(t.pivot, ci, per_channel, j);
 }
 
-template <typename V, typename T>
-inline V pre_activation(V x_centered, const AffineTables<T>& t, int64_t ci, bool per_channel,
+template <typename V, typename T, typename P>
+inline V pre_activation(V x_centered, const AffineTables<T>& t, int64_t ci, P per_channel,
                         int64_t j) {
   return x_centered * coef<V>(t.scale, ci, per_channel, j) + coef<V>(t.shift, ci, per_channel, j);
 }
 
 // d = x - pivot and g = dy * act'(z), z recomputed from x.
-template <Activation A, typename V, typename T>
+template <Activation A, typename V, typename T, typename P>
 inline std::pair<V, V> centered_and_grad(V x, V dy, const AffineTables<T>& t, int64_t ci,
-                                         bool per_channel, int64_t j) {
+                                         P per_channel, int64_t j) {
   const V d = centered(x, t, ci, per_channel, j);
   if constexpr (A == Activation::None) {
     return {d, dy};
@@ -323,7 +332,7 @@ inline std::pair<V, V> centered_and_grad(V x, V dy, const AffineTables<T>& t, in
 template <typename scalar_t, Activation A>
 void apply_forward(const scalar_t* x, scalar_t* y, const GroupNormShape& s, Layout layout,
                    const AffineTables<acc_type<scalar_t>>& t) {
-  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, bool per_channel) {
+  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
     simd_for<scalar_t>(len, [&](int64_t i, auto step) {
       using S = decltype(step);
       using V = typename S::type;
@@ -351,7 +360,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormSha
   if (s.HxW == 0) return;
 
   // One body for both layouts: values of one run at offset i.
-  auto body = [&](int64_t base, int64_t ci, bool per_channel) {
+  auto body = [&](int64_t base, int64_t ci, auto per_channel) {
     return [=](int64_t i, auto step, auto& a, auto& b) {
       using S = decltype(step);
       using V = typename S::type;
@@ -379,7 +388,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormSha
         const int64_t plane = item / chunks;
         const int64_t start = item % chunks * kChunk;
         partial[item] = simd_sum2<scalar_t>(std::min(kChunk, s.HxW - start),
-                                            body(plane * s.HxW + start, plane, false));
+                                            body(plane * s.HxW + start, plane, PerRun{}));
       }
     });
     for (int64_t plane = 0; plane < planes; ++plane) {
@@ -404,7 +413,7 @@ void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormSha
       for (int64_t r = row0; r < row0 + rows; ++r) {
         // Coefficient tables are indexed n * C + j inside the row.
         simd_accumulate_row<scalar_t>(s.C, block_gx, block_g,
-                                      body((n * s.HxW + r) * s.C, n * s.C, true));
+                                      body((n * s.HxW + r) * s.C, n * s.C, PerChannel{}));
       }
     }
   });
@@ -424,7 +433,7 @@ void apply_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const
                       Layout layout, const AffineTables<acc_type<scalar_t>>& t,
                       const acc_type<scalar_t>* g_coef, const acc_type<scalar_t>* x_coef,
                       const acc_type<scalar_t>* bias_coef) {
-  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, bool per_channel) {
+  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
     simd_for<scalar_t>(len, [&](int64_t i, auto step) {
       using S = decltype(step);
       using V = typename S::type;
