@@ -71,8 +71,7 @@ def extension():
     sources, cuda_sources = source_info["sources"](CSRC)
     with_cuda = want_cuda(cuda_sources)
     write_build_info(with_cuda)
-    # OpenMP: at::parallel_for expands to `#pragma omp parallel` in our code.
-    extra_compile_args = {"cxx": opt + ["-fopenmp"]}
+    extra_compile_args = {"cxx": opt + list(source_info["CXX_FLAGS"])}
     define_macros = [("GNFLEX_PYTHON_MODULE", None)]
     kwargs = dict(
         name="gnflex._C",

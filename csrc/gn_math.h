@@ -43,6 +43,8 @@ GNFLEX_HD float gn_exp(float v) { return ::expf(v); }
 GNFLEX_HD double gn_exp(double v) { return ::exp(v); }
 GNFLEX_HD float gn_erf(float v) { return ::erff(v); }
 GNFLEX_HD double gn_erf(double v) { return ::erf(v); }
+GNFLEX_HD float gn_reciprocal(float v) { return 1.0f / v; }
+GNFLEX_HD double gn_reciprocal(double v) { return 1.0 / v; }
 GNFLEX_HD float gn_rsqrt(float v) { return 1.0f / ::sqrtf(v); }
 GNFLEX_HD double gn_rsqrt(double v) { return 1.0 / ::sqrt(v); }
 // max(v, 0) and its derivative (1 where v > 0, else 0; torch uses 0 at 0).
@@ -58,7 +60,7 @@ GNFLEX_HD V activate(V z) {
   if constexpr (A == Activation::ReLU) {
     return gn_relu(z);
   } else if constexpr (A == Activation::SiLU) {
-    return z / (V(1) + gn_exp(V(0) - z));
+    return z * gn_reciprocal(V(1) + gn_exp(V(0) - z));
   } else if constexpr (A == Activation::GELU) {
     return z * V(0.5) * (V(1) + gn_erf(z * V(M_SQRT1_2)));
   } else {
@@ -72,7 +74,7 @@ GNFLEX_HD V activate_grad(V z) {
   if constexpr (A == Activation::ReLU) {
     return gn_positive_mask(z);
   } else if constexpr (A == Activation::SiLU) {
-    const V sig = V(1) / (V(1) + gn_exp(V(0) - z));
+    const V sig = gn_reciprocal(V(1) + gn_exp(V(0) - z));
     return sig * (V(1) + z * (V(1) - sig));
   } else if constexpr (A == Activation::GELU) {
     // 0.5 * (1 + erf(z / sqrt 2)) + z * exp(-z^2 / 2) / sqrt(2 pi)

@@ -44,6 +44,7 @@ struct GroupNormShape {
   GNFLEX_HD int64_t channels_per_group() const { return C / G; }
   // Number of values normalised together.
   GNFLEX_HD int64_t group_size() const { return C / G * HxW; }
+  GNFLEX_HD int64_t numel() const { return N * C * HxW; }
 };
 
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime value, so

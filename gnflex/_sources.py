@@ -10,6 +10,13 @@ CPP_DIRS = ("", "cpu", "autograd", "autocast")
 # CUDA archs built when TORCH_CUDA_ARCH_LIST is unset: A100, H100/H200, PTX for newer GPUs.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 CUDA_DIRS = ("cuda",)
+# Host compiler flags besides optimization. OpenMP: at::parallel_for expands to
+# `#pragma omp parallel` in our code. No FMA contraction: the kernels inline the
+# same math into differently shaped loops (fused and two-pass schedules, SIMD
+# bodies and tails), and contraction chosen per context would make results
+# depend on the schedule, i.e. on the thread count. Explicit fused
+# multiply-adds in the code are unaffected.
+CXX_FLAGS = ("-fopenmp", "-ffp-contract=off")
 
 
 def sources(csrc_dir):

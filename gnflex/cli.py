@@ -59,6 +59,15 @@ def demo(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    """Run the CPU or CUDA benchmark harness with the remaining arguments."""
+    if args.target == "cpu":
+        from .bench.cpu import main as run
+    else:
+        from .bench.cuda import main as run
+    return run(args.bench_args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gnflex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +76,13 @@ def main(argv=None) -> int:
     p_demo.add_argument("--batch-size", type=int, default=32)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=demo)
+    p_bench = sub.add_parser(
+        "bench", help="time gnflex against torch (see `gnflex bench cpu --help`)",
+        description="Benchmark harness: `gnflex bench cpu [options]` or `gnflex bench cuda [options]`; "
+                    "options after the target go to that harness (`--help` lists them).")
+    p_bench.add_argument("target", choices=("cpu", "cuda"))
+    p_bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the harness")
+    p_bench.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

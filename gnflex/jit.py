@@ -62,7 +62,7 @@ def load(*, namespace=NAMESPACE, build_directory=None, with_cuda=None, verbose=F
     build_directory = build_directory or os.environ.get("GNFLEX_JIT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "gnflex", "jit", namespace)
     os.makedirs(build_directory, exist_ok=True)
-    flags = ["-O3", "-fopenmp", f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
+    flags = ["-O3", *source_info["CXX_FLAGS"], f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
     cpp_extension.load(
         name=f"{namespace}_ops",
         sources=cpp + (cuda if with_cuda else []),

@@ -92,17 +92,29 @@ def test_grad_out_in_another_layout(device):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
+# (shape, groups): both threads counts use the per-group fused schedule; N * G
+# (or N, channels-last) = 1 makes 1 thread fuse and 2 threads take the two-pass
+# schedule; a 3-d input with ragged chunks.
+SCHEDULE_CASES = [((2, 64, 40, 40), 8), ((1, 64, 40, 40), 1), ((1, 4, 12293), 2)]
+
+
+@pytest.mark.parametrize("activation", ("none", "silu", "gelu"))
+@pytest.mark.parametrize("shape,groups", SCHEDULE_CASES)
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-def test_backward_bitwise_deterministic_across_threads(layout):
-    x = make_input((2, 64, 40, 40), torch.float32, "cpu", layout)
-    dy = make_input((2, 64, 40, 40), torch.float32, "cpu", layout, seed=9)
-    w, b = make_params(64, torch.float32)
+def test_backward_bitwise_deterministic_across_threads(layout, shape, groups, activation):
+    x = make_input(shape, torch.float32, "cpu", layout)
+    dy = make_input(shape, torch.float32, "cpu", layout, seed=9)
+    w, b = make_params(shape[1], torch.float32)
+
+    def run():
+        return grads_of(lambda x, w, b: gnflex.group_norm(x, groups, w, b, activation=activation), x, w, b, dy)
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = grads_of(lambda x, w, b: gnflex.group_norm(x, 8, w, b, activation="silu"), x, w, b, dy)
+        one = run()
         torch.set_num_threads(max(2, threads))
-        again = grads_of(lambda x, w, b: gnflex.group_norm(x, 8, w, b, activation="silu"), x, w, b, dy)
+        again = run()
     finally:
         torch.set_num_threads(threads)
     for a, r in zip(one, again):

@@ -116,16 +116,20 @@ def test_large_mean_small_std_is_stable(device, layout):
     assert rel <= 1e-3, rel
 
 
+@pytest.mark.parametrize("activation", ("none", "silu", "gelu"))
+@pytest.mark.parametrize("shape,groups", [((2, 64, 40, 40), 8), ((1, 64, 40, 40), 1), ((1, 4, 12293), 2)])
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-def test_bitwise_deterministic_across_runs_and_threads(layout):
-    x = make_input((2, 64, 40, 40), torch.float32, "cpu", layout)
-    w, b = make_params(64, torch.float32)
+def test_bitwise_deterministic_across_runs_and_threads(layout, shape, groups, activation):
+    # The second shape switches schedule with the thread count (fused with one
+    # thread, two-pass with two); results must not change.
+    x = make_input(shape, torch.float32, "cpu", layout)
+    w, b = make_params(shape[1], torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.gnflex.group_norm(x, w, b, 8, 1e-5, "silu")
+        one = torch.ops.gnflex.group_norm(x, w, b, groups, 1e-5, activation)
         torch.set_num_threads(max(2, threads))
-        many = [torch.ops.gnflex.group_norm(x, w, b, 8, 1e-5, "silu") for _ in range(3)]
+        many = [torch.ops.gnflex.group_norm(x, w, b, groups, 1e-5, activation) for _ in range(3)]
     finally:
         torch.set_num_threads(threads)
     for run in many:

@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "group_norm_kernels.h"
@@ -61,7 +62,11 @@ struct Step {
 };
 
 // Runs body(i, Step) over [0, n): SIMD steps, then the scalar tail. The body
-// is written once, generically in V.
+// is written once, generically in V. Every pass over a run (statistics,
+// gradient sums, outputs) takes the same path for the same value, and kChunk
+// is a multiple of the SIMD step, so cutting a run into chunks does not move
+// the tail: SIMD and scalar math may round differently, and results must not
+// depend on the schedule.
 template <typename scalar_t, typename Body>
 inline void simd_for(int64_t n, const Body& body) {
   using IO = VecIO<scalar_t>;
@@ -79,10 +84,13 @@ inline void load_values(const scalar_t* p, V (&v)[K]) {
   }
 }
 
+// stream: a non-temporal store where the vector is aligned (see stream_vector).
 template <typename scalar_t, typename V, int K>
-inline void store_values(scalar_t* p, const V (&v)[K]) {
+inline void store_values(scalar_t* p, const V (&v)[K], bool stream = false) {
   if constexpr (std::is_arithmetic_v<V>) {
     *p = static_cast<scalar_t>(v[0]);
+  } else if (stream) {
+    VecIO<scalar_t>::stream(p, v);
   } else {
     VecIO<scalar_t>::store(p, v);
   }
@@ -108,16 +116,28 @@ inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
 
 // Sums over [0, n) of two quantities produced by
 // body(i, Step, sum_a, sum_b) (the body adds into V-typed accumulators).
+// Four independent accumulator pairs in the main loop, so the adds do not
+// wait on each other (one chain is bound by add latency, not bandwidth).
 template <typename scalar_t, typename Body>
 inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, const Body& body) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  typename IO::Vec va(acc_t(0)), vb(acc_t(0));
-  acc_t sa = 0, sb = 0;
+  using Vec = typename IO::Vec;
+  using VecStep = Step<Vec, IO::kVecs>;
+  constexpr int64_t kStep = IO::kStep;
+  Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+  Vec b0(acc_t(0)), b1(acc_t(0)), b2(acc_t(0)), b3(acc_t(0));
   int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) body(i, Step<typename IO::Vec, IO::kVecs>{}, va, vb);
+  for (; i + 4 * kStep <= n; i += 4 * kStep) {
+    body(i, VecStep{}, a0, b0);
+    body(i + kStep, VecStep{}, a1, b1);
+    body(i + 2 * kStep, VecStep{}, a2, b2);
+    body(i + 3 * kStep, VecStep{}, a3, b3);
+  }
+  for (; i + kStep <= n; i += kStep) body(i, VecStep{}, a0, b0);
+  acc_t sa = 0, sb = 0;
   for (; i < n; ++i) body(i, Step<acc_t, 1>{}, sa, sb);
-  return {horizontal_sum(va) + sa, horizontal_sum(vb) + sb};
+  return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
 }
 
 // Per-channel accumulation of two quantities over one row of C channels:
@@ -138,28 +158,129 @@ inline void simd_accumulate_row(int64_t C, acc_type<scalar_t>* sum_a, acc_type<s
   });
 }
 
-// ---- per-(n, c) tables ---------------------------------------------------
-// pivot of channel c's group, broadcast to every channel: (N * C).
+// ---- schedules ---------------------------------------------------------------
+// Two schedules compute the same numbers (the same chunks, merged in the same
+// order), so choosing between them never changes a result bit:
+//   fused     one work item per group (channels-first) or per sample
+//             (channels-last) computes its statistics and then its outputs
+//             while its values are still in cache, so x (and dy) come from
+//             memory once, as ATen does for NCHW;
+//   two-pass  statistics over all chunks in parallel, then the elementwise
+//             pass; for items too big for the cache or too few to keep every
+//             thread busy (e.g. N = 1 with a handful of groups).
+// Input bytes one fused item may touch: a group fits in a core's L2, a
+// channels-last sample in a share of L3.
+constexpr int64_t kFusedGroupBytes = 256 * 1024;
+constexpr int64_t kFusedSampleBytes = 2 * 1024 * 1024;
+// Outputs at least this big are written with non-temporal stores: they would
+// not stay in cache anyway (half of a typical L3 share).
+constexpr int64_t kStreamOutputBytes = 4 * 1024 * 1024;
+
+// Whether to stream an output: big enough, and every run (a plane or a row)
+// covering whole cache lines. A line written partly by streaming and partly
+// by normal stores (a run boundary inside it) is far slower than either.
+bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int64_t elem_bytes) {
+  constexpr int64_t kLine = 64;
+  const int64_t run = layout == Layout::ChannelsFirst ? s.HxW : s.C;
+  return s.numel() * elem_bytes >= kStreamOutputBytes && run * elem_bytes % kLine == 0 &&
+         reinterpret_cast<uintptr_t>(out) % kLine == 0;
+}
+
+bool use_fused(int64_t items, int64_t item_bytes, int64_t budget) {
+  return item_bytes <= budget && items >= at::get_num_threads();
+}
+
+// Channels-last statistics and gradient sums accumulate per channel over
+// blocks of rows (spatial positions) of about kChunk values.
+int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1)); }
+
+// ---- pivots -----------------------------------------------------------------
+// Every channel's pivot is its group's first value: statistics are taken of
+// x - pivot, which keeps sums small when |mean| >> std.
+template <typename scalar_t>
+void sample_pivots(const scalar_t* x, const GroupNormShape& s, Layout layout, int64_t n,
+                   acc_type<scalar_t>* out) {
+  const int64_t Cg = s.channels_per_group();
+  for (int64_t c = 0; c < s.C; ++c) {
+    const int64_t first_channel = c / Cg * Cg;
+    const int64_t offset = layout == Layout::ChannelsFirst ? (n * s.C + first_channel) * s.HxW
+                                                           : n * s.HxW * s.C + first_channel;
+    out[c] = s.HxW == 0 ? acc_type<scalar_t>(0) : static_cast<acc_type<scalar_t>>(x[offset]);
+  }
+}
+
+// (N * C) table of pivots.
 template <typename scalar_t>
 std::vector<acc_type<scalar_t>> channel_pivots(const scalar_t* x, const GroupNormShape& s,
                                                Layout layout) {
-  std::vector<acc_type<scalar_t>> pivots(s.N * s.C, 0);
-  if (s.HxW == 0) return pivots;
-  const int64_t Cg = s.channels_per_group();
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t first_channel = c / Cg * Cg;
-      const int64_t offset = layout == Layout::ChannelsFirst
-                                 ? (n * s.C + first_channel) * s.HxW
-                                 : n * s.HxW * s.C + first_channel;
-      pivots[n * s.C + c] = static_cast<acc_type<scalar_t>>(x[offset]);
-    }
-  }
+  std::vector<acc_type<scalar_t>> pivots(s.N * s.C);
+  for (int64_t n = 0; n < s.N; ++n) sample_pivots(x, s, layout, n, pivots.data() + n * s.C);
   return pivots;
 }
 
 // ---- statistics ------------------------------------------------------------
-// Welford stats of x - pivot for each of the N * G groups.
+// Welford stats of x - pivot over len contiguous values (one chunk).
+template <typename scalar_t>
+WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len,
+                                             acc_type<scalar_t> pivot) {
+  auto [sum, sum_sq] = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& b) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V v[S::count];
+    load_values(p + i, v);
+    for (int k = 0; k < S::count; ++k) {
+      const V d = v[k] - V(pivot);
+      a = a + d;
+      b = b + d * d;
+    }
+  });
+  return math::welford_from_sums(len, sum, sum_sq);
+}
+
+// A channels-first group: D contiguous values, merged chunk by chunk.
+template <typename scalar_t>
+WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D,
+                                            acc_type<scalar_t> pivot) {
+  WelfordStats<acc_type<scalar_t>> acc;
+  for (int64_t start = 0; start < D; start += kChunk) {
+    acc = math::welford_combine(acc, chunk_stats(p + start, std::min(kChunk, D - start), pivot));
+  }
+  return acc;
+}
+
+// Channels-last: per-group stats of rows [row0, row0 + rows) of one sample,
+// summed per channel first (sum, sum_sq: C scratch values), written to out[G].
+template <typename scalar_t>
+void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const GroupNormShape& s,
+                    const acc_type<scalar_t>* pivot, acc_type<scalar_t>* sum,
+                    acc_type<scalar_t>* sum_sq, WelfordStats<acc_type<scalar_t>>* out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  std::fill(sum, sum + s.C, acc_t(0));
+  std::fill(sum_sq, sum_sq + s.C, acc_t(0));
+  for (int64_t r = row0; r < row0 + rows; ++r) {
+    const scalar_t* row = sample + r * s.C;
+    simd_accumulate_row<scalar_t>(s.C, sum, sum_sq, [&](int64_t i, auto step, auto& a, auto& b) {
+      using S = decltype(step);
+      using V = typename S::type;
+      load_values(row + i, a);
+      for (int k = 0; k < S::count; ++k) {
+        a[k] = a[k] - load_as<V>(pivot + i + k * S::lanes);
+        b[k] = a[k] * a[k];
+      }
+    });
+  }
+  for (int64_t g = 0; g < s.G; ++g) {
+    acc_t group_sum = 0, group_sum_sq = 0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      group_sum += sum[c];
+      group_sum_sq += sum_sq[c];
+    }
+    out[g] = math::welford_from_sums(rows * Cg, group_sum, group_sum_sq);
+  }
+}
+
+// Two-pass statistics: every chunk / row block in parallel, merged in order.
 template <typename scalar_t>
 std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
     const scalar_t* x, const std::vector<acc_type<scalar_t>>& pivots, const GroupNormShape& s,
@@ -172,7 +293,6 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
   if (s.HxW == 0 || groups == 0) return result;
 
   if (layout == Layout::ChannelsFirst) {
-    // A group is one contiguous span of D values, cut into chunks.
     const int64_t D = s.group_size();
     const int64_t chunks = ceil_div(D, kChunk);
     std::vector<Stats> partial(groups * chunks);
@@ -180,92 +300,307 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
       for (int64_t item = begin; item < end; ++item) {
         const int64_t group = item / chunks;
         const int64_t start = item % chunks * kChunk;
-        const int64_t len = std::min(kChunk, D - start);
-        const scalar_t* span = x + group * D + start;
-        const acc_t pivot = pivots[group * Cg];
-        auto [sum, sum_sq] = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& b) {
-          using S = decltype(step);
-          using V = typename S::type;
-          V v[S::count];
-          load_values(span + i, v);
-          for (int k = 0; k < S::count; ++k) {
-            const V d = v[k] - V(pivot);
-            a = a + d;
-            b = b + d * d;
-          }
-        });
-        partial[item] = math::welford_from_sums(len, sum, sum_sq);
+        partial[item] = chunk_stats(x + group * D + start, std::min(kChunk, D - start),
+                                    pivots[group * Cg]);
       }
     });
     for (int64_t group = 0; group < groups; ++group) {
-      Stats acc;
-      for (int64_t k = 0; k < chunks; ++k) acc = math::welford_combine(acc, partial[group * chunks + k]);
-      result[group] = acc;
+      for (int64_t k = 0; k < chunks; ++k) {
+        result[group] = math::welford_combine(result[group], partial[group * chunks + k]);
+      }
     }
     return result;
   }
 
-  // Channels-last: a work item is a block of rows (spatial positions) of one
-  // sample; it sums x - pivot per channel, then per group.
-  const int64_t rows_per_block = std::max<int64_t>(1, kChunk / std::max<int64_t>(s.C, 1));
-  const int64_t blocks = ceil_div(s.HxW, rows_per_block);
+  const int64_t block_rows = rows_per_block(s.C);
+  const int64_t blocks = ceil_div(s.HxW, block_rows);
   std::vector<Stats> partial(s.N * blocks * s.G);
   at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(s.C), sum_sq(s.C);
+    std::vector<acc_t> scratch(2 * s.C);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
-      const int64_t row0 = item % blocks * rows_per_block;
-      const int64_t rows = std::min(rows_per_block, s.HxW - row0);
-      const acc_t* pivot = pivots.data() + n * s.C;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(sum_sq.begin(), sum_sq.end(), acc_t(0));
-      for (int64_t r = row0; r < row0 + rows; ++r) {
-        const scalar_t* row = x + (n * s.HxW + r) * s.C;
-        simd_accumulate_row<scalar_t>(s.C, sum.data(), sum_sq.data(),
-                                      [&](int64_t i, auto step, auto& a, auto& b) {
-          using S = decltype(step);
-          using V = typename S::type;
-          load_values(row + i, a);
-          for (int k = 0; k < S::count; ++k) {
-            a[k] = a[k] - load_as<V>(pivot + i + k * S::lanes);
-            b[k] = a[k] * a[k];
-          }
-        });
-      }
-      for (int64_t g = 0; g < s.G; ++g) {
-        acc_t group_sum = 0, group_sum_sq = 0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          group_sum += sum[c];
-          group_sum_sq += sum_sq[c];
-        }
-        partial[item * s.G + g] = math::welford_from_sums(rows * Cg, group_sum, group_sum_sq);
-      }
+      const int64_t row0 = item % blocks * block_rows;
+      cl_block_stats(x + n * s.HxW * s.C, row0, std::min(block_rows, s.HxW - row0), s,
+                     pivots.data() + n * s.C, scratch.data(), scratch.data() + s.C,
+                     partial.data() + item * s.G);
     }
   });
   for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t g = 0; g < s.G; ++g) {
-      Stats acc;
-      for (int64_t b = 0; b < blocks; ++b) {
-        acc = math::welford_combine(acc, partial[(n * blocks + b) * s.G + g]);
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t g = 0; g < s.G; ++g) {
+        result[n * s.G + g] =
+            math::welford_combine(result[n * s.G + g], partial[(n * blocks + b) * s.G + g]);
       }
-      result[n * s.G + g] = acc;
     }
   }
   return result;
 }
 
-// ---- elementwise passes ------------------------------------------------------
-// Compile-time layout of a run's coefficients (see for_each_run).
+// ---- coefficients -------------------------------------------------------------
+// Per-(n, c) coefficient tables: the forward's y = act((x - pivot) * scale + shift)
+template <typename T>
+struct AffineTables {
+  const T* pivot;
+  const T* scale;
+  const T* shift;
+};
+
+// and the backward's dx = g_coef * g + x_coef * (x - pivot) + bias_coef.
+template <typename T>
+struct InputGradTables {
+  const T* g_coef;
+  const T* x_coef;
+  const T* bias_coef;
+};
+
+// mean and rstd of one group and the scale/shift of its Cg channels
+// (w, b, scale, shift point at the group's first channel).
+template <typename T>
+void group_forward_coefs(const WelfordStats<T>& stats, T pivot, T eps, const T* w, const T* b,
+                         int64_t Cg, T* mean, T* rstd, T* scale, T* shift) {
+  *mean = pivot + stats.mean;
+  *rstd = math::rstd_from_stats(stats, eps);
+  for (int64_t c = 0; c < Cg; ++c) {
+    const auto affine = math::fold_affine(stats.mean, *rstd, w[c], b[c]);
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
+  }
+}
+
+// The backward rebuilds the forward coefficients of one group from its saved
+// mean and rstd (to recompute z for the activation); returns mean - pivot.
+template <typename T>
+T group_backward_tables(T mean, T rstd, T pivot, const T* w, const T* b, int64_t Cg, T* scale,
+                        T* shift) {
+  const T mean_shift = mean - pivot;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const auto affine = math::fold_affine(mean_shift, rstd, w[c], b[c]);
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
+  }
+  return mean_shift;
+}
+
+// The dx coefficients of one group's Cg channels, from their sums of
+// g * (x - pivot) and g.
+template <typename T>
+void group_input_grad_coefs(const T* sum_gx, const T* sum_g, const T* w, int64_t Cg, T mean_shift,
+                            T rstd, int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
+  T sum_gwx = 0, sum_gw = 0;
+  for (int64_t c = 0; c < Cg; ++c) {
+    sum_gwx += w[c] * sum_gx[c];
+    sum_gw += w[c] * sum_g[c];
+  }
+  const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift, rstd, group_size);
+  for (int64_t c = 0; c < Cg; ++c) {
+    g_coef[c] = rstd * w[c];
+    x_coef[c] = coefs.x_coef;
+    bias_coef[c] = coefs.bias_coef;
+  }
+}
+
+// ---- elementwise runs --------------------------------------------------------
+// A run is a stretch of contiguous values sharing a coefficient layout:
+//   channels-first: (part of) one (n, c) plane; its coefficients are scalars,
+//                   copied out of the tables (PerRun), so the loop keeps them
+//                   in registers;
+//   channels-last:  one row of C channels; its coefficients are the tables'
+//                   arrays from the row's sample on (PerChannel).
 using PerChannel = std::true_type;
 using PerRun = std::false_type;
 
-// Calls fn(base, len, coef_index, per_channel) for every contiguous run of
-// values that share a coefficient layout, in parallel:
-//   channels-first: a run is (part of) one (n, c) plane, coefficients are
-//                   scalars at coef_index = n * C + c (per_channel: PerRun);
-//   channels-last:  a run is one row of C channels, coefficients are the
-//                   arrays starting at coef_index = n * C (per_channel: PerChannel).
-// per_channel is a type so each layout gets its own loop, free of branches.
+template <typename T>
+struct Broadcast {
+  T value;
+  template <typename V>
+  V get(int64_t /*j*/) const { return V(value); }
+};
+
+template <typename T>
+struct ChannelArray {
+  const T* values;
+  template <typename V>
+  V get(int64_t j) const { return load_as<V>(values + j); }
+};
+
+// Entry ci of a table as a run coefficient.
+template <typename T, typename P>
+inline auto run_coef(const T* table, int64_t ci, P /*per_channel*/) {
+  if constexpr (P::value) {
+    return ChannelArray<T>{table + ci};
+  } else {
+    return Broadcast<T>{table[ci]};
+  }
+}
+
+template <typename Coef>
+struct RunAffine {
+  Coef pivot, scale, shift;
+};
+
+template <typename Coef>
+struct RunInputGrad {
+  Coef g_coef, x_coef, bias_coef;
+};
+
+template <typename T, typename P>
+inline auto run_affine(const AffineTables<T>& t, int64_t ci, P pc) {
+  using Coef = decltype(run_coef(t.pivot, ci, pc));
+  return RunAffine<Coef>{run_coef(t.pivot, ci, pc), run_coef(t.scale, ci, pc),
+                         run_coef(t.shift, ci, pc)};
+}
+
+template <typename T, typename P>
+inline auto run_input_grad(const InputGradTables<T>& t, int64_t ci, P pc) {
+  using Coef = decltype(run_coef(t.g_coef, ci, pc));
+  return RunInputGrad<Coef>{run_coef(t.g_coef, ci, pc), run_coef(t.x_coef, ci, pc),
+                            run_coef(t.bias_coef, ci, pc)};
+}
+
+// For the values at offset j of a run: x - pivot, and the pre-activation
+// output z = (x - pivot) * scale + shift.
+template <typename V, typename Coef>
+inline V centered(V x, const RunAffine<Coef>& a, int64_t j) {
+  return x - a.pivot.template get<V>(j);
+}
+
+template <typename V, typename Coef>
+inline V pre_activation(V x_centered, const RunAffine<Coef>& a, int64_t j) {
+  return x_centered * a.scale.template get<V>(j) + a.shift.template get<V>(j);
+}
+
+// d = x - pivot and g = dy * act'(z), z recomputed from x.
+template <Activation A, typename V, typename Coef>
+inline std::pair<V, V> centered_and_grad(V x, V dy, const RunAffine<Coef>& a, int64_t j) {
+  const V d = centered(x, a, j);
+  if constexpr (A == Activation::None) {
+    return {d, dy};
+  } else {
+    return {d, dy * math::activate_grad<A>(pre_activation(d, a, j))};
+  }
+}
+
+// How a run writes its output: `stream` selects non-temporal stores (big
+// outputs); `next`, when not null, is where the same run of the next work item
+// starts in each input, fetched into L2 while this run writes, so the fused
+// schedules read their next item from memory while writing the current one.
+template <typename scalar_t, int Inputs>
+struct RunWrite {
+  bool stream = false;
+  const scalar_t* next[Inputs] = {};
+};
+
+template <typename scalar_t, int Inputs>
+inline void prefetch_next(const RunWrite<scalar_t, Inputs>& w, int64_t i) {
+  for (const scalar_t* p : w.next) {
+    if (p != nullptr) __builtin_prefetch(p + i, 0, 2);
+  }
+}
+
+template <typename scalar_t, Activation A, typename Coef>
+inline void forward_run(const scalar_t* x, scalar_t* y, int64_t len, const RunAffine<Coef> a,
+                        const RunWrite<scalar_t, 1>& w) {
+  simd_for<scalar_t>(len, [&](int64_t i, auto step) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V v[S::count];
+    if constexpr (!std::is_arithmetic_v<V>) prefetch_next(w, i);
+    load_values(x + i, v);
+    for (int k = 0; k < S::count; ++k) {
+      const int64_t j = i + k * S::lanes;
+      v[k] = math::activate<A>(pre_activation(centered(v[k], a, j), a, j));
+    }
+    store_values(y + i, v, w.stream);
+  });
+}
+
+// The loop body adding g * (x - pivot) and g of a run into two accumulators:
+// V-typed scalars (simd_sum2) or arrays (simd_accumulate_row). With an
+// activation, the fused schedules pass g_out to keep g for the dx pass, which
+// then skips recomputing act'(z) (exp and a reciprocal per value for SiLU).
+template <typename scalar_t, Activation A, typename Coef>
+inline auto grad_sums_body(const scalar_t* dy, const scalar_t* x, const RunAffine<Coef> a,
+                           acc_type<scalar_t>* g_out = nullptr) {
+  return [=](int64_t i, auto step, auto& sum_gx, auto& sum_g) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V xv[S::count], dv[S::count];
+    load_values(x + i, xv);
+    load_values(dy + i, dv);
+    for (int k = 0; k < S::count; ++k) {
+      const auto [d, g] = centered_and_grad<A>(xv[k], dv[k], a, i + k * S::lanes);
+      if (A != Activation::None && g_out != nullptr) store_as<V>(g_out + i + k * S::lanes, g);
+      if constexpr (std::is_array_v<std::remove_reference_t<decltype(sum_gx)>>) {
+        sum_gx[k] = g * d;
+        sum_g[k] = g;
+      } else {
+        sum_gx = sum_gx + g * d;
+        sum_g = sum_g + g;
+      }
+    }
+  };
+}
+
+// Sums of g * (x - pivot) and g over one channels-first plane, chunk by chunk.
+template <typename scalar_t, Activation A>
+std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t HxW, const AffineTables<acc_type<scalar_t>>& t,
+    int64_t ci, acc_type<scalar_t>* g_out) {
+  acc_type<scalar_t> sum_gx = 0, sum_g = 0;
+  const auto a = run_affine(t, ci, PerRun{});
+  for (int64_t start = 0; start < HxW; start += kChunk) {
+    const auto part = simd_sum2<scalar_t>(std::min(kChunk, HxW - start),
+                                          grad_sums_body<scalar_t, A>(dy + start, x + start, a,
+                                                                      g_out ? g_out + start : nullptr));
+    sum_gx += part.first;
+    sum_g += part.second;
+  }
+  return {sum_gx, sum_g};
+}
+
+// Channels-last: per-channel sums of g * (x - pivot) and g over rows
+// [row0, row0 + rows) of one sample into block_gx, block_g (C values each).
+template <typename scalar_t, Activation A>
+void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int64_t rows,
+                        int64_t C, const AffineTables<acc_type<scalar_t>>& t,
+                        acc_type<scalar_t>* block_gx, acc_type<scalar_t>* block_g,
+                        acc_type<scalar_t>* g_out = nullptr) {
+  std::fill(block_gx, block_gx + C, acc_type<scalar_t>(0));
+  std::fill(block_g, block_g + C, acc_type<scalar_t>(0));
+  const auto a = run_affine(t, 0, PerChannel{});
+  for (int64_t r = row0; r < row0 + rows; ++r) {
+    simd_accumulate_row<scalar_t>(C, block_gx, block_g,
+                                  grad_sums_body<scalar_t, A>(dy + r * C, x + r * C, a,
+                                                              g_out ? g_out + r * C : nullptr));
+  }
+}
+
+template <typename scalar_t, Activation A, typename Coef>
+inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
+                           const RunAffine<Coef> a, const RunInputGrad<Coef> ig,
+                           const RunWrite<scalar_t, 2>& w,
+                           const acc_type<scalar_t>* g_saved = nullptr) {
+  simd_for<scalar_t>(len, [&](int64_t i, auto step) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V xv[S::count], dv[S::count];
+    if constexpr (!std::is_arithmetic_v<V>) prefetch_next(w, i);
+    load_values(x + i, xv);
+    load_values(dy + i, dv);
+    for (int k = 0; k < S::count; ++k) {
+      const int64_t j = i + k * S::lanes;
+      const auto [d, g] = g_saved != nullptr
+                              ? std::pair<V, V>{centered(xv[k], a, j), load_as<V>(g_saved + j)}
+                              : centered_and_grad<A>(xv[k], dv[k], a, j);
+      dv[k] = ig.g_coef.template get<V>(j) * g + ig.x_coef.template get<V>(j) * d +
+              ig.bias_coef.template get<V>(j);
+    }
+    store_values(dx + i, dv, w.stream);
+  });
+}
+
+// Two-pass elementwise passes: fn(base, len, ci, per_channel) for every run,
+// in parallel, with coefficients in (N * C) tables.
 template <typename Fn>
 void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
   if (layout == Layout::ChannelsFirst) {
@@ -276,212 +611,356 @@ void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
         const int64_t start = item % chunks * kChunk;
         fn(plane * s.HxW + start, std::min(kChunk, s.HxW - start), plane, PerRun{});
       }
+      stream_fence();
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(s.C, 1));
-    at::parallel_for(0, s.N * s.HxW, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.N * s.HxW, rows_per_block(s.C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) fn(row * s.C, s.C, row / s.HxW * s.C, PerChannel{});
+      stream_fence();
     });
   }
 }
 
-// A coefficient table entry as value type V: broadcast of the run's scalar
-// (channels-first) or the vector of channels starting at channel j.
-template <typename V, typename T, typename P>
-inline V coef(const T* table, int64_t index, P /*per_channel*/, int64_t j) {
-  if constexpr (P::value) {
-    return load_as<V>(table + index + j);
-  } else {
-    return V(table[index]);
-  }
-}
-
-// The forward's per-(n, c) coefficient tables: y = act((x - pivot) * scale + shift).
-template <typename T>
-struct AffineTables {
-  const T* pivot;
-  const T* scale;
-  const T* shift;
+// ---- forward -------------------------------------------------------------------
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* y;
+  const acc_t* w;
+  const acc_t* b;
+  acc_t eps;
+  acc_t* mean;
+  acc_t* rstd;
+  bool stream;  // non-temporal stores for y
 };
 
-// For the values at channel offset j of a run: x - pivot, and the
-// pre-activation output z = (x - pivot) * scale + shift.
-template <typename V, typename T, typename P>
-inline V centered(V x, const AffineTables<T>& t, int64_t ci, P per_channel, int64_t j) {
-  return x - coef<V>(t.pivot, ci, per_channel, j);
-}
-
-template <typename V, typename T, typename P>
-inline V pre_activation(V x_centered, const AffineTables<T>& t, int64_t ci, P per_channel,
-                        int64_t j) {
-  return x_centered * coef<V>(t.scale, ci, per_channel, j) + coef<V>(t.shift, ci, per_channel, j);
-}
-
-// d = x - pivot and g = dy * act'(z), z recomputed from x.
-template <Activation A, typename V, typename T, typename P>
-inline std::pair<V, V> centered_and_grad(V x, V dy, const AffineTables<T>& t, int64_t ci,
-                                         P per_channel, int64_t j) {
-  const V d = centered(x, t, ci, per_channel, j);
-  if constexpr (A == Activation::None) {
-    return {d, dy};
-  } else {
-    return {d, dy * math::activate_grad<A>(pre_activation(d, t, ci, per_channel, j))};
-  }
-}
-
+// Channels-first, one group per work item.
 template <typename scalar_t, Activation A>
-void apply_forward(const scalar_t* x, scalar_t* y, const GroupNormShape& s, Layout layout,
-                   const AffineTables<acc_type<scalar_t>>& t) {
-  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
-    simd_for<scalar_t>(len, [&](int64_t i, auto step) {
-      using S = decltype(step);
-      using V = typename S::type;
-      V v[S::count];
-      load_values(x + base + i, v);
-      for (int k = 0; k < S::count; ++k) {
-        const int64_t j = i + k * S::lanes;
-        v[k] = math::activate<A>(pre_activation(centered(v[k], t, ci, per_channel, j), t, ci,
-                                                per_channel, j));
+void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t D = s.group_size();
+  at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(3 * Cg);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + Cg;
+    acc_t* shift = scale + Cg;
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t c0 = ng % s.G * Cg;
+      const scalar_t* gx = a.x + ng * D;
+      const acc_t p = D == 0 ? acc_t(0) : static_cast<acc_t>(gx[0]);
+      group_forward_coefs(span_stats(gx, D, p), p, a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng,
+                          a.rstd + ng, scale, shift);
+      std::fill(pivot, pivot + Cg, p);
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      for (int64_t c = 0; c < Cg; ++c) {
+        const RunWrite<scalar_t, 1> w{a.stream, {ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
+        forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW,
+                                 run_affine(t, c, PerRun{}), w);
       }
-      store_values(y + base + i, v);
-    });
+    }
+    stream_fence();
   });
 }
 
-// Per-(n, c) sums of g * (x - pivot) and g.
+// Channels-last, one sample per work item.
 template <typename scalar_t, Activation A>
-void channel_grad_sums(const scalar_t* dy, const scalar_t* x, const GroupNormShape& s,
-                       Layout layout, const AffineTables<acc_type<scalar_t>>& t,
-                       acc_type<scalar_t>* sum_gx, acc_type<scalar_t>* sum_g) {
+void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape& s) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t planes = s.N * s.C;
-  std::fill(sum_gx, sum_gx + planes, acc_t(0));
-  std::fill(sum_g, sum_g + planes, acc_t(0));
-  if (s.HxW == 0) return;
+  using Stats = WelfordStats<acc_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t block_rows = rows_per_block(s.C);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(5 * s.C);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + s.C;
+    acc_t* shift = scale + s.C;
+    acc_t* scratch = shift + s.C;
+    std::vector<Stats> stats(s.G), block(s.G);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* xs = a.x + n * s.HxW * s.C;
+      sample_pivots(a.x, s, Layout::ChannelsLast, n, pivot);
+      std::fill(stats.begin(), stats.end(), Stats{});
+      for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
+        cl_block_stats(xs, row0, std::min(block_rows, s.HxW - row0), s, pivot, scratch,
+                       scratch + s.C, block.data());
+        for (int64_t g = 0; g < s.G; ++g) stats[g] = math::welford_combine(stats[g], block[g]);
+      }
+      for (int64_t g = 0; g < s.G; ++g) {
+        group_forward_coefs(stats[g], pivot[g * Cg], a.eps, a.w + g * Cg, a.b + g * Cg, Cg,
+                            a.mean + n * s.G + g, a.rstd + n * s.G + g, scale + g * Cg,
+                            shift + g * Cg);
+      }
+      const auto row_affine = run_affine(AffineTables<acc_t>{pivot, scale, shift}, 0, PerChannel{});
+      for (int64_t r = 0; r < s.HxW; ++r) {
+        const RunWrite<scalar_t, 1> w{a.stream, {n + 1 < end ? xs + (s.HxW + r) * s.C : nullptr}};
+        forward_run<scalar_t, A>(xs + r * s.C, a.y + (n * s.HxW + r) * s.C, s.C, row_affine, w);
+      }
+    }
+    stream_fence();
+  });
+}
 
-  // One body for both layouts: values of one run at offset i.
-  auto body = [&](int64_t base, int64_t ci, auto per_channel) {
-    return [=](int64_t i, auto step, auto& a, auto& b) {
-      using S = decltype(step);
-      using V = typename S::type;
-      V xv[S::count], dv[S::count];
-      load_values(x + base + i, xv);
-      load_values(dy + base + i, dv);
-      for (int k = 0; k < S::count; ++k) {
-        const auto [d, g] = centered_and_grad<A>(xv[k], dv[k], t, ci, per_channel, i + k * S::lanes);
-        if constexpr (std::is_array_v<std::remove_reference_t<decltype(a)>>) {
-          a[k] = g * d;
-          b[k] = g;
-        } else {
-          a = a + g * d;
-          b = b + g;
+template <typename scalar_t, Activation A>
+void forward_two_pass(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const auto pivots = channel_pivots(a.x, s, layout);
+  const auto stats = group_stats(a.x, pivots, s, layout);
+  std::vector<acc_t> scale(s.N * s.C), shift(s.N * s.C);
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const int64_t c0 = ng % s.G * Cg;
+    group_forward_coefs(stats[ng], pivots[ng * Cg], a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng,
+                        a.rstd + ng, scale.data() + ng * Cg, shift.data() + ng * Cg);
+  }
+  const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
+  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+    forward_run<scalar_t, A>(a.x + base, a.y + base, len, run_affine(t, ci, per_channel),
+                             RunWrite<scalar_t, 1>{a.stream, {}});
+  });
+}
+
+// ---- backward ------------------------------------------------------------------
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  scalar_t* dx;  // null: only parameter gradients
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* w;
+  const acc_t* b;
+  // Outputs for the parameter gradients: per-(n, c) sums of g * (x - pivot)
+  // and g, and per-group mean - pivot.
+  acc_t* sum_gx;
+  acc_t* sum_g;
+  acc_t* mean_shift;
+  bool stream;  // non-temporal stores for dx
+};
+
+// Whether the fused schedules keep g = dy * act'(z) between their two passes:
+// with an activation and when dx is wanted.
+template <Activation A, typename Args>
+bool keeps_grad(const Args& a) {
+  return A != Activation::None && a.dx != nullptr;
+}
+
+// Channels-first, one group per work item: sums, then dx from cache.
+template <typename scalar_t, Activation A>
+void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t D = s.group_size();
+  at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(6 * Cg);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + Cg;
+    acc_t* shift = scale + Cg;
+    acc_t* g_coef = shift + Cg;
+    acc_t* x_coef = g_coef + Cg;
+    acc_t* bias_coef = x_coef + Cg;
+    // g = dy * act'(z) of the current group, kept for its dx pass.
+    std::vector<acc_t> g_saved(keeps_grad<A>(a) ? D : 0);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t c0 = ng % s.G * Cg;
+      const scalar_t* gx = a.x + ng * D;
+      const scalar_t* gdy = a.dy + ng * D;
+      const acc_t p = D == 0 ? acc_t(0) : static_cast<acc_t>(gx[0]);
+      a.mean_shift[ng] = group_backward_tables(a.mean[ng], a.rstd[ng], p, a.w + c0, a.b + c0, Cg,
+                                               scale, shift);
+      std::fill(pivot, pivot + Cg, p);
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      for (int64_t c = 0; c < Cg; ++c) {
+        std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) =
+            plane_grad_sums<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, s.HxW, t, c,
+                                         g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
+      }
+      if (a.dx == nullptr) continue;
+      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.w + c0, Cg, a.mean_shift[ng],
+                             a.rstd[ng], D, g_coef, x_coef, bias_coef);
+      const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
+      for (int64_t c = 0; c < Cg; ++c) {
+        const bool more = ng + 1 < end;
+        const RunWrite<scalar_t, 2> w{a.stream, {more ? gx + D + c * s.HxW : nullptr,
+                                                 more ? gdy + D + c * s.HxW : nullptr}};
+        input_grad_run<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, a.dx + ng * D + c * s.HxW,
+                                    s.HxW, run_affine(t, c, PerRun{}),
+                                    run_input_grad(gt, c, PerRun{}), w,
+                                    g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// Channels-last, one sample per work item.
+template <typename scalar_t, Activation A>
+void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t block_rows = rows_per_block(s.C);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(8 * s.C);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + s.C;
+    acc_t* shift = scale + s.C;
+    acc_t* g_coef = shift + s.C;
+    acc_t* x_coef = g_coef + s.C;
+    acc_t* bias_coef = x_coef + s.C;
+    acc_t* block_gx = bias_coef + s.C;
+    acc_t* block_g = block_gx + s.C;
+    // g = dy * act'(z) of the current sample, kept for its dx pass.
+    std::vector<acc_t> g_saved(keeps_grad<A>(a) ? s.HxW * s.C : 0);
+    acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t offset = n * s.HxW * s.C;
+      sample_pivots(a.x, s, Layout::ChannelsLast, n, pivot);
+      for (int64_t g = 0; g < s.G; ++g) {
+        const int64_t ng = n * s.G + g;
+        a.mean_shift[ng] = group_backward_tables(a.mean[ng], a.rstd[ng], pivot[g * Cg], a.w + g * Cg,
+                                                 a.b + g * Cg, Cg, scale + g * Cg, shift + g * Cg);
+      }
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      acc_t* sum_gx = a.sum_gx + n * s.C;
+      acc_t* sum_g = a.sum_g + n * s.C;
+      std::fill(sum_gx, sum_gx + s.C, acc_t(0));
+      std::fill(sum_g, sum_g + s.C, acc_t(0));
+      for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
+        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
+                                        std::min(block_rows, s.HxW - row0), s.C, t, block_gx, block_g,
+                                        g_out);
+        for (int64_t c = 0; c < s.C; ++c) {
+          sum_gx[c] += block_gx[c];
+          sum_g[c] += block_g[c];
         }
       }
-    };
-  };
+      if (a.dx == nullptr) continue;
+      for (int64_t g = 0; g < s.G; ++g) {
+        const int64_t ng = n * s.G + g;
+        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.w + g * Cg, Cg, a.mean_shift[ng],
+                               a.rstd[ng], s.group_size(), g_coef + g * Cg, x_coef + g * Cg,
+                               bias_coef + g * Cg);
+      }
+      const auto row_affine = run_affine(t, 0, PerChannel{});
+      const auto row_input_grad =
+          run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
+      for (int64_t r = 0; r < s.HxW; ++r) {
+        const int64_t next = offset + (s.HxW + r) * s.C;
+        const RunWrite<scalar_t, 2> w{a.stream, {n + 1 < end ? a.x + next : nullptr,
+                                                 n + 1 < end ? a.dy + next : nullptr}};
+        input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C,
+                                    a.dx + offset + r * s.C, s.C, row_affine, row_input_grad, w,
+                                    g_out ? g_out + r * s.C : nullptr);
+      }
+    }
+    stream_fence();
+  });
+}
 
-  if (layout == Layout::ChannelsFirst) {
+template <typename scalar_t, Activation A>
+void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t planes = s.N * s.C;
+  const int64_t Cg = s.channels_per_group();
+  const auto pivots = channel_pivots(a.x, s, layout);
+  std::vector<acc_t> scale(planes), shift(planes);
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const int64_t c0 = ng % s.G * Cg;
+    a.mean_shift[ng] = group_backward_tables(a.mean[ng], a.rstd[ng], pivots[ng * Cg], a.w + c0,
+                                             a.b + c0, Cg, scale.data() + ng * Cg,
+                                             shift.data() + ng * Cg);
+  }
+  const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
+
+  // Pass 1: per-(n, c) sums, chunks / row blocks in parallel, merged in order.
+  std::fill(a.sum_gx, a.sum_gx + planes, acc_t(0));
+  std::fill(a.sum_g, a.sum_g + planes, acc_t(0));
+  if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
     std::vector<std::pair<acc_t, acc_t>> partial(planes * chunks);
     at::parallel_for(0, planes * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t plane = item / chunks;
         const int64_t start = item % chunks * kChunk;
-        partial[item] = simd_sum2<scalar_t>(std::min(kChunk, s.HxW - start),
-                                            body(plane * s.HxW + start, plane, PerRun{}));
+        const int64_t base = plane * s.HxW + start;
+        partial[item] = simd_sum2<scalar_t>(
+            std::min(kChunk, s.HxW - start),
+            grad_sums_body<scalar_t, A>(a.dy + base, a.x + base, run_affine(t, plane, PerRun{})));
       }
     });
     for (int64_t plane = 0; plane < planes; ++plane) {
       for (int64_t k = 0; k < chunks; ++k) {
-        sum_gx[plane] += partial[plane * chunks + k].first;
-        sum_g[plane] += partial[plane * chunks + k].second;
+        a.sum_gx[plane] += partial[plane * chunks + k].first;
+        a.sum_g[plane] += partial[plane * chunks + k].second;
       }
     }
-    return;
-  }
-
-  const int64_t rows_per_block = std::max<int64_t>(1, kChunk / std::max<int64_t>(s.C, 1));
-  const int64_t blocks = ceil_div(s.HxW, rows_per_block);
-  std::vector<acc_t> partial(s.N * blocks * 2 * s.C, acc_t(0));
-  at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks;
-      const int64_t row0 = item % blocks * rows_per_block;
-      const int64_t rows = std::min(rows_per_block, s.HxW - row0);
-      acc_t* block_gx = partial.data() + item * 2 * s.C;
-      acc_t* block_g = block_gx + s.C;
-      for (int64_t r = row0; r < row0 + rows; ++r) {
-        // Coefficient tables are indexed n * C + j inside the row.
-        simd_accumulate_row<scalar_t>(s.C, block_gx, block_g,
-                                      body((n * s.HxW + r) * s.C, n * s.C, PerChannel{}));
+  } else if (s.HxW > 0) {
+    const int64_t block_rows = rows_per_block(s.C);
+    const int64_t blocks = ceil_div(s.HxW, block_rows);
+    std::vector<acc_t> partial(s.N * blocks * 2 * s.C);
+    at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / blocks;
+        const int64_t row0 = item % blocks * block_rows;
+        const int64_t offset = n * s.HxW * s.C;
+        acc_t* block_gx = partial.data() + item * 2 * s.C;
+        const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};
+        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
+                                        std::min(block_rows, s.HxW - row0), s.C, sample_t, block_gx,
+                                        block_gx + s.C);
       }
-    }
-  });
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const acc_t* block_gx = partial.data() + (n * blocks + b) * 2 * s.C;
-      for (int64_t c = 0; c < s.C; ++c) {
-        sum_gx[n * s.C + c] += block_gx[c];
-        sum_g[n * s.C + c] += block_gx[s.C + c];
-      }
-    }
-  }
-}
-
-template <typename scalar_t, Activation A>
-void apply_input_grad(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const GroupNormShape& s,
-                      Layout layout, const AffineTables<acc_type<scalar_t>>& t,
-                      const acc_type<scalar_t>* g_coef, const acc_type<scalar_t>* x_coef,
-                      const acc_type<scalar_t>* bias_coef) {
-  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
-    simd_for<scalar_t>(len, [&](int64_t i, auto step) {
-      using S = decltype(step);
-      using V = typename S::type;
-      V xv[S::count], dv[S::count];
-      load_values(x + base + i, xv);
-      load_values(dy + base + i, dv);
-      for (int k = 0; k < S::count; ++k) {
-        const int64_t j = i + k * S::lanes;
-        const auto [d, g] = centered_and_grad<A>(xv[k], dv[k], t, ci, per_channel, j);
-        dv[k] = coef<V>(g_coef, ci, per_channel, j) * g + coef<V>(x_coef, ci, per_channel, j) * d +
-                coef<V>(bias_coef, ci, per_channel, j);
-      }
-      store_values(dx + base + i, dv);
     });
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const acc_t* block_gx = partial.data() + (n * blocks + b) * 2 * s.C;
+        for (int64_t c = 0; c < s.C; ++c) {
+          a.sum_gx[n * s.C + c] += block_gx[c];
+          a.sum_g[n * s.C + c] += block_gx[s.C + c];
+        }
+      }
+    }
+  }
+  if (a.dx == nullptr) return;
+
+  // Pass 2: dx.
+  std::vector<acc_t> g_coef(planes), x_coef(planes), bias_coef(planes);
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const int64_t i = ng * Cg;
+    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.w + ng % s.G * Cg, Cg, a.mean_shift[ng],
+                           a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i,
+                           bias_coef.data() + i);
+  }
+  const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
+  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+    input_grad_run<scalar_t, A>(a.dy + base, a.x + base, a.dx + base, len,
+                                run_affine(t, ci, per_channel), run_input_grad(gt, ci, per_channel),
+                                RunWrite<scalar_t, 2>{a.stream, {}});
   });
 }
-
 
 // ---- typed drivers -------------------------------------------------------------
 template <typename scalar_t>
 void forward_typed(const ForwardParams& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const acc_t* b = static_cast<const acc_t*>(p.bias);
-  acc_t* mean = static_cast<acc_t*>(p.mean);
-  acc_t* rstd = static_cast<acc_t*>(p.rstd);
-  const int64_t Cg = s.channels_per_group();
-
-  const auto pivots = channel_pivots(x, s, p.layout);
-  const auto stats = group_stats(x, pivots, s, p.layout);
-  std::vector<acc_t> scale(s.N * s.C), shift(s.N * s.C);
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t g = 0; g < s.G; ++g) {
-      const int64_t ng = n * s.G + g;
-      mean[ng] = pivots[n * s.C + g * Cg] + stats[ng].mean;
-      rstd[ng] = math::rstd_from_stats(stats[ng], static_cast<acc_t>(p.eps));
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const auto affine = math::fold_affine(stats[ng].mean, rstd[ng], w[c], b[c]);
-        scale[n * s.C + c] = affine.scale;
-        shift[n * s.C + c] = affine.shift;
-      }
-    }
-  }
+  const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
+  const ForwardArgs<scalar_t> args{static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.y),
+                                   static_cast<const acc_t*>(p.weight),
+                                   static_cast<const acc_t*>(p.bias), static_cast<acc_t>(p.eps),
+                                   static_cast<acc_t*>(p.mean), static_cast<acc_t*>(p.rstd),
+                                   stream_output(p.y, s, p.layout, bytes)};
   dispatch_activation(p.activation, [&](auto a) {
-    apply_forward<scalar_t, decltype(a)::value>(x, static_cast<scalar_t*>(p.y), s, p.layout,
-                                               {pivots.data(), scale.data(), shift.data()});
+    constexpr Activation A = decltype(a)::value;
+    if (p.layout == Layout::ChannelsFirst) {
+      if (use_fused(s.N * s.G, s.group_size() * bytes, kFusedGroupBytes)) {
+        return forward_fused_groups<scalar_t, A>(args, s);
+      }
+    } else if (use_fused(s.N, s.HxW * s.C * bytes, kFusedSampleBytes)) {
+      return forward_fused_samples<scalar_t, A>(args, s);
+    }
+    forward_two_pass<scalar_t, A>(args, s, p.layout);
   });
 }
 
@@ -489,33 +968,27 @@ template <typename scalar_t>
 void backward_typed(const BackwardParams& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const scalar_t* dy = static_cast<const scalar_t*>(p.dy);
-  const acc_t* mean = static_cast<const acc_t*>(p.mean);
-  const acc_t* rstd = static_cast<const acc_t*>(p.rstd);
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const acc_t* b = static_cast<const acc_t*>(p.bias);
   const int64_t planes = s.N * s.C;
-  const int64_t Cg = s.channels_per_group();
-  const auto pivots = channel_pivots(x, s, p.layout);
-
-  // Forward coefficients (to recompute z for the activation) and mean - pivot.
-  std::vector<acc_t> scale(planes), shift(planes), mean_shift(planes), plane_rstd(planes);
-  for (int64_t i = 0; i < planes; ++i) {
-    const int64_t ng = i / s.C * s.G + i % s.C / Cg;
-    const int64_t c = i % s.C;
-    mean_shift[i] = mean[ng] - pivots[i];
-    plane_rstd[i] = rstd[ng];
-    const auto affine = math::fold_affine(mean_shift[i], rstd[ng], w[c], b[c]);
-    scale[i] = affine.scale;
-    shift[i] = affine.shift;
-  }
-
-  const AffineTables<acc_t> tables{pivots.data(), scale.data(), shift.data()};
-  std::vector<acc_t> sum_gx(planes), sum_g(planes);
+  std::vector<acc_t> sum_gx(planes), sum_g(planes), mean_shift(s.N * s.G);
+  const BackwardArgs<scalar_t> args{
+      static_cast<const scalar_t*>(p.dy), static_cast<const scalar_t*>(p.x),
+      static_cast<scalar_t*>(p.dx),       static_cast<const acc_t*>(p.mean),
+      static_cast<const acc_t*>(p.rstd),  static_cast<const acc_t*>(p.weight),
+      static_cast<const acc_t*>(p.bias),  sum_gx.data(),
+      sum_g.data(),                       mean_shift.data(),
+      stream_output(p.dx, s, p.layout, sizeof(scalar_t))};
+  // x and dy are both read twice.
+  const int64_t bytes = 2 * static_cast<int64_t>(sizeof(scalar_t));
   dispatch_activation(p.activation, [&](auto a) {
-    channel_grad_sums<scalar_t, decltype(a)::value>(dy, x, s, p.layout, tables, sum_gx.data(),
-                                                    sum_g.data());
+    constexpr Activation A = decltype(a)::value;
+    if (p.layout == Layout::ChannelsFirst) {
+      if (use_fused(s.N * s.G, s.group_size() * bytes, kFusedGroupBytes)) {
+        return backward_fused_groups<scalar_t, A>(args, s);
+      }
+    } else if (use_fused(s.N, s.HxW * s.C * bytes, kFusedSampleBytes)) {
+      return backward_fused_samples<scalar_t, A>(args, s);
+    }
+    backward_two_pass<scalar_t, A>(args, s, p.layout);
   });
 
   // Parameter gradients: sums over samples in a fixed order.
@@ -523,35 +996,13 @@ void backward_typed(const BackwardParams& p) {
   acc_t* dbias = static_cast<acc_t*>(p.dbias);
   std::fill(dweight, dweight + s.C, acc_t(0));
   std::fill(dbias, dbias + s.C, acc_t(0));
+  const int64_t Cg = s.channels_per_group();
   for (int64_t i = 0; i < planes; ++i) {
-    dweight[i % s.C] += math::weight_grad_term(sum_gx[i], sum_g[i], mean_shift[i], plane_rstd[i]);
+    const int64_t ng = i / Cg;  // planes of a group are consecutive: i = (n * G + g) * Cg + c % Cg
+    dweight[i % s.C] += math::weight_grad_term(args.sum_gx[i], args.sum_g[i], mean_shift[ng],
+                                               args.rstd[ng]);
     dbias[i % s.C] += sum_g[i];
   }
-  if (p.dx == nullptr) return;
-
-  std::vector<acc_t> g_coef(planes), x_coef(planes), bias_coef(planes);
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t g = 0; g < s.G; ++g) {
-      acc_t sum_gwx = 0, sum_gw = 0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        sum_gwx += w[c] * sum_gx[n * s.C + c];
-        sum_gw += w[c] * sum_g[n * s.C + c];
-      }
-      const int64_t first = n * s.C + g * Cg;
-      const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift[first],
-                                                plane_rstd[first], s.group_size());
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        g_coef[n * s.C + c] = plane_rstd[first] * w[c];
-        x_coef[n * s.C + c] = coefs.x_coef;
-        bias_coef[n * s.C + c] = coefs.bias_coef;
-      }
-    }
-  }
-  dispatch_activation(p.activation, [&](auto a) {
-    apply_input_grad<scalar_t, decltype(a)::value>(dy, x, static_cast<scalar_t*>(p.dx), s, p.layout,
-                                                   tables, g_coef.data(), x_coef.data(),
-                                                   bias_coef.data());
-  });
 }
 
 // Calls f(scalar_t{}) for the four supported dtypes (checked by the caller).

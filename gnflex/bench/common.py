@@ -1,11 +1,26 @@
-"""Pieces both benchmarks share: geomeans per category and the result files."""
+"""Pieces both benchmarks share: geomeans per category, saved-tensor bytes and the result files."""
 import json
 import math
+
+import torch
 
 
 def geomean(values):
     values = [v for v in values if v == v and v > 0]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def saved_tensor_bytes(forward):
+    """Bytes of the tensors autograd saves for the backward while running forward()."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
 
 
 def summarize(rows, keys, ratio_fields):
@@ -28,14 +43,18 @@ def markdown_table(records, columns):
     return "\n".join(lines) + "\n"
 
 
-def write_results(args, title, machine, notes, rows, summary, row_columns, summary_columns):
+def write_results(args, title, machine, notes, rows, summary, row_columns, summary_columns, extra_tables=()):
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows, "summary": summary}, f, indent=1)
+            json.dump({"machine": machine, "rows": rows, "summary": summary,
+                       **{heading: records for heading, records, _ in extra_tables}}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
             f.write(f"# {title}\n\nMachine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n\n")
             f.write(notes + "\n\n## Geomean per category\n\n")
             f.write(markdown_table(summary, summary_columns))
+            for heading, records, columns in extra_tables:
+                f.write(f"\n## {heading}\n\n")
+                f.write(markdown_table(records, columns))
             f.write("\n## All cases\n\n")
             f.write(markdown_table(rows, row_columns))
