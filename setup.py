@@ -6,6 +6,9 @@ Environment switches:
                       has kernels.
   TORCH_CUDA_ARCH_LIST  CUDA archs to compile for (default "8.0;9.0+PTX").
   GNFLEX_DEBUG=1      -O0 -g build for debugging kernels.
+  GNFLEX_SANITIZE=address,undefined   build the C++ code with these
+                      sanitizers (-fsanitize=...; run under LD_PRELOAD of
+                      libasan/libubsan, see .ci/sanitize).
 
 Install with ``pip install --no-build-isolation .`` after torch is installed
 (build isolation would fetch another torch).
@@ -61,6 +64,8 @@ def write_build_info(with_cuda):
         f.write(f"torch_version = {torch.__version__!r}\n")
         f.write(f"with_cuda = {with_cuda!r}\n")
         f.write(f"cuda_version = {torch.version.cuda if with_cuda else None!r}\n")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None
+        f.write(f"cuda_archs = {archs!r}\n")
 
 
 def extension():
@@ -70,18 +75,25 @@ def extension():
     source_info = runpy.run_path(os.path.join(ROOT, "gnflex", "_sources.py"))
     sources, cuda_sources = source_info["sources"](CSRC)
     with_cuda = want_cuda(cuda_sources)
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["DEFAULT_CUDA_ARCHS"])
     write_build_info(with_cuda)
     extra_compile_args = {"cxx": opt + list(source_info["CXX_FLAGS"])}
+    link_args = ["-fopenmp"]
+    sanitize = os.environ.get("GNFLEX_SANITIZE", "").strip()
+    if sanitize:
+        san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+        extra_compile_args["cxx"] += san
+        link_args += san
     define_macros = [("GNFLEX_PYTHON_MODULE", None)]
     kwargs = dict(
         name="gnflex._C",
         sources=sources,
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         define_macros=define_macros,
     )
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["DEFAULT_CUDA_ARCHS"])
         extra_compile_args["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("GNFLEX_WITH_CUDA", None))
         kwargs["sources"] = sources + cuda_sources

@@ -22,7 +22,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 echo "== installing $TORCH_REQ and build/test dependencies"
 "$PY" -m pip install -q "$TORCH_REQ"
-"$PY" -m pip install -q "setuptools>=64" wheel ninja numpy pytest expecttest
+"$PY" -m pip install -q "setuptools>=64" wheel ninja numpy pytest expecttest hypothesis
+# The demo's dependencies (pyproject extra "demo"): bundled data set, progress bars, plot.
+"$PY" -m pip install -q scikit-learn tqdm matplotlib
 # Test dependencies of the export/interop tests (ONNX, torchvision models);
 # torchvision must match torch (0.29.1 <-> 2.14.1).
 if [ "$TORCH_REQ" = "torch==2.14.1" ]; then

@@ -49,7 +49,7 @@ GNFLEX_HD float gn_rsqrt(float v) { return 1.0f / ::sqrtf(v); }
 GNFLEX_HD double gn_rsqrt(double v) { return 1.0 / ::sqrt(v); }
 // max(v, 0) and its derivative (1 where v > 0, else 0; torch uses 0 at 0).
 template <typename T>
-GNFLEX_HD T gn_relu(T v) { return v > T(0) ? v : T(0); }
+GNFLEX_HD T gn_relu(T v) { return v < T(0) ? T(0) : v; }  // NaN stays NaN, as torch.relu
 template <typename T>
 GNFLEX_HD T gn_positive_mask(T v) { return v > T(0) ? T(1) : T(0); }
 
@@ -106,7 +106,9 @@ GNFLEX_HD WelfordStats<T> welford_from_sums(int64_t count, T sum, T sum_sq) {
   s.count = count;
   s.mean = sum / T(count);
   const T m2 = sum_sq - sum * s.mean;
-  s.m2 = m2 > T(0) ? m2 : T(0);
+  // Clamp rounding below zero, but keep NaN (from inf or NaN input): the
+  // group's output must be NaN then, as torch's, not normalized by eps.
+  s.m2 = m2 < T(0) ? T(0) : m2;
   return s;
 }
 

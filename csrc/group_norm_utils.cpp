@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace gnflex {
 
 Activation parse_activation(c10::string_view name) {
@@ -48,19 +50,27 @@ GroupNormShape check_forward_args(const at::Tensor& input,
               "gnflex.group_norm: expected input of shape (N, C, *) with at least 2 dims, got ",
               input.dim(), " dims with shape ", input.sizes());
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype),
-              "gnflex.group_norm: expected a float32, float64, float16 or bfloat16 input, got ",
-              dtype);
+  // NotImplementedError, as torch's group_norm for these dtypes.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype),
+      "gnflex.group_norm: expected a float32, float64, float16 or bfloat16 input, got ", dtype);
   const int64_t C = input.size(1);
+  TORCH_CHECK(C > 0, "gnflex.group_norm: expected num_channels > 0, got input of shape ",
+              input.sizes());
+  // As torch: a batch may be empty (N = 0), the spatial extent may not.
+  int64_t HxW = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) HxW *= input.size(d);
+  TORCH_CHECK(HxW > 0, "gnflex.group_norm: expected non-empty spatial dims, got input of shape ",
+              input.sizes());
   TORCH_CHECK(num_groups > 0, "gnflex.group_norm: num_groups must be positive, got ", num_groups);
   TORCH_CHECK(C % num_groups == 0, "gnflex.group_norm: num_channels (", C,
               ") must be divisible by num_groups (", num_groups, ")");
-  TORCH_CHECK(eps >= 0, "gnflex.group_norm: eps must be non-negative, got ", eps);
+  // torch accepts these and returns NaN (or zeros for inf); they are always a mistake.
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0,
+              "gnflex.group_norm: eps must be a finite non-negative number, got ", eps);
   check_channel_param(weight, "weight", input, C);
   check_channel_param(bias, "bias", input, C);
-  const int64_t N = input.size(0);
-  const int64_t HxW = C == 0 || N == 0 ? 0 : input.numel() / (N * C);
-  return {N, C, HxW, num_groups};
+  return {input.size(0), C, HxW, num_groups};
 }
 
 GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,

@@ -4,6 +4,8 @@ torch.compile / torch.export trace them without running the kernels.
 They mirror the C++ output rules: outputs keep the input's layout when it is
 dense channels-last (channel innermost), else they are contiguous.
 """
+import math
+
 import torch
 
 
@@ -29,14 +31,56 @@ def _empty_in_native_layout(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ACTIVATIONS = ("none", "identity", "relu", "silu", "swish", "gelu")
+
+
+def _check_args(input, weight, bias, num_groups, eps, activation):
+    """The checks of check_forward_args in csrc/group_norm_utils.cpp, so fake
+    and meta tensors are rejected as the real kernels would reject them."""
+    torch._check(input.dim() >= 2, lambda: "gnflex.group_norm: expected input of shape (N, C, *) with at "
+                 f"least 2 dims, got {input.dim()} dims with shape {list(input.shape)}")
+    torch._check_not_implemented(
+        input.dtype in _FLOAT_DTYPES,
+        lambda: f"gnflex.group_norm: expected a float32, float64, float16 or bfloat16 input, got {input.dtype}")
+    channels = input.shape[1]
+    torch._check(channels > 0, lambda: f"gnflex.group_norm: expected num_channels > 0, got input of shape "
+                 f"{list(input.shape)}")
+    spatial = 1
+    for size in input.shape[2:]:
+        spatial = spatial * size
+    torch._check(spatial > 0, lambda: "gnflex.group_norm: expected non-empty spatial dims, got input of "
+                 f"shape {list(input.shape)}")
+    torch._check(num_groups > 0, lambda: f"gnflex.group_norm: num_groups must be positive, got {num_groups}")
+    torch._check(channels % num_groups == 0, lambda: f"gnflex.group_norm: num_channels ({channels}) must be "
+                 f"divisible by num_groups ({num_groups})")
+    torch._check(math.isfinite(eps) and eps >= 0,
+                 lambda: f"gnflex.group_norm: eps must be a finite non-negative number, got {eps}")
+    torch._check(activation in _ACTIVATIONS, lambda: f"gnflex.group_norm: unknown activation '{activation}'; "
+                 "expected one of 'none', 'relu', 'silu', 'gelu'")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        torch._check(p.dim() == 1 and p.shape[0] == channels, lambda: f"gnflex.group_norm: expected {name} of "
+                     f"shape [{channels}] (num_channels), got {list(p.shape)}")
+        torch._check(p.device == input.device, lambda: f"gnflex.group_norm: {name} is on {p.device} but input "
+                     f"is on {input.device}")
+        ok = p.dtype == input.dtype or (p.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16))
+        torch._check(ok, lambda: f"gnflex.group_norm: {name} dtype {p.dtype} does not match input dtype "
+                     f"{input.dtype} (float32 parameters are allowed with float16/bfloat16 input)")
+
+
 def _group_norm_fake(input, weight, bias, num_groups, eps=1e-5, activation="none"):
-    torch._check(input.dim() >= 2, lambda: "gnflex.group_norm: expected input of shape (N, C, *)")
+    _check_args(input, weight, bias, num_groups, eps, activation)
     stats = input.new_empty((input.shape[0], num_groups), dtype=_acc_dtype(input.dtype))
     return _empty_in_native_layout(input), stats, torch.empty_like(stats)
 
 
 def _group_norm_backward_fake(grad_out, input, mean, rstd, weight, bias, num_groups, activation,
                               output_mask):
+    _check_args(input, weight, bias, num_groups, 0.0, activation)
+    torch._check(grad_out.shape == input.shape, lambda: f"gnflex.group_norm_backward: grad_out shape "
+                 f"{list(grad_out.shape)} does not match input shape {list(input.shape)}")
     param_dtype = weight.dtype if weight is not None else input.dtype
     channels = input.shape[1]
     dx = _empty_in_native_layout(input) if output_mask[0] else None

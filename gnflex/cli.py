@@ -1,62 +1,13 @@
-"""Command line: ``python -m gnflex demo`` (or the ``gnflex`` script)."""
+"""Command line: ``gnflex demo | bench | info`` (also ``python -m gnflex ...``)."""
 import argparse
 import sys
-import time
 
 
 def demo(args) -> int:
-    """A short GNCNN example: group choice, agreement with torch, a few training steps."""
-    import torch
-    import torch.nn.functional as F
+    """GN vs BN / LN-like / IN-like across batch sizes (see gnflex.demo)."""
+    from . import demo as demo_module
 
-    import gnflex
-
-    torch.manual_seed(args.seed)
-    print(f"gnflex {gnflex.__version__} | torch {torch.__version__} | CUDA kernels: {gnflex.built_with_cuda()}")
-
-    print("\nGroups chosen by choose_gn_groups (literal rule / min_channels_per_group=2):")
-    for c in (8, 16, 24, 64, 96, 320):
-        print(f"  C={c:4d}: {gnflex.choose_gn_groups(c):3d} / {gnflex.choose_gn_groups(c, min_channels_per_group=2):3d}")
-
-    x = torch.randn(4, 64, 32, 32).to(memory_format=torch.channels_last)
-    w, b = torch.rand(64) + 0.5, torch.randn(64)
-    ours = gnflex.group_norm(x, 32, w, b, activation="silu")
-    ref = F.silu(F.group_norm(x.contiguous(), 32, w, b))
-    print(f"\nGN+SiLU on channels_last (4, 64, 32, 32): max |gnflex - torch| = {(ours - ref).abs().max():.2e}, "
-          f"output stays channels_last: {ours.is_contiguous(memory_format=torch.channels_last)}")
-
-    # Synthetic task: which quadrant of the image is brightest.
-    def batch(n):
-        imgs = torch.randn(n, 3, 32, 32) * 0.5
-        labels = torch.randint(0, 4, (n,))
-        for i, q in enumerate(labels.tolist()):
-            r, c = divmod(q, 2)
-            imgs[i, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] += 1.0
-        return imgs, labels
-
-    model = gnflex.GNCNN(num_classes=4, widths=(16, 32, 64, 64), activation="silu",
-                         config=gnflex.GNConfig(min_channels_per_group=2))
-    print(f"\nGNCNN: {sum(p.numel() for p in model.parameters())} parameters")
-    logits, feats = model(torch.randn(2, 3, 64, 64), return_features=True)
-    print(f"  input (2, 3, 64, 64) -> logits {tuple(logits.shape)}, "
-          + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items()))
-
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        imgs, labels = batch(args.batch_size)
-        loss = F.cross_entropy(model(imgs), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % max(1, args.steps // 5) == 0 or step == 1:
-            print(f"  step {step:3d}: loss {loss.item():.3f}")
-    model.eval()
-    with torch.no_grad():
-        imgs, labels = batch(256)
-        acc = (model(imgs).argmax(1) == labels).float().mean().item()
-    print(f"  {args.steps} steps in {time.perf_counter() - start:.1f}s; held-out accuracy {acc:.1%} (chance 25%)")
-    return 0
+    return demo_module.run(args)
 
 
 def bench(args) -> int:
@@ -68,14 +19,54 @@ def bench(args) -> int:
     return run(args.bench_args)
 
 
+def info_lines():
+    """What this installation is: versions, build, kernels per device."""
+    import platform
+
+    import torch
+
+    import gnflex
+    from . import _build_info
+
+    lines = [
+        f"gnflex {gnflex.__version__} ({gnflex.library_path()})",
+        f"python {platform.python_version()} | torch {torch.__version__} | built against torch "
+        f"{_build_info.torch_version}",
+        f"CUDA kernels compiled: {bool(_build_info.with_cuda)}"
+        + (f" (CUDA {_build_info.cuda_version}, archs {getattr(_build_info, 'cuda_archs', None)})"
+           if _build_info.with_cuda else ""),
+        f"CUDA available: {torch.cuda.is_available()}"
+        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+        f"CPU capability: {torch.backends.cpu.get_cpu_capability()} | intra-op threads: "
+        f"{torch.get_num_threads()}",
+    ]
+    openmp = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
+              if ln.startswith(("ATen parallel backend", "OMP_NUM_THREADS"))]
+    lines += openmp
+    lines.append("registered kernels (op: dispatch keys):")
+    keys = ("CPU", "CUDA", "Meta", "Autograd", "AutocastCUDA")
+    for op in ("gnflex::group_norm", "gnflex::group_norm_backward"):
+        have = [k for k in keys if torch._C._dispatch_has_kernel_for_dispatch_key(op, k)]
+        lines.append(f"  {op}: {', '.join(have)}")
+    return lines
+
+
+def info(args) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gnflex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run a short GNCNN example")
-    p_demo.add_argument("--steps", type=int, default=60)
-    p_demo.add_argument("--batch-size", type=int, default=32)
-    p_demo.add_argument("--seed", type=int, default=0)
+
+    from .demo import __doc__ as demo_doc, add_arguments
+
+    p_demo = sub.add_parser("demo", help="GN vs BN / LN-like / IN-like across batch sizes on sklearn digits",
+                            description=demo_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p_demo)
     p_demo.set_defaults(func=demo)
+
     p_bench = sub.add_parser(
         "bench", help="time gnflex against torch (see `gnflex bench cpu --help`)",
         description="Benchmark harness: `gnflex bench cpu [options]` or `gnflex bench cuda [options]`; "
@@ -83,6 +74,12 @@ def main(argv=None) -> int:
     p_bench.add_argument("target", choices=("cpu", "cuda"))
     p_bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the harness")
     p_bench.set_defaults(func=bench)
+
+    p_info = sub.add_parser("info", help="versions, build and registered kernels",
+                            description="Versions, what the op library was built against, compiled CUDA "
+                                        "archs, threads and which kernels are registered for which device.")
+    p_info.set_defaults(func=info)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

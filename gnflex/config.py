@@ -1,5 +1,6 @@
 """GNConfig and the automatic choice of the number of groups."""
 import dataclasses
+import math
 from typing import Sequence, Union
 
 MODES = ("gn", "ln_like", "in_like")
@@ -80,8 +81,8 @@ class GNConfig:
                     f"groups={self.groups} conflicts with mode={self.mode!r}, which fixes the "
                     "number of groups; use mode='gn' or groups='auto'"
                 )
-        if not isinstance(self.eps, (int, float)) or self.eps < 0:
-            raise ValueError(f"eps must be a non-negative number, got {self.eps!r}")
+        if not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a finite non-negative number, got {self.eps!r}")
         _check_positive_int(self.min_channels_per_group, "min_channels_per_group")
 
     def replace(self, **changes) -> "GNConfig":

@@ -9,7 +9,7 @@ Edit a kernel under csrc/, call load() again in a new process: only changed
 files are recompiled (ninja), nothing is reinstalled. The JIT build registers
 its ops under another dispatcher namespace (``torch.ops.gnflex_jit`` by
 default), so the installed and the edited build run side by side, which is
-what ``bench/bench_cpu.py --jit`` compares. Autograd and torch.compile work on
+what ``gnflex bench cpu --jit`` compares. Autograd and torch.compile work on
 the JIT ops as on the installed ones.
 
 Environment: ``GNFLEX_SOURCE_DIR`` (the checkout; default: the one this package

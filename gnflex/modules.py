@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import GNConfig
+from .functional import check_more_than_one_value
 
 
 def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
@@ -65,6 +66,7 @@ class GroupNormFlex(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_more_than_one_value(input, self.num_groups)
         return torch.ops.gnflex.group_norm(
             input, self.weight, self.bias, self.num_groups, self.eps, self.activation
         )[0]

@@ -1,0 +1,163 @@
+"""The command line: `gnflex demo` (the main job), `gnflex bench`, `gnflex info`."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gnflex
+from gnflex import cli, demo
+
+
+def run_cli(args, tmp_path, timeout=600, env=None):
+    # cwd outside the checkout: `-m gnflex` would otherwise import the source tree.
+    return subprocess.run([sys.executable, "-m", "gnflex", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_demo_quick_writes_table_csv_and_plot(quick_demo):
+    with open(quick_demo / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["variant"], int(r["batch_size"])) for r in rows} == {
+        (v, b) for v in ("gn_auto", "batchnorm", "ln_like") for b in (4, 32)}
+    for r in rows:
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+        assert float(r["final_loss"]) > 0 and float(r["seconds"]) > 0 and int(r["steps"]) > 0
+    acc = {(r["variant"], int(r["batch_size"])): float(r["test_accuracy"]) for r in rows}
+    # 10 classes: chance is 0.1.
+    assert acc["gn_auto", 32] > 0.5, acc
+    md = (quick_demo / "results.md").read_text()
+    assert "| gn_auto |" in md and "bs 32" in md
+    png = (quick_demo / "accuracy_vs_batch.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_demo_variants_build_the_intended_norms():
+    x = torch.randn(2, 1, 64, 64)
+    for variant in demo.VARIANTS:
+        model = demo.build_model(variant)
+        assert model(x).shape == (2, 10)
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert ("BatchNorm2d" in kinds) == (variant == "batchnorm")
+        assert ("GroupNormFlex" in kinds) == (variant not in ("batchnorm", "none"))
+    groups = {v: [demo.norm_groups(v, c) for c in demo.WIDTHS] for v in demo.VARIANTS}
+    assert groups["gn32"] == ["16", "32", "32", "32"]  # 16 channels: 32 does not divide, auto gives 16
+    assert groups["ln_like"] == ["1"] * 4
+    assert groups["in_like"] == [str(c) for c in demo.WIDTHS]
+    assert groups["batchnorm"] == ["-"] * 4
+
+
+def test_demo_data_is_split_and_upsampled():
+    data = demo.load_digits_data(seed=0)
+    assert data.x_train.shape[1:] == (1, demo.IMAGE_SIZE, demo.IMAGE_SIZE)
+    assert len(data.y_train) + len(data.y_test) == 1797
+    assert set(data.y_test.tolist()) == set(range(10))
+    assert abs(data.x_train.mean().item()) < 1e-4
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--batch-sizes", "0"], "positive integers"),
+    (["--batch-sizes", "two"], "comma-separated integers"),
+    (["--variants", "gn,layernorm"], "unknown variant"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--quick", "--batch-sizes", "100000"], "exceed"),
+    (["--ddp"], "torchrun"),
+])
+def test_demo_rejects_bad_arguments(args, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--out", str(tmp_path), "--no-progress", *args])
+    message = str(e.value.code) + capsys.readouterr().err
+    assert e.value.code != 0 and fragment in message, message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_demo_cuda_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        cli.main(["demo", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_console_demo_command(tmp_path):
+    proc = run_cli(["demo", "--quick", "--variants", "gn_auto", "--batch-sizes", "16", "--out", "o"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| gn_auto |" in proc.stdout
+    assert (tmp_path / "o" / "accuracy_vs_batch.png").exists()
+
+
+def test_info_lists_versions_and_kernels(tmp_path):
+    proc = run_cli(["info"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"gnflex {gnflex.__version__}" in out and f"torch {torch.__version__}" in out
+    assert "gnflex::group_norm: CPU" in out and "Meta" in out and "Autograd" in out
+    keys = out.split("gnflex::group_norm:")[1].splitlines()[0].strip().split(", ")
+    assert ("CUDA" in keys) == gnflex.built_with_cuda()
+
+
+def test_bench_cpu_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    code = cli.main(["bench", "cpu", "--quick", "--rounds", "1", "--min-run-time", "0.01", "--threads", "1",
+                     "--json", str(out), "--md", str(md)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 * 2 * 2 * 2  # shapes x layouts x activations x passes (fp32)
+    assert all(r["gnflex_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
+    bwd = [r for r in result["rows"] if r["pass"] == "fwd+bwd"]
+    assert all("gnflex_saved_mb" in r for r in bwd)
+    assert "Targets (issue 6)" in md.read_text()
+
+
+def test_bench_help_and_bad_target(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "cpu", "--help"])
+    assert e.value.code == 0 and "--threads" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "gpu"])
+    assert e.value.code == 2
+
+
+def test_fused_silu_keeps_only_x_and_statistics_for_backward():
+    # What autograd saves for gnflex's fused GN+SiLU: x, weight, bias, mean,
+    # rstd (no normalized or activated copy of x); torch's GN + F.silu keeps more.
+    from gnflex.bench.common import saved_tensor_bytes
+
+    x = torch.randn(4, 64, 32, 32, requires_grad=True)
+    w = torch.rand(64, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    ours = saved_tensor_bytes(lambda: gnflex.group_norm(x, 32, w, b, activation="silu"))
+    expected = x.numel() * 4 + 2 * 64 * 4 + 2 * 4 * 32 * 4
+    assert ours == expected
+    theirs = saved_tensor_bytes(
+        lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b)))
+    assert theirs >= ours + 0.95 * x.numel() * 4  # at least one more activation-sized tensor
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.slow
+def test_demo_ddp_two_processes(tmp_path):
+    # torchrun ships with torch, next to this interpreter.
+    torchrun = TORCHRUN if os.path.exists(TORCHRUN) else shutil.which("torchrun")
+    assert torchrun, "torchrun not found next to the interpreter or on PATH"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "gnflex", "demo", "--ddp", "--quick",
+                           "--variants", "gn_auto,batchnorm", "--batch-sizes", "8", "--out", "o", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "o" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert "workers 2" in proc.stdout
