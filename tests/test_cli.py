@@ -161,3 +161,14 @@ def test_demo_ddp_two_processes(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     assert "workers 2" in proc.stdout
+
+
+def test_demo_reuses_runs_of_identical_networks(tmp_path):
+    # With GNCNN's widths, gn32 is the same network as gn_auto: trained once.
+    assert demo.main(["--quick", "--variants", "gn_auto,gn32", "--batch-sizes", "8", "--out", str(tmp_path),
+                      "--no-progress"]) == 0
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["gn32"]["test_accuracy"] == rows["gn_auto"]["test_accuracy"]
+    assert float(rows["gn32"]["seconds"]) == 0.0 and float(rows["gn_auto"]["seconds"]) > 0
+    assert "reused" in (tmp_path / "results.md").read_text()

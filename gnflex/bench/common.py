@@ -38,7 +38,8 @@ def summarize(rows, keys, ratio_fields):
 def markdown_table(records, columns):
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        cells = [("" if r[c] != r[c] else f"{r[c]:.3f}") if isinstance(r.get(c), float) else str(r.get(c, ""))
+                 for c in columns]  # nan (no value for this row) -> empty cell
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -186,7 +186,8 @@ def main(argv=None):
     targets = check_targets(rows)
     print("\nGeomeans (vs_*: baseline time / gnflex time, > 1: gnflex faster; clone_ratio: gnflex / clone)")
     for s in summary:
-        print("  " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+        print("  " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in s.items() if not (isinstance(v, float) and v != v)))
     print("\nTargets (issue 6, geomean over the shape set)")
     for tr in targets:
         print(f"  {tr['target']}: {tr['value']:.2f} (goal {tr['goal']}) met: {tr['met']}")
