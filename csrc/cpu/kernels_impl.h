@@ -332,7 +332,8 @@ void sample_stats(const scalar_t* sample, const GroupNormShape& s, const acc_typ
   for (int64_t g = 0; g < s.G; ++g) out[g] = merges[g].result();
 }
 
-// Two-pass statistics: every chunk / row block in parallel, merged in order.
+// Two-pass statistics: every chunk / row block in parallel, then merged
+// pairwise in index order (as span_stats / sample_stats do).
 template <typename scalar_t>
 std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
     const scalar_t* x, const std::vector<acc_type<scalar_t>>& pivots, const GroupNormShape& s,
