@@ -76,3 +76,11 @@ def make_params(C, dtype, device="cpu", seed=1):
     w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype=dtype, device=device)
     b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
     return w, b
+
+
+def grads_of(fn, x, w, b, dy):
+    """(y, dx, dweight, dbias) of y = fn(x, w, b) for grad_out dy."""
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y, x.grad, w.grad, b.grad

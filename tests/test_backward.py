@@ -4,18 +4,11 @@ import pytest
 import torch
 
 import gnflex
-from conftest import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, make_input, make_params,
-                      reference)
+from conftest import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, grads_of, make_input,
+                      make_params, reference)
 
 SHAPES = [((4, 6), 3), ((2, 12, 17), 4), ((2, 32, 9, 11), 8), ((2, 8, 3, 5, 7), 2),
           ((1, 8, 70, 70), 2), ((2, 520, 3, 3), 13)]
-
-
-def grads_of(fn, x, w, b, dy):
-    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y, x.grad, w.grad, b.grad
 
 
 # (layout, shape, groups); an (N, C) input has no channels_last form.

@@ -7,13 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
-from conftest import DEVICES, make_input, make_params, reference
-
-
-def grads(fn, *tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    return (out, *torch.autograd.grad(out, leaves, grad_out))
+from conftest import DEVICES, grads_of, make_input, make_params, reference
 
 
 # ---- non-finite values -------------------------------------------------------
@@ -28,9 +22,8 @@ def test_non_finite_values_stay_in_their_group(device, layout, bad, activation):
     w, b = make_params(8, torch.float32, device)
     dy = torch.randn_like(x)
     act = F.silu if activation == "silu" else (lambda t: t)
-    y, dx, dw, db = grads(lambda x, w, b: gnflex.group_norm(x, 4, w, b, activation=activation), x, w, b,
-                          grad_out=dy)
-    ry, rdx, rdw, rdb = grads(lambda x, w, b: act(F.group_norm(x, 4, w, b)), x, w, b, grad_out=dy)
+    y, dx, dw, db = grads_of(lambda x, w, b: gnflex.group_norm(x, 4, w, b, activation=activation), x, w, b, dy)
+    ry, rdx, rdw, rdb = grads_of(lambda x, w, b: act(F.group_norm(x, 4, w, b)), x, w, b, dy)
     bad_group = torch.zeros_like(y, dtype=torch.bool)
     bad_group[1, 2:4] = True
     assert torch.isnan(y[bad_group]).all() and torch.isnan(ry[bad_group]).all()
@@ -66,7 +59,7 @@ def test_fp16_near_max_does_not_overflow(device):
     x = (6e4 + 500 * torch.randn(2, 16, 8, 8, generator=g)).clamp(max=65000).half().to(device)
     w, b = make_params(16, torch.float16, device)
     dy = torch.randn(x.shape, dtype=torch.float16, device=device)
-    y, dx, dw, db = grads(lambda x, w, b: gnflex.group_norm(x, 4, w, b), x, w, b, grad_out=dy)
+    y, dx, dw, db = grads_of(lambda x, w, b: gnflex.group_norm(x, 4, w, b), x, w, b, dy)
     for t in (y, dx, dw, db):
         assert torch.isfinite(t).all()
     ref = reference(x, 4, w, b)
@@ -84,8 +77,8 @@ def test_constant_groups_are_finite(device, layout, activation):
     w, b = make_params(8, torch.float32, device)
     dy = torch.randn_like(x)
     act = F.gelu if activation == "gelu" else (lambda t: t)
-    out = grads(lambda x, w, b: gnflex.group_norm(x, 4, w, b, activation=activation), x, w, b, grad_out=dy)
-    ref = grads(lambda x, w, b: act(F.group_norm(x, 4, w, b)), x, w, b, grad_out=dy)
+    out = grads_of(lambda x, w, b: gnflex.group_norm(x, 4, w, b, activation=activation), x, w, b, dy)
+    ref = grads_of(lambda x, w, b: act(F.group_norm(x, 4, w, b)), x, w, b, dy)
     for a, r in zip(out, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-3)
@@ -102,10 +95,10 @@ def test_backward_with_large_mean_is_as_accurate_as_torch(layout):
     x.copy_(x64)
     w, b = make_params(16, torch.float32)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float32)
-    exact = grads(lambda x, w, b: F.group_norm(x, 4, w, b), x.double().contiguous(), w.double(), b.double(),
-                  grad_out=dy.double())
-    ours = grads(lambda x, w, b: gnflex.group_norm(x, 4, w, b), x, w, b, grad_out=dy)
-    theirs = grads(lambda x, w, b: F.group_norm(x, 4, w, b), x.contiguous(), w, b, grad_out=dy.contiguous())
+    exact = grads_of(lambda x, w, b: F.group_norm(x, 4, w, b), x.double().contiguous(), w.double(), b.double(),
+                     dy.double())
+    ours = grads_of(lambda x, w, b: gnflex.group_norm(x, 4, w, b), x, w, b, dy)
+    theirs = grads_of(lambda x, w, b: F.group_norm(x, 4, w, b), x.contiguous(), w, b, dy.contiguous())
 
     def rel(a, e):
         return ((a.double() - e).abs().max() / e.abs().max()).item()

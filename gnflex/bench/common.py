@@ -10,6 +10,31 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def make_inputs(shape, dtype, layout, device="cpu", requires_grad=False):
+    """One bench case's x (NCHW or channels_last), weight, bias and grad_out."""
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    w = torch.rand(shape[1], dtype=dtype, device=device) + 0.5
+    b = torch.randn(shape[1], dtype=dtype, device=device)
+    dy = torch.randn_like(x)
+    if requires_grad:
+        for t in (x, w, b):
+            t.requires_grad_()
+    return x, w, b, dy
+
+
+def native_group_norm(groups, activation):
+    """The baseline: torch's GroupNorm, then F.silu when the case fuses SiLU."""
+    import torch.nn.functional as F
+
+    def native(x, w, b):
+        y = F.group_norm(x, groups, w, b)
+        return F.silu(y) if activation == "silu" else y
+
+    return native
+
+
 def saved_tensor_bytes(forward):
     """Bytes of the tensors autograd saves for the backward while running forward()."""
     seen = {}

@@ -22,11 +22,10 @@ import platform
 import sys
 
 import torch
-import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
 import gnflex
-from .common import geomean, saved_tensor_bytes, summarize, write_results
+from .common import geomean, make_inputs, native_group_norm, saved_tensor_bytes, summarize, write_results
 
 SHAPES = [  # (shape, groups)
     ((8, 64, 56, 56), 32),
@@ -43,18 +42,19 @@ QUICK_SHAPES = [((8, 64, 56, 56), 32), ((8, 256, 32, 32), 32)]
 
 # Issue 6's targets: (name, row filter, ratio field, target, higher is better).
 TARGETS = [
-    ("fp32 NCHW forward vs native", dict(dtype="float32", layout="nchw", act="none", pass_="fwd"),
+    ("fp32 NCHW forward vs native", {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd"},
      "vs_torch", 1.3, True),
-    ("fp32 NCHW forward time / clone time", dict(dtype="float32", layout="nchw", act="none", pass_="fwd"),
+    ("fp32 NCHW forward time / clone time", {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd"},
      "clone_ratio", 1.3, False),
-    ("fp32 NCHW forward+backward vs native", dict(dtype="float32", layout="nchw", act="none", pass_="fwd+bwd"),
-     "vs_torch", 1.3, True),
+    ("fp32 NCHW forward+backward vs native",
+     {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd+bwd"}, "vs_torch", 1.3, True),
     ("fp32 channels_last forward+backward vs native",
-     dict(dtype="float32", layout="channels_last", act="none", pass_="fwd+bwd"), "vs_torch", 2.5, True),
-    ("fp32 fused GN+SiLU forward+backward vs GN + F.silu", dict(dtype="float32", act="silu", pass_="fwd+bwd"),
+     {"dtype": "float32", "layout": "channels_last", "act": "none", "pass": "fwd+bwd"}, "vs_torch", 2.5, True),
+    ("fp32 fused GN+SiLU forward+backward vs GN + F.silu", {"dtype": "float32", "act": "silu", "pass": "fwd+bwd"},
      "vs_torch", 2.0, True),
-    ("fp32 GN+SiLU vs torch.compile of GN+SiLU", dict(dtype="float32", act="silu"), "vs_compile", 1.0, True),
-    ("bf16 forward+backward vs native", dict(dtype="bfloat16", act="none", pass_="fwd+bwd"), "vs_torch", 1.3, True),
+    ("fp32 GN+SiLU vs torch.compile of GN+SiLU", {"dtype": "float32", "act": "silu"}, "vs_compile", 1.0, True),
+    ("bf16 forward+backward vs native", {"dtype": "bfloat16", "act": "none", "pass": "fwd+bwd"},
+     "vs_torch", 1.3, True),
 ]
 
 
@@ -71,19 +71,8 @@ def cpu_model():
 
 def make_case(shape, groups, dtype, layout, activation, backward, jit_ops, with_compile):
     """(timed functions, the ones to run once for saved bytes)."""
-    x = torch.randn(shape, dtype=dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
-    w = torch.rand(shape[1], dtype=dtype) + 0.5
-    b = torch.randn(shape[1], dtype=dtype)
-    if backward:
-        for t in (x, w, b):
-            t.requires_grad_()
-    dy = torch.randn_like(x)
-
-    def native(x, w, b):
-        y = F.group_norm(x, groups, w, b)
-        return F.silu(y) if activation == "silu" else y
+    x, w, b, dy = make_inputs(shape, dtype, layout, requires_grad=backward)
+    native = native_group_norm(groups, activation)
 
     forwards = {
         "gnflex": lambda: gnflex.group_norm(x, groups, w, b, activation=activation),
@@ -116,7 +105,7 @@ def check_targets(summary_rows):
     out = []
     for name, where, field, target, higher in TARGETS:
         rows = [r for r in summary_rows if field in r and
-                all(r[k.rstrip("_")] == v for k, v in where.items())]
+                all(r[k] == v for k, v in where.items())]
         if not rows:
             continue
         value = geomean([r[field] for r in rows])

@@ -19,10 +19,9 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import gnflex
-from .common import geomean, write_results
+from .common import geomean, make_inputs, native_group_norm, write_results
 
 SHAPES = [  # (shape, groups)
     ((8, 256, 64, 64), 32),
@@ -52,29 +51,18 @@ def cuda_time(fn, iters=50, warmup=10):
 
 
 def make_fns(shape, groups, dtype, layout, activation, backward):
-    x = torch.randn(shape, device="cuda", dtype=dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
-    w = torch.rand(shape[1], device="cuda", dtype=dtype) + 0.5
-    b = torch.randn(shape[1], device="cuda", dtype=dtype)
-    dy = torch.randn_like(x)
-    if backward:
-        for t in (x, w, b):
-            t.requires_grad_()
+    x, w, b, dy = make_inputs(shape, dtype, layout, device="cuda", requires_grad=backward)
+    native = native_group_norm(groups, activation)
 
     def ours():
         return gnflex.group_norm(x, groups, w, b, activation=activation)
-
-    def native():
-        y = F.group_norm(x, groups, w, b)
-        return F.silu(y) if activation == "silu" else y
 
     compiled = torch.compile(native)
 
     def with_backward(fn):
         return lambda: torch.autograd.grad(fn(), (x, w, b), dy)
 
-    fns = {"gnflex": ours, "torch": native, "compile": compiled}
+    fns = {"gnflex": ours, "torch": lambda: native(x, w, b), "compile": lambda: compiled(x, w, b)}
     if backward:
         fns = {k: with_backward(v) for k, v in fns.items()}
     else:
