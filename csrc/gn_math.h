@@ -3,13 +3,23 @@
 // coefficients. Everything here is host+device so the CPU kernels (and their
 // tests) run exactly the code the CUDA kernels run.
 //
-// Numerical scheme ("shifted data"): every group has a pivot, the first value
-// of the group. Statistics are accumulated over (x - pivot) and the output is
-// computed as (x - pivot) * scale + shift. Subtracting a value of the group
-// first keeps the summed values and the affine terms of the size of the
-// spread, not of the mean, so a group with mean 1e4 and std 1e-2 keeps ~1e-7
-// relative accuracy in fp32 where the folded form x * scale + shift loses
-// ~1e-2 to cancellation.
+// Numerical scheme: exact statistics for any data, normalisation about the
+// mean. Each chunk of a group (a few thousand values, in L1 or registers)
+// gets exact statistics by the corrected two-pass algorithm (Chan, Golub and
+// LeVeque 1983): first its mean `center`, then the sums of d = x - center and
+// d^2, so M2 = sum d^2 - (sum d)^2 / n with no cancellation, and the chunk's
+// mean is center + sum d / n kept as two numbers. Chunks merge with Chan's
+// formula in a fixed order. Neither a value far from the mean (a spike) nor a
+// mean far from zero (1e4 with std 1e-2) loses accuracy: no sum is ever taken
+// about a point far from the data.
+//
+// The output is computed about P, the group mean rounded to the accumulate
+// type (what the op returns as `mean`), and the rounding residual
+// r = mean - P folded into the shift: y = act((x - P) * scale + shift) with
+// shift = bias - r * scale. x - P is exact where it matters (|mean| >> std),
+// so fp32 data at 1e4 with std 1e-2 keeps ~1e-7 relative accuracy where the
+// folded form x * scale + shift loses ~1e-2. The backward sums g * (x - P)
+// about the same P, so its sums do not cancel either.
 //
 // The activation templates are written once for any value type V that has
 // arithmetic operators and the gn_* primitives below. The CPU back end adds
@@ -23,6 +33,7 @@
 #pragma once
 #define GNFLEX_GN_MATH_H
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -47,6 +58,9 @@ GNFLEX_HD float gn_reciprocal(float v) { return 1.0f / v; }
 GNFLEX_HD double gn_reciprocal(double v) { return 1.0 / v; }
 GNFLEX_HD float gn_rsqrt(float v) { return 1.0f / ::sqrtf(v); }
 GNFLEX_HD double gn_rsqrt(double v) { return 1.0 / ::sqrt(v); }
+// Machine epsilon of the accumulate type (std::numeric_limits is host-only).
+GNFLEX_HD float gn_epsilon(float) { return FLT_EPSILON; }
+GNFLEX_HD double gn_epsilon(double) { return DBL_EPSILON; }
 // max(v, 0) and its derivative (1 where v > 0, else 0; torch uses 0 at 0).
 template <typename T>
 GNFLEX_HD T gn_relu(T v) { return v < T(0) ? T(0) : v; }  // NaN stays NaN, as torch.relu
@@ -87,25 +101,38 @@ GNFLEX_HD V activate_grad(V z) {
 }
 
 // ---- Welford statistics --------------------------------------------------
-// Count, mean and sum of squared deviations of a set of values; partial
+// Count, mean and sum of squared deviations (M2) of a set of values. The mean
+// is center + offset: center is a value near the mean (the first chunk's
+// mean), offset the small remainder, so merging chunks of a group with a large
+// mean subtracts centers exactly instead of rounding each chunk's mean. Partial
 // results of disjoint parts merge with Chan et al.'s formula, so a group can
 // be split over chunks, threads or blocks and combined in a fixed order.
 template <typename T>
 struct WelfordStats {
   int64_t count = 0;
-  T mean = T(0);
+  T center = T(0);
+  T offset = T(0);
   T m2 = T(0);
 };
 
-// Stats of a chunk from its count and the sums of v and v^2 (v = x - pivot).
-// Within a chunk the shifted values are small, so the sums lose little.
+// The center of a chunk: its plain mean (the first of the two passes).
 template <typename T>
-GNFLEX_HD WelfordStats<T> welford_from_sums(int64_t count, T sum, T sum_sq) {
+GNFLEX_HD T chunk_center(int64_t count, T sum) {
+  return count > 0 ? sum / T(count) : T(0);
+}
+
+// Stats of a chunk from the sums of d = x - center and d^2 over its count
+// values (the second pass). center is within rounding of the chunk's mean, so
+// sum_d is tiny and the correction sum_d^2 / n cancels nothing; it removes the
+// rounding error of center from M2.
+template <typename T>
+GNFLEX_HD WelfordStats<T> welford_from_centered_sums(int64_t count, T center, T sum_d, T sum_d2) {
   WelfordStats<T> s;
   if (count == 0) return s;
   s.count = count;
-  s.mean = sum / T(count);
-  const T m2 = sum_sq - sum * s.mean;
+  s.center = center;
+  s.offset = sum_d / T(count);
+  const T m2 = sum_d2 - sum_d * s.offset;
   // Clamp rounding below zero, but keep NaN (from inf or NaN input): the
   // group's output must be NaN then, as torch's, not normalized by eps.
   s.m2 = m2 < T(0) ? T(0) : m2;
@@ -118,23 +145,56 @@ GNFLEX_HD WelfordStats<T> welford_combine(const WelfordStats<T>& a, const Welfor
   if (a.count == 0) return b;
   WelfordStats<T> r;
   r.count = a.count + b.count;
-  const T delta = b.mean - a.mean;
+  // Centers of one group's chunks are close when |mean| >> std: exact difference.
+  const T delta = (b.center - a.center) + (b.offset - a.offset);
   const T b_frac = T(b.count) / T(r.count);
-  r.mean = a.mean + delta * b_frac;
+  r.center = a.center;
+  r.offset = a.offset + delta * b_frac;
   r.m2 = a.m2 + b.m2 + delta * delta * T(a.count) * b_frac;
   return r;
 }
 
-// Biased variance (as GroupNorm uses) -> 1 / sqrt(var + eps).
+// The mean rounded to T: the `mean` output, and the point the outputs are
+// computed about.
+template <typename T>
+GNFLEX_HD T rounded_mean(const WelfordStats<T>& s) {
+  return s.center + s.offset;
+}
+
+// mean - m for a value m near the mean (the rounded mean, or a saved mean):
+// the residual the coefficients fold in. center - m is exact when center and
+// m are within a factor of two (always so when the residual matters), and
+// then the result is the exact residual.
+template <typename T>
+GNFLEX_HD T mean_residual(const WelfordStats<T>& s, T m) {
+  return (s.center - m) + s.offset;
+}
+
+// Biased variance (as GroupNorm uses) -> 1 / sqrt(var + eps). Any eps that
+// F.group_norm accepts: a negative eps gives what torch gives (NaN where
+// var + eps < 0).
 template <typename T>
 GNFLEX_HD T rstd_from_stats(const WelfordStats<T>& s, T eps) {
   const T var = s.count > 0 ? s.m2 / T(s.count) : T(0);
   return gn_rsqrt(var + eps);
 }
 
+// The backward's coefficients use the saved mean P; its residual mean - P is
+// below half an ulp of P and only matters when |P| * rstd is large. Groups
+// beyond this bound recompute the residual from x (the forward's statistics,
+// bitwise equal to what the forward used): |P| * rstd * epsilon > 2^-20, i.e.
+// |mean| > 8 std in fp32, where dropping it would move xhat by more than
+// 8 * 2^-24 ~ 5e-7.
+template <typename T>
+GNFLEX_HD bool needs_exact_residual(T mean, T rstd) {
+  const T a = mean < T(0) ? -mean : mean;
+  return a * rstd * gn_epsilon(T(0)) > T(1.0 / 1048576);
+}
+
 // ---- coefficient folding -------------------------------------------------
 // Forward: y = act((x - pivot) * scale + shift) equals
-// act((x - mean) * rstd * weight + bias), with mean_shift = mean - pivot.
+// act((x - mean) * rstd * weight + bias), with mean_shift = mean - pivot
+// (the residual r of the scheme above, pivot = P).
 template <typename T>
 struct ChannelAffine {
   T scale;

@@ -1,9 +1,8 @@
-"""Issue 8's bad-input matrix: every case raises a Python exception of the
-expected type with a message naming the problem (never a crash), and agrees
-with torch.nn.functional.group_norm on whether the input is accepted.
-
-Deliberate differences from torch (documented in the README): a NaN, infinite
-or negative eps is rejected (torch returns NaN or zeros).
+"""The bad-input matrix: every case raises a Python exception of the expected
+type with a message naming the problem (never a crash), and agrees with
+torch.nn.functional.group_norm on whether the input is accepted. Every eps
+torch accepts is accepted too (tests/test_numerics.py checks the values);
+only GNConfig, our own API, rejects a NaN, infinite or negative eps.
 """
 import math
 
@@ -50,9 +49,6 @@ CASES = [
     ("bool input", x(2, 4, 3, dtype=torch.bool), 2, None, None, 1e-5, NotImplementedError, "got Bool", True),
     ("complex input", x(2, 4, 3, dtype=torch.complex64), 2, None, None, 1e-5, NotImplementedError,
      "got ComplexFloat", True),
-    ("eps nan", x(2, 4, 3), 2, None, None, math.nan, RuntimeError, "eps must be a finite non-negative", False),
-    ("eps inf", x(2, 4, 3), 2, None, None, math.inf, RuntimeError, "eps must be a finite non-negative", False),
-    ("eps<0", x(2, 4, 3), 2, None, None, -1.0, RuntimeError, "eps must be a finite non-negative", False),
     ("weight on meta", x(2, 4, 3), 2, torch.ones(4, device="meta"), None, 1e-5, RuntimeError, "meta", True),
     ("meta input, bad groups", x(2, 6, 3, device="meta"), 4, None, None, 1e-5, RuntimeError,
      "must be divisible by num_groups (4)", True),

@@ -5,12 +5,13 @@
 // gnflex::cpu::CPU_CAPABILITY) is distinct. group_norm_cpu.cpp picks one at run
 // time from ATen's CPU capability.
 //
-// Data flow (both layouts):
-//   forward:  pivots -> per-group Welford stats over (x - pivot) -> mean, rstd
-//             -> per-(n, c) scale/shift -> y = act((x - pivot) * scale + shift)
-//   backward: per-(n, c) sums of g and g * (x - pivot), g = dy * act'(z)
-//             -> dweight, dbias and per-group dx coefficients
-//             -> dx = a * g + x_coef * (x - pivot) + bias_coef
+// Data flow (both layouts; the numerical scheme is described in gn_math.h):
+//   forward:  exact per-chunk stats (chunk mean, then sums about it), merged
+//             per group -> mean P (rounded), rstd -> per-(n, c) scale/shift
+//             -> y = act((x - P) * scale + shift)
+//   backward: per-(n, c) sums of g and g * (x - P), g = dy * act'(z), P the
+//             saved mean -> dweight, dbias and per-group dx coefficients
+//             -> dx = a * g + x_coef * (x - P) + bias_coef
 // Work is cut into fixed-size chunks (independent of the thread count) whose
 // partial results are combined in index order, so every result is bitwise
 // identical whatever at::get_num_threads() is.
@@ -200,46 +201,46 @@ bool use_fused(int64_t items, int64_t item_bytes, int64_t budget) {
 int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1)); }
 
 // ---- pivots -----------------------------------------------------------------
-// Every channel's pivot is its group's first value: statistics are taken of
-// x - pivot, which keeps sums small when |mean| >> std.
-template <typename scalar_t>
-void sample_pivots(const scalar_t* x, const GroupNormShape& s, Layout layout, int64_t n,
-                   acc_type<scalar_t>* out) {
+// Outputs are computed about each group's rounded mean P (the pivot): the
+// (N * C) table of it per channel, from the (N * G) means.
+template <typename T>
+void fill_sample_pivots(const T* mean, const GroupNormShape& s, int64_t n, T* out) {
   const int64_t Cg = s.channels_per_group();
-  for (int64_t c = 0; c < s.C; ++c) {
-    const int64_t first_channel = c / Cg * Cg;
-    const int64_t offset = layout == Layout::ChannelsFirst ? (n * s.C + first_channel) * s.HxW
-                                                           : n * s.HxW * s.C + first_channel;
-    out[c] = s.HxW == 0 ? acc_type<scalar_t>(0) : static_cast<acc_type<scalar_t>>(x[offset]);
-  }
+  for (int64_t c = 0; c < s.C; ++c) out[c] = mean[n * s.G + c / Cg];
 }
 
-// (N * C) table of pivots.
-template <typename scalar_t>
-std::vector<acc_type<scalar_t>> channel_pivots(const scalar_t* x, const GroupNormShape& s,
-                                               Layout layout) {
-  std::vector<acc_type<scalar_t>> pivots(s.N * s.C);
-  for (int64_t n = 0; n < s.N; ++n) sample_pivots(x, s, layout, n, pivots.data() + n * s.C);
+template <typename T>
+std::vector<T> channel_pivots(const T* mean, const GroupNormShape& s) {
+  std::vector<T> pivots(s.N * s.C);
+  for (int64_t n = 0; n < s.N; ++n) fill_sample_pivots(mean, s, n, pivots.data() + n * s.C);
   return pivots;
 }
 
 // ---- statistics ------------------------------------------------------------
-// Welford stats of x - pivot over len contiguous values (one chunk).
+// Exact Welford stats of len contiguous values (one chunk, in L1 after the
+// first pass): the chunk's mean, then the sums of d = x - mean and d^2.
 template <typename scalar_t>
-WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len,
-                                             acc_type<scalar_t> pivot) {
-  auto [sum, sum_sq] = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& b) {
+WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t sum = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& /*b*/) {
+                      using S = decltype(step);
+                      typename S::type v[S::count];
+                      load_values(p + i, v);
+                      for (int k = 0; k < S::count; ++k) a = a + v[k];
+                    }).first;
+  const acc_t center = math::chunk_center(len, sum);
+  auto [sum_d, sum_d2] = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& b) {
     using S = decltype(step);
     using V = typename S::type;
     V v[S::count];
     load_values(p + i, v);
     for (int k = 0; k < S::count; ++k) {
-      const V d = v[k] - V(pivot);
+      const V d = v[k] - V(center);
       a = a + d;
       b = b + d * d;
     }
   });
-  return math::welford_from_sums(len, sum, sum_sq);
+  return math::welford_from_centered_sums(len, center, sum_d, sum_d2);
 }
 
 // Merges the stats of consecutive chunks, pushed in index order, as a
@@ -273,60 +274,79 @@ class PairwiseMerge {
 
 // A channels-first group: D contiguous values, chunk by chunk.
 template <typename scalar_t>
-WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D,
-                                            acc_type<scalar_t> pivot) {
+WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
   PairwiseMerge<acc_type<scalar_t>> merge;
   for (int64_t start = 0; start < D; start += kChunk) {
-    merge.push(chunk_stats(p + start, std::min(kChunk, D - start), pivot));
+    merge.push(chunk_stats(p + start, std::min(kChunk, D - start)));
   }
   return merge.result();
 }
 
-// Channels-last: per-group stats of rows [row0, row0 + rows) of one sample,
-// summed per channel first (sum, sum_sq: C scratch values), written to out[G].
+// Channels-last: exact per-group stats of rows [row0, row0 + rows) of one
+// sample (a block of about kChunk values, in L1 after the first pass), as
+// chunk_stats: per-channel sums, the group's block mean, then per-channel sums
+// of d = x - mean and d^2 about it. scratch: 3 * C values. Writes out[G].
 template <typename scalar_t>
 void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const GroupNormShape& s,
-                    const acc_type<scalar_t>* pivot, acc_type<scalar_t>* sum,
-                    acc_type<scalar_t>* sum_sq, WelfordStats<acc_type<scalar_t>>* out) {
+                    acc_type<scalar_t>* scratch, WelfordStats<acc_type<scalar_t>>* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
-  std::fill(sum, sum + s.C, acc_t(0));
-  std::fill(sum_sq, sum_sq + s.C, acc_t(0));
+  acc_t* sum_d = scratch;
+  acc_t* sum_d2 = scratch + s.C;
+  acc_t* center = scratch + 2 * s.C;  // per channel: its group's block mean
+  const auto group_total = [&](const acc_t* per_channel, int64_t g) {
+    acc_t total = 0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) total += per_channel[c];
+    return total;
+  };
+  std::fill(sum_d, sum_d + s.C, acc_t(0));
   for (int64_t r = row0; r < row0 + rows; ++r) {
     const scalar_t* row = sample + r * s.C;
-    simd_accumulate_row<scalar_t>(s.C, sum, sum_sq, [&](int64_t i, auto step, auto& a, auto& b) {
+    simd_for<scalar_t>(s.C, [&](int64_t i, auto step) {
+      using S = decltype(step);
+      using V = typename S::type;
+      V v[S::count];
+      load_values(row + i, v);
+      for (int k = 0; k < S::count; ++k) {
+        store_as<V>(sum_d + i + k * S::lanes, load_as<V>(sum_d + i + k * S::lanes) + v[k]);
+      }
+    });
+  }
+  for (int64_t g = 0; g < s.G; ++g) {
+    std::fill(center + g * Cg, center + (g + 1) * Cg, math::chunk_center(rows * Cg, group_total(sum_d, g)));
+  }
+  std::fill(sum_d, sum_d + s.C, acc_t(0));
+  std::fill(sum_d2, sum_d2 + s.C, acc_t(0));
+  for (int64_t r = row0; r < row0 + rows; ++r) {
+    const scalar_t* row = sample + r * s.C;
+    simd_accumulate_row<scalar_t>(s.C, sum_d, sum_d2, [&](int64_t i, auto step, auto& a, auto& b) {
       using S = decltype(step);
       using V = typename S::type;
       load_values(row + i, a);
       for (int k = 0; k < S::count; ++k) {
-        a[k] = a[k] - load_as<V>(pivot + i + k * S::lanes);
+        a[k] = a[k] - load_as<V>(center + i + k * S::lanes);
         b[k] = a[k] * a[k];
       }
     });
   }
   for (int64_t g = 0; g < s.G; ++g) {
-    acc_t group_sum = 0, group_sum_sq = 0;
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-      group_sum += sum[c];
-      group_sum_sq += sum_sq[c];
-    }
-    out[g] = math::welford_from_sums(rows * Cg, group_sum, group_sum_sq);
+    out[g] = math::welford_from_centered_sums(rows * Cg, center[g * Cg], group_total(sum_d, g),
+                                              group_total(sum_d2, g));
   }
 }
 
 // Channels-last: stats of every group of one sample (out[G]), row block by
 // row block as the two-pass schedule cuts them, merged pairwise per group.
-// scratch: 2 * C values.
+// scratch: 3 * C values.
 template <typename scalar_t>
-void sample_stats(const scalar_t* sample, const GroupNormShape& s, const acc_type<scalar_t>* pivot,
-                  acc_type<scalar_t>* scratch, WelfordStats<acc_type<scalar_t>>* out) {
+void sample_stats(const scalar_t* sample, const GroupNormShape& s, acc_type<scalar_t>* scratch,
+                  WelfordStats<acc_type<scalar_t>>* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t block_rows = rows_per_block(s.C);
   std::vector<PairwiseMerge<acc_t>> merges(s.G);
   std::vector<WelfordStats<acc_t>> block(s.G);
   for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
-    cl_block_stats(sample, row0, std::min(block_rows, s.HxW - row0), s, pivot, scratch,
-                   scratch + s.C, block.data());
+    cl_block_stats(sample, row0, std::min(block_rows, s.HxW - row0), s, scratch, block.data());
     for (int64_t g = 0; g < s.G; ++g) merges[g].push(block[g]);
   }
   for (int64_t g = 0; g < s.G; ++g) out[g] = merges[g].result();
@@ -335,13 +355,11 @@ void sample_stats(const scalar_t* sample, const GroupNormShape& s, const acc_typ
 // Two-pass statistics: every chunk / row block in parallel, then merged
 // pairwise in index order (as span_stats / sample_stats do).
 template <typename scalar_t>
-std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
-    const scalar_t* x, const std::vector<acc_type<scalar_t>>& pivots, const GroupNormShape& s,
-    Layout layout) {
+std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
+                                                          const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   using Stats = WelfordStats<acc_t>;
   const int64_t groups = s.N * s.G;
-  const int64_t Cg = s.channels_per_group();
   std::vector<Stats> result(groups);
   if (s.HxW == 0 || groups == 0) return result;
 
@@ -353,8 +371,7 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
       for (int64_t item = begin; item < end; ++item) {
         const int64_t group = item / chunks;
         const int64_t start = item % chunks * kChunk;
-        partial[item] = chunk_stats(x + group * D + start, std::min(kChunk, D - start),
-                                    pivots[group * Cg]);
+        partial[item] = chunk_stats(x + group * D + start, std::min(kChunk, D - start));
       }
     });
     for (int64_t group = 0; group < groups; ++group) {
@@ -369,13 +386,12 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(
   const int64_t blocks = ceil_div(s.HxW, block_rows);
   std::vector<Stats> partial(s.N * blocks * s.G);
   at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * s.C);
+    std::vector<acc_t> scratch(3 * s.C);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;
       const int64_t row0 = item % blocks * block_rows;
       cl_block_stats(x + n * s.HxW * s.C, row0, std::min(block_rows, s.HxW - row0), s,
-                     pivots.data() + n * s.C, scratch.data(), scratch.data() + s.C,
-                     partial.data() + item * s.G);
+                     scratch.data(), partial.data() + item * s.G);
     }
   });
   for (int64_t n = 0; n < s.N; ++n) {
@@ -405,22 +421,25 @@ struct InputGradTables {
   const T* bias_coef;
 };
 
-// mean and rstd of one group and the scale/shift of its Cg channels
-// (w, b, scale, shift point at the group's first channel).
+// mean and rstd of one group and the pivot/scale/shift of its Cg channels
+// (w, b, pivot, scale, shift point at the group's first channel): the pivot
+// is the rounded mean, its residual goes into the shift.
 template <typename T>
-void group_forward_coefs(const WelfordStats<T>& stats, T pivot, T eps, const T* w, const T* b,
-                         int64_t Cg, T* mean, T* rstd, T* scale, T* shift) {
-  *mean = pivot + stats.mean;
+void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const T* b, int64_t Cg,
+                         T* mean, T* rstd, T* pivot, T* scale, T* shift) {
+  *mean = math::rounded_mean(stats);
   *rstd = math::rstd_from_stats(stats, eps);
+  const T residual = math::mean_residual(stats, *mean);
   for (int64_t c = 0; c < Cg; ++c) {
-    const auto affine = math::fold_affine(stats.mean, *rstd, w[c], b[c]);
+    const auto affine = math::fold_affine(residual, *rstd, w[c], b[c]);
+    pivot[c] = *mean;
     scale[c] = affine.scale;
     shift[c] = affine.shift;
   }
 }
 
-// The backward rebuilds the forward coefficients of one group from
-// mean - pivot (to recompute z for the activation, and for dx).
+// The backward rebuilds the forward coefficients of one group from the
+// residual mean - pivot (to recompute z for the activation, and for dx).
 template <typename T>
 void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t Cg, T* scale,
                            T* shift) {
@@ -699,10 +718,8 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
-      const acc_t p = D == 0 ? acc_t(0) : static_cast<acc_t>(gx[0]);
-      group_forward_coefs(span_stats(gx, D, p), p, a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng,
-                          a.rstd + ng, scale, shift);
-      std::fill(pivot, pivot + Cg, p);
+      group_forward_coefs(span_stats(gx, D), a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng,
+                          a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
         const RunWrite<scalar_t, 1> w{a.stream, {ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
@@ -721,7 +738,7 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
   using Stats = WelfordStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table(5 * s.C);
+    std::vector<acc_t> table(6 * s.C);
     acc_t* pivot = table.data();
     acc_t* scale = pivot + s.C;
     acc_t* shift = scale + s.C;
@@ -729,12 +746,10 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* xs = a.x + n * s.HxW * s.C;
-      sample_pivots(a.x, s, Layout::ChannelsLast, n, pivot);
-      sample_stats(xs, s, pivot, scratch, stats.data());
+      sample_stats(xs, s, scratch, stats.data());
       for (int64_t g = 0; g < s.G; ++g) {
-        group_forward_coefs(stats[g], pivot[g * Cg], a.eps, a.w + g * Cg, a.b + g * Cg, Cg,
-                            a.mean + n * s.G + g, a.rstd + n * s.G + g, scale + g * Cg,
-                            shift + g * Cg);
+        group_forward_coefs(stats[g], a.eps, a.w + g * Cg, a.b + g * Cg, Cg, a.mean + n * s.G + g,
+                            a.rstd + n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
       const auto row_affine = run_affine(AffineTables<acc_t>{pivot, scale, shift}, 0, PerChannel{});
       for (int64_t r = 0; r < s.HxW; ++r) {
@@ -750,13 +765,12 @@ template <typename scalar_t, Activation A>
 void forward_two_pass(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
-  const auto pivots = channel_pivots(a.x, s, layout);
-  const auto stats = group_stats(a.x, pivots, s, layout);
-  std::vector<acc_t> scale(s.N * s.C), shift(s.N * s.C);
+  const auto stats = group_stats(a.x, s, layout);
+  std::vector<acc_t> pivots(s.N * s.C), scale(s.N * s.C), shift(s.N * s.C);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
-    group_forward_coefs(stats[ng], pivots[ng * Cg], a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng,
-                        a.rstd + ng, scale.data() + ng * Cg, shift.data() + ng * Cg);
+    group_forward_coefs(stats[ng], a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng, a.rstd + ng,
+                        pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
   for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
@@ -777,7 +791,7 @@ struct BackwardArgs {
   const acc_t* w;
   const acc_t* b;
   // Outputs for the parameter gradients: per-(n, c) sums of g * (x - pivot)
-  // and g, and per-group mean - pivot.
+  // and g, and per-group mean - pivot (the pivot is the saved mean).
   acc_t* sum_gx;
   acc_t* sum_g;
   acc_t* mean_shift;
@@ -786,9 +800,7 @@ struct BackwardArgs {
   const char* has_exact_shift;
   const acc_t* exact_shift;
 
-  acc_t group_mean_shift(int64_t ng, acc_t pivot) const {
-    return has_exact_shift[ng] ? exact_shift[ng] : mean[ng] - pivot;
-  }
+  acc_t group_mean_shift(int64_t ng) const { return has_exact_shift[ng] ? exact_shift[ng] : acc_t(0); }
 };
 
 // Whether the fused schedules keep g = dy * act'(z) between their two passes:
@@ -818,10 +830,9 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
       const scalar_t* gdy = a.dy + ng * D;
-      const acc_t p = D == 0 ? acc_t(0) : static_cast<acc_t>(gx[0]);
-      a.mean_shift[ng] = a.group_mean_shift(ng, p);
+      a.mean_shift[ng] = a.group_mean_shift(ng);
       group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + c0, a.b + c0, Cg, scale, shift);
-      std::fill(pivot, pivot + Cg, p);
+      std::fill(pivot, pivot + Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
         std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) =
@@ -867,10 +878,10 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
     acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * s.HxW * s.C;
-      sample_pivots(a.x, s, Layout::ChannelsLast, n, pivot);
+      fill_sample_pivots(a.mean, s, n, pivot);
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
-        a.mean_shift[ng] = a.group_mean_shift(ng, pivot[g * Cg]);
+        a.mean_shift[ng] = a.group_mean_shift(ng);
         group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + g * Cg, a.b + g * Cg, Cg,
                               scale + g * Cg, shift + g * Cg);
       }
@@ -916,11 +927,11 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   using acc_t = acc_type<scalar_t>;
   const int64_t planes = s.N * s.C;
   const int64_t Cg = s.channels_per_group();
-  const auto pivots = channel_pivots(a.x, s, layout);
+  const auto pivots = channel_pivots(a.mean, s);
   std::vector<acc_t> scale(planes), shift(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
-    a.mean_shift[ng] = a.group_mean_shift(ng, pivots[ng * Cg]);
+    a.mean_shift[ng] = a.group_mean_shift(ng);
     group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + c0, a.b + c0, Cg,
                           scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
@@ -1016,13 +1027,12 @@ void forward_typed(const ForwardParams& p) {
   });
 }
 
-// The saved mean is rounded to the accumulate type; mean - pivot taken from
-// it is off by up to half an ulp of the mean, which matters when the mean is
-// far from zero in units of the standard deviation (fp32 data at 1e4 with
-// std 1e-2: ~5% of a standard deviation). For those groups (|mean| * rstd
-// * epsilon > 2^-16) the backward recomputes mean - pivot from x with the
-// forward's own code, bitwise equal to the value the forward used. Typical
-// data never needs it, so it costs nothing there.
+// The saved mean P is the mean rounded to the accumulate type; the backward
+// computes about it and drops the residual mean - P, except for groups whose
+// |P| * rstd is large (math::needs_exact_residual): those recompute the
+// statistics from x with the forward's own code (bitwise the forward's) and
+// take the exact residual. Typical data never needs it, so it costs nothing
+// there.
 template <typename scalar_t>
 void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
                        const acc_type<scalar_t>* rstd, const GroupNormShape& s, Layout layout,
@@ -1030,10 +1040,9 @@ void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
   using acc_t = acc_type<scalar_t>;
   using Stats = WelfordStats<acc_t>;
   const int64_t groups = s.N * s.G;
-  const acc_t limit = acc_t(1.0 / 65536) / std::numeric_limits<acc_t>::epsilon();
   bool any = false;
   for (int64_t ng = 0; ng < groups; ++ng) {
-    has_exact[ng] = std::abs(mean[ng]) * rstd[ng] > limit;
+    has_exact[ng] = math::needs_exact_residual(mean[ng], rstd[ng]);
     any = any || has_exact[ng];
   }
   if (!any) return;
@@ -1041,22 +1050,23 @@ void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
     const int64_t D = s.group_size();
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
-        if (has_exact[ng]) shift[ng] = span_stats(x + ng * D, D, static_cast<acc_t>(x[ng * D])).mean;
+        if (has_exact[ng]) shift[ng] = math::mean_residual(span_stats(x + ng * D, D), mean[ng]);
       }
     });
     return;
   }
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table(3 * s.C);
+    std::vector<acc_t> scratch(3 * s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
       if (!std::any_of(has_exact.begin() + n * s.G, has_exact.begin() + (n + 1) * s.G,
                        [](char f) { return f != 0; })) {
         continue;
       }
-      sample_pivots(x, s, Layout::ChannelsLast, n, table.data());
-      sample_stats(x + n * s.HxW * s.C, s, table.data(), table.data() + s.C, stats.data());
-      for (int64_t g = 0; g < s.G; ++g) shift[n * s.G + g] = stats[g].mean;
+      sample_stats(x + n * s.HxW * s.C, s, scratch.data(), stats.data());
+      for (int64_t g = 0; g < s.G; ++g) {
+        shift[n * s.G + g] = math::mean_residual(stats[g], mean[n * s.G + g]);
+      }
     }
   });
 }

@@ -1,0 +1,272 @@
+// Runs gnflex's CUDA kernels on the CPU: the launch sequence of the ops
+// (csrc/cuda/group_norm_launch.cuh, unchanged) through cuda_host_sim.h, over
+// a case matrix, against a float64 reference. Prints one line per case and
+// "N passed, N failed"; exits non-zero on a failure. Built and run by
+// .ci/cuda-sim (forward and random thread order, and under ASan + UBSan).
+#include "cuda_host_sim.h"
+
+#define GNFLEX_CUDA_SIM 1
+#include "cuda/group_norm_launch.cuh"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+using gnflex::Activation;
+using gnflex::GroupNormShape;
+using gnflex::Layout;
+
+namespace {
+
+// ---- reference, in long double: float64 data with |mean| / std ~ 1e6 needs
+// more than float64 to check float64 results -----------------------------------
+using real = long double;
+
+real act_ref(Activation a, real z) {
+  switch (a) {
+    case Activation::ReLU: return z > 0 ? z : 0;
+    case Activation::SiLU: return z / (1 + std::exp(-z));
+    case Activation::GELU: return 0.5L * z * (1 + std::erf(z / std::sqrt(2.0L)));
+    default: return z;
+  }
+}
+
+real act_grad_ref(Activation a, real z) {
+  switch (a) {
+    case Activation::ReLU: return z > 0 ? 1 : 0;
+    case Activation::SiLU: {
+      const real sg = 1 / (1 + std::exp(-z));
+      return sg * (1 + z * (1 - sg));
+    }
+    case Activation::GELU:
+      return 0.5L * (1 + std::erf(z / std::sqrt(2.0L))) + z * std::exp(-0.5L * z * z) / std::sqrt(2 * 3.14159265358979323846L);
+    default: return 1;
+  }
+}
+
+// Worst |actual - ref| / (atol + rtol * |ref|) of a quantity.
+struct Err {
+  double worst = 0;
+  void add(real a, real r, double atol, double rtol) {
+    const double e = static_cast<double>(std::abs(a - r) / (atol + rtol * std::abs(r)));
+    if (!(e <= worst)) worst = std::isnan(e) ? INFINITY : e;
+  }
+};
+
+template <typename T>
+const char* type_name() {
+  if (std::is_same<T, float>::value) return "float32";
+  if (std::is_same<T, double>::value) return "float64";
+  if (std::is_same<T, c10::Half>::value) return "float16";
+  return "bfloat16";
+}
+
+// Relative tolerance of an output rounded to T (the reference uses the same inputs).
+template <typename T>
+double output_rtol() {
+  if (std::is_same<T, double>::value) return 1e-10;
+  if (std::is_same<T, float>::value) return 2e-5;
+  if (std::is_same<T, c10::Half>::value) return 2e-3;
+  return 1.6e-2;
+}
+
+// 16-byte aligned storage plus `offset` elements (misaligned when offset > 0).
+template <typename T>
+struct Buf {
+  std::vector<unsigned char> raw;
+  T* p;
+  Buf(size_t n, int offset) : raw((n + offset) * sizeof(T) + 64) {
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + 15) / 16 * 16;
+    p = reinterpret_cast<T*>(a) + offset;
+  }
+};
+
+enum class Spike { None, First, Middle, Last, Plane };
+
+struct Case {
+  int64_t N, C, HxW, G;
+  Layout layout;
+  Activation act = Activation::None;
+  int x_off = 0, dy_off = 0;  // misalignment in elements
+  double center = 0, spread = 2;  // x = center + spread * randn
+  Spike spike = Spike::None;
+  double spike_size = 0;  // in units of spread
+  bool affine = true;
+};
+
+int passed = 0, failed = 0;
+
+template <typename scalar_t>
+void run_case(const Case& k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = k.N, C = k.C, HxW = k.HxW, G = k.G, Cg = C / G, D = Cg * HxW;
+  const GroupNormShape s{N, C, HxW, G};
+  const int64_t numel = N * C * HxW;
+  const auto idx = [&](int64_t n, int64_t c, int64_t r) {
+    return k.layout == Layout::ChannelsFirst ? (n * C + c) * HxW + r : (n * HxW + r) * C + c;
+  };
+  std::mt19937 rng(static_cast<unsigned>(N * 1000003 + C * 1009 + HxW * 7 + G));
+  std::normal_distribution<double> nd(0, 1);
+  Buf<scalar_t> x(numel, k.x_off), dy(numel, k.dy_off), y(numel, k.x_off), dx(numel, k.x_off);
+  std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0)), mean(N * G), rstd(N * G), dw(C), db(C);
+  for (int64_t i = 0; i < numel; ++i) x.p[i] = scalar_t(k.center + k.spread * nd(rng));
+  for (int64_t i = 0; i < numel; ++i) dy.p[i] = scalar_t(nd(rng));
+  if (k.affine) {
+    for (int64_t c = 0; c < C; ++c) w[c] = acc_t(1 + 0.3 * nd(rng)), b[c] = acc_t(0.2 * nd(rng));
+  }
+  // Spikes in the first group of every sample: at its first, middle or last
+  // value (in the layout's group order), or a whole plane (channel).
+  const double spike = k.center + k.spike_size * k.spread;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t last = Cg * HxW - 1;
+    const auto at = [&](int64_t j) { return idx(n, j / HxW, j % HxW); };  // j-th value of group 0
+    switch (k.spike) {
+      case Spike::First: x.p[at(0)] = scalar_t(spike); break;
+      case Spike::Middle: x.p[at(last / 2)] = scalar_t(spike); break;
+      case Spike::Last: x.p[at(last)] = scalar_t(spike); break;
+      case Spike::Plane:
+        for (int64_t r = 0; r < HxW; ++r) x.p[idx(n, 0, r)] = scalar_t(spike + nd(rng) * k.spread);
+        break;
+      default: break;
+    }
+  }
+  const double eps = 1e-5;
+
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<unsigned char> workspace(gnflex::cuda::workspace_bytes<scalar_t>(s, k.layout));
+  gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(eps), k.act, s, k.layout,
+                                         mean.data(), rstd.data(), workspace.data(), nullptr);
+  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), k.act, s,
+                                          k.layout, dx.p, dw.data(), db.data(), workspace.data(), nullptr);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+
+  const double rtol = output_rtol<scalar_t>();
+  const bool low = sizeof(scalar_t) == 2;
+  const double stat_rtol = std::is_same<scalar_t, double>::value ? 1e-10 : 2e-5;
+  Err e_y, e_mean, e_rstd, e_dx, e_dw, e_db;
+  std::vector<real> rdw(C, 0), rdb(C, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const auto value = [&](int64_t c, int64_t r) { return real(x.p[idx(n, c, r)]); };
+      real m = 0, v = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t r = 0; r < HxW; ++r) m += value(c, r);
+      m /= D;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t r = 0; r < HxW; ++r) v += (value(c, r) - m) * (value(c, r) - m);
+      const real rs = 1 / std::sqrt(v / D + eps);
+      e_mean.add(mean[n * G + g], m, stat_rtol * static_cast<double>(std::sqrt(v / D + eps)), stat_rtol);
+      e_rstd.add(rstd[n * G + g], rs, 0, stat_rtol);
+      real s_gw = 0, s_gwxh = 0, y_scale = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t r = 0; r < HxW; ++r) {
+          const real xh = (value(c, r) - m) * rs;
+          const real z = xh * real(w[c]) + real(b[c]);
+          y_scale = std::max(y_scale, std::abs(act_ref(k.act, z)));
+          const real gz = real(dy.p[idx(n, c, r)]) * act_grad_ref(k.act, z);
+          rdw[c] += gz * xh;
+          rdb[c] += gz;
+          s_gw += gz * real(w[c]);
+          s_gwxh += gz * real(w[c]) * xh;
+        }
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t r = 0; r < HxW; ++r) {
+          const real xh = (value(c, r) - m) * rs;
+          const real z = xh * real(w[c]) + real(b[c]);
+          // Rounding of the output is relative to the group's largest output.
+          e_y.add(real(y.p[idx(n, c, r)]), act_ref(k.act, z), rtol * static_cast<double>(std::max<real>(1, y_scale / 8)), rtol);
+          // ReLU's derivative is discontinuous at 0: skip values within rounding of the kink.
+          if (k.act == Activation::ReLU && std::abs(z) < (low ? 1e-2 : 1e-5)) continue;
+          const real gz = real(dy.p[idx(n, c, r)]) * act_grad_ref(k.act, z);
+          const real rdx = rs * (gz * real(w[c]) - s_gw / D - xh * s_gwxh / D);
+          e_dx.add(real(dx.p[idx(n, c, r)]), rdx, rtol * 4 * static_cast<double>(std::max<real>(1, rs)), rtol * 4);
+        }
+    }
+  }
+  const double par_rtol = std::is_same<scalar_t, double>::value ? 1e-9 : low ? 2e-3 : 1e-4;
+  for (int64_t c = 0; c < C; ++c) {
+    e_dw.add(dw[c], rdw[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
+    e_db.add(db[c], rdb[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
+  }
+  const double worst = std::max({e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst});
+  const bool ok = worst <= 1;
+  static const char* acts[] = {"none", "relu", "silu", "gelu"};
+  static const char* spikes[] = {"none", "first", "middle", "last", "plane"};
+  std::printf("%s %-8s %s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d off=%d/%d x=%g+%g*randn spike=%s*%g: "
+              "err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f (%.0f ms)\n",
+              ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC",
+              long(N), long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), k.x_off, k.dy_off, k.center,
+              k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst,
+              e_dw.worst, e_db.worst, ms);
+  (ok ? passed : failed)++;
+}
+
+// The matrix: shapes that exercise every block shape and loop of the kernels,
+// then the numerics cases (spikes anywhere in a group, a large mean).
+std::vector<Case> cases() {
+  std::vector<Case> all;
+  for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    all.push_back({2, 6, 5000, 3, l});                                    // several parts per plane / row block
+    all.push_back({1, 300, 20, 10, l, Activation::SiLU, 0, 0, 3.0});      // C > 256: channel-tile loop, odd C
+    all.push_back({3, 4, 33, 2, l, Activation::GELU, 1, 3});              // misaligned, odd sizes
+    all.push_back({2, 8, 100, 4, l, Activation::ReLU, 0, 0, 0.5});
+    all.push_back({4, 6, 1, 6, l, Activation::None, 0, 0, 0, 1, Spike::None, 0, false});  // one value per group, 2-D input
+    all.push_back({2, 16, 7, 1, l, Activation::SiLU});                   // one group (LayerNorm-like)
+    all.push_back({2, 12, 60, 12, l, Activation::GELU});                  // InstanceNorm-like
+    all.push_back({2, 4, 6 * 5 * 4, 2, l, Activation::None, 2, 2});       // 3-D spatial, same misalignment
+  }
+  return all;
+}
+
+std::vector<Case> numerics_cases() {
+  std::vector<Case> all;
+  for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    for (Spike sp : {Spike::First, Spike::Middle, Spike::Last, Spike::Plane}) {
+      for (double size : {10.0, 100.0, 1000.0}) {
+        all.push_back({1, 4, 4096 + 300, 2, l, Activation::None, 0, 0, 0, 1, sp, size});
+      }
+    }
+    all.push_back({2, 8, 300, 2, l, Activation::SiLU, 0, 0, 0, 1, Spike::First, 100});
+    all.push_back({2, 8, 300, 2, l, Activation::GELU, 0, 0, 0, 1, Spike::Middle, 1000});
+    all.push_back({2, 8, 300, 4, l, Activation::None, 0, 0, 1e4, 1e-2});  // large mean
+    all.push_back({2, 8, 300, 4, l, Activation::SiLU, 0, 0, -3e3, 1e-1});
+  }
+  return all;
+}
+
+template <typename scalar_t>
+void run_matrix(bool numerics) {
+  for (const Case& k : numerics ? numerics_cases() : cases()) {
+    // Half types: the large-mean cases need their values representable (ulp
+    // of 1e4 is 8 in fp16): scale them into range.
+    Case c = k;
+    if (sizeof(scalar_t) == 2 && std::abs(c.center) > 100) c.center = c.center > 0 ? 100 : -100, c.spread = 1;
+    run_case<scalar_t>(c);
+  }
+}
+
+}  // namespace
+
+int main() {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    for (bool numerics : {false, true}) {
+      run_matrix<float>(numerics);
+      run_matrix<double>(numerics);
+      run_matrix<c10::Half>(numerics);
+      run_matrix<c10::BFloat16>(numerics);
+    }
+  } catch (const cudasim::KernelError& e) {
+    std::printf("FAIL kernel error: %s\n", e.what());
+    ++failed;
+  }
+  std::printf("total %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed != 0;
+}
