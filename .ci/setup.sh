@@ -25,10 +25,10 @@ echo "== installing $TORCH_REQ and build/test dependencies"
 "$PY" -m pip install -q "setuptools>=64" wheel ninja numpy pytest expecttest hypothesis
 # The demo's dependencies (pyproject extra "demo"): bundled data set, progress bars, plot.
 "$PY" -m pip install -q scikit-learn tqdm matplotlib
-# Test dependencies of the export/interop tests (ONNX, torchvision models);
+# Test dependencies of the export/interop tests (ONNX, torchvision and timm models);
 # torchvision must match torch (0.29.1 <-> 2.14.1).
 if [ "$TORCH_REQ" = "torch==2.14.1" ]; then
-  "$PY" -m pip install -q onnx onnxruntime onnxscript torchvision==0.29.1
+  "$PY" -m pip install -q onnx onnxruntime onnxscript torchvision==0.29.1 timm==1.0.29
 fi
 
 # The CUDA toolkit lives here on our machines; torch would otherwise guess /usr/local.

@@ -1,5 +1,6 @@
 """Convert an existing model to GroupNormFlex layers."""
 import dataclasses
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -8,31 +9,92 @@ from torch import nn
 from .config import GNConfig
 from .modules import GroupNormFlex
 
-# Activation modules a GroupNorm in an nn.Sequential can absorb.
-_FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu"}
+# What gnflex computes for a module, keyed by the class whose forward the
+# module runs. timm classes are recognised by module path and name, so that
+# gnflex does not depend on timm.
+_ACTIVATIONS = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "Swish": "silu", "SwishMe": "silu"}  # exact equivalents
+_TIMM_NORMS = ("GroupNorm", "GroupNorm1")  # plain group_norm
+_TIMM_NORM_ACTS = ("GroupNormAct", "GroupNorm1Act")  # group_norm -> self.drop -> self.act
 
 
-def _fusable_activation(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else None  # ours is the exact (erf) GELU
-    for cls, name in _FUSABLE.items():
-        if isinstance(module, cls):
-            return name
-    return None
+def _forward_owner(module: nn.Module) -> type:
+    """The class whose ``forward`` ``module`` runs (subclasses may inherit it)."""
+    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
+
+
+def _is_timm(cls: type, names) -> bool:
+    return cls.__module__.startswith("timm.") and cls.__name__ in names
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(
+        getattr(module, hooks, None)
+        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    )
+
+
+def _activation_name(module: nn.Module) -> Optional[str]:
+    """gnflex's name for the activation ``module`` computes, or None."""
+    owner = _forward_owner(module)
+    if _is_timm(owner, _TIMM_ACTIVATIONS):
+        return _TIMM_ACTIVATIONS[owner.__name__]
+    if owner is nn.GELU and module.approximate != "none":
+        return None  # ours is the exact (erf) GELU
+    return _ACTIVATIONS.get(owner)
+
+
+def _groupnorm_activation(gn: nn.GroupNorm) -> Tuple[Optional[str], str]:
+    """(activation, "") when a GroupNormFlex computes ``gn``'s whole forward,
+    else (None, why not)."""
+    owner = _forward_owner(gn)
+    if any(_has_hooks(m) for m in gn.modules()):
+        return None, "has hooks"
+    if owner is nn.GroupNorm:
+        return "none", ""
+    if not _is_timm(owner, _TIMM_NORMS + _TIMM_NORM_ACTS):
+        return None, f"own forward ({owner.__module__}.{owner.__qualname__})"
+    if getattr(gn, "_fast_norm", False):
+        return None, "timm fast_norm (group_norm in the autocast dtype)"
+    if _is_timm(owner, _TIMM_NORMS):
+        return "none", ""
+    drop, act = getattr(gn, "drop", None), getattr(gn, "act", None)
+    if not isinstance(drop, nn.Module) or _forward_owner(drop) is not nn.Identity:
+        return None, f"drop {type(drop).__name__} is not nn.Identity"
+    activation = _activation_name(act) if isinstance(act, nn.Module) else None
+    if activation is None:
+        return None, f"activation {act!r} is not one gnflex computes"
+    return activation, ""
+
+
+def _batchnorm_skip_reason(bn: nn.BatchNorm2d) -> str:
+    """Why ``bn`` is left alone; empty when it runs nn.BatchNorm2d's forward."""
+    owner = _forward_owner(bn)
+    if _has_hooks(bn):
+        return "has hooks"
+    if owner not in nn.BatchNorm2d.__mro__:
+        return f"own forward ({owner.__module__}.{owner.__qualname__})"
+    return ""
 
 
 @dataclasses.dataclass
 class ConversionReport:
     """What :func:`convert` changed: (module name, old module, new module) per
-    replacement, and the names of activations fused into the norm before them."""
+    replacement, the names of activations fused into the norm before them, and
+    (module name, reason) per norm layer left alone."""
 
     replaced: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     fused: List[str] = dataclasses.field(default_factory=list)
+    skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"{len(self.replaced)} module(s) replaced, {len(self.fused)} activation(s) fused"]
+        lines = [
+            f"{len(self.replaced)} module(s) replaced, {len(self.fused)} activation(s) fused, "
+            f"{len(self.skipped)} left alone"
+        ]
         lines += [f"  {name}: {old} -> {new}" for name, old, new in self.replaced]
         lines += [f"  {name}: fused into the preceding norm (now nn.Identity)" for name in self.fused]
+        lines += [f"  {name}: left alone: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
 
@@ -41,14 +103,21 @@ def _factory(module: nn.Module):
     return {} if p is None else {"device": p.device, "dtype": p.dtype}
 
 
+def _with_eps(config: GNConfig, module: nn.Module) -> GNConfig:
+    """``config`` with ``module``'s eps where GNConfig accepts it (finite, >= 0);
+    the caller sets the module's eps on the new layer either way, so that any
+    eps F.group_norm takes is kept."""
+    try:
+        return config.replace(eps=module.eps)
+    except ValueError:
+        return config
+
+
 def _from_groupnorm(gn: nn.GroupNorm, activation: str) -> GroupNormFlex:
     has_bias = gn.affine and gn.bias is not None
-    new = GroupNormFlex(
-        gn.num_channels,
-        GNConfig(mode="gn", groups=gn.num_groups, eps=gn.eps, affine=gn.affine, activation=activation),
-        bias=has_bias,
-        **_factory(gn),
-    )
+    config = GNConfig(mode="gn", groups=gn.num_groups, affine=gn.affine, activation=activation)
+    new = GroupNormFlex(gn.num_channels, _with_eps(config, gn), bias=has_bias, **_factory(gn))
+    new.eps = float(gn.eps)
     with torch.no_grad():
         if gn.affine:
             new.weight.copy_(gn.weight)
@@ -58,13 +127,24 @@ def _from_groupnorm(gn: nn.GroupNorm, activation: str) -> GroupNormFlex:
 
 
 def _from_batchnorm(bn: nn.BatchNorm2d, config: GNConfig) -> GroupNormFlex:
-    cfg = config.replace(eps=bn.eps, affine=bn.affine)
-    new = GroupNormFlex(bn.num_features, cfg, **_factory(bn))
+    new = GroupNormFlex(bn.num_features, _with_eps(config.replace(affine=bn.affine), bn), **_factory(bn))
+    new.eps = float(bn.eps)
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight)
             new.bias.copy_(bn.bias)
     return new
+
+
+def _fusable_next(parent: nn.Module, names: List[str], i: int) -> Optional[str]:
+    """The name of the module after ``names[i]`` when ``parent`` runs as an
+    nn.Sequential and that module is an activation gnflex can fuse."""
+    if _forward_owner(parent) is not nn.Sequential or i + 1 >= len(names):
+        return None
+    nxt = parent._modules[names[i + 1]]
+    if nxt is None or _has_hooks(nxt) or _activation_name(nxt) in (None, "none"):
+        return None
+    return names[i + 1]
 
 
 def convert(
@@ -76,17 +156,30 @@ def convert(
 ) -> Tuple[nn.Module, ConversionReport]:
     """Replace normalisation layers of ``model`` (in place) by GroupNormFlex.
 
-    - every ``nn.GroupNorm`` (subclasses included) becomes a GroupNormFlex with
-      the same groups, eps, affine, bias, weights, dtype and device: outputs
-      are unchanged;
-    - ``fuse_activations``: a GroupNorm directly followed by ``nn.ReLU``,
-      ``nn.SiLU`` or ``nn.GELU()`` (exact) inside an ``nn.Sequential`` becomes one
-      GroupNormFlex with that activation fused, and the activation becomes
-      ``nn.Identity`` (indices and state_dict keys stay the same);
-    - ``batchnorm``: ``nn.BatchNorm2d`` becomes GroupNormFlex with
-      ``batchnorm_config`` (default: GN with automatic groups), keeping eps and
-      the affine weights. This changes what the layer computes (no running
-      statistics): the model needs fine-tuning or training.
+    Outputs and gradients are unchanged (up to rounding): a layer is replaced
+    only when a GroupNormFlex computes its whole forward.
+
+    - ``nn.GroupNorm``, and subclasses that keep its forward, become a
+      GroupNormFlex with the same groups, eps (any value, even one GNConfig
+      rejects), affine, bias, weights, dtype and device;
+    - timm's ``GroupNorm``/``GroupNorm1`` likewise, and timm's
+      ``GroupNormAct``/``GroupNorm1Act`` with ``drop`` an ``nn.Identity`` and
+      ``act`` an ``nn.Identity``, ``nn.ReLU``, ``nn.SiLU``, exact ``nn.GELU()``
+      or timm's equivalent (GELU, Swish) become a GroupNormFlex with that
+      activation fused. timm is recognised by name, not imported;
+    - any other GroupNorm (subclass with its own forward, other activation,
+      tanh GELU, drop block, timm fast_norm, hooks, ...) is left alone and
+      listed in ``report.skipped`` with the reason; convert does not raise;
+    - ``fuse_activations``: a GroupNorm without activation directly followed
+      by ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU()`` (exact) inside an
+      ``nn.Sequential`` becomes one GroupNormFlex with that activation fused,
+      and the activation becomes ``nn.Identity`` (indices and state_dict keys
+      stay the same);
+    - ``batchnorm``: ``nn.BatchNorm2d`` (and subclasses that keep its forward)
+      becomes GroupNormFlex with ``batchnorm_config`` (default: GN with
+      automatic groups), keeping eps and the affine weights. This changes what
+      the layer computes (no running statistics): the model needs fine-tuning
+      or training.
 
     Returns ``(model, report)``.
     """
@@ -100,23 +193,33 @@ def convert(
             if child is None:
                 continue
             full = f"{prefix}{name}"
+            fused = None  # name of the following activation fused into the norm
             if isinstance(child, nn.GroupNorm):
-                activation = "none"
-                if fuse_activations and isinstance(parent, nn.Sequential) and i + 1 < len(names):
-                    nxt = parent._modules[names[i + 1]]
-                    activation = (_fusable_activation(nxt) if nxt is not None else None) or "none"
-                    if activation != "none":
-                        parent._modules[names[i + 1]] = nn.Identity()
-                        report.fused.append(f"{prefix}{names[i + 1]}")
-                new = _from_groupnorm(child, activation)
-                parent._modules[name] = new
-                report.replaced.append((full, repr(child), repr(new)))
+                activation, reason = _groupnorm_activation(child)
+                if activation == "none" and fuse_activations:
+                    fused = _fusable_next(parent, names, i)
+                    activation = _activation_name(parent._modules[fused]) if fused else activation
+                build = functools.partial(_from_groupnorm, child, activation)
             elif batchnorm and isinstance(child, nn.BatchNorm2d):
-                new = _from_batchnorm(child, bn_config)
-                parent._modules[name] = new
-                report.replaced.append((full, repr(child), repr(new)))
+                reason = _batchnorm_skip_reason(child)
+                build = functools.partial(_from_batchnorm, child, bn_config)
             else:
                 visit(child, full + ".")
+                continue
+            if not reason:
+                try:
+                    new = build()
+                except (ValueError, TypeError, RuntimeError) as e:
+                    reason = f"no GroupNormFlex for it: {e}"
+            if reason:
+                report.skipped.append((full, reason))
+                visit(child, full + ".")
+                continue
+            parent._modules[name] = new
+            report.replaced.append((full, repr(child), repr(new)))
+            if fused:
+                parent._modules[fused] = nn.Identity()
+                report.fused.append(f"{prefix}{fused}")
 
     visit(model, "")
     return model, report

@@ -1,4 +1,7 @@
 """Autocast policy, model conversion and DDP."""
+import collections
+import copy
+import math
 import os
 
 import pytest
@@ -110,6 +113,141 @@ def test_convert_without_fusion_and_batchnorm():
     assert report.fused == [] and len(report.replaced) == 2
     untouched, report = gnflex.convert(nn.Sequential(nn.BatchNorm2d(4)))
     assert isinstance(untouched[0], nn.BatchNorm2d) and report.replaced == []
+
+
+class OffsetGroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+class ScaledBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_convert_leaves_alone_subclasses_with_their_own_forward():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), OffsetGroupNorm(2, 8), nn.SiLU(), ScaledBatchNorm(8), nn.GroupNorm(4, 8)
+    ).eval()
+    hooked = nn.GroupNorm(2, 8)
+    hooked.register_forward_hook(lambda module, args, out: out * 3)
+    model.append(hooked)
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    converted, report = gnflex.convert(model, batchnorm=True)
+    assert [name for name, _, _ in report.replaced] == ["4"]
+    assert [name for name, _ in report.skipped] == ["1", "3", "5"]
+    assert "OffsetGroupNorm" in report.skipped[0][1] and report.skipped[2][1] == "has hooks"
+    assert report.fused == [] and isinstance(converted[2], nn.SiLU)
+    assert "1: left alone: own forward" in str(report) and "3 left alone" in str(report)
+    torch.testing.assert_close(converted(x), before)
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.5, float("nan")])
+def test_convert_keeps_any_eps(eps):
+    # GNConfig only accepts finite eps >= 0; convert copies the model's eps anyway.
+    model = nn.Sequential(nn.GroupNorm(2, 4, eps=eps), nn.ReLU())
+    x = torch.randn(2, 4, 3, 3)
+    before = model(x)
+    converted, report = gnflex.convert(model)
+    assert isinstance(converted[0], GroupNormFlex) and report.skipped == []
+    assert converted[0].eps == eps or math.isnan(eps) and math.isnan(converted[0].eps)
+    torch.testing.assert_close(converted(x), before, equal_nan=True)
+
+
+def _randomize_groupnorms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.1)
+    return model
+
+
+def _output_and_grads(model, x):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)))
+    return [out, x.grad] + [p.grad for p in model.parameters()]
+
+
+def _assert_same_function(model, converted, x, tol):
+    # Per tensor, tolerances relative to its largest value: gradients of deep
+    # models range over orders of magnitude.
+    for ours, ref in zip(_output_and_grads(converted, x), _output_and_grads(model, x)):
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize(
+    "name, activations",
+    [
+        ("efficientnet_b0_gn", {"silu": 33, "none": 16}),  # GroupNormAct(SiLU) and GroupNormAct(Identity)
+        ("poolformerv2_s12", {"none": 24}),  # GroupNorm1NoBias, a subclass of timm's GroupNorm1
+    ],
+)
+def test_convert_timm_models_match_outputs_and_gradients(name, activations):
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    torch.manual_seed(0)
+    # float64: in float32 the rounding of 16+ blocks, amplified by gradient
+    # sums that cancel, would need a loose tolerance.
+    model = _randomize_groupnorms(timm.create_model(name, pretrained=False).eval().double())
+    converted, report = gnflex.convert(copy.deepcopy(model))
+    assert report.skipped == [] and not any(isinstance(m, nn.GroupNorm) for m in converted.modules())
+    found = collections.Counter(m.activation for m in converted.modules() if isinstance(m, GroupNormFlex))
+    assert found == activations
+    _assert_same_function(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64), tol=1e-8)
+
+
+def test_convert_timm_norm_layers():
+    pytest.importorskip("timm", reason="timm is a test dependency")
+    from timm.layers import GroupNorm, GroupNorm1, GroupNorm1Act, GroupNormAct
+    from timm.layers.activations import GELU, Swish
+
+    torch.manual_seed(0)
+    model = _randomize_groupnorms(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        GroupNorm1(8),
+        GroupNorm(8, num_groups=4, eps=1e-3),
+        GroupNormAct(8, 4, act_layer="relu"),
+        GroupNormAct(8, 2, act_layer="silu", affine=False),
+        GroupNormAct(8, 4, act_layer="gelu"),  # timm's GELU
+        GroupNormAct(8, 4, act_layer=nn.GELU),
+        GroupNormAct(8, 4, act_layer=Swish),
+        GroupNorm1Act(8, act_layer=GELU),
+        GroupNormAct(8, 4, apply_act=False), nn.ReLU(),  # fused: the norm has no activation
+        GroupNormAct(8, 4, act_layer="silu"), nn.ReLU(),  # not fused: the norm has one
+    ))
+    converted, report = gnflex.convert(copy.deepcopy(model))
+    assert report.skipped == [] and report.fused == ["10"]
+    assert [converted[i].activation for i in range(1, 12) if i != 10] == [
+        "none", "none", "relu", "silu", "gelu", "gelu", "silu", "gelu", "relu", "silu"
+    ]
+    assert isinstance(converted[12], nn.ReLU) and converted[2].eps == 1e-3 and converted[1].num_groups == 1
+    _assert_same_function(model, converted, torch.randn(2, 3, 6, 6), tol=1e-5)
+
+
+def test_convert_leaves_alone_timm_layers_it_cannot_compute():
+    pytest.importorskip("timm", reason="timm is a test dependency")
+    from timm.layers import GroupNorm1, GroupNormAct
+
+    fast = GroupNorm1(8)
+    fast._fast_norm = True  # group_norm in the autocast dtype
+    model = nn.Sequential(
+        GroupNormAct(8, 4, act_layer=nn.Tanh),
+        GroupNormAct(8, 4, act_layer="gelu_tanh"),
+        GroupNormAct(8, 4, act_layer=nn.GELU, act_kwargs={"approximate": "tanh"}),
+        GroupNormAct(8, 4, act_layer="relu", drop_layer=nn.Dropout),
+        fast,
+    ).eval()
+    x = torch.randn(2, 8, 4, 4)
+    before = model(x)
+    converted, report = gnflex.convert(model)
+    assert report.replaced == [] and [name for name, _ in report.skipped] == ["0", "1", "2", "3", "4"]
+    assert "Tanh" in report.skipped[0][1] and "Dropout" in report.skipped[3][1]
+    assert "fast_norm" in report.skipped[4][1]
+    torch.testing.assert_close(converted(x), before)
 
 
 # ---- DDP -------------------------------------------------------------------------
