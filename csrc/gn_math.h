@@ -36,6 +36,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "gn_types.h"
 
@@ -58,14 +59,31 @@ GNFLEX_HD float gn_reciprocal(float v) { return 1.0f / v; }
 GNFLEX_HD double gn_reciprocal(double v) { return 1.0 / v; }
 GNFLEX_HD float gn_rsqrt(float v) { return 1.0f / ::sqrtf(v); }
 GNFLEX_HD double gn_rsqrt(double v) { return 1.0 / ::sqrt(v); }
+// min(v, cap); NaN in v stays NaN.
+template <typename T>
+GNFLEX_HD T gn_min(T v, T cap) { return cap < v ? cap : v; }
+// Largest argument whose exp is finite with room for 1 + exp (float, double).
+GNFLEX_HD float gn_exp_arg_max(float) { return 88.0f; }
+GNFLEX_HD double gn_exp_arg_max(double) { return 709.0; }
 // Machine epsilon of the accumulate type (std::numeric_limits is host-only).
 GNFLEX_HD float gn_epsilon(float) { return FLT_EPSILON; }
 GNFLEX_HD double gn_epsilon(double) { return DBL_EPSILON; }
-// max(v, 0) and its derivative (1 where v > 0, else 0; torch uses 0 at 0).
+// max(v, 0) and its derivative as torch's threshold_backward: 0 where v <= 0,
+// else 1 (so 0 at 0, and 1 at NaN: the gradient passes through).
 template <typename T>
 GNFLEX_HD T gn_relu(T v) { return v < T(0) ? T(0) : v; }  // NaN stays NaN, as torch.relu
 template <typename T>
-GNFLEX_HD T gn_positive_mask(T v) { return v > T(0) ? T(1) : T(0); }
+GNFLEX_HD T gn_positive_mask(T v) { return v <= T(0) ? T(0) : T(1); }
+
+// The scalar type of a value type: itself, or a vector's element type.
+template <typename V, typename = void>
+struct ScalarOf {
+  using type = V;
+};
+template <typename V>
+struct ScalarOf<V, std::void_t<typename V::value_type>> {
+  using type = typename V::value_type;
+};
 
 // ---- activations ---------------------------------------------------------
 // GELU is the exact (erf) form, as torch.nn.functional.gelu by default.
@@ -88,8 +106,13 @@ GNFLEX_HD V activate_grad(V z) {
   if constexpr (A == Activation::ReLU) {
     return gn_positive_mask(z);
   } else if constexpr (A == Activation::SiLU) {
-    const V sig = gn_reciprocal(V(1) + gn_exp(V(0) - z));
-    return sig * (V(1) + z * (V(1) - sig));
+    // 1 - sigmoid(z) as exp(-z) * sigmoid(z): 1 - sig cancels when sig -> 1
+    // (a sigmoid rounded to 1 - 2^-24 gave silu'(z) = 1 + z * 2^-24, 6e-4 off
+    // at z = 1e4). exp's argument is capped so that exp(-z) stays finite
+    // (inf * 0 would be NaN where sig underflows to 0).
+    const V e = gn_exp(gn_min(V(0) - z, V(gn_exp_arg_max(typename ScalarOf<V>::type(0)))));
+    const V sig = gn_reciprocal(V(1) + e);
+    return sig * (V(1) + z * (e * sig));
   } else if constexpr (A == Activation::GELU) {
     // 0.5 * (1 + erf(z / sqrt 2)) + z * exp(-z^2 / 2) / sqrt(2 pi)
     const V cdf = V(0.5) * (V(1) + gn_erf(z * V(M_SQRT1_2)));
@@ -136,6 +159,35 @@ GNFLEX_HD WelfordStats<T> welford_from_centered_sums(int64_t count, T center, T 
   // Clamp rounding below zero, but keep NaN (from inf or NaN input): the
   // group's output must be NaN then, as torch's, not normalized by eps.
   s.m2 = m2 < T(0) ? T(0) : m2;
+  return s;
+}
+
+// Stats of k parts of n values each (the channels of a group within a
+// channels-last row block), part j given as chunk stats are: its center c[j]
+// and the sums s1[j], s2[j] of d = x - c[j] and d^2. Chan's merge for equal
+// counts: M2 = sum_j (s2 - s1^2 / n) + n * sum_j (mean_j - mean)^2, with every
+// mean taken about c[0]. Each part keeps its own center, so channels at
+// different levels (a dead channel, a plane of spikes) cost no accuracy.
+template <typename T>
+GNFLEX_HD WelfordStats<T> welford_from_equal_parts(int64_t k, int64_t n, const T* c, const T* s1,
+                                                   const T* s2) {
+  WelfordStats<T> s;
+  if (k == 0 || n == 0) return s;
+  const T inv_n = T(1) / T(n);
+  T offset_sum = T(0);
+  for (int64_t j = 0; j < k; ++j) offset_sum += (c[j] - c[0]) + s1[j] * inv_n;
+  const T offset = offset_sum / T(k);
+  T within = T(0), between = T(0);
+  for (int64_t j = 0; j < k; ++j) {
+    within += s2[j] - s1[j] * (s1[j] * inv_n);
+    const T dev = (c[j] - c[0]) + s1[j] * inv_n - offset;
+    between += dev * dev;
+  }
+  const T m2 = within + T(n) * between;
+  s.count = k * n;
+  s.center = c[0];
+  s.offset = offset;
+  s.m2 = m2 < T(0) ? T(0) : m2;  // NaN stays NaN
   return s;
 }
 

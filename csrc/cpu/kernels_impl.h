@@ -284,8 +284,9 @@ WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
 
 // Channels-last: exact per-group stats of rows [row0, row0 + rows) of one
 // sample (a block of about kChunk values, in L1 after the first pass), as
-// chunk_stats: per-channel sums, the group's block mean, then per-channel sums
-// of d = x - mean and d^2 about it. scratch: 3 * C values. Writes out[G].
+// chunk_stats per channel: the channel's block mean, then the sums of
+// d = x - mean and d^2 about it; a group's channels merge as equal parts.
+// scratch: 3 * C values. Writes out[G].
 template <typename scalar_t>
 void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const GroupNormShape& s,
                     acc_type<scalar_t>* scratch, WelfordStats<acc_type<scalar_t>>* out) {
@@ -293,13 +294,8 @@ void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const Gr
   const int64_t Cg = s.channels_per_group();
   acc_t* sum_d = scratch;
   acc_t* sum_d2 = scratch + s.C;
-  acc_t* center = scratch + 2 * s.C;  // per channel: its group's block mean
-  const auto group_total = [&](const acc_t* per_channel, int64_t g) {
-    acc_t total = 0;
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) total += per_channel[c];
-    return total;
-  };
-  std::fill(sum_d, sum_d + s.C, acc_t(0));
+  acc_t* center = scratch + 2 * s.C;  // per channel: its block mean
+  std::fill(center, center + s.C, acc_t(0));
   for (int64_t r = row0; r < row0 + rows; ++r) {
     const scalar_t* row = sample + r * s.C;
     simd_for<scalar_t>(s.C, [&](int64_t i, auto step) {
@@ -308,13 +304,11 @@ void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const Gr
       V v[S::count];
       load_values(row + i, v);
       for (int k = 0; k < S::count; ++k) {
-        store_as<V>(sum_d + i + k * S::lanes, load_as<V>(sum_d + i + k * S::lanes) + v[k]);
+        store_as<V>(center + i + k * S::lanes, load_as<V>(center + i + k * S::lanes) + v[k]);
       }
     });
   }
-  for (int64_t g = 0; g < s.G; ++g) {
-    std::fill(center + g * Cg, center + (g + 1) * Cg, math::chunk_center(rows * Cg, group_total(sum_d, g)));
-  }
+  for (int64_t c = 0; c < s.C; ++c) center[c] = math::chunk_center(rows, center[c]);
   std::fill(sum_d, sum_d + s.C, acc_t(0));
   std::fill(sum_d2, sum_d2 + s.C, acc_t(0));
   for (int64_t r = row0; r < row0 + rows; ++r) {
@@ -330,8 +324,8 @@ void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const Gr
     });
   }
   for (int64_t g = 0; g < s.G; ++g) {
-    out[g] = math::welford_from_centered_sums(rows * Cg, center[g * Cg], group_total(sum_d, g),
-                                              group_total(sum_d2, g));
+    const int64_t c0 = g * Cg;
+    out[g] = math::welford_from_equal_parts(Cg, rows, center + c0, sum_d + c0, sum_d2 + c0);
   }
 }
 

@@ -62,7 +62,11 @@ inline at::vec::Vectorized<T> gn_relu(const at::vec::Vectorized<T>& v) {
 template <typename T>
 inline at::vec::Vectorized<T> gn_positive_mask(const at::vec::Vectorized<T>& v) {
   using Vec = at::vec::Vectorized<T>;
-  return Vec::blendv(Vec(T(0)), Vec(T(1)), v > Vec(T(0)));
+  return Vec::blendv(Vec(T(1)), Vec(T(0)), v <= Vec(T(0)));  // 1 at NaN, as torch
+}
+template <typename T>
+inline at::vec::Vectorized<T> gn_min(const at::vec::Vectorized<T>& v, const at::vec::Vectorized<T>& cap) {
+  return at::vec::minimum(v, cap);  // NaN stays NaN
 }
 
 }  // namespace CPU_CAPABILITY
