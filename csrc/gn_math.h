@@ -138,16 +138,20 @@ struct WelfordStats {
   T m2 = T(0);
 };
 
-// The center of a chunk: its plain mean (the first of the two passes).
+// The center of a chunk: the mean of all of its values or of a subset (the
+// first of the two passes). A subset of m of the chunk's n values has a mean
+// within sqrt(M2 / m) of the chunk's (Cauchy-Schwarz), which bounds the
+// relative rounding error of M2 from the centered sums below by about
+// (1 + n / m) units, whatever the data.
 template <typename T>
 GNFLEX_HD T chunk_center(int64_t count, T sum) {
   return count > 0 ? sum / T(count) : T(0);
 }
 
 // Stats of a chunk from the sums of d = x - center and d^2 over its count
-// values (the second pass). center is within rounding of the chunk's mean, so
-// sum_d is tiny and the correction sum_d^2 / n cancels nothing; it removes the
-// rounding error of center from M2.
+// values (the second pass). center is near the chunk's mean, so sum_d is
+// small and the correction sum_d^2 / n cancels little; it removes the offset
+// of center from M2.
 template <typename T>
 GNFLEX_HD WelfordStats<T> welford_from_centered_sums(int64_t count, T center, T sum_d, T sum_d2) {
   WelfordStats<T> s;

@@ -196,9 +196,19 @@ bool use_fused(int64_t items, int64_t item_bytes, int64_t budget) {
   return item_bytes <= budget && items >= at::get_num_threads();
 }
 
-// Channels-last statistics and gradient sums accumulate per channel over
-// blocks of rows (spatial positions) of about kChunk values.
+// Rows (spatial positions) of about kChunk values: the grain of channels-last
+// elementwise passes.
 int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1)); }
+
+// Channels-last statistics and gradient sums accumulate per channel over
+// blocks of rows, then sum the blocks pairwise. Blocks of up to ~16K values
+// (the per-block work on C-sized arrays stays small next to the block's own)
+// and of at most 64 rows: a channel's sums run down the rows one add after
+// another, and a long chain after a spike loses its small terms (682 rows:
+// 1e-6 of M2).
+int64_t sum_rows_per_block(int64_t C) {
+  return std::clamp<int64_t>(4 * kChunk / std::max<int64_t>(C, 1), 1, 64);
+}
 
 // ---- pivots -----------------------------------------------------------------
 // Outputs are computed about each group's rounded mean P (the pivot): the
@@ -217,18 +227,26 @@ std::vector<T> channel_pivots(const T* mean, const GroupNormShape& s) {
 }
 
 // ---- statistics ------------------------------------------------------------
-// Exact Welford stats of len contiguous values (one chunk, in L1 after the
-// first pass): the chunk's mean, then the sums of d = x - mean and d^2.
+// The center of a chunk of n values is the mean of its first center_count(n):
+// a quarter keeps M2's rounding within ~5 units for any data (see
+// math::chunk_center) at a quarter of the first pass's cost, and those values
+// are in L1 for the second pass anyway.
+int64_t center_count(int64_t n) { return (n + 3) / 4; }
+
+// Exact Welford stats of len contiguous values (one chunk, in L1 for the
+// second pass): a center from its first values, then the sums of
+// d = x - center and d^2.
 template <typename scalar_t>
 WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
   using acc_t = acc_type<scalar_t>;
-  const acc_t sum = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& /*b*/) {
+  const int64_t m = center_count(len);
+  const acc_t sum = simd_sum2<scalar_t>(m, [&](int64_t i, auto step, auto& a, auto& /*b*/) {
                       using S = decltype(step);
                       typename S::type v[S::count];
                       load_values(p + i, v);
                       for (int k = 0; k < S::count; ++k) a = a + v[k];
                     }).first;
-  const acc_t center = math::chunk_center(len, sum);
+  const acc_t center = math::chunk_center(m, sum);
   auto [sum_d, sum_d2] = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& b) {
     using S = decltype(step);
     using V = typename S::type;
@@ -282,38 +300,77 @@ WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
   return merge.result();
 }
 
-// Channels-last: exact per-group stats of rows [row0, row0 + rows) of one
-// sample (a block of about kChunk values, in L1 after the first pass), as
-// chunk_stats per channel: the channel's block mean, then the sums of
-// d = x - mean and d^2 about it; a group's channels merge as equal parts.
-// scratch: 3 * C values. Writes out[G].
-template <typename scalar_t>
-void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const GroupNormShape& s,
-                    acc_type<scalar_t>* scratch, WelfordStats<acc_type<scalar_t>>* out) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t Cg = s.channels_per_group();
-  acc_t* sum_d = scratch;
-  acc_t* sum_d2 = scratch + s.C;
-  acc_t* center = scratch + 2 * s.C;  // per channel: its block mean
-  std::fill(center, center + s.C, acc_t(0));
-  for (int64_t r = row0; r < row0 + rows; ++r) {
-    const scalar_t* row = sample + r * s.C;
-    simd_for<scalar_t>(s.C, [&](int64_t i, auto step) {
-      using S = decltype(step);
-      using V = typename S::type;
-      V v[S::count];
-      load_values(row + i, v);
-      for (int k = 0; k < S::count; ++k) {
-        store_as<V>(center + i + k * S::lanes, load_as<V>(center + i + k * S::lanes) + v[k]);
-      }
-    });
+// Sums of arrays of `width` values pushed in index order, as a balanced
+// binary tree (as PairwiseMerge): accurate over many row blocks, and the
+// result depends only on the count.
+template <typename T>
+class PairwiseArraySum {
+ public:
+  explicit PairwiseArraySum(int64_t width) : width_(width), carry_(width) {}
+  void push(const T* values) {
+    if ((pushed_ & 1) == 0) {  // level 0 is free: no sum yet
+      store(0, values);
+      ++pushed_;
+      return;
+    }
+    const T* first = levels_.data();
+    for (int64_t i = 0; i < width_; ++i) carry_[i] = first[i] + values[i];
+    int64_t level = 1;
+    for (uint64_t n = pushed_ >> 1; n & 1; n >>= 1, ++level) {
+      const T* earlier = levels_.data() + level * width_;
+      for (int64_t i = 0; i < width_; ++i) carry_[i] = earlier[i] + carry_[i];
+    }
+    store(level, carry_.data());
+    ++pushed_;
   }
-  for (int64_t c = 0; c < s.C; ++c) center[c] = math::chunk_center(rows, center[c]);
-  std::fill(sum_d, sum_d + s.C, acc_t(0));
-  std::fill(sum_d2, sum_d2 + s.C, acc_t(0));
+  void result(T* out) const {
+    std::fill(out, out + width_, T(0));
+    for (int64_t level = 0; (pushed_ >> level) != 0; ++level) {
+      if ((pushed_ >> level & 1) == 0) continue;
+      const T* sum = levels_.data() + level * width_;
+      for (int64_t i = 0; i < width_; ++i) out[i] = sum[i] + out[i];
+    }
+  }
+
+ private:
+  void store(int64_t level, const T* values) {
+    if (static_cast<int64_t>(levels_.size()) < (level + 1) * width_) levels_.resize((level + 1) * width_);
+    std::copy(values, values + width_, levels_.begin() + level * width_);
+  }
+
+  int64_t width_;
+  std::vector<T> carry_;
+  std::vector<T> levels_;  // level i: the sum of 2^i arrays (if bit i of pushed_)
+  uint64_t pushed_ = 0;
+};
+
+// Channels-last: per-channel sums over rows [row0, row0 + rows) of one
+// sample: of x (center == nullptr; out: C values), or of d = x - center[c]
+// and d^2 (out: 2 * C values, the d sums first).
+template <typename scalar_t>
+void cl_block_sums(const scalar_t* sample, int64_t row0, int64_t rows, int64_t C,
+                   const acc_type<scalar_t>* center, acc_type<scalar_t>* out) {
+  using acc_t = acc_type<scalar_t>;
+  if (center == nullptr) {
+    std::fill(out, out + C, acc_t(0));
+    for (int64_t r = row0; r < row0 + rows; ++r) {
+      const scalar_t* row = sample + r * C;
+      simd_for<scalar_t>(C, [&](int64_t i, auto step) {
+        using S = decltype(step);
+        using V = typename S::type;
+        V v[S::count];
+        load_values(row + i, v);
+        for (int k = 0; k < S::count; ++k) {
+          store_as<V>(out + i + k * S::lanes, load_as<V>(out + i + k * S::lanes) + v[k]);
+        }
+      });
+    }
+    return;
+  }
+  std::fill(out, out + 2 * C, acc_t(0));
   for (int64_t r = row0; r < row0 + rows; ++r) {
-    const scalar_t* row = sample + r * s.C;
-    simd_accumulate_row<scalar_t>(s.C, sum_d, sum_d2, [&](int64_t i, auto step, auto& a, auto& b) {
+    const scalar_t* row = sample + r * C;
+    simd_accumulate_row<scalar_t>(C, out, out + C, [&](int64_t i, auto step, auto& a, auto& b) {
       using S = decltype(step);
       using V = typename S::type;
       load_values(row + i, a);
@@ -323,27 +380,67 @@ void cl_block_stats(const scalar_t* sample, int64_t row0, int64_t rows, const Gr
       }
     });
   }
+}
+
+// Channels-last statistics of a sample, in two phases over row blocks:
+//   centers  per-channel mean of the first center_count(HxW) rows (a subset
+//            bounds M2's rounding as a whole-chunk mean would: see
+//            math::chunk_center);
+//   sums     per-channel sums of d = x - center and d^2 over all rows;
+// block results are summed pairwise in row order, then each group's channels
+// merge as equal parts (channels at different levels cost no accuracy). The
+// fused schedule runs the blocks of a sample in order, the two-pass schedule
+// in parallel; both sum the same blocks in the same order.
+struct ClStatsPlan {
+  int64_t block_rows, center_rows, center_blocks, blocks;
+  int64_t rows_of(int64_t block, int64_t total_rows) const {
+    return std::min(block_rows, total_rows - block * block_rows);
+  }
+};
+
+ClStatsPlan cl_stats_plan(const GroupNormShape& s) {
+  const int64_t block_rows = sum_rows_per_block(s.C);
+  const int64_t center_rows = center_count(s.HxW);
+  return {block_rows, center_rows, ceil_div(center_rows, block_rows), ceil_div(s.HxW, block_rows)};
+}
+
+// Scratch values per channel sample_stats needs.
+constexpr int64_t kSampleStatsScratch = 5;
+
+template <typename T>
+void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, WelfordStats<T>* out) {
+  const int64_t Cg = s.channels_per_group();
   for (int64_t g = 0; g < s.G; ++g) {
     const int64_t c0 = g * Cg;
-    out[g] = math::welford_from_equal_parts(Cg, rows, center + c0, sum_d + c0, sum_d2 + c0);
+    out[g] = math::welford_from_equal_parts(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
   }
 }
 
-// Channels-last: stats of every group of one sample (out[G]), row block by
-// row block as the two-pass schedule cuts them, merged pairwise per group.
-// scratch: 3 * C values.
+// Stats of every group of one channels-last sample (out[G]).
+// scratch: kSampleStatsScratch * C values.
 template <typename scalar_t>
 void sample_stats(const scalar_t* sample, const GroupNormShape& s, acc_type<scalar_t>* scratch,
                   WelfordStats<acc_type<scalar_t>>* out) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t block_rows = rows_per_block(s.C);
-  std::vector<PairwiseMerge<acc_t>> merges(s.G);
-  std::vector<WelfordStats<acc_t>> block(s.G);
-  for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
-    cl_block_stats(sample, row0, std::min(block_rows, s.HxW - row0), s, scratch, block.data());
-    for (int64_t g = 0; g < s.G; ++g) merges[g].push(block[g]);
+  const ClStatsPlan plan = cl_stats_plan(s);
+  acc_t* center = scratch;
+  acc_t* block = scratch + s.C;     // 2 * C
+  acc_t* sums = scratch + 3 * s.C;  // 2 * C
+  PairwiseArraySum<acc_t> center_sum(s.C);
+  for (int64_t b = 0; b < plan.center_blocks; ++b) {
+    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, plan.center_rows), s.C,
+                  static_cast<const acc_t*>(nullptr), block);
+    center_sum.push(block);
   }
-  for (int64_t g = 0; g < s.G; ++g) out[g] = merges[g].result();
+  center_sum.result(center);
+  for (int64_t c = 0; c < s.C; ++c) center[c] = math::chunk_center(plan.center_rows, center[c]);
+  PairwiseArraySum<acc_t> total(2 * s.C);
+  for (int64_t b = 0; b < plan.blocks; ++b) {
+    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, s.HxW), s.C, center, block);
+    total.push(block);
+  }
+  total.result(sums);
+  cl_stats_from_sums(s, center, sums, out);
 }
 
 // Two-pass statistics: every chunk / row block in parallel, then merged
@@ -376,24 +473,41 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
     return result;
   }
 
-  const int64_t block_rows = rows_per_block(s.C);
-  const int64_t blocks = ceil_div(s.HxW, block_rows);
-  std::vector<Stats> partial(s.N * blocks * s.G);
-  at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * s.C);
+  const ClStatsPlan plan = cl_stats_plan(s);
+  const int64_t C = s.C;
+  // Phase 1: the first rows' per-channel sums, block by block, in parallel.
+  std::vector<acc_t> center_parts(s.N * plan.center_blocks * C);
+  at::parallel_for(0, s.N * plan.center_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks;
-      const int64_t row0 = item % blocks * block_rows;
-      cl_block_stats(x + n * s.HxW * s.C, row0, std::min(block_rows, s.HxW - row0), s,
-                     scratch.data(), partial.data() + item * s.G);
+      const int64_t b = item % plan.center_blocks;
+      cl_block_sums(x + item / plan.center_blocks * s.HxW * C, b * plan.block_rows,
+                    plan.rows_of(b, plan.center_rows), C, static_cast<const acc_t*>(nullptr),
+                    center_parts.data() + item * C);
     }
   });
+  std::vector<acc_t> centers(s.N * C);
   for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t g = 0; g < s.G; ++g) {
-      PairwiseMerge<acc_t> merge;
-      for (int64_t b = 0; b < blocks; ++b) merge.push(partial[(n * blocks + b) * s.G + g]);
-      result[n * s.G + g] = merge.result();
+    PairwiseArraySum<acc_t> sum(C);
+    for (int64_t b = 0; b < plan.center_blocks; ++b) sum.push(center_parts.data() + (n * plan.center_blocks + b) * C);
+    sum.result(centers.data() + n * C);
+    for (int64_t c = 0; c < C; ++c) centers[n * C + c] = math::chunk_center(plan.center_rows, centers[n * C + c]);
+  }
+  // Phase 2: sums about the centers over every row block, in parallel.
+  std::vector<acc_t> partial(s.N * plan.blocks * 2 * C);
+  at::parallel_for(0, s.N * plan.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / plan.blocks;
+      const int64_t b = item % plan.blocks;
+      cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C,
+                    centers.data() + n * C, partial.data() + item * 2 * C);
     }
+  });
+  std::vector<acc_t> sums(2 * C);
+  for (int64_t n = 0; n < s.N; ++n) {
+    PairwiseArraySum<acc_t> total(2 * C);
+    for (int64_t b = 0; b < plan.blocks; ++b) total.push(partial.data() + (n * plan.blocks + b) * 2 * C);
+    total.result(sums.data());
+    cl_stats_from_sums(s, centers.data() + n * C, sums.data(), result.data() + n * s.G);
   }
   return result;
 }
@@ -732,7 +846,7 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
   using Stats = WelfordStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table(6 * s.C);
+    std::vector<acc_t> table((3 + kSampleStatsScratch) * s.C);
     acc_t* pivot = table.data();
     acc_t* scale = pivot + s.C;
     acc_t* shift = scale + s.C;
@@ -856,7 +970,7 @@ template <typename scalar_t, Activation A>
 void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
-  const int64_t block_rows = rows_per_block(s.C);
+  const int64_t block_rows = sum_rows_per_block(s.C);
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> table(8 * s.C);
     acc_t* pivot = table.data();
@@ -882,17 +996,16 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* sum_gx = a.sum_gx + n * s.C;
       acc_t* sum_g = a.sum_g + n * s.C;
-      std::fill(sum_gx, sum_gx + s.C, acc_t(0));
-      std::fill(sum_g, sum_g + s.C, acc_t(0));
+      PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
       for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
         cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
                                         std::min(block_rows, s.HxW - row0), s.C, t, block_gx, block_g,
                                         g_out);
-        for (int64_t c = 0; c < s.C; ++c) {
-          sum_gx[c] += block_gx[c];
-          sum_g[c] += block_g[c];
-        }
+        total.push(block_gx);
       }
+      total.result(block_gx);
+      std::copy(block_gx, block_gx + s.C, sum_gx);
+      std::copy(block_g, block_g + s.C, sum_g);
       if (a.dx == nullptr) continue;
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
@@ -954,7 +1067,7 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
       }
     }
   } else if (s.HxW > 0) {
-    const int64_t block_rows = rows_per_block(s.C);
+    const int64_t block_rows = sum_rows_per_block(s.C);
     const int64_t blocks = ceil_div(s.HxW, block_rows);
     std::vector<acc_t> partial(s.N * blocks * 2 * s.C);
     at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -969,14 +1082,13 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
                                         block_gx + s.C);
       }
     });
+    std::vector<acc_t> sums(2 * s.C);
     for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const acc_t* block_gx = partial.data() + (n * blocks + b) * 2 * s.C;
-        for (int64_t c = 0; c < s.C; ++c) {
-          a.sum_gx[n * s.C + c] += block_gx[c];
-          a.sum_g[n * s.C + c] += block_gx[s.C + c];
-        }
-      }
+      PairwiseArraySum<acc_t> total(2 * s.C);
+      for (int64_t b = 0; b < blocks; ++b) total.push(partial.data() + (n * blocks + b) * 2 * s.C);
+      total.result(sums.data());
+      std::copy(sums.begin(), sums.begin() + s.C, a.sum_gx + n * s.C);
+      std::copy(sums.begin() + s.C, sums.end(), a.sum_g + n * s.C);
     }
   }
   if (a.dx == nullptr) return;
@@ -1050,7 +1162,7 @@ void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
     return;
   }
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * s.C);
+    std::vector<acc_t> scratch(kSampleStatsScratch * s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
       if (!std::any_of(has_exact.begin() + n * s.G, has_exact.begin() + (n + 1) * s.G,
