@@ -172,3 +172,22 @@ def test_demo_reuses_runs_of_identical_networks(tmp_path):
     assert rows["gn32"]["test_accuracy"] == rows["gn_auto"]["test_accuracy"]
     assert float(rows["gn32"]["seconds"]) == 0.0 and float(rows["gn_auto"]["seconds"]) > 0
     assert "reused" in (tmp_path / "results.md").read_text()
+
+
+def test_cuda_bench_cases_are_valid_inputs():
+    # The CUDA bench and the simulator's traffic model share one case list;
+    # check it here, where no GPU is needed: every case is a valid GroupNorm
+    # input, and the traffic model keeps C, G, dtype and layout.
+    from gnflex.bench.cases import CUDA_CASES, traffic_cases
+    from gnflex.bench.cuda import case_rows
+
+    rows = case_rows(CUDA_CASES)
+    assert len(rows) == 4 * sum(len(layouts) for *_, layouts in CUDA_CASES)
+    for name, shape, groups, dtype, layout, activation, backward in rows:
+        assert shape[1] % groups == 0 and len(shape) >= 3, (name, shape, groups)
+        assert dtype in (torch.float16, torch.bfloat16, torch.float32)
+        assert layout == "nchw" or len(shape) in (4, 5), (name, shape, layout)
+    traffic = traffic_cases()
+    assert {(c, g, d, lay) for _, _, c, _, g, d, lay in traffic} >= {
+        (shape[1], groups, dtype, layout) for _, shape, groups, dtype, layouts in CUDA_CASES for layout in layouts}
+    assert all(n * c * hxw <= 1 << 22 and c % g == 0 for _, n, c, hxw, g, _, _ in traffic)

@@ -31,10 +31,15 @@
 
 #include "../gn_math.h"
 
+// Launches, and global-memory accesses (gload / gstore below): the simulator
+// test counts both (bash .ci/cuda-sim --traffic), the only evidence of what
+// the kernels would cost a GPU on a machine without one.
 #ifdef GNFLEX_CUDA_SIM
 #define GNFLEX_LAUNCH(kernel, grid, block, stream, ...) \
-  CUDASIM_LAUNCH(kernel, grid, block, 0, stream, __VA_ARGS__)
+  (::gnflex_sim_count_launch((grid).x), CUDASIM_LAUNCH(kernel, grid, block, 0, stream, __VA_ARGS__))
+#define GNFLEX_COUNT_TRAFFIC(bytes) ::gnflex_sim_count_traffic(bytes)
 #else
+#define GNFLEX_COUNT_TRAFFIC(bytes) ((void)0)
 #include <c10/cuda/CUDAException.h>
 #define GNFLEX_LAUNCH(kernel, grid, block, stream, ...)     \
   do {                                                      \
@@ -102,6 +107,18 @@ inline PartPlan make_plan(const GroupNormShape& s, Layout layout) {
 }
 
 // ---- device helpers --------------------------------------------------------
+// Every global-memory access of the kernels goes through these two.
+template <typename T>
+__device__ __forceinline__ T gload(const T* p) {
+  GNFLEX_COUNT_TRAFFIC(sizeof(T));
+  return *p;
+}
+template <typename T>
+__device__ __forceinline__ void gstore(T* p, const T& v) {
+  GNFLEX_COUNT_TRAFFIC(sizeof(T));
+  *p = v;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -157,10 +174,10 @@ using Width = std::integral_constant<int, N>;
 template <int N, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_values(const scalar_t* p, acc_t (&out)[N]) {
   if constexpr (N == 1) {
-    out[0] = static_cast<acc_t>(*p);
+    out[0] = static_cast<acc_t>(gload(p));
   } else {
     using Pack = typename PackTraits<scalar_t>::Pack;
-    const Pack pack = *reinterpret_cast<const Pack*>(p);
+    const Pack pack = gload(reinterpret_cast<const Pack*>(p));
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = static_cast<acc_t>(pack.v[k]);
   }
@@ -169,13 +186,13 @@ __device__ __forceinline__ void load_values(const scalar_t* p, acc_t (&out)[N]) 
 template <int N, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_values(scalar_t* p, const acc_t (&in)[N]) {
   if constexpr (N == 1) {
-    *p = static_cast<scalar_t>(in[0]);
+    gstore(p, static_cast<scalar_t>(in[0]));
   } else {
     using Pack = typename PackTraits<scalar_t>::Pack;
     Pack pack;
 #pragma unroll
     for (int k = 0; k < N; ++k) pack.v[k] = static_cast<scalar_t>(in[k]);
-    *reinterpret_cast<Pack*>(p) = pack;
+    gstore(reinterpret_cast<Pack*>(p), pack);
   }
 }
 
@@ -270,7 +287,7 @@ __device__ __forceinline__ RowTile row_tile(int64_t C) {
 // (mean == nullptr), in the backward only where the residual matters.
 template <typename acc_t>
 __device__ __forceinline__ bool wants_stats(const acc_t* mean, const acc_t* rstd, int64_t ng) {
-  return mean == nullptr || math::needs_exact_residual(mean[ng], rstd[ng]);
+  return mean == nullptr || math::needs_exact_residual(gload(mean + ng), gload(rstd + ng));
 }
 
 // ---- per-value operations ----------------------------------------------------

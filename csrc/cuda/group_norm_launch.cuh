@@ -17,7 +17,7 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
   const PlaneSpan span = plane_span(s, plan);
   const scalar_t* xs = x + span.offset;
   const scalar_t* dys = dy + span.offset;
-  const ChannelCoefs<acc_t> k = coefs[span.plane];
+  const ChannelCoefs<acc_t> k = gload(coefs + span.plane);
   Sum2<acc_t> sum{acc_t(0), acc_t(0)};
   for_each_in_span(span.len, xs, misalignment(xs) == misalignment(dys), [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
@@ -35,7 +35,7 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
   if (threadIdx.x == 0) {
     const int64_t n = span.plane / s.C;
     const int64_t c = span.plane % s.C;
-    partial[(n * plan.parts + span.part) * s.C + c] = sum;
+    gstore(partial + (n * plan.parts + span.part) * s.C + c, sum);
   }
 }
 
@@ -53,10 +53,10 @@ __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar
     const int64_t c = c0 + t.tx;
     Sum2<acc_t> sum{acc_t(0), acc_t(0)};
     if (c < s.C && t.ty < t.height) {
-      const ChannelCoefs<acc_t> k = coefs[n * s.C + c];
+      const ChannelCoefs<acc_t> k = gload(coefs + n * s.C + c);
       for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
         const int64_t idx = (n * s.HxW + r) * s.C + c;
-        const Sum2<acc_t> v = Op::apply(static_cast<acc_t>(x[idx]), static_cast<acc_t>(dy[idx]), k);
+        const Sum2<acc_t> v = Op::apply(static_cast<acc_t>(gload(x + idx)), static_cast<acc_t>(gload(dy + idx)), k);
         sum.a += v.a;
         sum.b += v.b;
       }
@@ -69,7 +69,7 @@ __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar
         total.a += tile_sums[y * t.width + t.tx].a;
         total.b += tile_sums[y * t.width + t.tx].b;
       }
-      partial[(n * plan.parts + rows.part) * s.C + c] = total;
+      gstore(partial + (n * plan.parts + rows.part) * s.C + c, total);
     }
     __syncthreads();
   }
@@ -84,7 +84,7 @@ __global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   const scalar_t* xs = x + span.offset;
   const scalar_t* dys = Op::kUsesGrad ? dy + span.offset : xs;
   scalar_t* os = out + span.offset;
-  const ChannelCoefs<acc_t> k = coefs[span.plane];
+  const ChannelCoefs<acc_t> k = gload(coefs + span.plane);
   const bool aligned = misalignment(xs) == misalignment(dys) && misalignment(xs) == misalignment(os);
   for_each_in_span(span.len, xs, aligned, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
@@ -109,11 +109,11 @@ __global__ void apply_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   const RowTile t = row_tile(s.C);
   if (t.ty >= t.height) return;
   for (int64_t c = t.tx; c < s.C; c += t.width) {
-    const ChannelCoefs<acc_t> k = coefs[n * s.C + c];
+    const ChannelCoefs<acc_t> k = gload(coefs + n * s.C + c);
     for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
       const int64_t idx = (n * s.HxW + r) * s.C + c;
-      const acc_t dv = Op::kUsesGrad ? static_cast<acc_t>(dy[idx]) : acc_t(0);
-      out[idx] = static_cast<scalar_t>(Op::apply(static_cast<acc_t>(x[idx]), dv, k));
+      const acc_t dv = Op::kUsesGrad ? static_cast<acc_t>(gload(dy + idx)) : acc_t(0);
+      gstore(out + idx, static_cast<scalar_t>(Op::apply(static_cast<acc_t>(gload(x + idx)), dv, k)));
     }
   }
 }
@@ -136,27 +136,28 @@ __global__ void backward_finalize_kernel(GroupNormShape s, PartPlan plan,
   for (int64_t c = c_begin; c < c_begin + Cg; ++c) {
     Sum2<acc_t> total{acc_t(0), acc_t(0)};
     for (int64_t part = lane; part < plan.parts; part += 32) {
-      const Sum2<acc_t> p = partial[(n * plan.parts + part) * s.C + c];
+      const Sum2<acc_t> p = gload(partial + (n * plan.parts + part) * s.C + c);
       total.a += p.a;
       total.b += p.b;
     }
     total.a = warp_sum(total.a);
     total.b = warp_sum(total.b);
     if (lane == 0) {
-      channel_sums[n * s.C + c] = total;
-      sum_gwx += weight[c] * total.a;
-      sum_gw += weight[c] * total.b;
+      gstore(channel_sums + n * s.C + c, total);
+      const acc_t w = gload(weight + c);
+      sum_gwx += w * total.a;
+      sum_gw += w * total.b;
     }
   }
-  const acc_t r = rstd[ng];
-  const acc_t residual = coefs[n * s.C + c_begin].residual;
+  const acc_t r = gload(rstd + ng);
+  const acc_t residual = gload(&coefs[n * s.C + c_begin].residual);
   auto dx = math::input_grad_coefs(sum_gwx, sum_gw, residual, r, s.group_size());
   dx.x_coef = __shfl_sync(0xffffffffu, dx.x_coef, 0);
   dx.bias_coef = __shfl_sync(0xffffffffu, dx.bias_coef, 0);
   for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-    coefs[n * s.C + c].g_coef = r * weight[c];
-    coefs[n * s.C + c].x_coef = dx.x_coef;
-    coefs[n * s.C + c].bias_coef = dx.bias_coef;
+    gstore(&coefs[n * s.C + c].g_coef, r * gload(weight + c));
+    gstore(&coefs[n * s.C + c].x_coef, dx.x_coef);
+    gstore(&coefs[n * s.C + c].bias_coef, dx.bias_coef);
   }
 }
 
@@ -171,12 +172,12 @@ __global__ void param_grad_kernel(GroupNormShape s, const Sum2<acc_t>* __restric
   const int64_t g = c / s.channels_per_group();
   acc_t dw = acc_t(0), db = acc_t(0);
   for (int64_t n = 0; n < s.N; ++n) {
-    const Sum2<acc_t> sums = channel_sums[n * s.C + c];
-    dw += math::weight_grad_term(sums.a, sums.b, coefs[n * s.C + c].residual, rstd[n * s.G + g]);
+    const Sum2<acc_t> sums = gload(channel_sums + n * s.C + c);
+    dw += math::weight_grad_term(sums.a, sums.b, gload(&coefs[n * s.C + c].residual), gload(rstd + n * s.G + g));
     db += sums.b;
   }
-  dweight[c] = dw;
-  dbias[c] = db;
+  gstore(dweight + c, dw);
+  gstore(dbias + c, db);
 }
 
 // ---- launch sequence ---------------------------------------------------------

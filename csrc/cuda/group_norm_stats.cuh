@@ -31,7 +31,7 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
   }));
   if (threadIdx.x == 0) {
     const auto st = math::welford_from_centered_sums(span.len, center, d.a, d.b);
-    partial[(n * plan.parts + span.part) * s.C + c] = {st.center, st.offset, st.m2};
+    gstore(partial + (n * plan.parts + span.part) * s.C + c, ChunkStats<acc_t>{st.center, st.offset, st.m2});
   }
 }
 
@@ -57,7 +57,7 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     Sum2<acc_t> sum{acc_t(0), acc_t(0)};
     if (c < s.C && t.ty < t.height) {
       for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
-        const Sum2<acc_t> v = f(static_cast<acc_t>(x[(n * s.HxW + r) * s.C + c]));
+        const Sum2<acc_t> v = f(static_cast<acc_t>(gload(x + (n * s.HxW + r) * s.C + c)));
         sum.a += v.a;
         sum.b += v.b;
       }
@@ -87,7 +87,7 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     if (t.ty == 0 && c < s.C) {
       const auto st =
           math::welford_from_centered_sums(count, center, column_total(tile_a), column_total(tile_b));
-      partial[(n * plan.parts + rows.part) * s.C + c] = {st.center, st.offset, st.m2};
+      gstore(partial + (n * plan.parts + rows.part) * s.C + c, ChunkStats<acc_t>{st.center, st.offset, st.m2});
     }
     __syncthreads();  // the tiles are rewritten by the next channel block
   }
@@ -120,7 +120,7 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const PartPl
   WelfordStats<acc_t> stats;
   for (int64_t item = lane; item < plan.parts * Cg; item += 32) {
     const int64_t part = item / Cg;
-    const ChunkStats<acc_t> p = partial[(n * plan.parts + part) * s.C + c_begin + item % Cg];
+    const ChunkStats<acc_t> p = gload(partial + (n * plan.parts + part) * s.C + c_begin + item % Cg);
     WelfordStats<acc_t> chunk;
     chunk.count = plan.count(part, s.HxW);
     chunk.center = p.center;
@@ -145,12 +145,12 @@ __device__ void write_affine_coefs(const GroupNormShape& s, int64_t ng, int lane
   const int64_t Cg = s.channels_per_group();
   const int64_t c_begin = ng % s.G * Cg;
   for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-    const auto affine = math::fold_affine(residual, r, weight[c], bias[c]);
+    const auto affine = math::fold_affine(residual, r, gload(weight + c), gload(bias + c));
     ChannelCoefs<acc_t>& k = coefs[n * s.C + c];
-    k.pivot = pivot;
-    k.scale = affine.scale;
-    k.shift = affine.shift;
-    k.residual = residual;
+    gstore(&k.pivot, pivot);
+    gstore(&k.scale, affine.scale);
+    gstore(&k.shift, affine.shift);
+    gstore(&k.residual, residual);
   }
 }
 
@@ -168,8 +168,8 @@ __global__ void forward_finalize_kernel(GroupNormShape s, PartPlan plan, acc_t e
   const acc_t pivot = math::rounded_mean(stats);
   const acc_t r = math::rstd_from_stats(stats, eps);
   if (lane == 0) {
-    mean[ng] = pivot;
-    rstd[ng] = r;
+    gstore(mean + ng, pivot);
+    gstore(rstd + ng, r);
   }
   write_affine_coefs(s, ng, lane, pivot, math::mean_residual(stats, pivot), r, weight, bias, coefs);
 }
@@ -187,9 +187,9 @@ __global__ void backward_coefs_kernel(GroupNormShape s, PartPlan plan,
   if (ng >= s.N * s.G) return;  // uniform per warp
   acc_t residual = acc_t(0);
   if (wants_stats(mean, rstd, ng)) {  // uniform per warp
-    residual = math::mean_residual(group_stats(s, plan, partial, ng, lane), mean[ng]);
+    residual = math::mean_residual(group_stats(s, plan, partial, ng, lane), gload(mean + ng));
   }
-  write_affine_coefs(s, ng, lane, mean[ng], residual, rstd[ng], weight, bias, coefs);
+  write_affine_coefs(s, ng, lane, gload(mean + ng), residual, gload(rstd + ng), weight, bias, coefs);
 }
 
 }  // namespace cuda

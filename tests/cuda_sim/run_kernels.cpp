@@ -1,9 +1,28 @@
 // Runs gnflex's CUDA kernels on the CPU: the launch sequence of the ops
-// (csrc/cuda/group_norm_launch.cuh, unchanged) through cuda_host_sim.h, over
-// a case matrix, against a float64 reference. Prints one line per case and
-// "N passed, N failed"; exits non-zero on a failure. Built and run by
-// .ci/cuda-sim (forward and random thread order, and under ASan + UBSan).
+// (csrc/cuda/group_norm_launch.cuh, unchanged) through cuda_host_sim.h.
+//   run_kernels             a case matrix against a long-double reference:
+//                           one line per case, "N passed, N failed", exit
+//                           status non-zero on a failure;
+//   run_kernels --traffic   reads cases "label N C HxW G dtype layout" from
+//                           stdin (gnflex/bench/cases.py prints them) and
+//                           prints the global-memory bytes, launches and
+//                           largest grid of each forward and backward.
+// Built and run by .ci/cuda-sim (forward and random thread order, and under
+// ASan + UBSan).
 #include "cuda_host_sim.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <iostream>
+
+// What the kernels report (gload / gstore, GNFLEX_LAUNCH) for --traffic.
+inline int64_t g_traffic_bytes = 0, g_launches = 0, g_max_blocks = 0;
+inline void gnflex_sim_count_traffic(size_t bytes) { g_traffic_bytes += static_cast<int64_t>(bytes); }
+inline void gnflex_sim_count_launch(unsigned blocks) {
+  ++g_launches;
+  g_max_blocks = std::max<int64_t>(g_max_blocks, blocks);
+}
 
 #define GNFLEX_CUDA_SIM 1
 #include "cuda/group_norm_launch.cuh"
@@ -251,9 +270,61 @@ void run_matrix(bool numerics) {
   }
 }
 
+// ---- traffic model ---------------------------------------------------------------
+// Goals: forward <= 1.55 x the ideal bytes (each input read once, each output
+// written once, statistics and parameters included), backward <= 1.7 x; at
+// most 3 launches forward and 4 backward; >= 264 blocks (2 waves on 132 SMs)
+// on cases of 8 MB or more.
+template <typename scalar_t>
+void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int64_t G, Layout layout,
+                  const std::string& dtype) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GroupNormShape s{N, C, HxW, G};
+  const int64_t numel = N * C * HxW;
+  std::mt19937 rng(1);
+  std::normal_distribution<double> nd(0, 1);
+  Buf<scalar_t> x(numel, 0), dy(numel, 0), y(numel, 0), dx(numel, 0);
+  for (int64_t i = 0; i < numel; ++i) x.p[i] = scalar_t(nd(rng)), dy.p[i] = scalar_t(nd(rng));
+  std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0)), mean(N * G), rstd(N * G), dw(C), db(C);
+  std::vector<unsigned char> workspace(gnflex::cuda::workspace_bytes<scalar_t>(s, layout));
+  const int64_t elem = sizeof(scalar_t), acc = sizeof(acc_t);
+  const auto report = [&](const char* pass, int64_t ideal, double ratio_goal, int64_t launch_goal) {
+    const double ratio = double(g_traffic_bytes) / double(ideal);
+    const bool big = numel * elem >= (8 << 20);
+    std::printf("traffic %s %ldx%ldx%ld %s %s G=%ld: bytes %ld ideal %ld ratio %.2f launches %ld max_blocks %ld"
+                "  [%s; ratio %s, launches %s, blocks %s]\n",
+                pass, long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl",
+                long(G), long(g_traffic_bytes), long(ideal), ratio, long(g_launches), long(g_max_blocks),
+                label.c_str(), ratio <= ratio_goal ? "ok" : "OVER", g_launches <= launch_goal ? "ok" : "OVER",
+                !big ? "-" : g_max_blocks >= 264 ? "ok" : "UNDER");
+    g_traffic_bytes = g_launches = g_max_blocks = 0;
+  };
+  g_traffic_bytes = g_launches = g_max_blocks = 0;
+  gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(1e-5), Activation::None, s, layout,
+                                         mean.data(), rstd.data(), workspace.data(), nullptr);
+  report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 3);
+  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), Activation::None,
+                                          s, layout, dx.p, dw.data(), db.data(), workspace.data(), nullptr);
+  report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 4);
+}
+
+int traffic_main() {
+  std::string label, dtype, layout;
+  int64_t N, C, HxW, G;
+  while (std::cin >> label >> N >> C >> HxW >> G >> dtype >> layout) {
+    const Layout l = layout == "nchw" ? Layout::ChannelsFirst : Layout::ChannelsLast;
+    if (dtype == "float32") traffic_case<float>(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "float16") traffic_case<c10::Half>(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "bfloat16") traffic_case<c10::BFloat16>(label, N, C, HxW, G, l, dtype);
+    else traffic_case<double>(label, N, C, HxW, G, l, dtype);
+  }
+  return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--traffic") return traffic_main();
   const auto t0 = std::chrono::steady_clock::now();
   try {
     for (bool numerics : {false, true}) {
