@@ -6,12 +6,14 @@
 // Numerical scheme: exact statistics for any data, normalisation about the
 // mean. Each chunk of a group (a few thousand values, in L1 or registers)
 // gets exact statistics by the corrected two-pass algorithm (Chan, Golub and
-// LeVeque 1983): first its mean `center`, then the sums of d = x - center and
-// d^2, so M2 = sum d^2 - (sum d)^2 / n with no cancellation, and the chunk's
-// mean is center + sum d / n kept as two numbers. Chunks merge with Chan's
-// formula in a fixed order. Neither a value far from the mean (a spike) nor a
-// mean far from zero (1e4 with std 1e-2) loses accuracy: no sum is ever taken
-// about a point far from the data.
+// LeVeque 1983): first a `center`, the mean of the chunk or of a part of it
+// (chunk_center), then the sums of d = x - center and d^2, so
+// M2 = sum d^2 - (sum d)^2 / n cancels nothing, and the chunk's mean is
+// center + sum d / n kept as two numbers. Chunks merge with Chan's formula in
+// a fixed order (welford_combine; channels of equal count at once with
+// welford_from_equal_parts). Neither a value far from the mean (a spike) nor
+// a mean far from zero (1e4 with std 1e-2) loses accuracy: no sum is ever
+// taken about a point far from the data.
 //
 // The output is computed about P, the group mean rounded to the accumulate
 // type (what the op returns as `mean`), and the rounding residual
