@@ -87,11 +87,17 @@ struct ChunkStats {
   T m2;
 };
 
-// How the spatial positions are cut into parts; partial results live at
-// [(n * parts + part) * C + c] for both layouts.
+// How the work is cut into blocks. Channels-first: a block reads part
+// `part` (span values) of one plane. Channels-last: a block reads span rows
+// of one sample for one tile of tile_width channels (tiles per row), so a
+// block covers ~kSpan values whatever C is, and per-block loads of the
+// channels' coefficients and writes of partial results amortize over many
+// rows. Partial results live at [(n * parts + part) * C + c] in both layouts.
 struct PartPlan {
   int64_t span;
   int64_t parts;
+  int64_t tiles = 1;
+  int64_t tile_width = 0;
 
   __host__ __device__ int64_t count(int64_t part, int64_t HxW) const {
     const int64_t begin = part * span;
@@ -100,10 +106,13 @@ struct PartPlan {
 };
 
 inline PartPlan make_plan(const GroupNormShape& s, Layout layout) {
-  const int64_t span = layout == Layout::ChannelsFirst
-                           ? kSpan
-                           : std::max<int64_t>(1, kSpan / std::max<int64_t>(s.C, 1));
-  return {span, s.HxW == 0 ? 0 : (s.HxW + span - 1) / span};
+  const auto parts_of = [&](int64_t span) { return s.HxW == 0 ? 0 : (s.HxW + span - 1) / span; };
+  if (layout == Layout::ChannelsFirst) return {kSpan, parts_of(kSpan)};
+  const int64_t C = std::max<int64_t>(s.C, 1);
+  const int64_t tiles = (C + kThreads - 1) / kThreads;
+  const int64_t width = ((C + tiles - 1) / tiles + 31) / 32 * 32;  // <= kThreads, whole warps
+  const int64_t span = std::max<int64_t>(1, kSpan / width);
+  return {span, parts_of(span), tiles, width};
 }
 
 // ---- device helpers --------------------------------------------------------
@@ -148,7 +157,9 @@ __device__ Sum2<T> block_sum2(Sum2<T> v) {
   return v;
 }
 
-// Thread 0's value in every thread of the block.
+// Thread 0's value in every thread of the block. Values the whole block uses
+// (a plane's coefficients, whether a group needs its statistics) are loaded
+// by thread 0 and broadcast, so they are read from global memory once.
 template <typename T>
 __device__ T block_broadcast(T v) {
   __shared__ T value;
@@ -254,22 +265,26 @@ __device__ __forceinline__ PlaneSpan plane_span(const GroupNormShape& s, const P
   return {plane, part, plane * s.HxW + part * plan.span, plan.count(part, s.HxW)};
 }
 
-// What a channels-last block reads: rows [row_begin, row_end) of sample n.
+// What a channels-last block reads: rows [row_begin, row_end) of sample n,
+// channels [c_begin, c_begin + tile_width) (those below C).
 struct RowSpan {
   int64_t n;
   int64_t part;
   int64_t row_begin;
   int64_t row_end;
+  int64_t c_begin;
 };
 
 __device__ __forceinline__ RowSpan row_span(const GroupNormShape& s, const PartPlan& plan) {
-  const int64_t n = blockIdx.x / plan.parts;
-  const int64_t part = blockIdx.x % plan.parts;
+  const int64_t tile = blockIdx.x % plan.tiles;
+  const int64_t n = blockIdx.x / plan.tiles / plan.parts;
+  const int64_t part = blockIdx.x / plan.tiles % plan.parts;
   const int64_t row_begin = part * plan.span;
-  return {n, part, row_begin, row_begin + plan.count(part, s.HxW)};
+  return {n, part, row_begin, row_begin + plan.count(part, s.HxW), tile * plan.tile_width};
 }
 
-// Channels-last block shape: threads along channels (x), rows (y).
+// Channels-last block shape: threads along the tile's channels (x), rows (y);
+// threads with ty >= height are idle.
 struct RowTile {
   int tx;
   int ty;
@@ -277,10 +292,24 @@ struct RowTile {
   int height;
 };
 
-__device__ __forceinline__ RowTile row_tile(int64_t C) {
-  const int width = C >= kThreads ? kThreads : static_cast<int>((C + 31) / 32 * 32);
+__device__ __forceinline__ RowTile row_tile(const PartPlan& plan) {
+  const int width = static_cast<int>(plan.tile_width);
   return {static_cast<int>(threadIdx.x) % width, static_cast<int>(threadIdx.x) / width, width,
           kThreads / width};
+}
+
+// The coefficients an operation reads: pivot, scale and shift, and with
+// kInputGrad also the dx coefficients (a GPU loads only the fields used).
+template <bool kInputGrad, typename acc_t>
+__device__ __forceinline__ ChannelCoefs<acc_t> load_coefs(const ChannelCoefs<acc_t>* p) {
+  ChannelCoefs<acc_t> k{gload(&p->pivot), gload(&p->scale), gload(&p->shift), acc_t(0), acc_t(0),
+                        acc_t(0), acc_t(0)};
+  if constexpr (kInputGrad) {
+    k.g_coef = gload(&p->g_coef);
+    k.x_coef = gload(&p->x_coef);
+    k.bias_coef = gload(&p->bias_coef);
+  }
+  return k;
 }
 
 // Whether the statistics of group ng are computed: always in the forward

@@ -17,7 +17,8 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
   const PlaneSpan span = plane_span(s, plan);
   const scalar_t* xs = x + span.offset;
   const scalar_t* dys = dy + span.offset;
-  const ChannelCoefs<acc_t> k = gload(coefs + span.plane);
+  const ChannelCoefs<acc_t> k =
+      block_broadcast(threadIdx.x == 0 ? load_coefs<false>(coefs + span.plane) : ChannelCoefs<acc_t>{});
   Sum2<acc_t> sum{acc_t(0), acc_t(0)};
   for_each_in_span(span.len, xs, misalignment(xs) == misalignment(dys), [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
@@ -39,7 +40,8 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
   }
 }
 
-// Channels-last gradient sums: one block per (n, part); threads on channels.
+// Channels-last gradient sums: one block per (n, part, channel tile); threads
+// on channels.
 template <typename Op, typename scalar_t, typename acc_t>
 __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                                     GroupNormShape s, PartPlan plan,
@@ -48,30 +50,27 @@ __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar
   __shared__ Sum2<acc_t> tile_sums[kThreads];
   const RowSpan rows = row_span(s, plan);
   const int64_t n = rows.n;
-  const RowTile t = row_tile(s.C);
-  for (int64_t c0 = 0; c0 < s.C; c0 += t.width) {
-    const int64_t c = c0 + t.tx;
-    Sum2<acc_t> sum{acc_t(0), acc_t(0)};
-    if (c < s.C && t.ty < t.height) {
-      const ChannelCoefs<acc_t> k = gload(coefs + n * s.C + c);
-      for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
-        const int64_t idx = (n * s.HxW + r) * s.C + c;
-        const Sum2<acc_t> v = Op::apply(static_cast<acc_t>(gload(x + idx)), static_cast<acc_t>(gload(dy + idx)), k);
-        sum.a += v.a;
-        sum.b += v.b;
-      }
+  const RowTile t = row_tile(plan);
+  const int64_t c = rows.c_begin + t.tx;
+  Sum2<acc_t> sum{acc_t(0), acc_t(0)};
+  if (c < s.C && t.ty < t.height) {
+    const ChannelCoefs<acc_t> k = load_coefs<false>(coefs + n * s.C + c);
+    for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
+      const int64_t idx = (n * s.HxW + r) * s.C + c;
+      const Sum2<acc_t> v = Op::apply(static_cast<acc_t>(gload(x + idx)), static_cast<acc_t>(gload(dy + idx)), k);
+      sum.a += v.a;
+      sum.b += v.b;
     }
-    tile_sums[threadIdx.x] = sum;
-    __syncthreads();
-    if (t.ty == 0 && c < s.C) {
-      Sum2<acc_t> total = tile_sums[t.tx];
-      for (int y = 1; y < t.height; ++y) {
-        total.a += tile_sums[y * t.width + t.tx].a;
-        total.b += tile_sums[y * t.width + t.tx].b;
-      }
-      gstore(partial + (n * plan.parts + rows.part) * s.C + c, total);
+  }
+  tile_sums[threadIdx.x] = sum;
+  __syncthreads();
+  if (t.ty == 0 && c < s.C) {
+    Sum2<acc_t> total = tile_sums[t.tx];
+    for (int y = 1; y < t.height; ++y) {
+      total.a += tile_sums[y * t.width + t.tx].a;
+      total.b += tile_sums[y * t.width + t.tx].b;
     }
-    __syncthreads();
+    gstore(partial + (n * plan.parts + rows.part) * s.C + c, total);
   }
 }
 
@@ -84,7 +83,8 @@ __global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   const scalar_t* xs = x + span.offset;
   const scalar_t* dys = Op::kUsesGrad ? dy + span.offset : xs;
   scalar_t* os = out + span.offset;
-  const ChannelCoefs<acc_t> k = gload(coefs + span.plane);
+  const ChannelCoefs<acc_t> k = block_broadcast(
+      threadIdx.x == 0 ? load_coefs<Op::kUsesGrad>(coefs + span.plane) : ChannelCoefs<acc_t>{});
   const bool aligned = misalignment(xs) == misalignment(dys) && misalignment(xs) == misalignment(os);
   for_each_in_span(span.len, xs, aligned, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
@@ -99,22 +99,22 @@ __global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   });
 }
 
-// Channels-last elementwise output: one block per (n, part); threads on channels.
+// Channels-last elementwise output: one block per (n, part, channel tile);
+// threads on channels.
 template <typename Op, typename scalar_t, typename acc_t>
 __global__ void apply_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                                 scalar_t* __restrict__ out, GroupNormShape s, PartPlan plan,
                                 const ChannelCoefs<acc_t>* __restrict__ coefs) {
   const RowSpan rows = row_span(s, plan);
   const int64_t n = rows.n;
-  const RowTile t = row_tile(s.C);
-  if (t.ty >= t.height) return;
-  for (int64_t c = t.tx; c < s.C; c += t.width) {
-    const ChannelCoefs<acc_t> k = gload(coefs + n * s.C + c);
-    for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
-      const int64_t idx = (n * s.HxW + r) * s.C + c;
-      const acc_t dv = Op::kUsesGrad ? static_cast<acc_t>(gload(dy + idx)) : acc_t(0);
-      gstore(out + idx, static_cast<scalar_t>(Op::apply(static_cast<acc_t>(gload(x + idx)), dv, k)));
-    }
+  const RowTile t = row_tile(plan);
+  const int64_t c = rows.c_begin + t.tx;
+  if (t.ty >= t.height || c >= s.C) return;
+  const ChannelCoefs<acc_t> k = load_coefs<Op::kUsesGrad>(coefs + n * s.C + c);
+  for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
+    const int64_t idx = (n * s.HxW + r) * s.C + c;
+    const acc_t dv = Op::kUsesGrad ? static_cast<acc_t>(gload(dy + idx)) : acc_t(0);
+    gstore(out + idx, static_cast<scalar_t>(Op::apply(static_cast<acc_t>(gload(x + idx)), dv, k)));
   }
 }
 
@@ -216,7 +216,8 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
 // The most blocks one launch uses (1-D grids allow up to 2^31 - 1).
 inline int64_t max_grid_blocks(const GroupNormShape& s, Layout layout) {
   const PartPlan plan = make_plan(s, layout);
-  const int64_t per_part = layout == Layout::ChannelsFirst ? s.N * s.C * plan.parts : s.N * plan.parts;
+  const int64_t per_part =
+      layout == Layout::ChannelsFirst ? s.N * s.C * plan.parts : s.N * plan.parts * plan.tiles;
   const int64_t per_warp_group = (s.N * s.G * 32 + kThreads - 1) / kThreads;
   return std::max(per_part, per_warp_group);
 }
@@ -225,7 +226,7 @@ inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(bloc
 // Grid with one thread per item.
 inline dim3 grid_for_items(int64_t items) { return grid_of((items + kThreads - 1) / kThreads); }
 inline dim3 grid_of_parts(const GroupNormShape& s, Layout layout, const PartPlan& plan) {
-  return grid_of(layout == Layout::ChannelsFirst ? s.N * s.C * plan.parts : s.N * plan.parts);
+  return grid_of(layout == Layout::ChannelsFirst ? s.N * s.C * plan.parts : s.N * plan.parts * plan.tiles);
 }
 
 template <typename scalar_t, typename acc_t>

@@ -19,7 +19,8 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
   const PlaneSpan span = plane_span(s, plan);
   const int64_t n = span.plane / s.C;
   const int64_t c = span.plane % s.C;
-  if (!wants_stats(mean, rstd, n * s.G + c / s.channels_per_group())) return;
+  const int64_t ng = n * s.G + c / s.channels_per_group();
+  if (!block_broadcast(threadIdx.x == 0 && wants_stats(mean, rstd, ng))) return;  // uniform
   const scalar_t* xs = x + span.offset;
   const acc_t sum = block_sum2(span_sums<acc_t>(xs, span.len, [](acc_t v) {
                       return Sum2<acc_t>{v, acc_t(0)};
@@ -35,9 +36,9 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
   }
 }
 
-// Channels-last chunk stats: one block per (n, part), threads on channels;
-// per channel the rows' mean, then the sums about it. In the backward only
-// samples with a group that needs its stats work.
+// Channels-last chunk stats: one block per (n, part, channel tile), threads
+// on channels; per channel the rows' mean, then the sums about it. In the
+// backward only samples with a group that needs its stats work.
 template <typename scalar_t, typename acc_t>
 __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormShape s, PartPlan plan,
                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
@@ -48,9 +49,11 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
   const RowSpan rows = row_span(s, plan);
   const int64_t n = rows.n;
   bool wanted = false;
-  for (int64_t g = 0; g < s.G && !wanted; ++g) wanted = wants_stats(mean, rstd, n * s.G + g);
-  if (!wanted) return;
-  const RowTile t = row_tile(s.C);
+  if (threadIdx.x == 0) {
+    for (int64_t g = 0; g < s.G && !wanted; ++g) wanted = wants_stats(mean, rstd, n * s.G + g);
+  }
+  if (!block_broadcast(wanted)) return;  // uniform
+  const RowTile t = row_tile(plan);
   const int64_t count = rows.row_end - rows.row_begin;
   // Sum of f(x) over this thread's rows of channel c.
   const auto thread_sums = [&](int64_t c, auto f) {
@@ -70,26 +73,23 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     for (int y = 1; y < t.height; ++y) total += tile[y * t.width + t.tx];
     return total;
   };
-  for (int64_t c0 = 0; c0 < s.C; c0 += t.width) {
-    const int64_t c = c0 + t.tx;
-    tile_a[threadIdx.x] = thread_sums(c, [](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; }).a;
-    __syncthreads();
-    if (t.ty == 0) centers[t.tx] = math::chunk_center(count, column_total(tile_a));
-    __syncthreads();
-    const acc_t center = centers[t.tx];
-    const Sum2<acc_t> d = thread_sums(c, [center](acc_t v) {
-      const acc_t dv = v - center;
-      return Sum2<acc_t>{dv, dv * dv};
-    });
-    tile_a[threadIdx.x] = d.a;
-    tile_b[threadIdx.x] = d.b;
-    __syncthreads();
-    if (t.ty == 0 && c < s.C) {
-      const auto st =
-          math::welford_from_centered_sums(count, center, column_total(tile_a), column_total(tile_b));
-      gstore(partial + (n * plan.parts + rows.part) * s.C + c, ChunkStats<acc_t>{st.center, st.offset, st.m2});
-    }
-    __syncthreads();  // the tiles are rewritten by the next channel block
+  const int64_t c = rows.c_begin + t.tx;
+  tile_a[threadIdx.x] = thread_sums(c, [](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; }).a;
+  __syncthreads();
+  if (t.ty == 0) centers[t.tx] = math::chunk_center(count, column_total(tile_a));
+  __syncthreads();
+  const acc_t center = centers[t.tx];
+  const Sum2<acc_t> d = thread_sums(c, [center](acc_t v) {
+    const acc_t dv = v - center;
+    return Sum2<acc_t>{dv, dv * dv};
+  });
+  tile_a[threadIdx.x] = d.a;  // the first pass's totals were read before the last barrier
+  tile_b[threadIdx.x] = d.b;
+  __syncthreads();
+  if (t.ty == 0 && c < s.C) {
+    const auto st =
+        math::welford_from_centered_sums(count, center, column_total(tile_a), column_total(tile_b));
+    gstore(partial + (n * plan.parts + rows.part) * s.C + c, ChunkStats<acc_t>{st.center, st.offset, st.m2});
   }
 }
 
