@@ -111,6 +111,8 @@ inline PartPlan make_plan(const GroupNormShape& s, Layout layout) {
   const int64_t C = std::max<int64_t>(s.C, 1);
   const int64_t tiles = (C + kThreads - 1) / kThreads;
   const int64_t width = ((C + tiles - 1) / tiles + 31) / 32 * 32;  // <= kThreads, whole warps
+  // A thread then holds at most ceil(span / (kThreads / width)) <= 25 rows
+  // (chunk_stats_cl_kernel keeps them in registers).
   const int64_t span = std::max<int64_t>(1, kSpan / width);
   return {span, parts_of(span), tiles, width};
 }
@@ -233,23 +235,57 @@ __device__ void for_each_in_span(int64_t len, const scalar_t* first, bool same_a
   }
 }
 
-// Sum of f(v) over the values v of a span (each thread its share).
-template <typename acc_t, typename scalar_t, typename F>
-__device__ Sum2<acc_t> span_sums(const scalar_t* p, int64_t len, F&& f) {
-  Sum2<acc_t> sum{acc_t(0), acc_t(0)};
-  for_each_in_span(len, p, true, [&](int64_t i, auto width) {
-    constexpr int W = decltype(width)::value;
-    acc_t v[W];
-    load_values<W>(p + i, v);
+// A span of at most kSpan values held in registers by the block's threads,
+// so a second pass over it (the centered sums of the statistics) costs no
+// memory traffic: per thread at most kPacks 16-byte packs (fixed slots, so
+// they stay in registers) plus one value of the unaligned head and tail.
+template <typename scalar_t, typename acc_t>
+struct SpanValues {
+  static constexpr int kW = PackTraits<scalar_t>::kSize;
+  static constexpr int kPacks = static_cast<int>(kSpan / (kThreads * kW));
+  static_assert(kPacks >= 1 && kSpan % (kThreads * kW) == 0, "whole packs per thread");
+  acc_t v[kPacks][kW];
+  acc_t head_value = acc_t(0), tail_value = acc_t(0);
+  bool has_head = false, has_tail = false;
+  int64_t packs = 0;
+
+  __device__ void load(const scalar_t* p, int64_t len) {
+    int64_t head = ((16 - misalignment(p)) % 16) / static_cast<int64_t>(sizeof(scalar_t));
+    head = head < len ? head : len;
+    packs = (len - head) / kW;
+    const int64_t tail = len - head - packs * kW;
+    has_head = threadIdx.x < head;
+    has_tail = threadIdx.x < tail;
+    if (has_head) head_value = static_cast<acc_t>(gload(p + threadIdx.x));
+    if (has_tail) tail_value = static_cast<acc_t>(gload(p + head + packs * kW + threadIdx.x));
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const Sum2<acc_t> t = f(v[j]);
-      sum.a += t.a;
-      sum.b += t.b;
+    for (int it = 0; it < kPacks; ++it) {
+      const int64_t k = threadIdx.x + static_cast<int64_t>(it) * kThreads;
+      if (k < packs) load_values<kW>(p + head + k * kW, v[it]);
     }
-  });
-  return sum;
-}
+  }
+
+  // This thread's sum of f(value).
+  template <typename F>
+  __device__ Sum2<acc_t> sums(F&& f) const {
+    Sum2<acc_t> s{acc_t(0), acc_t(0)};
+    const auto add = [&](acc_t value) {
+      const Sum2<acc_t> t = f(value);
+      s.a += t.a;
+      s.b += t.b;
+    };
+    if (has_head) add(head_value);
+#pragma unroll
+    for (int it = 0; it < kPacks; ++it) {
+      if (threadIdx.x + static_cast<int64_t>(it) * kThreads < packs) {
+#pragma unroll
+        for (int j = 0; j < kW; ++j) add(v[it][j]);
+      }
+    }
+    if (has_tail) add(tail_value);
+    return s;
+  }
+};
 
 // What a channels-first block reads: part `part` of plane `plane` (= n * C + c).
 struct PlaneSpan {

@@ -9,9 +9,9 @@ namespace gnflex {
 namespace cuda {
 
 // Channels-first chunk stats: one block per (plane, part), two passes over
-// the block's values (the second from L1/L2). In the backward (mean != null)
-// only blocks of groups that need their stats work; the test is uniform per
-// block.
+// the block's values (the second from registers). In the backward
+// (mean != null) only blocks of groups that need their stats work; the test
+// is uniform per block.
 template <typename scalar_t, typename acc_t>
 __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormShape s, PartPlan plan,
                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
@@ -21,12 +21,11 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
   const int64_t c = span.plane % s.C;
   const int64_t ng = n * s.G + c / s.channels_per_group();
   if (!block_broadcast(threadIdx.x == 0 && wants_stats(mean, rstd, ng))) return;  // uniform
-  const scalar_t* xs = x + span.offset;
-  const acc_t sum = block_sum2(span_sums<acc_t>(xs, span.len, [](acc_t v) {
-                      return Sum2<acc_t>{v, acc_t(0)};
-                    })).a;
+  SpanValues<scalar_t, acc_t> values;
+  values.load(x + span.offset, span.len);
+  const acc_t sum = block_sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
   const acc_t center = block_broadcast(math::chunk_center(span.len, sum));
-  const Sum2<acc_t> d = block_sum2(span_sums<acc_t>(xs, span.len, [center](acc_t v) {
+  const Sum2<acc_t> d = block_sum2(values.sums([center](acc_t v) {
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   }));
@@ -37,8 +36,9 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
 }
 
 // Channels-last chunk stats: one block per (n, part, channel tile), threads
-// on channels; per channel the rows' mean, then the sums about it. In the
-// backward only samples with a group that needs its stats work.
+// on channels; per channel the rows' mean, then the sums about it, from
+// registers. In the backward only samples with a group that needs its stats
+// work.
 template <typename scalar_t, typename acc_t>
 __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormShape s, PartPlan plan,
                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
@@ -55,12 +55,25 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
   if (!block_broadcast(wanted)) return;  // uniform
   const RowTile t = row_tile(plan);
   const int64_t count = rows.row_end - rows.row_begin;
-  // Sum of f(x) over this thread's rows of channel c.
-  const auto thread_sums = [&](int64_t c, auto f) {
+  const int64_t c = rows.c_begin + t.tx;
+  // This thread's rows of channel c, in fixed register slots: a block has
+  // span rows of tile_width channels, and span / height <= 25 for every
+  // tile width make_plan picks (widths 32..256 in steps of 32).
+  constexpr int kRowSlots = 32;
+  acc_t values[kRowSlots];
+  const bool active = c < s.C && t.ty < t.height;
+#pragma unroll
+  for (int it = 0; it < kRowSlots; ++it) {
+    const int64_t r = rows.row_begin + t.ty + static_cast<int64_t>(it) * t.height;
+    values[it] = active && r < rows.row_end ? static_cast<acc_t>(gload(x + (n * s.HxW + r) * s.C + c)) : acc_t(0);
+  }
+  // Sum of f(x) over this thread's rows.
+  const auto thread_sums = [&](auto f) {
     Sum2<acc_t> sum{acc_t(0), acc_t(0)};
-    if (c < s.C && t.ty < t.height) {
-      for (int64_t r = rows.row_begin + t.ty; r < rows.row_end; r += t.height) {
-        const Sum2<acc_t> v = f(static_cast<acc_t>(gload(x + (n * s.HxW + r) * s.C + c)));
+#pragma unroll
+    for (int it = 0; it < kRowSlots; ++it) {
+      if (active && rows.row_begin + t.ty + static_cast<int64_t>(it) * t.height < rows.row_end) {
+        const Sum2<acc_t> v = f(values[it]);
         sum.a += v.a;
         sum.b += v.b;
       }
@@ -73,13 +86,12 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     for (int y = 1; y < t.height; ++y) total += tile[y * t.width + t.tx];
     return total;
   };
-  const int64_t c = rows.c_begin + t.tx;
-  tile_a[threadIdx.x] = thread_sums(c, [](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; }).a;
+  tile_a[threadIdx.x] = thread_sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; }).a;
   __syncthreads();
   if (t.ty == 0) centers[t.tx] = math::chunk_center(count, column_total(tile_a));
   __syncthreads();
   const acc_t center = centers[t.tx];
-  const Sum2<acc_t> d = thread_sums(c, [center](acc_t v) {
+  const Sum2<acc_t> d = thread_sums([center](acc_t v) {
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   });
