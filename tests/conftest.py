@@ -79,8 +79,9 @@ def make_params(C, dtype, device="cpu", seed=1):
 
 
 def grads_of(fn, x, w, b, dy):
-    """(y, dx, dweight, dbias) of y = fn(x, w, b) for grad_out dy."""
-    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y, x.grad, w.grad, b.grad
+    """(y, dx, dweight, dbias) of y = fn(x, w, b) for grad_out dy (cast to y's
+    dtype); None for an absent weight or bias."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, b)]
+    y = fn(*leaves)
+    grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype)))
+    return (y.detach(), *(None if t is None else next(grads) for t in leaves))

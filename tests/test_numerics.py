@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
-from conftest import ACTIVATIONS, TOLERANCES, act_ref, make_input, make_params, reference
+from conftest import ACTIVATIONS, TOLERANCES, act_ref, grads_of, make_input, make_params, reference
 
 # Allowed multiple of torch's own error.
 K = 8
@@ -92,24 +92,13 @@ def spiked_input(shape, groups, layout, dtype, position, magnitude, extent, seed
 
 # ---- forward + backward of the three computations ----------------------------
 
-def _grads(fn, x, w, b, dy):
-    """(y, dx, dweight, dbias) of y = fn(x, w, b); None for absent params."""
-    present = [t is not None for t in (x, w, b)]
-    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
-    it = iter(leaves)
-    args = [next(it) if p else None for p in present]
-    y = fn(*args)
-    grads = iter(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
-    return (y.detach(), *(next(grads) if p else None for p in present))
-
-
 def run_all(x, groups, w, b, dy, activation="none", eps=1e-5):
     """gnflex, torch in x's dtype (on a contiguous copy) and the float64
     reference, each as (y, dx, dweight, dbias)."""
-    ours = _grads(lambda x, w, b: gnflex.group_norm(x, groups, w, b, eps, activation), x, w, b, dy)
-    theirs = _grads(lambda x, w, b: act_ref(F.group_norm(x, groups, w, b, eps), activation),
+    ours = grads_of(lambda x, w, b: gnflex.group_norm(x, groups, w, b, eps, activation), x, w, b, dy)
+    theirs = grads_of(lambda x, w, b: act_ref(F.group_norm(x, groups, w, b, eps), activation),
                     x.contiguous(), w, b, dy.contiguous())
-    ref = _grads(lambda x, w, b: reference(x, groups, w, b, eps, activation), x, w, b, dy)
+    ref = grads_of(lambda x, w, b: reference(x, groups, w, b, eps, activation), x, w, b, dy)
     return ours, theirs, ref
 
 
@@ -257,7 +246,7 @@ def test_channels_last_agrees_with_nchw_on_spikes(shape, position, magnitude, ex
     w, b = make_params(shape[1], torch.float32)
     dy = make_input(shape, torch.float32, seed=7)
     ours, theirs, ref = run_all(x, groups, w, b, dy)
-    ours_cl = _grads(lambda x, w, b: gnflex.group_norm(x, groups, w, b), x_cl, w, b, dy)
+    ours_cl = grads_of(lambda x, w, b: gnflex.group_norm(x, groups, w, b), x_cl, w, b, dy)
     rows, failures = [], []
     for name, a, a_cl, t, r in zip(NAMES, ours, ours_cl, theirs, ref):
         diff = max_err(a_cl, a)
@@ -301,9 +290,9 @@ def test_eps_gives_what_torch_gives(eps, std, activation, affine, layout):
     w, b = make_params(EPS_SHAPE[1], torch.float32) if affine else (None, None)
     dy = make_input(EPS_SHAPE, torch.float32, seed=7)
 
-    expected = _grads(lambda x, w, b: act_ref(F.group_norm(x, EPS_GROUPS, w, b, eps), activation),
+    expected = grads_of(lambda x, w, b: act_ref(F.group_norm(x, EPS_GROUPS, w, b, eps), activation),
                       x, w, b, dy)
-    ours = _grads(lambda x, w, b: gnflex.group_norm(x, EPS_GROUPS, w, b, eps, activation), x, w, b, dy)
+    ours = grads_of(lambda x, w, b: gnflex.group_norm(x, EPS_GROUPS, w, b, eps, activation), x, w, b, dy)
     op_y, op_mean, op_rstd = torch.ops.gnflex.group_norm(x, w, b, EPS_GROUPS, eps, activation)
     _assert_same(ours[0], expected[0], "gnflex.group_norm y")
     _assert_same(op_y, expected[0], "torch.ops.gnflex.group_norm y")
