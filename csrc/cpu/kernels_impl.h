@@ -323,6 +323,12 @@ class PairwiseArraySum {
     store(level, carry_.data());
     ++pushed_;
   }
+  // The pairwise sum of `count` consecutive arrays of `width` values.
+  static void sum_of(const T* parts, int64_t count, int64_t width, T* out) {
+    PairwiseArraySum sum(width);
+    for (int64_t i = 0; i < count; ++i) sum.push(parts + i * width);
+    sum.result(out);
+  }
   void result(T* out) const {
     std::fill(out, out + width_, T(0));
     for (int64_t level = 0; (pushed_ >> level) != 0; ++level) {
@@ -487,9 +493,8 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
   });
   std::vector<acc_t> centers(s.N * C);
   for (int64_t n = 0; n < s.N; ++n) {
-    PairwiseArraySum<acc_t> sum(C);
-    for (int64_t b = 0; b < plan.center_blocks; ++b) sum.push(center_parts.data() + (n * plan.center_blocks + b) * C);
-    sum.result(centers.data() + n * C);
+    PairwiseArraySum<acc_t>::sum_of(center_parts.data() + n * plan.center_blocks * C, plan.center_blocks, C,
+                                    centers.data() + n * C);
     for (int64_t c = 0; c < C; ++c) centers[n * C + c] = math::chunk_center(plan.center_rows, centers[n * C + c]);
   }
   // Phase 2: sums about the centers over every row block, in parallel.
@@ -504,9 +509,7 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
   });
   std::vector<acc_t> sums(2 * C);
   for (int64_t n = 0; n < s.N; ++n) {
-    PairwiseArraySum<acc_t> total(2 * C);
-    for (int64_t b = 0; b < plan.blocks; ++b) total.push(partial.data() + (n * plan.blocks + b) * 2 * C);
-    total.result(sums.data());
+    PairwiseArraySum<acc_t>::sum_of(partial.data() + n * plan.blocks * 2 * C, plan.blocks, 2 * C, sums.data());
     cl_stats_from_sums(s, centers.data() + n * C, sums.data(), result.data() + n * s.G);
   }
   return result;
@@ -1084,9 +1087,7 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
     });
     std::vector<acc_t> sums(2 * s.C);
     for (int64_t n = 0; n < s.N; ++n) {
-      PairwiseArraySum<acc_t> total(2 * s.C);
-      for (int64_t b = 0; b < blocks; ++b) total.push(partial.data() + (n * blocks + b) * 2 * s.C);
-      total.result(sums.data());
+      PairwiseArraySum<acc_t>::sum_of(partial.data() + n * blocks * 2 * s.C, blocks, 2 * s.C, sums.data());
       std::copy(sums.begin(), sums.begin() + s.C, a.sum_gx + n * s.C);
       std::copy(sums.begin() + s.C, sums.end(), a.sum_g + n * s.C);
     }
