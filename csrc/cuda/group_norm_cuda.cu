@@ -17,8 +17,9 @@ namespace gnflex {
 namespace cuda {
 namespace {
 
+template <typename scalar_t>
 void check_grid(const GroupNormShape& s, Layout layout) {
-  const int64_t blocks = max_grid_blocks(s, layout);
+  const int64_t blocks = max_grid_blocks<scalar_t>(s, layout);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "gnflex.group_norm (CUDA): input too large (",
               blocks, " blocks needed)");
 }
@@ -35,10 +36,10 @@ TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Te
   ForwardSetup f = setup_forward(input, weight, bias, num_groups, eps, activation);
   const GroupNormShape& s = f.shape;
   if (s.N * s.C == 0) return {f.y, f.mean, f.rstd};
-  check_grid(s, f.layout);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "gnflex_group_norm_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    check_grid<scalar_t>(s, f.layout);
     at::Tensor workspace = workspace_for<scalar_t>(s, f.layout, f.x);
     launch_forward<scalar_t>(f.x.const_data_ptr<scalar_t>(), f.y.data_ptr<scalar_t>(),
                              f.weight.const_data_ptr<acc_t>(), f.bias.const_data_ptr<acc_t>(),
@@ -58,11 +59,11 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
                                     output_mask);
   const GroupNormShape& s = bs.shape;
   if (s.N * s.C == 0) return backward_result(bs, weight, input, output_mask);
-  check_grid(s, bs.layout);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool param_grads = output_mask[1] || output_mask[2];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bs.x.scalar_type(), "gnflex_group_norm_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    check_grid<scalar_t>(s, bs.layout);
     at::Tensor workspace = workspace_for<scalar_t>(s, bs.layout, bs.x);
     launch_backward<scalar_t>(
         bs.dy.const_data_ptr<scalar_t>(), bs.x.const_data_ptr<scalar_t>(), bs.mean.const_data_ptr<acc_t>(),

@@ -1,7 +1,7 @@
-// CUDA GroupNorm device code, part 1 of 3: types, the part plan, block and
-// warp helpers, per-value operations. Part 2 (group_norm_stats.cuh): the
-// statistics kernels; part 3 (group_norm_launch.cuh): the elementwise and
-// gradient kernels and the launch sequence.
+// CUDA GroupNorm device code, part 1 of 5: types, the work plan, block and
+// warp helpers, per-value operations. Then group_norm_stats.cuh (statistics),
+// group_norm_grad.cuh (gradient sums), group_norm_apply.cuh (elementwise
+// outputs) and group_norm_launch.cuh (workspace and launch sequence).
 //
 // nvcc compiles these headers into the op (group_norm_cuda.cu); g++ compiles
 // them into the CPU simulator test (tests/cuda_sim/), which includes its
@@ -11,17 +11,25 @@
 // effects.
 //
 // The numerical scheme is gn_math.h's, as on the CPU:
-//   forward:  per-(n, part, c) exact chunk stats (chunk mean, then sums of
-//             d = x - mean and d^2 about it) -> per-group Chan merge in a fixed
-//             order -> mean P (rounded), rstd, per-(n, c) scale/shift
-//             -> y = act((x - P) * scale + shift)
-//   backward: the saved mean is the pivot; groups with a large |mean| / std
-//             recompute their stats for the exact residual; per-(n, part, c)
-//             sums of g * (x - P) and g, g = dy * act'(z) -> per-group dx
-//             coefficients, dweight, dbias -> dx = g_coef * g + x_coef * (x - P) + bias_coef
-// A "part" is a fixed range of spatial positions, so a large group is spread
-// over many blocks and partial results merge in index order: no atomics,
-// bitwise reproducible results.
+//   forward (3 launches): exact chunk stats (a chunk's mean, then the sums of
+//     d = x - mean and d^2 about it) per block -> per group a Chan merge in a
+//     fixed order: mean P (rounded), rstd, residual mean - P -> every output
+//     block folds its channels' scale/shift from those and weight/bias:
+//     y = act((x - P) * scale + shift).
+//   backward (4 launches): the saved mean is the pivot P; groups with a large
+//     |mean| / std get the exact residual from sums of x - P (launch 1,
+//     blocks of other groups exit at once); sums of g * (x - P) and g per
+//     channel and block, g = dy * act'(z) (2); per group the dx coefficients
+//     (3); dx = scale * g + x_coef * (x - P) + bias_coef, and in extra blocks
+//     of the same launch dweight / dbias (4).
+// Partial results merge in index order: no atomics, bitwise reproducible.
+//
+// Work split. Channels-first (NCHW): a group is one contiguous run of
+// Cg * HxW values; statistics blocks take kSpan values of it. Output and
+// gradient blocks take ~kBlockValues of one plane, or whole small planes
+// with a warp per plane. Channels-last: blocks take a tile of channels of a
+// run of rows; each thread owns `vec` adjacent channels (16-byte loads when
+// C and the pointers allow) and a share of the rows.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -54,24 +62,22 @@ namespace cuda {
 using math::WelfordStats;
 
 constexpr int kThreads = 256;
-// Spatial positions per part: a channels-first block reads kSpan values of one
-// plane; a channels-last block reads kSpan / C rows (at least one).
+// Values of one statistics block (channels-first), held in registers.
 constexpr int64_t kSpan = 4096;
+// Target values of an output / gradient block, and the smallest plane that
+// gets blocks of its own (smaller planes: a warp per plane).
+constexpr int64_t kBlockValues = 16384;
+constexpr int64_t kSmallPlane = 1024;
+// Grids aim at about 4 waves of a 132-SM GPU where the data allows.
+constexpr int64_t kTargetBlocks = 528;
+// Channels-last blocks: at least this many rows (the channels' coefficients
+// and partial results amortize over them), at most this many channels per
+// tile (shared-memory tables).
+constexpr int64_t kMinBlockRows = 64;
+constexpr int64_t kMaxTileChannels = 1024;
 
 template <typename T>
 using acc_type = at::opmath_type<T>;
-
-// Per-(n, c) coefficients. The forward uses pivot/scale/shift; the backward all.
-template <typename T>
-struct ChannelCoefs {
-  T pivot;     // the group's mean rounded to T
-  T scale;
-  T shift;
-  T g_coef;
-  T x_coef;
-  T bias_coef;
-  T residual;  // mean - pivot (0 in the backward unless recomputed)
-};
 
 template <typename T>
 struct Sum2 {
@@ -79,7 +85,7 @@ struct Sum2 {
   T b;
 };
 
-// WelfordStats of one (n, part, c) chunk; its count follows from the plan.
+// WelfordStats of one chunk; its count follows from the plan.
 template <typename T>
 struct ChunkStats {
   T center;
@@ -87,34 +93,125 @@ struct ChunkStats {
   T m2;
 };
 
-// How the work is cut into blocks. Channels-first: a block reads part
-// `part` (span values) of one plane. Channels-last: a block reads span rows
-// of one sample for one tile of tile_width channels (tiles per row), so a
-// block covers ~kSpan values whatever C is, and per-block loads of the
-// channels' coefficients and writes of partial results amortize over many
-// rows. Partial results live at [(n * parts + part) * C + c] in both layouts.
-struct PartPlan {
-  int64_t span;
-  int64_t parts;
-  int64_t tiles = 1;
-  int64_t tile_width = 0;
+// Per-(n, g) values besides the mean (pivot) and rstd: the residual
+// mean - pivot, and in the backward the dx coefficients.
+template <typename T>
+struct GroupCoefs {
+  T residual;
+  T x_coef;
+  T bias_coef;
+};
 
-  __host__ __device__ int64_t count(int64_t part, int64_t HxW) const {
-    const int64_t begin = part * span;
-    return HxW - begin < span ? HxW - begin : span;
+// What an output value needs of its channel.
+template <typename T>
+struct ChannelCoefs {
+  T pivot;  // the group's mean rounded to T
+  T scale;  // rstd * weight
+  T shift;
+  T x_coef;
+  T bias_coef;
+};
+
+// 16-byte pack of scalars for vector loads/stores.
+template <typename scalar_t>
+struct PackTraits {
+  static constexpr int kSize = 16 / sizeof(scalar_t) > 0 ? 16 / sizeof(scalar_t) : 1;
+  struct alignas(16) Pack {
+    scalar_t v[kSize];
+  };
+};
+
+// ---- the work plan ------------------------------------------------------------
+// Rows [part * rows, ...) of a sample, cut into parts.
+struct RowParts {
+  int64_t rows = 1;
+  int64_t parts = 0;
+  __host__ __device__ int64_t count(int64_t part, int64_t total) const {
+    const int64_t begin = part * rows;
+    return total - begin < rows ? total - begin : rows;
   }
 };
 
-inline PartPlan make_plan(const GroupNormShape& s, Layout layout) {
-  const auto parts_of = [&](int64_t span) { return s.HxW == 0 ? 0 : (s.HxW + span - 1) / span; };
-  if (layout == Layout::ChannelsFirst) return {kSpan, parts_of(kSpan)};
-  const int64_t C = std::max<int64_t>(s.C, 1);
-  const int64_t tiles = (C + kThreads - 1) / kThreads;
-  const int64_t width = ((C + tiles - 1) / tiles + 31) / 32 * 32;  // <= kThreads, whole warps
-  // A thread then holds at most ceil(span / (kThreads / width)) <= 25 rows
-  // (chunk_stats_cl_kernel keeps them in registers).
-  const int64_t span = std::max<int64_t>(1, kSpan / width);
-  return {span, parts_of(span), tiles, width};
+struct Plan {
+  Layout layout = Layout::ChannelsFirst;
+  // Statistics: channels-first, parts of kSpan values of a group's run.
+  int64_t run_parts = 0;
+  // Channels-first outputs / gradient sums: planes_per_block > 0 gives
+  // blocks of whole small planes (a warp per plane), else blocks of
+  // plane.rows values of one plane (plane.parts per plane).
+  RowParts plane;
+  int64_t planes_per_block = 0;
+  // Channels-last: vec channels per thread, tiles of tile_vecs threads
+  // across, rows_per_pass rows at a time; stat_rows / out_rows rows per
+  // block of the statistics / output and gradient kernels.
+  int vec = 1;
+  int64_t tiles = 1, tile_vecs = 1, rows_per_pass = 1, block_threads = kThreads;
+  RowParts stat_rows, out_rows;
+  int64_t stat_slots = 1;  // groups a tile touches, at most
+  // Backward residual: blocks per group.
+  int64_t residual_splits = 1;
+
+  __host__ __device__ int64_t tile_channels() const { return tile_vecs * vec; }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline RowParts row_parts(int64_t total, int64_t rows) {
+  rows = std::max<int64_t>(1, std::min(rows, total));
+  return {rows, total == 0 ? 0 : ceil_div(total, rows)};
+}
+
+// Channels-last vector width: whole packs when every row starts 16-byte
+// aligned in every tensor (C a multiple of the pack and aligned pointers).
+template <typename scalar_t>
+int channels_last_vec(const GroupNormShape& s, std::initializer_list<const void*> pointers) {
+  constexpr int kV = PackTraits<scalar_t>::kSize;
+  if (s.C % kV != 0) return 1;
+  for (const void* p : pointers) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return kV;
+}
+
+template <typename acc_t>
+Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
+  Plan p;
+  p.layout = layout;
+  const int64_t Cg = s.channels_per_group();
+  p.residual_splits = std::clamp<int64_t>(ceil_div(2 * kTargetBlocks, std::max<int64_t>(1, s.N * s.G)), 1, 32);
+  if (layout == Layout::ChannelsFirst) {
+    p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, kSpan);
+    const int64_t planes = s.N * s.C;
+    if (s.HxW < kSmallPlane) {
+      const int64_t most = std::max<int64_t>(8, kBlockValues / std::max<int64_t>(1, s.HxW));
+      p.planes_per_block = std::clamp<int64_t>(ceil_div(planes, kTargetBlocks), 8, most);
+      p.plane = {std::max<int64_t>(1, s.HxW), 1};
+    } else {
+      // Blocks of kSpan..kBlockValues values, as many as give the target grid.
+      const int64_t want = ceil_div(planes * s.HxW, kTargetBlocks);
+      const int64_t rows = std::clamp<int64_t>((want + 255) / 256 * 256, kSpan, kBlockValues);
+      p.plane = row_parts(s.HxW, rows);
+    }
+    return p;
+  }
+  p.vec = vec;
+  const int64_t vecs = std::max<int64_t>(1, s.C / vec);
+  const int64_t most_vecs = std::min<int64_t>(kThreads, kMaxTileChannels / vec * 4 / static_cast<int64_t>(sizeof(acc_t)));
+  p.tiles = ceil_div(vecs, most_vecs);
+  p.tile_vecs = ceil_div(vecs, p.tiles);
+  p.rows_per_pass = std::max<int64_t>(1, kThreads / p.tile_vecs);
+  p.block_threads = (p.tile_vecs * p.rows_per_pass + 31) / 32 * 32;
+  const int64_t tile_ch = p.tile_channels();
+  const auto rows_for = [&](int64_t most_values) {
+    const int64_t lo = std::max(p.rows_per_pass, kMinBlockRows);
+    const int64_t hi = std::max(lo, most_values / tile_ch);
+    return row_parts(s.HxW, std::clamp(ceil_div(s.N * s.HxW * p.tiles, kTargetBlocks), lo, hi));
+  };
+  p.stat_rows = rows_for(kBlockValues);
+  p.out_rows = rows_for(2 * kBlockValues);
+  // Groups a tile of tile_ch channels starting anywhere can touch.
+  p.stat_slots = std::min<int64_t>(s.G, ceil_div(tile_ch, std::max<int64_t>(1, Cg)) + 1);
+  return p;
 }
 
 // ---- device helpers --------------------------------------------------------
@@ -130,10 +227,21 @@ __device__ __forceinline__ void gstore(T* p, const T& v) {
   *p = v;
 }
 
+// weight[c] or bias[c], or the default when the parameter is absent.
+template <typename acc_t>
+__device__ __forceinline__ acc_t param_at(const acc_t* p, int64_t c, acc_t absent) {
+  return p == nullptr ? absent : gload(p + c);
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
   return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_broadcast(T v) {
+  return __shfl_sync(0xffffffffu, v, 0);
 }
 
 // Sum over the block (blockDim.x a multiple of 32) in a fixed order; the
@@ -160,8 +268,8 @@ __device__ Sum2<T> block_sum2(Sum2<T> v) {
 }
 
 // Thread 0's value in every thread of the block. Values the whole block uses
-// (a plane's coefficients, whether a group needs its statistics) are loaded
-// by thread 0 and broadcast, so they are read from global memory once.
+// are loaded by thread 0 and broadcast, so they are read from global memory
+// once.
 template <typename T>
 __device__ T block_broadcast(T v) {
   __shared__ T value;
@@ -172,15 +280,6 @@ __device__ T block_broadcast(T v) {
   return result;
 }
 
-// 16-byte pack of scalars for vector loads/stores.
-template <typename scalar_t>
-struct PackTraits {
-  static constexpr int kSize = 16 / sizeof(scalar_t) > 0 ? 16 / sizeof(scalar_t) : 1;
-  struct alignas(16) Pack {
-    scalar_t v[kSize];
-  };
-};
-
 template <int N>
 using Width = std::integral_constant<int, N>;
 
@@ -190,6 +289,7 @@ __device__ __forceinline__ void load_values(const scalar_t* p, acc_t (&out)[N]) 
     out[0] = static_cast<acc_t>(gload(p));
   } else {
     using Pack = typename PackTraits<scalar_t>::Pack;
+    static_assert(N == PackTraits<scalar_t>::kSize, "whole packs");
     const Pack pack = gload(reinterpret_cast<const Pack*>(p));
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = static_cast<acc_t>(pack.v[k]);
@@ -202,6 +302,7 @@ __device__ __forceinline__ void store_values(scalar_t* p, const acc_t (&in)[N]) 
     gstore(p, static_cast<scalar_t>(in[0]));
   } else {
     using Pack = typename PackTraits<scalar_t>::Pack;
+    static_assert(N == PackTraits<scalar_t>::kSize, "whole packs");
     Pack pack;
 #pragma unroll
     for (int k = 0; k < N; ++k) pack.v[k] = static_cast<scalar_t>(in[k]);
@@ -213,25 +314,24 @@ __device__ __forceinline__ int misalignment(const void* p) {
   return static_cast<int>(reinterpret_cast<uintptr_t>(p) % 16);
 }
 
-// Calls f(i, Width<W>) over a span of len values so that every call with
-// W > 1 starts at a 16-byte aligned address of every pointer. Vector steps
-// only when all pointers share the same misalignment; scalar otherwise.
+// Calls f(i, Width<W>) over a span of len values, thread `tid` of `nthreads`,
+// so that every call with W > 1 starts at a 16-byte aligned address of every
+// pointer. Vector steps only when all pointers share the same misalignment.
 template <typename scalar_t, typename F>
-__device__ void for_each_in_span(int64_t len, const scalar_t* first, bool same_alignment, F&& f) {
+__device__ void for_each_in_span(int64_t len, const scalar_t* first, bool same_alignment, int tid, int nthreads,
+                                 F&& f) {
   constexpr int kV = PackTraits<scalar_t>::kSize;
-  if constexpr (kV == 1) {
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) f(i, Width<1>{});
-  } else {
-    if (!same_alignment) {
-      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) f(i, Width<1>{});
-      return;
-    }
+  if (kV == 1 || !same_alignment) {
+    for (int64_t i = tid; i < len; i += nthreads) f(i, Width<1>{});
+    return;
+  }
+  if constexpr (kV > 1) {
     int64_t head = ((16 - misalignment(first)) % 16) / static_cast<int64_t>(sizeof(scalar_t));
     head = head < len ? head : len;
     const int64_t packs = (len - head) / kV;
-    for (int64_t i = threadIdx.x; i < head; i += blockDim.x) f(i, Width<1>{});
-    for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) f(head + k * kV, Width<kV>{});
-    for (int64_t i = head + packs * kV + threadIdx.x; i < len; i += blockDim.x) f(i, Width<1>{});
+    for (int64_t i = tid; i < head; i += nthreads) f(i, Width<1>{});
+    for (int64_t k = tid; k < packs; k += nthreads) f(head + k * kV, Width<kV>{});
+    for (int64_t i = head + packs * kV + tid; i < len; i += nthreads) f(i, Width<1>{});
   }
 }
 
@@ -287,78 +387,128 @@ struct SpanValues {
   }
 };
 
-// What a channels-first block reads: part `part` of plane `plane` (= n * C + c).
-struct PlaneSpan {
-  int64_t plane;
-  int64_t part;
-  int64_t offset;
-  int64_t len;
+// ---- channels-last blocks ------------------------------------------------------
+// Block `blockIdx.x` of a channels-last kernel: rows [row_begin, row_end) of
+// sample n, channels [c_begin, c_end) (one tile).
+struct RowBlock {
+  int64_t n, part, tile;
+  int64_t row_begin, row_end;
+  int64_t c_begin, c_end;
 };
 
-__device__ __forceinline__ PlaneSpan plane_span(const GroupNormShape& s, const PartPlan& plan) {
-  const int64_t plane = blockIdx.x / plan.parts;
-  const int64_t part = blockIdx.x % plan.parts;
-  return {plane, part, plane * s.HxW + part * plan.span, plan.count(part, s.HxW)};
+__device__ __forceinline__ RowBlock row_block(const GroupNormShape& s, const Plan& plan, const RowParts& rows) {
+  RowBlock b;
+  b.tile = blockIdx.x % plan.tiles;
+  b.part = blockIdx.x / plan.tiles % rows.parts;
+  b.n = blockIdx.x / plan.tiles / rows.parts;
+  b.row_begin = b.part * rows.rows;
+  b.row_end = b.row_begin + rows.count(b.part, s.HxW);
+  b.c_begin = b.tile * plan.tile_channels();
+  b.c_end = b.c_begin + plan.tile_channels() < s.C ? b.c_begin + plan.tile_channels() : s.C;
+  return b;
 }
 
-// What a channels-last block reads: rows [row_begin, row_end) of sample n,
-// channels [c_begin, c_begin + tile_width) (those below C).
-struct RowSpan {
-  int64_t n;
-  int64_t part;
-  int64_t row_begin;
-  int64_t row_end;
-  int64_t c_begin;
+// A thread's place in a channels-last block: channels [c, c + vec) (active
+// when inside the tile), rows ty, ty + rows_per_pass, ...
+struct RowThread {
+  int64_t tx, ty, c;
+  bool active;
 };
 
-__device__ __forceinline__ RowSpan row_span(const GroupNormShape& s, const PartPlan& plan) {
-  const int64_t tile = blockIdx.x % plan.tiles;
-  const int64_t n = blockIdx.x / plan.tiles / plan.parts;
-  const int64_t part = blockIdx.x / plan.tiles % plan.parts;
-  const int64_t row_begin = part * plan.span;
-  return {n, part, row_begin, row_begin + plan.count(part, s.HxW), tile * plan.tile_width};
+__device__ __forceinline__ RowThread row_thread(const Plan& plan, const RowBlock& b) {
+  RowThread t;
+  t.tx = threadIdx.x % plan.tile_vecs;
+  t.ty = threadIdx.x / plan.tile_vecs;
+  t.c = b.c_begin + t.tx * plan.vec;
+  t.active = t.ty < plan.rows_per_pass && t.c < b.c_end;
+  return t;
 }
 
-// Channels-last block shape: threads along the tile's channels (x), rows (y);
-// threads with ty >= height are idle.
-struct RowTile {
-  int tx;
-  int ty;
-  int width;
-  int height;
-};
-
-__device__ __forceinline__ RowTile row_tile(const PartPlan& plan) {
-  const int width = static_cast<int>(plan.tile_width);
-  return {static_cast<int>(threadIdx.x) % width, static_cast<int>(threadIdx.x) / width, width,
-          kThreads / width};
-}
-
-// The coefficients an operation reads: pivot, scale and shift, and with
-// kInputGrad also the dx coefficients (a GPU loads only the fields used).
-template <bool kInputGrad, typename acc_t>
-__device__ __forceinline__ ChannelCoefs<acc_t> load_coefs(const ChannelCoefs<acc_t>* p) {
-  ChannelCoefs<acc_t> k{gload(&p->pivot), gload(&p->scale), gload(&p->shift), acc_t(0), acc_t(0),
-                        acc_t(0), acc_t(0)};
-  if constexpr (kInputGrad) {
-    k.g_coef = gload(&p->g_coef);
-    k.x_coef = gload(&p->x_coef);
-    k.bias_coef = gload(&p->bias_coef);
+// Merges each thread's shared-memory slot with those of the threads below
+// it in the same channel column (ty + 1, ...) in a fixed tree over ty:
+// merge_from(other_thread) runs in the thread that keeps the result. Ends
+// with a barrier; the totals are then in the slots of ty = 0. Every thread
+// of the block calls it.
+template <typename F>
+__device__ void merge_rows_tree(const Plan& plan, const RowThread& t, F&& merge_from) {
+  for (int64_t stride = 1; stride < plan.rows_per_pass; stride *= 2) {
+    __syncthreads();
+    if (t.active && t.ty % (2 * stride) == 0 && t.ty + stride < plan.rows_per_pass) {
+      merge_from(static_cast<int64_t>(threadIdx.x) + stride * plan.tile_vecs);
+    }
   }
-  return k;
+  __syncthreads();
 }
 
-// Whether the statistics of group ng are computed: always in the forward
-// (mean == nullptr), in the backward only where the residual matters.
+// ---- coefficients ----------------------------------------------------------------
+// Where the blocks find a group's values: mean (the pivot) and rstd; the
+// residual from the GroupCoefs, or summed from the backward's residual
+// partial sums (before the GroupCoefs are written).
 template <typename acc_t>
-__device__ __forceinline__ bool wants_stats(const acc_t* mean, const acc_t* rstd, int64_t ng) {
-  return mean == nullptr || math::needs_exact_residual(gload(mean + ng), gload(rstd + ng));
+struct GroupSource {
+  const acc_t* mean;
+  const acc_t* rstd;
+  const GroupCoefs<acc_t>* coefs;
+  const acc_t* residual_sums = nullptr;  // per (n, g, split), or null
+  int64_t splits = 1;
+  int64_t group_size = 1;
+};
+
+// Whether the backward recomputes group ng's residual.
+template <typename acc_t>
+__device__ __forceinline__ bool wants_residual(acc_t mean, acc_t rstd) {
+  return math::needs_exact_residual(mean, rstd);
+}
+
+// mean - pivot of group ng from the residual partial sums: their total over
+// the group size where it matters, else 0 (fixed order).
+template <typename acc_t>
+__device__ acc_t summed_residual(const GroupSource<acc_t>& src, int64_t ng, acc_t mean, acc_t rstd) {
+  if (!wants_residual(mean, rstd)) return acc_t(0);
+  acc_t total = acc_t(0);
+  for (int64_t k = 0; k < src.splits; ++k) total += gload(src.residual_sums + ng * src.splits + k);
+  return total / static_cast<acc_t>(src.group_size);
+}
+
+// Group ng's values as ChannelCoefs with scale = rstd and shift = residual
+// (channel_coefs folds in a channel's weight and bias).
+template <bool kInputGrad, typename acc_t>
+__device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64_t ng) {
+  ChannelCoefs<acc_t> v{gload(src.mean + ng), gload(src.rstd + ng), acc_t(0), acc_t(0), acc_t(0)};
+  if (src.residual_sums != nullptr) {
+    v.shift = summed_residual(src, ng, v.pivot, v.scale);
+  } else {
+    v.shift = gload(&src.coefs[ng].residual);
+  }
+  if constexpr (kInputGrad) {
+    v.x_coef = gload(&src.coefs[ng].x_coef);
+    v.bias_coef = gload(&src.coefs[ng].bias_coef);
+  }
+  return v;
+}
+
+// A channel's coefficients from its group's values (group_values) and its
+// weight and bias.
+template <typename acc_t>
+__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group, acc_t weight, acc_t bias) {
+  const auto affine = math::fold_affine(group.shift, group.scale, weight, bias);
+  group.scale = affine.scale;
+  group.shift = affine.shift;
+  return group;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ ChannelCoefs<acc_t> warp_broadcast(const ChannelCoefs<acc_t>& k) {
+  return {warp_broadcast(k.pivot), warp_broadcast(k.scale), warp_broadcast(k.shift), warp_broadcast(k.x_coef),
+          warp_broadcast(k.bias_coef)};
 }
 
 // ---- per-value operations ----------------------------------------------------
 // Backward sums: g * d and g, d = x - pivot, g = dy * act'(z).
 template <Activation A>
 struct GradSumsOp {
+  static constexpr bool kUsesGrad = true;
+  static constexpr bool kInputGrad = false;
   template <typename acc_t>
   __device__ static Sum2<acc_t> apply(acc_t x, acc_t dy, const ChannelCoefs<acc_t>& k) {
     const acc_t d = x - k.pivot;
@@ -372,20 +522,22 @@ struct GradSumsOp {
 template <Activation A>
 struct ForwardOp {
   static constexpr bool kUsesGrad = false;
+  static constexpr bool kInputGrad = false;
   template <typename acc_t>
   __device__ static acc_t apply(acc_t x, acc_t /*dy*/, const ChannelCoefs<acc_t>& k) {
     return math::activate<A>((x - k.pivot) * k.scale + k.shift);
   }
 };
 
-// Input gradient.
+// Input gradient; scale = rstd * weight is also the coefficient of g.
 template <Activation A>
 struct InputGradOp {
   static constexpr bool kUsesGrad = true;
+  static constexpr bool kInputGrad = true;
   template <typename acc_t>
   __device__ static acc_t apply(acc_t x, acc_t dy, const ChannelCoefs<acc_t>& k) {
     const Sum2<acc_t> gd = GradSumsOp<A>::apply(x, dy, k);  // {g * d, g}
-    return k.g_coef * gd.b + k.x_coef * (x - k.pivot) + k.bias_coef;
+    return k.scale * gd.b + k.x_coef * (x - k.pivot) + k.bias_coef;
   }
 };
 

@@ -1,6 +1,6 @@
-// CUDA GroupNorm device code, part 2 of 3: statistics. Exact per-chunk stats
-// (a block's chunk: its mean first, then the sums of d = x - mean and d^2
-// about it), the per-group merge, and the coefficients derived from them.
+// CUDA GroupNorm device code, part 2 of 5: statistics. Exact chunk stats per
+// block, the per-group merge (forward finalize), and the backward's residual
+// sums.
 #pragma once
 
 #include "group_norm_device.cuh"
@@ -8,100 +8,27 @@
 namespace gnflex {
 namespace cuda {
 
-// Channels-first chunk stats: one block per (plane, part), two passes over
-// the block's values (the second from registers). In the backward
-// (mean != null) only blocks of groups that need their stats work; the test
-// is uniform per block.
+// Channels-first chunk stats: one block per (n, g, part) of kSpan values of
+// the group's contiguous run, two passes over them (the second from
+// registers).
 template <typename scalar_t, typename acc_t>
-__global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormShape s, PartPlan plan,
-                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+__global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
                                       ChunkStats<acc_t>* __restrict__ partial) {
-  const PlaneSpan span = plane_span(s, plan);
-  const int64_t n = span.plane / s.C;
-  const int64_t c = span.plane % s.C;
-  const int64_t ng = n * s.G + c / s.channels_per_group();
-  if (!block_broadcast(threadIdx.x == 0 && wants_stats(mean, rstd, ng))) return;  // uniform
+  const int64_t ng = blockIdx.x / plan.run_parts;
+  const int64_t part = blockIdx.x % plan.run_parts;
+  const int64_t run = s.group_size();
+  const int64_t len = run - part * kSpan < kSpan ? run - part * kSpan : kSpan;
   SpanValues<scalar_t, acc_t> values;
-  values.load(x + span.offset, span.len);
+  values.load(x + ng * run + part * kSpan, len);
   const acc_t sum = block_sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
-  const acc_t center = block_broadcast(math::chunk_center(span.len, sum));
+  const acc_t center = block_broadcast(math::chunk_center(len, sum));
   const Sum2<acc_t> d = block_sum2(values.sums([center](acc_t v) {
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   }));
   if (threadIdx.x == 0) {
-    const auto st = math::welford_from_centered_sums(span.len, center, d.a, d.b);
-    gstore(partial + (n * plan.parts + span.part) * s.C + c, ChunkStats<acc_t>{st.center, st.offset, st.m2});
-  }
-}
-
-// Channels-last chunk stats: one block per (n, part, channel tile), threads
-// on channels; per channel the rows' mean, then the sums about it, from
-// registers. In the backward only samples with a group that needs its stats
-// work.
-template <typename scalar_t, typename acc_t>
-__global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormShape s, PartPlan plan,
-                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
-                                      ChunkStats<acc_t>* __restrict__ partial) {
-  __shared__ acc_t tile_a[kThreads];
-  __shared__ acc_t tile_b[kThreads];
-  __shared__ acc_t centers[kThreads];
-  const RowSpan rows = row_span(s, plan);
-  const int64_t n = rows.n;
-  bool wanted = false;
-  if (threadIdx.x == 0) {
-    for (int64_t g = 0; g < s.G && !wanted; ++g) wanted = wants_stats(mean, rstd, n * s.G + g);
-  }
-  if (!block_broadcast(wanted)) return;  // uniform
-  const RowTile t = row_tile(plan);
-  const int64_t count = rows.row_end - rows.row_begin;
-  const int64_t c = rows.c_begin + t.tx;
-  // This thread's rows of channel c, in fixed register slots: a block has
-  // span rows of tile_width channels, and span / height <= 25 for every
-  // tile width make_plan picks (widths 32..256 in steps of 32).
-  constexpr int kRowSlots = 32;
-  acc_t values[kRowSlots];
-  const bool active = c < s.C && t.ty < t.height;
-#pragma unroll
-  for (int it = 0; it < kRowSlots; ++it) {
-    const int64_t r = rows.row_begin + t.ty + static_cast<int64_t>(it) * t.height;
-    values[it] = active && r < rows.row_end ? static_cast<acc_t>(gload(x + (n * s.HxW + r) * s.C + c)) : acc_t(0);
-  }
-  // Sum of f(x) over this thread's rows.
-  const auto thread_sums = [&](auto f) {
-    Sum2<acc_t> sum{acc_t(0), acc_t(0)};
-#pragma unroll
-    for (int it = 0; it < kRowSlots; ++it) {
-      if (active && rows.row_begin + t.ty + static_cast<int64_t>(it) * t.height < rows.row_end) {
-        const Sum2<acc_t> v = f(values[it]);
-        sum.a += v.a;
-        sum.b += v.b;
-      }
-    }
-    return sum;
-  };
-  // Column totals of the tile, in row order (valid for threads with ty == 0).
-  const auto column_total = [&](const acc_t* tile) {
-    acc_t total = tile[t.tx];
-    for (int y = 1; y < t.height; ++y) total += tile[y * t.width + t.tx];
-    return total;
-  };
-  tile_a[threadIdx.x] = thread_sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; }).a;
-  __syncthreads();
-  if (t.ty == 0) centers[t.tx] = math::chunk_center(count, column_total(tile_a));
-  __syncthreads();
-  const acc_t center = centers[t.tx];
-  const Sum2<acc_t> d = thread_sums([center](acc_t v) {
-    const acc_t dv = v - center;
-    return Sum2<acc_t>{dv, dv * dv};
-  });
-  tile_a[threadIdx.x] = d.a;  // the first pass's totals were read before the last barrier
-  tile_b[threadIdx.x] = d.b;
-  __syncthreads();
-  if (t.ty == 0 && c < s.C) {
-    const auto st =
-        math::welford_from_centered_sums(count, center, column_total(tile_a), column_total(tile_b));
-    gstore(partial + (n * plan.parts + rows.part) * s.C + c, ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
+    gstore(partial + blockIdx.x, ChunkStats<acc_t>{st.center, st.offset, st.m2});
   }
 }
 
@@ -120,88 +47,188 @@ __device__ WelfordStats<acc_t> warp_welford_merge(WelfordStats<acc_t> s) {
   return s;
 }
 
-// Stats of group ng in every lane of its warp: lane l merges the group's
-// chunks l, l + 32, ... (over parts x channels) in order, then the lanes
-// merge in a fixed tree and lane 0's result is broadcast.
 template <typename acc_t>
-__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const PartPlan& plan,
+__device__ __forceinline__ WelfordStats<acc_t> welford_of(int64_t count, const ChunkStats<acc_t>& c) {
+  WelfordStats<acc_t> w;
+  w.count = count;
+  w.center = c.center;
+  w.offset = c.offset;
+  w.m2 = c.m2;
+  return w;
+}
+
+// Groups [first, last] that channels [c_begin, c_end) of a tile touch.
+struct TileGroups {
+  int64_t first, last;
+};
+__device__ __forceinline__ TileGroups tile_groups(const GroupNormShape& s, int64_t c_begin, int64_t c_end) {
+  const int64_t Cg = s.channels_per_group();
+  return {c_begin / Cg, (c_end - 1) / Cg};
+}
+
+// Channels-last chunk stats: one block per (n, part, tile). Each thread owns
+// vec channels and a share of the rows; it takes kRows of its rows at a time
+// into registers, gets their exact stats per channel (mean, then the sums
+// about it) and merges them into its running stats (Chan). The threads of a
+// channel then merge in a fixed tree, and the channels of each group in the
+// tile in a warp: one partial per (n, part, tile, group slot).
+template <int V, typename scalar_t, typename acc_t>
+__global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
+                                      ChunkStats<acc_t>* __restrict__ partial) {
+  constexpr int kRows = 32 / V > 1 ? 32 / V : 1;  // 32 values in registers
+  __shared__ acc_t sh_center[kThreads * V];
+  __shared__ acc_t sh_offset[kThreads * V];
+  __shared__ acc_t sh_m2[kThreads * V];
+  __shared__ int64_t sh_count[kThreads];
+  const RowBlock b = row_block(s, plan, plan.stat_rows);
+  const RowThread t = row_thread(plan, b);
+  const int64_t step = plan.rows_per_pass;
+  WelfordStats<acc_t> run[V];
+  if (t.active) {
+    for (int64_t r0 = b.row_begin + t.ty; r0 < b.row_end; r0 += kRows * step) {
+      const int64_t m = std::min<int64_t>(kRows, (b.row_end - r0 + step - 1) / step);
+      acc_t v[kRows][V];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        if (j < m) {
+          load_values<V>(x + (b.n * s.HxW + r0 + j * step) * s.C + t.c, v[j]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[j][i] = acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        acc_t sum = acc_t(0);
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) sum += v[j][i];
+        const acc_t center = math::chunk_center(m, sum);
+        acc_t sd = acc_t(0), sd2 = acc_t(0);
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+          const acc_t d = j < m ? v[j][i] - center : acc_t(0);
+          sd += d;
+          sd2 += d * d;
+        }
+        run[i] = math::welford_combine(run[i], math::welford_from_centered_sums(m, center, sd, sd2));
+      }
+    }
+  }
+  const int64_t slot = threadIdx.x * V;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    sh_center[slot + i] = run[i].center;
+    sh_offset[slot + i] = run[i].offset;
+    sh_m2[slot + i] = run[i].m2;
+  }
+  sh_count[threadIdx.x] = run[0].count;
+  merge_rows_tree(plan, t, [&](int64_t other_thread) {
+    const int64_t other = other_thread * V;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const auto a = welford_of(sh_count[threadIdx.x], ChunkStats<acc_t>{sh_center[slot + i], sh_offset[slot + i], sh_m2[slot + i]});
+      const auto o = welford_of(sh_count[other_thread], ChunkStats<acc_t>{sh_center[other + i], sh_offset[other + i], sh_m2[other + i]});
+      const auto merged = math::welford_combine(a, o);
+      sh_center[slot + i] = merged.center;
+      sh_offset[slot + i] = merged.offset;
+      sh_m2[slot + i] = merged.m2;
+    }
+    sh_count[threadIdx.x] += sh_count[other_thread];
+  });
+  // Channels of a group: a warp per group slot; channel c's stats sit at slot
+  // c - c_begin (ty = 0) and cover all rows of the block.
+  const TileGroups tg = tile_groups(s, b.c_begin, b.c_end);
+  const int64_t Cg = s.channels_per_group();
+  const int64_t rows = b.row_end - b.row_begin;
+  const int lane = threadIdx.x % 32;
+  for (int64_t g = tg.first + threadIdx.x / 32; g <= tg.last; g += blockDim.x / 32) {  // uniform per warp
+    const int64_t c_lo = std::max(b.c_begin, g * Cg);
+    const int64_t c_hi = std::min(b.c_end, (g + 1) * Cg);
+    WelfordStats<acc_t> st;
+    for (int64_t c = c_lo + lane; c < c_hi; c += 32) {
+      const int64_t k = c - b.c_begin;
+      st = math::welford_combine(st, welford_of(rows, ChunkStats<acc_t>{sh_center[k], sh_offset[k], sh_m2[k]}));
+    }
+    st = warp_welford_merge(st);
+    if (lane == 0) {
+      const int64_t block = (b.n * plan.stat_rows.parts + b.part) * plan.tiles + b.tile;
+      gstore(partial + block * plan.stat_slots + (g - tg.first), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    }
+  }
+}
+
+// Stats of group ng in lane 0 of its warp: lane l merges the group's chunks
+// l, l + 32, ... in order, then the lanes merge in a fixed tree.
+template <typename acc_t>
+__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan,
                                            const ChunkStats<acc_t>* partial, int64_t ng, int lane) {
-  const int64_t n = ng / s.G;
-  const int64_t Cg = s.channels_per_group();
-  const int64_t c_begin = ng % s.G * Cg;
   WelfordStats<acc_t> stats;
-  for (int64_t item = lane; item < plan.parts * Cg; item += 32) {
-    const int64_t part = item / Cg;
-    const ChunkStats<acc_t> p = gload(partial + (n * plan.parts + part) * s.C + c_begin + item % Cg);
-    WelfordStats<acc_t> chunk;
-    chunk.count = plan.count(part, s.HxW);
-    chunk.center = p.center;
-    chunk.offset = p.offset;
-    chunk.m2 = p.m2;
-    stats = math::welford_combine(stats, chunk);
+  if (plan.layout == Layout::ChannelsFirst) {
+    const int64_t run = s.group_size();
+    for (int64_t part = lane; part < plan.run_parts; part += 32) {
+      const int64_t count = run - part * kSpan < kSpan ? run - part * kSpan : kSpan;
+      stats = math::welford_combine(stats, welford_of(count, gload(partial + ng * plan.run_parts + part)));
+    }
+  } else {
+    const int64_t n = ng / s.G, g = ng % s.G, Cg = s.channels_per_group();
+    const int64_t tile_ch = plan.tile_channels();
+    const int64_t t_first = g * Cg / tile_ch, t_last = ((g + 1) * Cg - 1) / tile_ch;
+    const int64_t nt = t_last - t_first + 1;
+    for (int64_t item = lane; item < plan.stat_rows.parts * nt; item += 32) {
+      const int64_t part = item / nt, tile = t_first + item % nt;
+      const int64_t c_begin = tile * tile_ch;
+      const int64_t c_end = std::min(s.C, c_begin + tile_ch);
+      const int64_t channels = std::min(c_end, (g + 1) * Cg) - std::max(c_begin, g * Cg);
+      const int64_t block = (n * plan.stat_rows.parts + part) * plan.tiles + tile;
+      const int64_t slot = g - c_begin / Cg;
+      const int64_t count = plan.stat_rows.count(part, s.HxW) * channels;
+      stats = math::welford_combine(stats, welford_of(count, gload(partial + block * plan.stat_slots + slot)));
+    }
   }
-  stats = warp_welford_merge(stats);
-  stats.count = __shfl_sync(0xffffffffu, stats.count, 0);
-  stats.center = __shfl_sync(0xffffffffu, stats.center, 0);
-  stats.offset = __shfl_sync(0xffffffffu, stats.offset, 0);
-  stats.m2 = __shfl_sync(0xffffffffu, stats.m2, 0);
-  return stats;
+  return warp_welford_merge(stats);
 }
 
-// The group's channels' pivot/scale/shift/residual, written by the lanes.
+// Forward: one warp per (n, g): mean (the pivot), rstd and the residual.
 template <typename acc_t>
-__device__ void write_affine_coefs(const GroupNormShape& s, int64_t ng, int lane, acc_t pivot,
-                                   acc_t residual, acc_t r, const acc_t* weight, const acc_t* bias,
-                                   ChannelCoefs<acc_t>* coefs) {
-  const int64_t n = ng / s.G;
-  const int64_t Cg = s.channels_per_group();
-  const int64_t c_begin = ng % s.G * Cg;
-  for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-    const auto affine = math::fold_affine(residual, r, gload(weight + c), gload(bias + c));
-    ChannelCoefs<acc_t>& k = coefs[n * s.C + c];
-    gstore(&k.pivot, pivot);
-    gstore(&k.scale, affine.scale);
-    gstore(&k.shift, affine.shift);
-    gstore(&k.residual, residual);
-  }
-}
-
-// Forward: one warp per (n, g): mean, rstd and the channels' coefficients.
-template <typename acc_t>
-__global__ void forward_finalize_kernel(GroupNormShape s, PartPlan plan, acc_t eps,
-                                        const ChunkStats<acc_t>* __restrict__ partial,
-                                        const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                        ChannelCoefs<acc_t>* __restrict__ coefs, acc_t* __restrict__ mean,
-                                        acc_t* __restrict__ rstd) {
+__global__ void forward_finalize_kernel(GroupNormShape s, Plan plan, acc_t eps,
+                                        const ChunkStats<acc_t>* __restrict__ partial, acc_t* __restrict__ mean,
+                                        acc_t* __restrict__ rstd, GroupCoefs<acc_t>* __restrict__ coefs) {
   const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (ng >= s.N * s.G) return;  // uniform per warp
   const WelfordStats<acc_t> stats = group_stats(s, plan, partial, ng, lane);
-  const acc_t pivot = math::rounded_mean(stats);
-  const acc_t r = math::rstd_from_stats(stats, eps);
   if (lane == 0) {
+    const acc_t pivot = math::rounded_mean(stats);
     gstore(mean + ng, pivot);
-    gstore(rstd + ng, r);
+    gstore(rstd + ng, math::rstd_from_stats(stats, eps));
+    gstore(&coefs[ng].residual, math::mean_residual(stats, pivot));
   }
-  write_affine_coefs(s, ng, lane, pivot, math::mean_residual(stats, pivot), r, weight, bias, coefs);
 }
 
-// Backward: one warp per (n, g): the forward's coefficients about the saved
-// mean, with the exact residual where the group's stats were recomputed.
-template <typename acc_t>
-__global__ void backward_coefs_kernel(GroupNormShape s, PartPlan plan,
-                                      const ChunkStats<acc_t>* __restrict__ partial,
-                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
-                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                      ChannelCoefs<acc_t>* __restrict__ coefs) {
-  const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (ng >= s.N * s.G) return;  // uniform per warp
-  acc_t residual = acc_t(0);
-  if (wants_stats(mean, rstd, ng)) {  // uniform per warp
-    residual = math::mean_residual(group_stats(s, plan, partial, ng, lane), gload(mean + ng));
+// Backward, groups whose residual mean - pivot matters (|mean| >> std): sums
+// of x - pivot over a split of the group, one block per (n, g, split); the
+// other groups' blocks exit. x - pivot is exact for values near the mean, so
+// the sum's rounding stays ~epsilon * std.
+template <typename scalar_t, typename acc_t>
+__global__ void residual_sums_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
+                                     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                                     acc_t* __restrict__ sums) {
+  const int64_t ng = blockIdx.x / plan.residual_splits;
+  const int64_t split = blockIdx.x % plan.residual_splits;
+  const Sum2<acc_t> group = block_broadcast(
+      threadIdx.x == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)} : Sum2<acc_t>{acc_t(0), acc_t(0)});
+  if (!wants_residual(group.a, group.b)) return;  // uniform
+  const int64_t run = s.group_size(), Cg = s.channels_per_group();
+  const int64_t begin = run * split / plan.residual_splits, end = run * (split + 1) / plan.residual_splits;
+  const int64_t n = ng / s.G, c0 = ng % s.G * Cg;
+  acc_t sum = acc_t(0);
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    // The j-th value of the group in either layout.
+    const int64_t idx = plan.layout == Layout::ChannelsFirst ? ng * run + j : (n * s.HxW + j / Cg) * s.C + c0 + j % Cg;
+    sum += static_cast<acc_t>(gload(x + idx)) - group.a;
   }
-  write_affine_coefs(s, ng, lane, gload(mean + ng), residual, gload(rstd + ng), weight, bias, coefs);
+  sum = block_sum2(Sum2<acc_t>{sum, acc_t(0)}).a;
+  if (threadIdx.x == 0) gstore(sums + blockIdx.x, sum);
 }
 
 }  // namespace cuda

@@ -233,7 +233,8 @@ std::vector<Case> cases() {
   for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
     all.push_back({2, 6, 5000, 3, l});                                    // several parts per plane / row block
     all.push_back({1, 300, 20, 10, l, Activation::SiLU, 0, 0, 3.0});      // C > 256: two channel tiles, odd C
-    all.push_back({2, 608, 45, 32, l, Activation::None, 0, 0, 1.0});      // three channel tiles of 224
+    all.push_back({2, 608, 45, 32, l, Activation::None, 1, 1, 1.0});      // scalar channels-last: 3 tiles of 203
+    all.push_back({1, 2560, 24, 32, l, Activation::SiLU, 0, 0, 1.0});     // vector tiles, groups across tile edges
     all.push_back({3, 4, 33, 2, l, Activation::GELU, 1, 3});              // misaligned, odd sizes
     all.push_back({2, 8, 100, 4, l, Activation::ReLU, 0, 0, 0.5});
     all.push_back({4, 6, 1, 6, l, Activation::None, 0, 0, 0, 1, Spike::None, 0, false});  // one value per group, 2-D input
