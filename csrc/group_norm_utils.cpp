@@ -126,11 +126,12 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like).copy_(t);
 }
 
-at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C,
-                         at::ScalarType acc_dtype, double fill, const at::Device& device) {
+at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C, at::ScalarType acc_dtype,
+                         double fill, const at::Device& device, ParamMode mode) {
   if (param.has_value() && param->defined()) {
     return param->to(acc_dtype).contiguous();
   }
+  if (mode == ParamMode::Raw) return at::Tensor();
   return at::full({C}, fill, at::TensorOptions().dtype(acc_dtype).device(device));
 }
 
@@ -138,14 +139,14 @@ at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C,
 
 ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-                           c10::string_view activation) {
+                           c10::string_view activation, ParamMode params) {
   ForwardSetup f;
   f.shape = check_forward_args(input, weight, bias, num_groups, eps);
   f.activation = parse_activation(activation);
   f.x = to_native_layout(input, &f.layout);
   const auto acc = acc_dtype_for(f.x.scalar_type());
-  f.weight = channel_param(weight, f.shape.C, acc, 1.0, f.x.device());
-  f.bias = channel_param(bias, f.shape.C, acc, 0.0, f.x.device());
+  f.weight = channel_param(weight, f.shape.C, acc, 1.0, f.x.device(), params);
+  f.bias = channel_param(bias, f.shape.C, acc, 0.0, f.x.device(), params);
   f.y = at::empty_like(f.x);
   f.mean = at::empty({f.shape.N, f.shape.G}, f.x.options().dtype(acc));
   f.rstd = at::empty({f.shape.N, f.shape.G}, f.x.options().dtype(acc));
@@ -156,7 +157,8 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
                              const at::Tensor& mean, const at::Tensor& rstd,
                              const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                             c10::string_view activation, std::array<bool, 3> output_mask) {
+                             c10::string_view activation, std::array<bool, 3> output_mask,
+                             ParamMode params) {
   BackwardSetup b;
   b.shape = check_backward_args(grad_out, input, mean, rstd, weight, bias, num_groups);
   b.activation = parse_activation(activation);
@@ -165,11 +167,15 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
   b.mean = mean.contiguous();
   b.rstd = rstd.contiguous();
   const auto acc = acc_dtype_for(b.x.scalar_type());
-  b.weight = channel_param(weight, b.shape.C, acc, 1.0, b.x.device());
-  b.bias = channel_param(bias, b.shape.C, acc, 0.0, b.x.device());
+  b.weight = channel_param(weight, b.shape.C, acc, 1.0, b.x.device(), params);
+  b.bias = channel_param(bias, b.shape.C, acc, 0.0, b.x.device(), params);
   if (output_mask[0]) b.dx = at::empty_like(b.x);
-  b.dweight = at::zeros({b.shape.C}, b.x.options().dtype(acc));
-  b.dbias = at::zeros({b.shape.C}, b.x.options().dtype(acc));
+  const auto param_grad = [&] {
+    const auto options = b.x.options().dtype(acc);
+    return params == ParamMode::Raw ? at::empty({b.shape.C}, options) : at::zeros({b.shape.C}, options);
+  };
+  b.dweight = param_grad();
+  b.dbias = param_grad();
   return b;
 }
 

@@ -20,6 +20,12 @@ Activation parse_activation(c10::string_view name);
 // Accumulate dtype of an input dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType dtype);
 
+// How a back end takes absent parameters: Materialized gives ones / zeros
+// tensors and zeroed dweight / dbias; Raw leaves absent weight / bias
+// undefined (the kernels read null as 1 / 0) and dweight / dbias
+// uninitialized (the kernels write every element), saving the fill launches.
+enum class ParamMode { Materialized, Raw };
+
 // What a back end needs for the forward: validated sizes, the input in a
 // native layout, parameters as (C,) accumulate-dtype tensors and the
 // allocated outputs (y in the input's layout, mean/rstd (N, G)).
@@ -33,11 +39,11 @@ struct ForwardSetup {
 
 ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-                           c10::string_view activation);
+                           c10::string_view activation, ParamMode params = ParamMode::Materialized);
 
 // The same for the backward: grad_out in the input's layout, contiguous
 // statistics, dx allocated when wanted (else undefined), and dweight/dbias
-// as zeroed (C,) accumulate-dtype tensors.
+// as (C,) accumulate-dtype tensors (zeroed with ParamMode::Materialized).
 struct BackwardSetup {
   GroupNormShape shape;
   Activation activation;
@@ -50,7 +56,8 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
                              const at::Tensor& mean, const at::Tensor& rstd,
                              const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                             c10::string_view activation, std::array<bool, 3> output_mask);
+                             c10::string_view activation, std::array<bool, 3> output_mask,
+                             ParamMode params = ParamMode::Materialized);
 
 // The op's result: outputs left out by output_mask undefined (None), the
 // parameter gradients in the parameters' dtype.

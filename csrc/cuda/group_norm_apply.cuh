@@ -19,7 +19,7 @@ __global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* 
     param_grads_block(s, plan, src, pg);
     return;
   }
-  for_each_plane<Op::kInputGrad>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
+  for_each_plane<Op>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
     const scalar_t* xs = x + w.offset;
     const scalar_t* dys = Op::kUsesGrad ? dy + w.offset : xs;
     scalar_t* os = out + w.offset;
@@ -52,7 +52,7 @@ __global__ void apply_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   }
   const RowBlock b = row_block(s, plan, plan.out_rows);
   const RowThread t = row_thread(plan, b);
-  const TileCoefs<Op::kInputGrad, acc_t> table = TileCoefs<Op::kInputGrad, acc_t>::shared();
+  const TileCoefs<Op, acc_t> table = TileCoefs<Op, acc_t>::shared();
   table.fill(s, b, src, weight, bias);
   if (!t.active) return;
   ChannelCoefs<acc_t> k[V];

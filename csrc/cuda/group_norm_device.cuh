@@ -70,10 +70,13 @@ constexpr int64_t kBlockValues = 16384;
 constexpr int64_t kSmallPlane = 1024;
 // Grids aim at about 4 waves of a 132-SM GPU where the data allows.
 constexpr int64_t kTargetBlocks = 528;
-// Channels-last blocks: at least this many rows (the channels' coefficients
-// and partial results amortize over them), at most this many channels per
-// tile (shared-memory tables).
+// Channels-last blocks: at least this many rows and values (the channels'
+// coefficients and partial results amortize over them), at most this many
+// channels per tile (shared-memory tables). Gradient sums write a partial
+// result per channel and block, so their blocks are larger.
 constexpr int64_t kMinBlockRows = 64;
+constexpr int64_t kMinBlockValues = 16384;
+constexpr int64_t kMinGradBlockRows = 256;
 constexpr int64_t kMaxTileChannels = 1024;
 
 template <typename T>
@@ -142,12 +145,12 @@ struct Plan {
   RowParts plane;
   int64_t planes_per_block = 0;
   // Channels-last: vec channels per thread, tiles of tile_vecs threads
-  // across, rows_per_pass rows at a time; stat_rows / out_rows rows per
-  // block of the statistics / output and gradient kernels.
+  // across, rows_per_pass rows at a time; stat_rows / out_rows / grad_rows
+  // rows per block of the statistics / output / gradient-sum kernels.
   int vec = 1;
   int64_t tiles = 1, tile_vecs = 1, rows_per_pass = 1, block_threads = kThreads;
-  RowParts stat_rows, out_rows;
-  int64_t stat_slots = 1;  // groups a tile touches, at most
+  RowParts stat_rows, out_rows, grad_rows;
+  int64_t group_slots = 1;  // groups a tile touches, at most (per-group partials per block)
   // Backward residual: blocks per group.
   int64_t residual_splits = 1;
 
@@ -183,8 +186,11 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
     p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, kSpan);
     const int64_t planes = s.N * s.C;
     if (s.HxW < kSmallPlane) {
-      const int64_t most = std::max<int64_t>(8, kBlockValues / std::max<int64_t>(1, s.HxW));
-      p.planes_per_block = std::clamp<int64_t>(ceil_div(planes, kTargetBlocks), 8, most);
+      // At least kSpan values a block (group values are loaded per warp and
+      // group), at most kBlockValues.
+      const int64_t hxw = std::max<int64_t>(1, s.HxW);
+      const int64_t fewest = std::max<int64_t>(8, kSpan / hxw), most = std::max(fewest, kBlockValues / hxw);
+      p.planes_per_block = std::clamp<int64_t>(ceil_div(planes, kTargetBlocks), fewest, most);
       p.plane = {std::max<int64_t>(1, s.HxW), 1};
     } else {
       // Blocks of kSpan..kBlockValues values, as many as give the target grid.
@@ -202,15 +208,16 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   p.rows_per_pass = std::max<int64_t>(1, kThreads / p.tile_vecs);
   p.block_threads = (p.tile_vecs * p.rows_per_pass + 31) / 32 * 32;
   const int64_t tile_ch = p.tile_channels();
-  const auto rows_for = [&](int64_t most_values) {
-    const int64_t lo = std::max(p.rows_per_pass, kMinBlockRows);
-    const int64_t hi = std::max(lo, most_values / tile_ch);
-    return row_parts(s.HxW, std::clamp(ceil_div(s.N * s.HxW * p.tiles, kTargetBlocks), lo, hi));
+  // Rows per block: enough blocks for the target grid, within [lo, 4 lo].
+  const auto rows_for = [&](int64_t min_rows) {
+    const int64_t lo = std::max({p.rows_per_pass, min_rows, kMinBlockValues / tile_ch});
+    return row_parts(s.HxW, std::clamp(ceil_div(s.N * s.HxW * p.tiles, kTargetBlocks), lo, 4 * lo));
   };
-  p.stat_rows = rows_for(kBlockValues);
-  p.out_rows = rows_for(2 * kBlockValues);
+  p.stat_rows = rows_for(kMinBlockRows);
+  p.out_rows = rows_for(kMinBlockRows);
+  p.grad_rows = rows_for(kMinGradBlockRows);
   // Groups a tile of tile_ch channels starting anywhere can touch.
-  p.stat_slots = std::min<int64_t>(s.G, ceil_div(tile_ch, std::max<int64_t>(1, Cg)) + 1);
+  p.group_slots = std::min<int64_t>(s.G, ceil_div(tile_ch, std::max<int64_t>(1, Cg)) + 1);
   return p;
 }
 
@@ -487,11 +494,14 @@ __device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64
   return v;
 }
 
-// A channel's coefficients from its group's values (group_values) and its
-// weight and bias.
-template <typename acc_t>
-__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group, acc_t weight, acc_t bias) {
-  const auto affine = math::fold_affine(group.shift, group.scale, weight, bias);
+// Channel c's coefficients from its group's values (group_values) and its
+// weight and bias, loaded only where the operation Op reads them.
+template <typename Op, typename acc_t>
+__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group, const acc_t* weight,
+                                                             const acc_t* bias, int64_t c) {
+  const acc_t w = Op::kUsesWeight ? param_at(weight, c, acc_t(1)) : acc_t(1);
+  const acc_t b = Op::kUsesBias ? param_at(bias, c, acc_t(0)) : acc_t(0);
+  const auto affine = math::fold_affine(group.shift, group.scale, w, b);
   group.scale = affine.scale;
   group.shift = affine.shift;
   return group;
@@ -504,11 +514,16 @@ __device__ __forceinline__ ChannelCoefs<acc_t> warp_broadcast(const ChannelCoefs
 }
 
 // ---- per-value operations ----------------------------------------------------
+// Each says what it reads: dy (kUsesGrad), the dx coefficients (kInputGrad),
+// the channel's weight and bias (z = (x - pivot) * scale + shift needs both;
+// dx's coefficient of g is scale).
 // Backward sums: g * d and g, d = x - pivot, g = dy * act'(z).
 template <Activation A>
 struct GradSumsOp {
   static constexpr bool kUsesGrad = true;
   static constexpr bool kInputGrad = false;
+  static constexpr bool kUsesWeight = A != Activation::None;
+  static constexpr bool kUsesBias = A != Activation::None;
   template <typename acc_t>
   __device__ static Sum2<acc_t> apply(acc_t x, acc_t dy, const ChannelCoefs<acc_t>& k) {
     const acc_t d = x - k.pivot;
@@ -523,6 +538,8 @@ template <Activation A>
 struct ForwardOp {
   static constexpr bool kUsesGrad = false;
   static constexpr bool kInputGrad = false;
+  static constexpr bool kUsesWeight = true;
+  static constexpr bool kUsesBias = true;
   template <typename acc_t>
   __device__ static acc_t apply(acc_t x, acc_t /*dy*/, const ChannelCoefs<acc_t>& k) {
     return math::activate<A>((x - k.pivot) * k.scale + k.shift);
@@ -534,6 +551,8 @@ template <Activation A>
 struct InputGradOp {
   static constexpr bool kUsesGrad = true;
   static constexpr bool kInputGrad = true;
+  static constexpr bool kUsesWeight = true;
+  static constexpr bool kUsesBias = A != Activation::None;
   template <typename acc_t>
   __device__ static acc_t apply(acc_t x, acc_t dy, const ChannelCoefs<acc_t>& k) {
     const Sum2<acc_t> gd = GradSumsOp<A>::apply(x, dy, k);  // {g * d, g}

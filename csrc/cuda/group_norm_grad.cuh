@@ -22,13 +22,13 @@ struct PlaneWork {
 // the block, or, with small planes, a run of whole planes per warp. The
 // team's leader loads the group values (kept while the group stays the same)
 // and the channel's weight and bias, and broadcasts the coefficients.
-template <bool kInputGrad, typename acc_t, typename F>
+template <typename Op, typename acc_t, typename F>
 __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, const GroupSource<acc_t>& src,
                                const acc_t* weight, const acc_t* bias, F&& f) {
+  constexpr bool kInputGrad = Op::kInputGrad;
   const int64_t Cg = s.channels_per_group();
   const auto coefs_of = [&](int64_t plane, ChannelCoefs<acc_t> group) {
-    const int64_t c = plane % s.C;
-    return channel_coefs(group, param_at(weight, c, acc_t(1)), param_at(bias, c, acc_t(0)));
+    return channel_coefs<Op>(group, weight, bias, plane % s.C);
   };
   const auto ng_of = [&](int64_t plane) { return plane / s.C * s.G + plane % s.C / Cg; };
   if (plan.planes_per_block == 0) {
@@ -69,8 +69,9 @@ constexpr int64_t kTileSlots = kMaxTileChannels * 4 / static_cast<int64_t>(sizeo
 // Fills the block's table of its tile's channel coefficients: first the
 // group values of the groups the tile touches, then each channel's scale
 // and shift, each loaded once per block. Ends with a barrier.
-template <bool kInputGrad, typename acc_t>
+template <typename Op, typename acc_t>
 struct TileCoefs {
+  static constexpr bool kInputGrad = Op::kInputGrad;
   ChannelCoefs<acc_t>* groups;  // [g - first group]
   Sum2<acc_t>* affine;          // [c - c_begin]: scale, shift
 
@@ -89,8 +90,7 @@ struct TileCoefs {
     }
     __syncthreads();
     for (int64_t c = b.c_begin + threadIdx.x; c < b.c_end; c += blockDim.x) {
-      const ChannelCoefs<acc_t> k =
-          channel_coefs(groups[c / Cg - tg.first], param_at(weight, c, acc_t(1)), param_at(bias, c, acc_t(0)));
+      const ChannelCoefs<acc_t> k = channel_coefs<Op>(groups[c / Cg - tg.first], weight, bias, c);
       affine[c - b.c_begin] = Sum2<acc_t>{k.scale, k.shift};
     }
     __syncthreads();
@@ -110,12 +110,12 @@ struct TileCoefs {
 // Partial sums live at grad_index(n, c, part): per plane and part
 // (channels-first), per row block and channel (channels-last).
 __host__ __device__ __forceinline__ int64_t grad_parts(const Plan& plan) {
-  return plan.layout == Layout::ChannelsFirst ? plan.plane.parts : plan.out_rows.parts;
+  return plan.layout == Layout::ChannelsFirst ? plan.plane.parts : plan.grad_rows.parts;
 }
 __host__ __device__ __forceinline__ int64_t grad_index(const GroupNormShape& s, const Plan& plan, int64_t n,
                                                        int64_t c, int64_t part) {
   return plan.layout == Layout::ChannelsFirst ? (n * s.C + c) * plan.plane.parts + part
-                                              : (n * plan.out_rows.parts + part) * s.C + c;
+                                              : (n * plan.grad_rows.parts + part) * s.C + c;
 }
 
 // Channels-first: per (plane, part) sums of g * (x - pivot) and g.
@@ -126,7 +126,7 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
                                     Sum2<acc_t>* __restrict__ partial) {
   Sum2<acc_t> block_total{acc_t(0), acc_t(0)};
   int64_t block_slot = 0;
-  for_each_plane<false>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
+  for_each_plane<Op>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
     const scalar_t* xs = x + w.offset;
     const scalar_t* dys = dy + w.offset;
     Sum2<acc_t> sum{acc_t(0), acc_t(0)};
@@ -163,11 +163,11 @@ template <typename Op, int V, typename scalar_t, typename acc_t>
 __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
                                     GroupNormShape s, Plan plan, GroupSource<acc_t> src,
                                     const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                    Sum2<acc_t>* __restrict__ partial) {
+                                    Sum2<acc_t>* __restrict__ partial, Sum2<acc_t>* __restrict__ group_partial) {
   __shared__ Sum2<acc_t> sh_sums[kThreads * V];
-  const RowBlock b = row_block(s, plan, plan.out_rows);
+  const RowBlock b = row_block(s, plan, plan.grad_rows);
   const RowThread t = row_thread(plan, b);
-  const TileCoefs<false, acc_t> table = TileCoefs<false, acc_t>::shared();
+  const TileCoefs<Op, acc_t> table = TileCoefs<Op, acc_t>::shared();
   table.fill(s, b, src, weight, bias);
   Sum2<acc_t> sum[V];
 #pragma unroll
@@ -203,29 +203,59 @@ __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar
 #pragma unroll
     for (int i = 0; i < V; ++i) gstore(partial + grad_index(s, plan, b.n, t.c + i, b.part), sh_sums[slot + i]);
   }
+  // Per group in the tile, a warp per group slot: sums of weight * the
+  // channel totals (channel c's at slot c - c_begin), for the dx coefficients.
+  const TileGroups tg = tile_groups(s, b.c_begin, b.c_end);
+  const int64_t Cg = s.channels_per_group();
+  const int lane = threadIdx.x % 32;
+  for (int64_t g = tg.first + threadIdx.x / 32; g <= tg.last; g += blockDim.x / 32) {  // uniform per warp
+    Sum2<acc_t> total{acc_t(0), acc_t(0)};
+    for (int64_t c = std::max(b.c_begin, g * Cg) + lane; c < std::min(b.c_end, (g + 1) * Cg); c += 32) {
+      const acc_t w = param_at(weight, c, acc_t(1));
+      total.a += w * sh_sums[c - b.c_begin].a;
+      total.b += w * sh_sums[c - b.c_begin].b;
+    }
+    total.a = warp_sum(total.a);
+    total.b = warp_sum(total.b);
+    if (lane == 0) {
+      const int64_t block = (b.n * plan.grad_rows.parts + b.part) * plan.tiles + b.tile;
+      gstore(group_partial + block * plan.group_slots + (g - tg.first), total);
+    }
+  }
 }
 
-// Backward: one warp per (n, g): the lanes sum their channels' parts, then
-// the group's dx coefficients (and the residual the output uses).
+// Backward: one warp per (n, g): the group's sums of weight * g * (x - pivot)
+// and weight * g (channels-first: the lanes sum their channels' parts;
+// channels-last: the per-group partials), then the dx coefficients (and the
+// residual the output uses).
 template <typename acc_t>
 __global__ void backward_finalize_kernel(GroupNormShape s, Plan plan, GroupSource<acc_t> src,
                                          const acc_t* __restrict__ weight, const Sum2<acc_t>* __restrict__ partial,
+                                         const Sum2<acc_t>* __restrict__ group_partial,
                                          GroupCoefs<acc_t>* __restrict__ coefs) {
   const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (ng >= s.N * s.G) return;  // uniform per warp
   const int64_t n = ng / s.G, Cg = s.channels_per_group(), c_begin = ng % s.G * Cg;
   acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);
-  for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-    Sum2<acc_t> total{acc_t(0), acc_t(0)};
-    for (int64_t part = 0; part < grad_parts(plan); ++part) {
-      const Sum2<acc_t> p = gload(partial + grad_index(s, plan, n, c, part));
-      total.a += p.a;
-      total.b += p.b;
+  if (plan.layout == Layout::ChannelsFirst) {
+    for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
+      Sum2<acc_t> total{acc_t(0), acc_t(0)};
+      for (int64_t part = 0; part < grad_parts(plan); ++part) {
+        const Sum2<acc_t> p = gload(partial + grad_index(s, plan, n, c, part));
+        total.a += p.a;
+        total.b += p.b;
+      }
+      const acc_t w = param_at(weight, c, acc_t(1));
+      sum_gwx += w * total.a;
+      sum_gw += w * total.b;
     }
-    const acc_t w = param_at(weight, c, acc_t(1));
-    sum_gwx += w * total.a;
-    sum_gw += w * total.b;
+  } else {
+    for_each_group_slot(s, plan, plan.grad_rows, ng, lane, [&](int64_t index, int64_t, int64_t) {
+      const Sum2<acc_t> p = gload(group_partial + index);
+      sum_gwx += p.a;
+      sum_gw += p.b;
+    });
   }
   sum_gwx = warp_sum(sum_gwx);
   sum_gw = warp_sum(sum_gw);
@@ -250,23 +280,35 @@ struct ParamGrads {
 template <typename acc_t>
 __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, const GroupSource<acc_t>& src,
                                   const ParamGrads<acc_t>& pg) {
-  const int64_t c = (blockIdx.x - pg.first_block) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= s.C) return;
-  const int64_t g = c / s.channels_per_group();
+  __shared__ Sum2<acc_t> sh_group[kThreads + 1];  // per sample: the block's groups' residual, rstd
+  const int64_t Cg = s.channels_per_group();
+  const int64_t c_first = (blockIdx.x - pg.first_block) * static_cast<int64_t>(blockDim.x);
+  const int64_t c = c_first + threadIdx.x;
+  const int64_t g_first = c_first / Cg, g_last = (std::min(s.C, c_first + blockDim.x) - 1) / Cg;
   acc_t dw = acc_t(0), db = acc_t(0);
   for (int64_t n = 0; n < s.N; ++n) {
-    Sum2<acc_t> total{acc_t(0), acc_t(0)};
-    for (int64_t part = 0; part < grad_parts(plan); ++part) {
-      const Sum2<acc_t> p = gload(pg.partial + grad_index(s, plan, n, c, part));
-      total.a += p.a;
-      total.b += p.b;
+    __syncthreads();  // the previous sample's values are read
+    for (int64_t g = g_first + threadIdx.x; g <= g_last; g += blockDim.x) {
+      const int64_t ng = n * s.G + g;
+      sh_group[g - g_first] = Sum2<acc_t>{gload(&src.coefs[ng].residual), gload(src.rstd + ng)};
     }
-    const int64_t ng = n * s.G + g;
-    dw += math::weight_grad_term(total.a, total.b, gload(&src.coefs[ng].residual), gload(src.rstd + ng));
-    db += total.b;
+    __syncthreads();
+    if (c < s.C) {
+      Sum2<acc_t> total{acc_t(0), acc_t(0)};
+      for (int64_t part = 0; part < grad_parts(plan); ++part) {
+        const Sum2<acc_t> p = gload(pg.partial + grad_index(s, plan, n, c, part));
+        total.a += p.a;
+        total.b += p.b;
+      }
+      const Sum2<acc_t> group = sh_group[c / Cg - g_first];
+      dw += math::weight_grad_term(total.a, total.b, group.a, group.b);
+      db += total.b;
+    }
   }
-  gstore(pg.dweight + c, dw);
-  gstore(pg.dbias + c, db);
+  if (c < s.C) {
+    gstore(pg.dweight + c, dw);
+    gstore(pg.dbias + c, db);
+  }
 }
 
 }  // namespace cuda

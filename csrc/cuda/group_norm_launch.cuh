@@ -14,7 +14,7 @@ namespace cuda {
 template <typename acc_t>
 struct Workspace {
   static constexpr int64_t kAlign = 256;
-  int64_t coefs_at = 0, stats_at = 0, residual_at = 0, grad_at = 0, bytes = 0;
+  int64_t coefs_at = 0, stats_at = 0, residual_at = 0, grad_at = 0, group_grad_at = 0, bytes = 0;
 
   Workspace(const GroupNormShape& s, const Plan& plan) {
     const auto rounded = [](int64_t items, int64_t size) {
@@ -22,11 +22,14 @@ struct Workspace {
     };
     const int64_t chunks = plan.layout == Layout::ChannelsFirst
                                ? s.N * s.G * plan.run_parts
-                               : s.N * plan.stat_rows.parts * plan.tiles * plan.stat_slots;
+                               : s.N * plan.stat_rows.parts * plan.tiles * plan.group_slots;
     stats_at = rounded(s.N * s.G, sizeof(GroupCoefs<acc_t>));
     residual_at = stats_at + rounded(chunks, sizeof(ChunkStats<acc_t>));
     grad_at = residual_at + rounded(s.N * s.G * plan.residual_splits, sizeof(acc_t));
-    bytes = grad_at + rounded(s.N * s.C * grad_parts(plan), sizeof(Sum2<acc_t>));
+    group_grad_at = grad_at + rounded(s.N * s.C * grad_parts(plan), sizeof(Sum2<acc_t>));
+    const int64_t group_grads =
+        plan.layout == Layout::ChannelsFirst ? 0 : s.N * plan.grad_rows.parts * plan.tiles * plan.group_slots;
+    bytes = group_grad_at + rounded(group_grads, sizeof(Sum2<acc_t>));
   }
   template <typename T>
   static T* at(void* base, int64_t offset) {
@@ -36,6 +39,7 @@ struct Workspace {
   ChunkStats<acc_t>* chunk_stats(void* base) const { return at<ChunkStats<acc_t>>(base, stats_at); }
   acc_t* residual_sums(void* base) const { return at<acc_t>(base, residual_at); }
   Sum2<acc_t>* grad_partial(void* base) const { return at<Sum2<acc_t>>(base, grad_at); }
+  Sum2<acc_t>* group_grad_partial(void* base) const { return at<Sum2<acc_t>>(base, group_grad_at); }
 };
 
 // Channels-last picks its vector width from the pointers, so the workspace
@@ -56,8 +60,8 @@ inline int64_t warp_per_group_blocks(const GroupNormShape& s) { return ceil_div(
 inline int64_t stats_blocks(const GroupNormShape& s, const Plan& plan) {
   return plan.layout == Layout::ChannelsFirst ? s.N * s.G * plan.run_parts : s.N * plan.stat_rows.parts * plan.tiles;
 }
-inline int64_t output_blocks(const GroupNormShape& s, const Plan& plan) {
-  if (plan.layout == Layout::ChannelsLast) return s.N * plan.out_rows.parts * plan.tiles;
+inline int64_t output_blocks(const GroupNormShape& s, const Plan& plan, bool grad_sums = false) {
+  if (plan.layout == Layout::ChannelsLast) return s.N * (grad_sums ? plan.grad_rows : plan.out_rows).parts * plan.tiles;
   return plan.planes_per_block > 0 ? ceil_div(s.N * s.C, plan.planes_per_block) : s.N * s.C * plan.plane.parts;
 }
 
@@ -155,13 +159,13 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
     } else {
       dispatch_width<scalar_t>(plan, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        GNFLEX_LAUNCH((grad_sums_cl_kernel<Op, V>), grid_of(output_blocks(s, plan)), plan.block_threads, stream, x,
-                      dy, s, plan, summed, weight, bias, partial);
+        GNFLEX_LAUNCH((grad_sums_cl_kernel<Op, V>), grid_of(output_blocks(s, plan, true)), plan.block_threads, stream, x,
+                      dy, s, plan, summed, weight, bias, partial, ws.group_grad_partial(workspace));
       });
     }
   });
   GNFLEX_LAUNCH(backward_finalize_kernel, grid_of(warp_per_group_blocks(s)), kThreads, stream, s, plan, summed,
-                weight, partial, ws.coefs(workspace));
+                weight, partial, ws.group_grad_partial(workspace), ws.coefs(workspace));
   const GroupSource<acc_t> src{mean, rstd, ws.coefs(workspace)};
   dispatch_activation(act, [&](auto a) {
     launch_apply<InputGradOp<decltype(a)::value>>(x, dy, dx, s, plan, src, weight, bias,

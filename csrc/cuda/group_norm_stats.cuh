@@ -152,8 +152,29 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     st = warp_welford_merge(st);
     if (lane == 0) {
       const int64_t block = (b.n * plan.stat_rows.parts + b.part) * plan.tiles + b.tile;
-      gstore(partial + block * plan.stat_slots + (g - tg.first), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+      gstore(partial + block * plan.group_slots + (g - tg.first), ChunkStats<acc_t>{st.center, st.offset, st.m2});
     }
+  }
+}
+
+// Calls f(index, channels, part) for the channels-last per-group partial
+// results of group ng (per block of `rows`, tile and group slot), lane l
+// taking items l, l + 32, ...: index into the partial array, the group's
+// channels in that tile, the row part.
+template <typename F>
+__device__ void for_each_group_slot(const GroupNormShape& s, const Plan& plan, const RowParts& rows, int64_t ng,
+                                    int lane, F&& f) {
+  const int64_t n = ng / s.G, g = ng % s.G, Cg = s.channels_per_group();
+  const int64_t tile_ch = plan.tile_channels();
+  const int64_t t_first = g * Cg / tile_ch, t_last = ((g + 1) * Cg - 1) / tile_ch;
+  const int64_t nt = t_last - t_first + 1;
+  for (int64_t item = lane; item < rows.parts * nt; item += 32) {
+    const int64_t part = item / nt, tile = t_first + item % nt;
+    const int64_t c_begin = tile * tile_ch;
+    const int64_t c_end = std::min(s.C, c_begin + tile_ch);
+    const int64_t channels = std::min(c_end, (g + 1) * Cg) - std::max(c_begin, g * Cg);
+    const int64_t block = (n * rows.parts + part) * plan.tiles + tile;
+    f(block * plan.group_slots + (g - c_begin / Cg), channels, part);
   }
 }
 
@@ -170,20 +191,10 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& 
       stats = math::welford_combine(stats, welford_of(count, gload(partial + ng * plan.run_parts + part)));
     }
   } else {
-    const int64_t n = ng / s.G, g = ng % s.G, Cg = s.channels_per_group();
-    const int64_t tile_ch = plan.tile_channels();
-    const int64_t t_first = g * Cg / tile_ch, t_last = ((g + 1) * Cg - 1) / tile_ch;
-    const int64_t nt = t_last - t_first + 1;
-    for (int64_t item = lane; item < plan.stat_rows.parts * nt; item += 32) {
-      const int64_t part = item / nt, tile = t_first + item % nt;
-      const int64_t c_begin = tile * tile_ch;
-      const int64_t c_end = std::min(s.C, c_begin + tile_ch);
-      const int64_t channels = std::min(c_end, (g + 1) * Cg) - std::max(c_begin, g * Cg);
-      const int64_t block = (n * plan.stat_rows.parts + part) * plan.tiles + tile;
-      const int64_t slot = g - c_begin / Cg;
+    for_each_group_slot(s, plan, plan.stat_rows, ng, lane, [&](int64_t index, int64_t channels, int64_t part) {
       const int64_t count = plan.stat_rows.count(part, s.HxW) * channels;
-      stats = math::welford_combine(stats, welford_of(count, gload(partial + block * plan.stat_slots + slot)));
-    }
+      stats = math::welford_combine(stats, welford_of(count, gload(partial + index)));
+    });
   }
   return warp_welford_merge(stats);
 }

@@ -15,13 +15,20 @@
 #include <cstddef>
 #include <cstdint>
 #include <iostream>
+#include <vector>
 
-// What the kernels report (gload / gstore, GNFLEX_LAUNCH) for --traffic.
+// What the kernels report (gload / gstore, GNFLEX_LAUNCH) for --traffic:
+// bytes in total and per launch (a launch's bytes are counted until the next).
 inline int64_t g_traffic_bytes = 0, g_launches = 0, g_max_blocks = 0;
-inline void gnflex_sim_count_traffic(size_t bytes) { g_traffic_bytes += static_cast<int64_t>(bytes); }
+inline std::vector<int64_t> g_launch_bytes;
+inline void gnflex_sim_count_traffic(size_t bytes) {
+  g_traffic_bytes += static_cast<int64_t>(bytes);
+  if (!g_launch_bytes.empty()) g_launch_bytes.back() += static_cast<int64_t>(bytes);
+}
 inline void gnflex_sim_count_launch(unsigned blocks) {
   ++g_launches;
   g_max_blocks = std::max<int64_t>(g_max_blocks, blocks);
+  g_launch_bytes.push_back(0);
 }
 
 #define GNFLEX_CUDA_SIM 1
@@ -293,15 +300,19 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   const auto report = [&](const char* pass, int64_t ideal, double ratio_goal, int64_t launch_goal) {
     const double ratio = double(g_traffic_bytes) / double(ideal);
     const bool big = numel * elem >= (8 << 20);
+    std::string per_launch;
+    for (int64_t b : g_launch_bytes) per_launch += (per_launch.empty() ? "" : " ") + std::to_string(b);
     std::printf("traffic %s %ldx%ldx%ld %s %s G=%ld: bytes %ld ideal %ld ratio %.2f launches %ld max_blocks %ld"
-                "  [%s; ratio %s, launches %s, blocks %s]\n",
+                "  [%s; ratio %s, launches %s, blocks %s; bytes per launch %s]\n",
                 pass, long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl",
                 long(G), long(g_traffic_bytes), long(ideal), ratio, long(g_launches), long(g_max_blocks),
                 label.c_str(), ratio <= ratio_goal ? "ok" : "OVER", g_launches <= launch_goal ? "ok" : "OVER",
-                !big ? "-" : g_max_blocks >= 264 ? "ok" : "UNDER");
+                !big ? "-" : g_max_blocks >= 264 ? "ok" : "UNDER", per_launch.c_str());
     g_traffic_bytes = g_launches = g_max_blocks = 0;
+    g_launch_bytes.clear();
   };
   g_traffic_bytes = g_launches = g_max_blocks = 0;
+  g_launch_bytes.clear();
   gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(1e-5), Activation::None, s, layout,
                                          mean.data(), rstd.data(), workspace.data(), nullptr);
   report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 3);
