@@ -68,8 +68,12 @@ constexpr int64_t kSpan = 4096;
 // gets blocks of its own (smaller planes: a warp per plane).
 constexpr int64_t kBlockValues = 16384;
 constexpr int64_t kSmallPlane = 1024;
-// Grids aim at about 4 waves of a 132-SM GPU where the data allows.
+// Grids aim at about 4 waves of a 132-SM GPU where the data allows, and
+// tensors of kBigTensorBytes or more get at least 2 waves whatever the
+// block-size floors below say.
 constexpr int64_t kTargetBlocks = 528;
+constexpr int64_t kTwoWaves = 264;
+constexpr int64_t kBigTensorBytes = 8 << 20;
 // Channels-last blocks: at least this many rows and values (the channels'
 // coefficients and partial results amortize over them), at most this many
 // channels per tile (shared-memory tables). Gradient sums write a partial
@@ -78,6 +82,7 @@ constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMinBlockValues = 16384;
 constexpr int64_t kMinGradBlockRows = 256;
 constexpr int64_t kMaxTileChannels = 1024;
+constexpr int64_t kMinTileBytes = 256;
 
 template <typename T>
 using acc_type = at::opmath_type<T>;
@@ -176,8 +181,10 @@ int channels_last_vec(const GroupNormShape& s, std::initializer_list<const void*
   return kV;
 }
 
-template <typename acc_t>
+template <typename scalar_t>
 Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
+  using acc_t = acc_type<scalar_t>;
+  const bool big = s.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kBigTensorBytes;
   Plan p;
   p.layout = layout;
   const int64_t Cg = s.channels_per_group();
@@ -204,14 +211,25 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   const int64_t vecs = std::max<int64_t>(1, s.C / vec);
   const int64_t most_vecs = std::min<int64_t>(kThreads, kMaxTileChannels / vec * 4 / static_cast<int64_t>(sizeof(acc_t)));
   p.tiles = ceil_div(vecs, most_vecs);
+  // More, narrower tiles where the gradient-sum blocks (the largest) would
+  // not fill the target grid: a block's costs (coefficient table, partial
+  // results) grow with its tile width as its values do, so narrow tiles keep
+  // the rows that amortize them. Tiles stay >= kMinTileBytes wide per row.
+  const int64_t min_tile_vecs = std::max<int64_t>(1, kMinTileBytes / (vec * static_cast<int64_t>(sizeof(scalar_t))));
+  const int64_t row_blocks = s.N * ceil_div(std::max<int64_t>(1, s.HxW), kMinGradBlockRows);
+  const int64_t most_tiles = std::max(p.tiles, vecs / min_tile_vecs);
+  p.tiles = std::clamp(ceil_div(kTargetBlocks, row_blocks), p.tiles, most_tiles);
   p.tile_vecs = ceil_div(vecs, p.tiles);
   p.rows_per_pass = std::max<int64_t>(1, kThreads / p.tile_vecs);
   p.block_threads = (p.tile_vecs * p.rows_per_pass + 31) / 32 * 32;
   const int64_t tile_ch = p.tile_channels();
-  // Rows per block: enough blocks for the target grid, within [lo, 4 lo].
+  // Rows per block: enough blocks for the target grid, within [lo, 4 lo];
+  // big tensors: no more than 2 waves allow.
   const auto rows_for = [&](int64_t min_rows) {
     const int64_t lo = std::max({p.rows_per_pass, min_rows, kMinBlockValues / tile_ch});
-    return row_parts(s.HxW, std::clamp(ceil_div(s.N * s.HxW * p.tiles, kTargetBlocks), lo, 4 * lo));
+    int64_t rows = std::clamp(ceil_div(s.N * s.HxW * p.tiles, kTargetBlocks), lo, 4 * lo);
+    if (big) rows = std::min(rows, std::max(p.rows_per_pass, s.N * s.HxW * p.tiles / kTwoWaves));
+    return row_parts(s.HxW, rows);
   };
   p.stat_rows = rows_for(kMinBlockRows);
   p.out_rows = rows_for(kMinBlockRows);

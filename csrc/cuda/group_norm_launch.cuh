@@ -50,7 +50,7 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   int64_t bytes = 0;
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
-    bytes = std::max(bytes, Workspace<acc_t>(s, make_plan<acc_t>(s, layout, vec)).bytes);
+    bytes = std::max(bytes, Workspace<acc_t>(s, make_plan<scalar_t>(s, layout, vec)).bytes);
   }
   return bytes;
 }
@@ -68,10 +68,9 @@ inline int64_t output_blocks(const GroupNormShape& s, const Plan& plan, bool gra
 // The most blocks one launch uses (1-D grids allow up to 2^31 - 1).
 template <typename scalar_t>
 int64_t max_grid_blocks(const GroupNormShape& s, Layout layout) {
-  using acc_t = acc_type<scalar_t>;
   int64_t most = 0;
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
-    const Plan plan = make_plan<acc_t>(s, layout, vec);
+    const Plan plan = make_plan<scalar_t>(s, layout, vec);
     most = std::max({most, stats_blocks(s, plan), output_blocks(s, plan) + ceil_div(s.C, 32),
                      s.N * s.G * plan.residual_splits, warp_per_group_blocks(s)});
   }
@@ -116,7 +115,7 @@ void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const a
                     Activation act, const GroupNormShape& s, Layout layout, acc_t* mean, acc_t* rstd,
                     void* workspace, cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
-  const Plan plan = make_plan<acc_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
+  const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
   const Workspace<acc_t> ws(s, plan);
   if (layout == Layout::ChannelsFirst) {
     GNFLEX_LAUNCH(chunk_stats_cf_kernel, grid_of(stats_blocks(s, plan)), kThreads, stream, x, s, plan,
@@ -144,7 +143,7 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
                      Layout layout, scalar_t* dx, acc_t* dweight, acc_t* dbias, void* workspace,
                      cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
-  const Plan plan = make_plan<acc_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
+  const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
   const Workspace<acc_t> ws(s, plan);
   GNFLEX_LAUNCH(residual_sums_kernel, grid_of(s.N * s.G * plan.residual_splits), kThreads, stream, x, s, plan, mean,
                 rstd, ws.residual_sums(workspace));

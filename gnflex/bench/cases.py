@@ -23,10 +23,23 @@ QUICK_CUDA_CASES = [CUDA_CASES[1], CUDA_CASES[21], CUDA_CASES[-1]]
 # Cases the traffic model runs at full size; the others are scaled down.
 FULL_SIZE_TRAFFIC_CASES = [
     ("diffusion", (2, 320, 64, 64), 32, "float16", ("channels_last",)),
+    ("unet n2", (2, 960, 64, 64), 32, "float16", ("channels_last",)),
     ("split groups", (1, 256, 128, 128), 32, "float32", ("nchw",)),
 ]
 # Values per scaled-down case: the simulator runs ~1e5 values per second.
 TRAFFIC_VALUES = 1 << 18
+
+
+def full_size_cases():
+    """Every CUDA case at its real size, in traffic_cases()' format (for the
+    simulator's grid report, which computes plans and runs nothing)."""
+    out = []
+    for name, shape, groups, dtype, layouts in CUDA_CASES:
+        hxw = 1
+        for size in shape[2:]:
+            hxw *= size
+        out += [(name.replace(" ", "_"), shape[0], shape[1], hxw, groups, dtype, layout) for layout in layouts]
+    return out
 
 
 def traffic_cases():
@@ -50,5 +63,7 @@ def traffic_cases():
 
 
 if __name__ == "__main__":
-    for case in traffic_cases():
+    import sys
+
+    for case in full_size_cases() if "--full" in sys.argv else traffic_cases():
         print(*case)

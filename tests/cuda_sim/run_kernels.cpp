@@ -6,7 +6,9 @@
 //   run_kernels --traffic   reads cases "label N C HxW G dtype layout" from
 //                           stdin (gnflex/bench/cases.py prints them) and
 //                           prints the global-memory bytes, launches and
-//                           largest grid of each forward and backward.
+//                           largest grid of each forward and backward;
+//   run_kernels --grids     the same input at full size (cases.py --full):
+//                           the blocks each launch would use (runs nothing).
 // Built and run by .ci/cuda-sim (forward and random thread order, and under
 // ASan + UBSan).
 #include "cuda_host_sim.h"
@@ -321,6 +323,42 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 4);
 }
 
+// Grid report: per launch of the forward and backward, the blocks the plan
+// gives a full-size case (aligned pointers), against the goal of >= 264
+// blocks (2 waves on 132 SMs) for tensors of 8 MB or more. Runs no kernel.
+template <typename scalar_t>
+void grid_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int64_t G, Layout layout,
+               const std::string& dtype) {
+  namespace gc = gnflex::cuda;
+  const GroupNormShape s{N, C, HxW, G};
+  const int vec = layout == Layout::ChannelsLast && C % gc::PackTraits<scalar_t>::kSize == 0
+                      ? gc::PackTraits<scalar_t>::kSize
+                      : 1;
+  const gc::Plan plan = gc::make_plan<scalar_t>(s, layout, vec);
+  const int64_t bytes = N * C * HxW * int64_t(sizeof(scalar_t));
+  const int64_t stats = gc::stats_blocks(s, plan), out = gc::output_blocks(s, plan);
+  const int64_t grad = gc::output_blocks(s, plan, true);
+  const bool big = bytes >= (8 << 20);
+  const bool ok = std::min({stats, out, grad}) >= 264;
+  std::printf("grid %ldx%ldx%ld %s %s G=%ld (%.1f MB): stats %ld output %ld grad_sums %ld"
+              "  [%s; %s]\n",
+              long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl", long(G),
+              bytes / 1048576.0, long(stats), long(out), long(grad), label.c_str(), !big ? "-" : ok ? "ok" : "UNDER");
+}
+
+int grid_main() {
+  std::string label, dtype, layout;
+  int64_t N, C, HxW, G;
+  while (std::cin >> label >> N >> C >> HxW >> G >> dtype >> layout) {
+    const Layout l = layout == "nchw" ? Layout::ChannelsFirst : Layout::ChannelsLast;
+    if (dtype == "float32") grid_case<float>(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "float16") grid_case<c10::Half>(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "bfloat16") grid_case<c10::BFloat16>(label, N, C, HxW, G, l, dtype);
+    else grid_case<double>(label, N, C, HxW, G, l, dtype);
+  }
+  return 0;
+}
+
 int traffic_main() {
   std::string label, dtype, layout;
   int64_t N, C, HxW, G;
@@ -338,6 +376,7 @@ int traffic_main() {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--traffic") return traffic_main();
+  if (argc > 1 && std::string(argv[1]) == "--grids") return grid_main();
   const auto t0 = std::chrono::steady_clock::now();
   try {
     for (bool numerics : {false, true}) {
