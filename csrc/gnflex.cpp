@@ -56,11 +56,41 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
 
 #ifdef GNFLEX_PYTHON_MODULE
 // `import gnflex._C` loads this library, which runs the registrations above.
-// It exposes no Python functions: everything goes through torch.ops.gnflex.
+// The ops go through torch.ops.gnflex; the module itself only reports what
+// the CPU kernels read from the machine (`gnflex info`).
 #include <Python.h>
 
+#include "cpu/cpu_tuning.h"
+
+namespace {
+
+// {"l1d": bytes, "l2": ..., "l3": ..., "cache_source": str, "fused_group_bytes": ...,
+//  "fused_sample_bytes": ..., "stream_output_bytes": ..., "schedule": str}
+PyObject* cpu_tuning_info(PyObject*, PyObject*) {
+  using namespace gnflex::cpu;
+  const CacheSizes& c = cache_sizes();
+  CpuTuning t;
+  try {
+    t = cpu_tuning();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  return Py_BuildValue("{s:L,s:L,s:L,s:s,s:L,s:L,s:L,s:s}", "l1d", static_cast<long long>(c.l1d), "l2",
+                       static_cast<long long>(c.l2), "l3", static_cast<long long>(c.l3), "cache_source",
+                       c.source.c_str(), "fused_group_bytes", static_cast<long long>(t.fused_group_bytes),
+                       "fused_sample_bytes", static_cast<long long>(t.fused_sample_bytes), "stream_output_bytes",
+                       static_cast<long long>(t.stream_output_bytes), "schedule", schedule_name(t.schedule));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_tuning", cpu_tuning_info, METH_NOARGS, "Cache sizes, budgets and schedule of the CPU kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 #endif

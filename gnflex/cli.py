@@ -19,6 +19,24 @@ def bench(args) -> int:
     return run(args.bench_args)
 
 
+def _size(n):
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def cpu_tuning_line():
+    """The caches the CPU kernels read and the budgets they derive from them."""
+    from . import _C
+
+    t = _C.cpu_tuning()
+    return (f"CPU caches: L1d {_size(t['l1d'])}, L2 {_size(t['l2'])}, L3 {_size(t['l3'])} "
+            f"({t['cache_source']}) | fused budgets: group {_size(t['fused_group_bytes'])}, sample "
+            f"{_size(t['fused_sample_bytes'])} | streaming stores from {_size(t['stream_output_bytes'])} | "
+            f"schedule: {t['schedule']} (GNFLEX_CPU_SCHEDULE)")
+
+
 def info_lines():
     """What this installation is: versions, build, kernels per device."""
     import platform
@@ -40,6 +58,7 @@ def info_lines():
         f"CPU capability: {torch.backends.cpu.get_cpu_capability()} | intra-op threads: "
         f"{torch.get_num_threads()}",
     ]
+    lines.append(cpu_tuning_line())
     openmp = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()
               if ln.startswith(("ATen parallel backend", "OMP_NUM_THREADS"))]
     lines += openmp

@@ -55,6 +55,7 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   p.y = f.y.data_ptr();
   p.mean = f.mean.data_ptr();
   p.rstd = f.rstd.data_ptr();
+  p.tuning = cpu_tuning();
   run_forward_kernel(p);
   return {f.y, f.mean, f.rstd};
 }
@@ -80,6 +81,7 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   p.dx = b.dx.defined() ? b.dx.data_ptr() : nullptr;
   p.dweight = b.dweight.data_ptr();
   p.dbias = b.dbias.data_ptr();
+  p.tuning = cpu_tuning();
   run_backward_kernel(p);
   return backward_result(b, weight, input, output_mask);
 }

@@ -6,6 +6,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "../gn_types.h"
+#include "cpu_tuning.h"
 
 namespace gnflex {
 namespace cpu {
@@ -24,6 +25,7 @@ struct ForwardParams {
   void* y;
   void* mean;  // (N, G) accumulate type
   void* rstd;  // (N, G) accumulate type
+  CpuTuning tuning;
 };
 
 struct BackwardParams {
@@ -40,6 +42,7 @@ struct BackwardParams {
   void* dx;       // null: not wanted
   void* dweight;  // (C,) accumulate type, always written
   void* dbias;    // (C,) accumulate type, always written
+  CpuTuning tuning;
 };
 
 #define GNFLEX_DECLARE_CPU_KERNELS(capability)                     \

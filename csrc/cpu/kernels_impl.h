@@ -171,28 +171,25 @@ inline void simd_accumulate_row(int64_t C, acc_type<scalar_t>* sum_a, acc_type<s
 //   two-pass  statistics over all chunks in parallel, then the elementwise
 //             pass; for items too big for the cache or too few to keep every
 //             thread busy (e.g. N = 1 with a handful of groups).
-// Input bytes one fused item may touch (x, or x and dy in the backward): a
-// group about a core's L2 (512 KiB on the EPYC we measure; what spills is
-// read back from L3, still far cheaper than memory), a channels-last sample
-// a share of L3. Measured: raising the group budget from 256 to 512 KiB
-// took the backward of (2, 512, 64, 64) from 1.0x to 1.4x torch.
-constexpr int64_t kFusedGroupBytes = 512 * 1024;
-constexpr int64_t kFusedSampleBytes = 2 * 1024 * 1024;
-// Outputs at least this big are written with non-temporal stores: they would
-// not stay in cache anyway (half of a typical L3 share).
-constexpr int64_t kStreamOutputBytes = 4 * 1024 * 1024;
+// The budgets (input bytes one fused item may touch: x, or x and dy in the
+// backward; the streaming threshold) come from the machine's caches
+// (cpu_tuning.cpp); GNFLEX_CPU_SCHEDULE can force either schedule.
 
 // Whether to stream an output: big enough, and every run (a plane or a row)
 // covering whole cache lines. A line written partly by streaming and partly
 // by normal stores (a run boundary inside it) is far slower than either.
-bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int64_t elem_bytes) {
+bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int64_t elem_bytes,
+                   const CpuTuning& tuning) {
   constexpr int64_t kLine = 64;
   const int64_t run = layout == Layout::ChannelsFirst ? s.HxW : s.C;
-  return s.numel() * elem_bytes >= kStreamOutputBytes && run * elem_bytes % kLine == 0 &&
+  return s.numel() * elem_bytes >= tuning.stream_output_bytes && run * elem_bytes % kLine == 0 &&
          reinterpret_cast<uintptr_t>(out) % kLine == 0;
 }
 
-bool use_fused(int64_t items, int64_t item_bytes, int64_t budget) {
+// Fused when forced, or when the item fits the budget and there are enough
+// items for every thread.
+bool use_fused(int64_t items, int64_t item_bytes, int64_t budget, Schedule schedule) {
+  if (schedule != Schedule::Auto) return schedule == Schedule::Fused;
   return item_bytes <= budget && items >= at::get_num_threads();
 }
 
@@ -1120,14 +1117,14 @@ void forward_typed(const ForwardParams& p) {
                                    static_cast<const acc_t*>(p.weight),
                                    static_cast<const acc_t*>(p.bias), static_cast<acc_t>(p.eps),
                                    static_cast<acc_t*>(p.mean), static_cast<acc_t*>(p.rstd),
-                                   stream_output(p.y, s, p.layout, bytes)};
+                                   stream_output(p.y, s, p.layout, bytes, p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (p.layout == Layout::ChannelsFirst) {
-      if (use_fused(s.N * s.G, s.group_size() * bytes, kFusedGroupBytes)) {
+      if (use_fused(s.N * s.G, s.group_size() * bytes, p.tuning.fused_group_bytes, p.tuning.schedule)) {
         return forward_fused_groups<scalar_t, A>(args, s);
       }
-    } else if (use_fused(s.N, s.HxW * s.C * bytes, kFusedSampleBytes)) {
+    } else if (use_fused(s.N, s.HxW * s.C * bytes, p.tuning.fused_sample_bytes, p.tuning.schedule)) {
       return forward_fused_samples<scalar_t, A>(args, s);
     }
     forward_two_pass<scalar_t, A>(args, s, p.layout);
@@ -1194,17 +1191,17 @@ void backward_typed(const BackwardParams& p) {
       static_cast<const acc_t*>(p.rstd),  static_cast<const acc_t*>(p.weight),
       static_cast<const acc_t*>(p.bias),  sum_gx.data(),
       sum_g.data(),                       mean_shift.data(),
-      stream_output(p.dx, s, p.layout, sizeof(scalar_t)),
+      stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
       has_exact.data(),                   exact_shift.data()};
   // x and dy are both read twice.
   const int64_t bytes = 2 * static_cast<int64_t>(sizeof(scalar_t));
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (p.layout == Layout::ChannelsFirst) {
-      if (use_fused(s.N * s.G, s.group_size() * bytes, kFusedGroupBytes)) {
+      if (use_fused(s.N * s.G, s.group_size() * bytes, p.tuning.fused_group_bytes, p.tuning.schedule)) {
         return backward_fused_groups<scalar_t, A>(args, s);
       }
-    } else if (use_fused(s.N, s.HxW * s.C * bytes, kFusedSampleBytes)) {
+    } else if (use_fused(s.N, s.HxW * s.C * bytes, p.tuning.fused_sample_bytes, p.tuning.schedule)) {
       return backward_fused_samples<scalar_t, A>(args, s);
     }
     backward_two_pass<scalar_t, A>(args, s, p.layout);

@@ -1,0 +1,52 @@
+"""The CPU kernels' two schedules (fused and two-pass) compute the same
+numbers: forced with GNFLEX_CPU_SCHEDULE, they agree bitwise with each other
+and with the automatic choice, for every dtype, activation and layout."""
+import pytest
+import torch
+
+import gnflex
+from conftest import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
+
+# (shape, groups): channels-first groups and channels-last samples that fit
+# the fused budgets, a 3-d input with ragged chunks, several samples of odd
+# sizes.
+SHAPES = [((2, 64, 20, 20), 8), ((1, 4, 12293), 2), ((3, 6, 5, 7), 3)]
+
+
+def run(monkeypatch, schedule, x, w, b, groups, activation, dy):
+    monkeypatch.setenv("GNFLEX_CPU_SCHEDULE", schedule)
+    out = torch.ops.gnflex.group_norm(x, w, b, groups, 1e-5, activation)
+    grads = grads_of(lambda x, w, b: gnflex.group_norm(x, groups, w, b, activation=activation), x, w, b, dy)
+    return (*out, *grads[1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_schedules_agree_bitwise(monkeypatch, layout, shape, groups, activation, dtype):
+    x = make_input(shape, dtype, "cpu", layout)
+    dy = make_input(shape, dtype, "cpu", layout, seed=9)
+    w, b = make_params(shape[1], dtype)
+    fused = run(monkeypatch, "fused", x, w, b, groups, activation, dy)
+    two_pass = run(monkeypatch, "two_pass", x, w, b, groups, activation, dy)
+    auto = run(monkeypatch, "auto", x, w, b, groups, activation, dy)
+    for f, t, a in zip(fused, two_pass, auto):
+        assert torch.equal(f, t) and torch.equal(f, a)
+
+
+def test_unknown_schedule_is_an_error(monkeypatch):
+    monkeypatch.setenv("GNFLEX_CPU_SCHEDULE", "fastest")
+    with pytest.raises(RuntimeError, match="GNFLEX_CPU_SCHEDULE must be auto, fused or two_pass"):
+        gnflex.group_norm(torch.randn(2, 4, 3), 2)
+
+
+def test_cpu_tuning_reads_the_caches():
+    from gnflex import _C
+
+    t = _C.cpu_tuning()
+    assert t["cache_source"] in ("sysfs", "sysconf", "default")
+    assert 0 < t["l1d"] <= t["l2"] <= t["l3"]
+    # Budgets derived from the caches: a group within L2, a sample within 4 x L2.
+    assert t["fused_group_bytes"] == t["l2"] and t["fused_sample_bytes"] == 4 * t["l2"]
+    assert 2 << 20 <= t["stream_output_bytes"] <= 32 << 20
