@@ -177,7 +177,7 @@ def main(argv=None):
     for s in summary:
         print("  " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in s.items() if not (isinstance(v, float) and v != v)))
-    print("\nTargets (issue 6, geomean over the shape set)")
+    print("\nTargets (geomean over the shape set)")
     for tr in targets:
         print(f"  {tr['target']}: {tr['value']:.2f} (goal {tr['goal']}) met: {tr['met']}")
     print("machine:", machine)
@@ -190,7 +190,7 @@ def main(argv=None):
                   "x.clone() time (forward only). SiLU rows: gnflex fuses it; torch runs F.group_norm then "
                   "F.silu. *_saved_mb: bytes autograd keeps for the backward (forward+backward rows).",
                   rows, summary, columns, ["dtype", "layout", "act", "pass"] + present,
-                  extra_tables=[("Targets (issue 6)", targets, ["target", "value", "goal", "met"])])
+                  extra_tables=[("Targets", targets, ["target", "value", "goal", "met"])])
     return 0
 
 

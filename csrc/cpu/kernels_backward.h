@@ -1,0 +1,234 @@
+// CPU GroupNorm kernels, part 5: the backward schedules (fused per group /
+// per sample, two-pass). Part of kernels_impl.h, which includes the parts
+// in order inside one translation unit per CPU capability.
+#pragma once
+
+namespace gnflex {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// ---- backward ------------------------------------------------------------------
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  scalar_t* dx;  // null: only parameter gradients
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* w;
+  const acc_t* b;
+  // Outputs for the parameter gradients: per-(n, c) sums of g * (x - pivot)
+  // and g, and per-group mean - pivot (the pivot is the saved mean).
+  acc_t* sum_gx;
+  acc_t* sum_g;
+  acc_t* mean_shift;
+  bool stream;  // non-temporal stores for dx
+  // Groups whose mean - pivot was recomputed from x (see exact_mean_shifts).
+  const char* has_exact_shift;
+  const acc_t* exact_shift;
+
+  acc_t group_mean_shift(int64_t ng) const { return has_exact_shift[ng] ? exact_shift[ng] : acc_t(0); }
+};
+
+// Whether the fused schedules keep g = dy * act'(z) between their two passes:
+// with an activation and when dx is wanted.
+template <Activation A, typename Args>
+bool keeps_grad(const Args& a) {
+  return A != Activation::None && a.dx != nullptr;
+}
+
+// Channels-first, one group per work item: sums, then dx from cache.
+template <typename scalar_t, Activation A>
+void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t D = s.group_size();
+  at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(6 * Cg);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + Cg;
+    acc_t* shift = scale + Cg;
+    acc_t* g_coef = shift + Cg;
+    acc_t* x_coef = g_coef + Cg;
+    acc_t* bias_coef = x_coef + Cg;
+    // g = dy * act'(z) of the current group, kept for its dx pass.
+    std::vector<acc_t> g_saved(keeps_grad<A>(a) ? D : 0);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t c0 = ng % s.G * Cg;
+      const scalar_t* gx = a.x + ng * D;
+      const scalar_t* gdy = a.dy + ng * D;
+      a.mean_shift[ng] = a.group_mean_shift(ng);
+      group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + c0, a.b + c0, Cg, scale, shift);
+      std::fill(pivot, pivot + Cg, a.mean[ng]);
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      for (int64_t c = 0; c < Cg; ++c) {
+        std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) =
+            plane_grad_sums<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, s.HxW, t, c,
+                                         g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
+      }
+      if (a.dx == nullptr) continue;
+      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.w + c0, Cg, a.mean_shift[ng],
+                             a.rstd[ng], D, g_coef, x_coef, bias_coef);
+      const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
+      for (int64_t c = 0; c < Cg; ++c) {
+        const bool more = ng + 1 < end;
+        const RunWrite<scalar_t, 2> w{a.stream, {more ? gx + D + c * s.HxW : nullptr,
+                                                 more ? gdy + D + c * s.HxW : nullptr}};
+        input_grad_run<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, a.dx + ng * D + c * s.HxW,
+                                    s.HxW, run_affine(t, c, PerRun{}),
+                                    run_input_grad(gt, c, PerRun{}), w,
+                                    g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// Channels-last, one sample per work item.
+template <typename scalar_t, Activation A>
+void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t block_rows = sum_rows_per_block(s.C);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(8 * s.C);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + s.C;
+    acc_t* shift = scale + s.C;
+    acc_t* g_coef = shift + s.C;
+    acc_t* x_coef = g_coef + s.C;
+    acc_t* bias_coef = x_coef + s.C;
+    acc_t* block_gx = bias_coef + s.C;
+    acc_t* block_g = block_gx + s.C;
+    // g = dy * act'(z) of the current sample, kept for its dx pass.
+    std::vector<acc_t> g_saved(keeps_grad<A>(a) ? s.HxW * s.C : 0);
+    acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t offset = n * s.HxW * s.C;
+      fill_sample_pivots(a.mean, s, n, pivot);
+      for (int64_t g = 0; g < s.G; ++g) {
+        const int64_t ng = n * s.G + g;
+        a.mean_shift[ng] = a.group_mean_shift(ng);
+        group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + g * Cg, a.b + g * Cg, Cg,
+                              scale + g * Cg, shift + g * Cg);
+      }
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      acc_t* sum_gx = a.sum_gx + n * s.C;
+      acc_t* sum_g = a.sum_g + n * s.C;
+      PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
+      for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
+        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
+                                        std::min(block_rows, s.HxW - row0), s.C, t, block_gx, block_g,
+                                        g_out);
+        total.push(block_gx);
+      }
+      total.result(block_gx);
+      std::copy(block_gx, block_gx + s.C, sum_gx);
+      std::copy(block_g, block_g + s.C, sum_g);
+      if (a.dx == nullptr) continue;
+      for (int64_t g = 0; g < s.G; ++g) {
+        const int64_t ng = n * s.G + g;
+        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.w + g * Cg, Cg, a.mean_shift[ng],
+                               a.rstd[ng], s.group_size(), g_coef + g * Cg, x_coef + g * Cg,
+                               bias_coef + g * Cg);
+      }
+      const auto row_affine = run_affine(t, 0, PerChannel{});
+      const auto row_input_grad =
+          run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
+      for (int64_t r = 0; r < s.HxW; ++r) {
+        const int64_t next = offset + (s.HxW + r) * s.C;
+        const RunWrite<scalar_t, 2> w{a.stream, {n + 1 < end ? a.x + next : nullptr,
+                                                 n + 1 < end ? a.dy + next : nullptr}};
+        input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C,
+                                    a.dx + offset + r * s.C, s.C, row_affine, row_input_grad, w,
+                                    g_out ? g_out + r * s.C : nullptr);
+      }
+    }
+    stream_fence();
+  });
+}
+
+template <typename scalar_t, Activation A>
+void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t planes = s.N * s.C;
+  const int64_t Cg = s.channels_per_group();
+  const auto pivots = channel_pivots(a.mean, s);
+  std::vector<acc_t> scale(planes), shift(planes);
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const int64_t c0 = ng % s.G * Cg;
+    a.mean_shift[ng] = a.group_mean_shift(ng);
+    group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + c0, a.b + c0, Cg,
+                          scale.data() + ng * Cg, shift.data() + ng * Cg);
+  }
+  const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
+
+  // Pass 1: per-(n, c) sums, chunks / row blocks in parallel, merged in order.
+  std::fill(a.sum_gx, a.sum_gx + planes, acc_t(0));
+  std::fill(a.sum_g, a.sum_g + planes, acc_t(0));
+  if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
+    const int64_t chunks = ceil_div(s.HxW, kChunk);
+    std::vector<std::pair<acc_t, acc_t>> partial(planes * chunks);
+    at::parallel_for(0, planes * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t plane = item / chunks;
+        const int64_t start = item % chunks * kChunk;
+        const int64_t base = plane * s.HxW + start;
+        partial[item] = simd_sum2<scalar_t>(
+            std::min(kChunk, s.HxW - start),
+            grad_sums_body<scalar_t, A>(a.dy + base, a.x + base, run_affine(t, plane, PerRun{})));
+      }
+    });
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      for (int64_t k = 0; k < chunks; ++k) {
+        a.sum_gx[plane] += partial[plane * chunks + k].first;
+        a.sum_g[plane] += partial[plane * chunks + k].second;
+      }
+    }
+  } else if (s.HxW > 0) {
+    const int64_t block_rows = sum_rows_per_block(s.C);
+    const int64_t blocks = ceil_div(s.HxW, block_rows);
+    std::vector<acc_t> partial(s.N * blocks * 2 * s.C);
+    at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / blocks;
+        const int64_t row0 = item % blocks * block_rows;
+        const int64_t offset = n * s.HxW * s.C;
+        acc_t* block_gx = partial.data() + item * 2 * s.C;
+        const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};
+        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
+                                        std::min(block_rows, s.HxW - row0), s.C, sample_t, block_gx,
+                                        block_gx + s.C);
+      }
+    });
+    std::vector<acc_t> sums(2 * s.C);
+    for (int64_t n = 0; n < s.N; ++n) {
+      PairwiseArraySum<acc_t>::sum_of(partial.data() + n * blocks * 2 * s.C, blocks, 2 * s.C, sums.data());
+      std::copy(sums.begin(), sums.begin() + s.C, a.sum_gx + n * s.C);
+      std::copy(sums.begin() + s.C, sums.end(), a.sum_g + n * s.C);
+    }
+  }
+  if (a.dx == nullptr) return;
+
+  // Pass 2: dx.
+  std::vector<acc_t> g_coef(planes), x_coef(planes), bias_coef(planes);
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const int64_t i = ng * Cg;
+    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.w + ng % s.G * Cg, Cg, a.mean_shift[ng],
+                           a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i,
+                           bias_coef.data() + i);
+  }
+  const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
+  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+    input_grad_run<scalar_t, A>(a.dy + base, a.x + base, a.dx + base, len,
+                                run_affine(t, ci, per_channel), run_input_grad(gt, ci, per_channel),
+                                RunWrite<scalar_t, 2>{a.stream, {}});
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gnflex

@@ -1,0 +1,103 @@
+// CPU GroupNorm kernels, part 4: the forward schedules (fused per group /
+// per sample, two-pass). Part of kernels_impl.h, which includes the parts
+// in order inside one translation unit per CPU capability.
+#pragma once
+
+namespace gnflex {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// ---- forward -------------------------------------------------------------------
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* y;
+  const acc_t* w;
+  const acc_t* b;
+  acc_t eps;
+  acc_t* mean;
+  acc_t* rstd;
+  bool stream;  // non-temporal stores for y
+};
+
+// Channels-first, one group per work item.
+template <typename scalar_t, Activation A>
+void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t D = s.group_size();
+  at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table(3 * Cg);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + Cg;
+    acc_t* shift = scale + Cg;
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t c0 = ng % s.G * Cg;
+      const scalar_t* gx = a.x + ng * D;
+      group_forward_coefs(span_stats(gx, D), a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng,
+                          a.rstd + ng, pivot, scale, shift);
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      for (int64_t c = 0; c < Cg; ++c) {
+        const RunWrite<scalar_t, 1> w{a.stream, {ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
+        forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW,
+                                 run_affine(t, c, PerRun{}), w);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// Channels-last, one sample per work item.
+template <typename scalar_t, Activation A>
+void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  using Stats = WelfordStats<acc_t>;
+  const int64_t Cg = s.channels_per_group();
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> table((3 + kSampleStatsScratch) * s.C);
+    acc_t* pivot = table.data();
+    acc_t* scale = pivot + s.C;
+    acc_t* shift = scale + s.C;
+    acc_t* scratch = shift + s.C;
+    std::vector<Stats> stats(s.G);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* xs = a.x + n * s.HxW * s.C;
+      sample_stats(xs, s, scratch, stats.data());
+      for (int64_t g = 0; g < s.G; ++g) {
+        group_forward_coefs(stats[g], a.eps, a.w + g * Cg, a.b + g * Cg, Cg, a.mean + n * s.G + g,
+                            a.rstd + n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
+      }
+      const auto row_affine = run_affine(AffineTables<acc_t>{pivot, scale, shift}, 0, PerChannel{});
+      for (int64_t r = 0; r < s.HxW; ++r) {
+        const RunWrite<scalar_t, 1> w{a.stream, {n + 1 < end ? xs + (s.HxW + r) * s.C : nullptr}};
+        forward_run<scalar_t, A>(xs + r * s.C, a.y + (n * s.HxW + r) * s.C, s.C, row_affine, w);
+      }
+    }
+    stream_fence();
+  });
+}
+
+template <typename scalar_t, Activation A>
+void forward_two_pass(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const auto stats = group_stats(a.x, s, layout);
+  std::vector<acc_t> pivots(s.N * s.C), scale(s.N * s.C), shift(s.N * s.C);
+  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
+    const int64_t c0 = ng % s.G * Cg;
+    group_forward_coefs(stats[ng], a.eps, a.w + c0, a.b + c0, Cg, a.mean + ng, a.rstd + ng,
+                        pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
+  }
+  const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
+  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+    forward_run<scalar_t, A>(a.x + base, a.y + base, len, run_affine(t, ci, per_channel),
+                             RunWrite<scalar_t, 1>{a.stream, {}});
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gnflex

@@ -1,0 +1,300 @@
+// CPU GroupNorm kernels, part 3: per-run coefficients and the elementwise
+// passes over runs. Part of kernels_impl.h, which includes the parts in
+// order inside one translation unit per CPU capability.
+#pragma once
+
+namespace gnflex {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// ---- coefficients -------------------------------------------------------------
+// Per-(n, c) coefficient tables: the forward's y = act((x - pivot) * scale + shift)
+template <typename T>
+struct AffineTables {
+  const T* pivot;
+  const T* scale;
+  const T* shift;
+};
+
+// and the backward's dx = g_coef * g + x_coef * (x - pivot) + bias_coef.
+template <typename T>
+struct InputGradTables {
+  const T* g_coef;
+  const T* x_coef;
+  const T* bias_coef;
+};
+
+// mean and rstd of one group and the pivot/scale/shift of its Cg channels
+// (w, b, pivot, scale, shift point at the group's first channel): the pivot
+// is the rounded mean, its residual goes into the shift.
+template <typename T>
+void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const T* b, int64_t Cg,
+                         T* mean, T* rstd, T* pivot, T* scale, T* shift) {
+  *mean = math::rounded_mean(stats);
+  *rstd = math::rstd_from_stats(stats, eps);
+  const T residual = math::mean_residual(stats, *mean);
+  for (int64_t c = 0; c < Cg; ++c) {
+    const auto affine = math::fold_affine(residual, *rstd, w[c], b[c]);
+    pivot[c] = *mean;
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
+  }
+}
+
+// The backward rebuilds the forward coefficients of one group from the
+// residual mean - pivot (to recompute z for the activation, and for dx).
+template <typename T>
+void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t Cg, T* scale,
+                           T* shift) {
+  for (int64_t c = 0; c < Cg; ++c) {
+    const auto affine = math::fold_affine(mean_shift, rstd, w[c], b[c]);
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
+  }
+}
+
+// The dx coefficients of one group's Cg channels, from their sums of
+// g * (x - pivot) and g.
+template <typename T>
+void group_input_grad_coefs(const T* sum_gx, const T* sum_g, const T* w, int64_t Cg, T mean_shift,
+                            T rstd, int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
+  T sum_gwx = 0, sum_gw = 0;
+  for (int64_t c = 0; c < Cg; ++c) {
+    sum_gwx += w[c] * sum_gx[c];
+    sum_gw += w[c] * sum_g[c];
+  }
+  const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift, rstd, group_size);
+  for (int64_t c = 0; c < Cg; ++c) {
+    g_coef[c] = rstd * w[c];
+    x_coef[c] = coefs.x_coef;
+    bias_coef[c] = coefs.bias_coef;
+  }
+}
+
+// ---- elementwise runs --------------------------------------------------------
+// A run is a stretch of contiguous values sharing a coefficient layout:
+//   channels-first: (part of) one (n, c) plane; its coefficients are scalars,
+//                   copied out of the tables (PerRun), so the loop keeps them
+//                   in registers;
+//   channels-last:  one row of C channels; its coefficients are the tables'
+//                   arrays from the row's sample on (PerChannel).
+using PerChannel = std::true_type;
+using PerRun = std::false_type;
+
+template <typename T>
+struct Broadcast {
+  T value;
+  template <typename V>
+  V get(int64_t /*j*/) const { return V(value); }
+};
+
+template <typename T>
+struct ChannelArray {
+  const T* values;
+  template <typename V>
+  V get(int64_t j) const { return load_as<V>(values + j); }
+};
+
+// Entry ci of a table as a run coefficient.
+template <typename T, typename P>
+inline auto run_coef(const T* table, int64_t ci, P /*per_channel*/) {
+  if constexpr (P::value) {
+    return ChannelArray<T>{table + ci};
+  } else {
+    return Broadcast<T>{table[ci]};
+  }
+}
+
+template <typename Coef>
+struct RunAffine {
+  Coef pivot, scale, shift;
+};
+
+template <typename Coef>
+struct RunInputGrad {
+  Coef g_coef, x_coef, bias_coef;
+};
+
+template <typename T, typename P>
+inline auto run_affine(const AffineTables<T>& t, int64_t ci, P pc) {
+  using Coef = decltype(run_coef(t.pivot, ci, pc));
+  return RunAffine<Coef>{run_coef(t.pivot, ci, pc), run_coef(t.scale, ci, pc),
+                         run_coef(t.shift, ci, pc)};
+}
+
+template <typename T, typename P>
+inline auto run_input_grad(const InputGradTables<T>& t, int64_t ci, P pc) {
+  using Coef = decltype(run_coef(t.g_coef, ci, pc));
+  return RunInputGrad<Coef>{run_coef(t.g_coef, ci, pc), run_coef(t.x_coef, ci, pc),
+                            run_coef(t.bias_coef, ci, pc)};
+}
+
+// For the values at offset j of a run: x - pivot, and the pre-activation
+// output z = (x - pivot) * scale + shift.
+template <typename V, typename Coef>
+inline V centered(V x, const RunAffine<Coef>& a, int64_t j) {
+  return x - a.pivot.template get<V>(j);
+}
+
+template <typename V, typename Coef>
+inline V pre_activation(V x_centered, const RunAffine<Coef>& a, int64_t j) {
+  return x_centered * a.scale.template get<V>(j) + a.shift.template get<V>(j);
+}
+
+// d = x - pivot and g = dy * act'(z), z recomputed from x.
+template <Activation A, typename V, typename Coef>
+inline std::pair<V, V> centered_and_grad(V x, V dy, const RunAffine<Coef>& a, int64_t j) {
+  const V d = centered(x, a, j);
+  if constexpr (A == Activation::None) {
+    return {d, dy};
+  } else {
+    return {d, dy * math::activate_grad<A>(pre_activation(d, a, j))};
+  }
+}
+
+// How a run writes its output: `stream` selects non-temporal stores (big
+// outputs); `next`, when not null, is where the same run of the next work item
+// starts in each input, fetched into L2 while this run writes, so the fused
+// schedules read their next item from memory while writing the current one.
+template <typename scalar_t, int Inputs>
+struct RunWrite {
+  bool stream = false;
+  const scalar_t* next[Inputs] = {};
+};
+
+template <typename scalar_t, int Inputs>
+inline void prefetch_next(const RunWrite<scalar_t, Inputs>& w, int64_t i) {
+  for (const scalar_t* p : w.next) {
+    if (p != nullptr) __builtin_prefetch(p + i, 0, 2);
+  }
+}
+
+template <typename scalar_t, Activation A, typename Coef>
+inline void forward_run(const scalar_t* x, scalar_t* y, int64_t len, const RunAffine<Coef> a,
+                        const RunWrite<scalar_t, 1>& w) {
+  simd_for<scalar_t>(len, [&](int64_t i, auto step) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V v[S::count];
+    if constexpr (!std::is_arithmetic_v<V>) prefetch_next(w, i);
+    load_values(x + i, v);
+    for (int k = 0; k < S::count; ++k) {
+      const int64_t j = i + k * S::lanes;
+      v[k] = math::activate<A>(pre_activation(centered(v[k], a, j), a, j));
+    }
+    store_values(y + i, v, w.stream);
+  });
+}
+
+// The loop body adding g * (x - pivot) and g of a run into two accumulators:
+// V-typed scalars (simd_sum2) or arrays (simd_accumulate_row). With an
+// activation, the fused schedules pass g_out to keep g for the dx pass, which
+// then skips recomputing act'(z) (exp and a reciprocal per value for SiLU).
+template <typename scalar_t, Activation A, typename Coef>
+inline auto grad_sums_body(const scalar_t* dy, const scalar_t* x, const RunAffine<Coef> a,
+                           acc_type<scalar_t>* g_out = nullptr) {
+  return [=](int64_t i, auto step, auto& sum_gx, auto& sum_g) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V xv[S::count], dv[S::count];
+    load_values(x + i, xv);
+    load_values(dy + i, dv);
+    for (int k = 0; k < S::count; ++k) {
+      const auto [d, g] = centered_and_grad<A>(xv[k], dv[k], a, i + k * S::lanes);
+      if (A != Activation::None && g_out != nullptr) store_as<V>(g_out + i + k * S::lanes, g);
+      if constexpr (std::is_array_v<std::remove_reference_t<decltype(sum_gx)>>) {
+        sum_gx[k] = g * d;
+        sum_g[k] = g;
+      } else {
+        sum_gx = sum_gx + g * d;
+        sum_g = sum_g + g;
+      }
+    }
+  };
+}
+
+// Sums of g * (x - pivot) and g over one channels-first plane, chunk by chunk.
+template <typename scalar_t, Activation A>
+std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t HxW, const AffineTables<acc_type<scalar_t>>& t,
+    int64_t ci, acc_type<scalar_t>* g_out) {
+  acc_type<scalar_t> sum_gx = 0, sum_g = 0;
+  const auto a = run_affine(t, ci, PerRun{});
+  for (int64_t start = 0; start < HxW; start += kChunk) {
+    const auto part = simd_sum2<scalar_t>(std::min(kChunk, HxW - start),
+                                          grad_sums_body<scalar_t, A>(dy + start, x + start, a,
+                                                                      g_out ? g_out + start : nullptr));
+    sum_gx += part.first;
+    sum_g += part.second;
+  }
+  return {sum_gx, sum_g};
+}
+
+// Channels-last: per-channel sums of g * (x - pivot) and g over rows
+// [row0, row0 + rows) of one sample into block_gx, block_g (C values each).
+template <typename scalar_t, Activation A>
+void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int64_t rows,
+                        int64_t C, const AffineTables<acc_type<scalar_t>>& t,
+                        acc_type<scalar_t>* block_gx, acc_type<scalar_t>* block_g,
+                        acc_type<scalar_t>* g_out = nullptr) {
+  std::fill(block_gx, block_gx + C, acc_type<scalar_t>(0));
+  std::fill(block_g, block_g + C, acc_type<scalar_t>(0));
+  const auto a = run_affine(t, 0, PerChannel{});
+  for (int64_t r = row0; r < row0 + rows; ++r) {
+    simd_accumulate_row<scalar_t>(C, block_gx, block_g,
+                                  grad_sums_body<scalar_t, A>(dy + r * C, x + r * C, a,
+                                                              g_out ? g_out + r * C : nullptr));
+  }
+}
+
+template <typename scalar_t, Activation A, typename Coef>
+inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
+                           const RunAffine<Coef> a, const RunInputGrad<Coef> ig,
+                           const RunWrite<scalar_t, 2>& w,
+                           const acc_type<scalar_t>* g_saved = nullptr) {
+  simd_for<scalar_t>(len, [&](int64_t i, auto step) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V xv[S::count], dv[S::count];
+    if constexpr (!std::is_arithmetic_v<V>) prefetch_next(w, i);
+    load_values(x + i, xv);
+    load_values(dy + i, dv);
+    for (int k = 0; k < S::count; ++k) {
+      const int64_t j = i + k * S::lanes;
+      const auto [d, g] = g_saved != nullptr
+                              ? std::pair<V, V>{centered(xv[k], a, j), load_as<V>(g_saved + j)}
+                              : centered_and_grad<A>(xv[k], dv[k], a, j);
+      dv[k] = ig.g_coef.template get<V>(j) * g + ig.x_coef.template get<V>(j) * d +
+              ig.bias_coef.template get<V>(j);
+    }
+    store_values(dx + i, dv, w.stream);
+  });
+}
+
+// Two-pass elementwise passes: fn(base, len, ci, per_channel) for every run,
+// in parallel, with coefficients in (N * C) tables.
+template <typename Fn>
+void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
+  if (layout == Layout::ChannelsFirst) {
+    const int64_t chunks = ceil_div(s.HxW, kChunk);
+    at::parallel_for(0, s.N * s.C * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t plane = item / chunks;
+        const int64_t start = item % chunks * kChunk;
+        fn(plane * s.HxW + start, std::min(kChunk, s.HxW - start), plane, PerRun{});
+      }
+      stream_fence();
+    });
+  } else {
+    at::parallel_for(0, s.N * s.HxW, rows_per_block(s.C), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) fn(row * s.C, s.C, row / s.HxW * s.C, PerChannel{});
+      stream_fence();
+    });
+  }
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gnflex

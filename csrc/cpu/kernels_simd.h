@@ -1,0 +1,137 @@
+// CPU GroupNorm kernels, part 1: constants and the vectorized loop helpers.
+// Part of kernels_impl.h, which includes the parts in order inside one
+// translation unit per CPU capability.
+#pragma once
+
+namespace gnflex {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using math::WelfordStats;
+
+// Values per work item. Fixed so chunking never depends on the thread count.
+constexpr int64_t kChunk = 4096;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- the vectorized loop driver ------------------------------------------
+// A step of the loop handles `count` values of type V: whole SIMD vectors of
+// the accumulate type in the body, one scalar in the tail.
+template <typename V>
+constexpr int64_t lanes_of() {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return 1;
+  } else {
+    return V::size();
+  }
+}
+
+template <typename V, int Count>
+struct Step {
+  using type = V;
+  static constexpr int count = Count;
+  static constexpr int64_t lanes = lanes_of<V>();
+};
+
+// Runs body(i, Step) over [0, n): SIMD steps, then the scalar tail. The body
+// is written once, generically in V. Every pass over a run (statistics,
+// gradient sums, outputs) takes the same path for the same value, and kChunk
+// is a multiple of the SIMD step, so cutting a run into chunks does not move
+// the tail: SIMD and scalar math may round differently, and results must not
+// depend on the schedule.
+template <typename scalar_t, typename Body>
+inline void simd_for(int64_t n, const Body& body) {
+  using IO = VecIO<scalar_t>;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) body(i, Step<typename IO::Vec, IO::kVecs>{});
+  for (; i < n; ++i) body(i, Step<typename IO::acc_t, 1>{});
+}
+
+template <typename scalar_t, typename V, int K>
+inline void load_values(const scalar_t* p, V (&v)[K]) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    v[0] = static_cast<V>(*p);
+  } else {
+    VecIO<scalar_t>::load(p, v);
+  }
+}
+
+// stream: a non-temporal store where the vector is aligned (see stream_vector).
+template <typename scalar_t, typename V, int K>
+inline void store_values(scalar_t* p, const V (&v)[K], bool stream = false) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    *p = static_cast<scalar_t>(v[0]);
+  } else if (stream) {
+    VecIO<scalar_t>::stream(p, v);
+  } else {
+    VecIO<scalar_t>::store(p, v);
+  }
+}
+
+template <typename V, typename T>
+inline void store_as(T* p, const V& v) {
+  if constexpr (std::is_same_v<V, T>) {
+    *p = v;
+  } else {
+    v.store(p);
+  }
+}
+
+template <typename T>
+inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
+  T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T s = T(0);
+  for (T lane : lanes) s += lane;
+  return s;
+}
+
+// Sums over [0, n) of two quantities produced by
+// body(i, Step, sum_a, sum_b) (the body adds into V-typed accumulators).
+// Four independent accumulator pairs in the main loop, so the adds do not
+// wait on each other (one chain is bound by add latency, not bandwidth).
+template <typename scalar_t, typename Body>
+inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, const Body& body) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  using VecStep = Step<Vec, IO::kVecs>;
+  constexpr int64_t kStep = IO::kStep;
+  Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+  Vec b0(acc_t(0)), b1(acc_t(0)), b2(acc_t(0)), b3(acc_t(0));
+  int64_t i = 0;
+  for (; i + 4 * kStep <= n; i += 4 * kStep) {
+    body(i, VecStep{}, a0, b0);
+    body(i + kStep, VecStep{}, a1, b1);
+    body(i + 2 * kStep, VecStep{}, a2, b2);
+    body(i + 3 * kStep, VecStep{}, a3, b3);
+  }
+  for (; i + kStep <= n; i += kStep) body(i, VecStep{}, a0, b0);
+  acc_t sa = 0, sb = 0;
+  for (; i < n; ++i) body(i, Step<acc_t, 1>{}, sa, sb);
+  return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
+}
+
+// Per-channel accumulation of two quantities over one row of C channels:
+// sum_a[c] += a(c), sum_b[c] += b(c), with body(i, Step) -> pair of V arrays.
+template <typename scalar_t, typename Body>
+inline void simd_accumulate_row(int64_t C, acc_type<scalar_t>* sum_a, acc_type<scalar_t>* sum_b,
+                                const Body& body) {
+  simd_for<scalar_t>(C, [&](int64_t i, auto step) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V a[S::count], b[S::count];
+    body(i, step, a, b);
+    for (int k = 0; k < S::count; ++k) {
+      const int64_t j = i + k * S::lanes;
+      store_as<V>(sum_a + j, load_as<V>(sum_a + j) + a[k]);
+      store_as<V>(sum_b + j, load_as<V>(sum_b + j) + b[k]);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gnflex

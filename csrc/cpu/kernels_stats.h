@@ -1,0 +1,365 @@
+// CPU GroupNorm kernels, part 2: schedule choice, pivots and the statistics
+// of chunks, groups and samples. Part of kernels_impl.h, which includes the
+// parts in order inside one translation unit per CPU capability.
+#pragma once
+
+namespace gnflex {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// ---- schedules ---------------------------------------------------------------
+// Two schedules compute the same numbers (the same chunks, merged in the same
+// order), so choosing between them never changes a result bit:
+//   fused     one work item per group (channels-first) or per sample
+//             (channels-last) computes its statistics and then its outputs
+//             while its values are still in cache, so x (and dy) come from
+//             memory once, as ATen does for NCHW;
+//   two-pass  statistics over all chunks in parallel, then the elementwise
+//             pass; for items too big for the cache or too few to keep every
+//             thread busy (e.g. N = 1 with a handful of groups).
+// The budgets (input bytes one fused item may touch: x, or x and dy in the
+// backward; the streaming threshold) come from the machine's caches
+// (cpu_tuning.cpp); GNFLEX_CPU_SCHEDULE can force either schedule.
+
+// Whether to stream an output: big enough, and every run (a plane or a row)
+// covering whole cache lines. A line written partly by streaming and partly
+// by normal stores (a run boundary inside it) is far slower than either.
+bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int64_t elem_bytes,
+                   const CpuTuning& tuning) {
+  constexpr int64_t kLine = 64;
+  const int64_t run = layout == Layout::ChannelsFirst ? s.HxW : s.C;
+  return s.numel() * elem_bytes >= tuning.stream_output_bytes && run * elem_bytes % kLine == 0 &&
+         reinterpret_cast<uintptr_t>(out) % kLine == 0;
+}
+
+// Fused when forced, or when the item fits the budget and there are enough
+// items for every thread.
+bool use_fused(int64_t items, int64_t item_bytes, int64_t budget, Schedule schedule) {
+  if (schedule != Schedule::Auto) return schedule == Schedule::Fused;
+  return item_bytes <= budget && items >= at::get_num_threads();
+}
+
+// Rows (spatial positions) of about kChunk values: the grain of channels-last
+// elementwise passes.
+int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1)); }
+
+// Channels-last statistics and gradient sums accumulate per channel over
+// blocks of rows, then sum the blocks pairwise. Blocks of up to ~16K values
+// (the per-block work on C-sized arrays stays small next to the block's own)
+// and of at most 64 rows: a channel's sums run down the rows one add after
+// another, and a long chain after a spike loses its small terms (682 rows:
+// 1e-6 of M2).
+int64_t sum_rows_per_block(int64_t C) {
+  return std::clamp<int64_t>(4 * kChunk / std::max<int64_t>(C, 1), 1, 64);
+}
+
+// ---- pivots -----------------------------------------------------------------
+// Outputs are computed about each group's rounded mean P (the pivot): the
+// (N * C) table of it per channel, from the (N * G) means.
+template <typename T>
+void fill_sample_pivots(const T* mean, const GroupNormShape& s, int64_t n, T* out) {
+  const int64_t Cg = s.channels_per_group();
+  for (int64_t c = 0; c < s.C; ++c) out[c] = mean[n * s.G + c / Cg];
+}
+
+template <typename T>
+std::vector<T> channel_pivots(const T* mean, const GroupNormShape& s) {
+  std::vector<T> pivots(s.N * s.C);
+  for (int64_t n = 0; n < s.N; ++n) fill_sample_pivots(mean, s, n, pivots.data() + n * s.C);
+  return pivots;
+}
+
+// ---- statistics ------------------------------------------------------------
+// The center of a chunk of n values is the mean of its first center_count(n):
+// a quarter keeps M2's rounding within ~5 units for any data (see
+// math::chunk_center) at a quarter of the first pass's cost, and those values
+// are in L1 for the second pass anyway.
+int64_t center_count(int64_t n) { return (n + 3) / 4; }
+
+// Exact Welford stats of len contiguous values (one chunk, in L1 for the
+// second pass): a center from its first values, then the sums of
+// d = x - center and d^2.
+template <typename scalar_t>
+WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t m = center_count(len);
+  const acc_t sum = simd_sum2<scalar_t>(m, [&](int64_t i, auto step, auto& a, auto& /*b*/) {
+                      using S = decltype(step);
+                      typename S::type v[S::count];
+                      load_values(p + i, v);
+                      for (int k = 0; k < S::count; ++k) a = a + v[k];
+                    }).first;
+  const acc_t center = math::chunk_center(m, sum);
+  auto [sum_d, sum_d2] = simd_sum2<scalar_t>(len, [&](int64_t i, auto step, auto& a, auto& b) {
+    using S = decltype(step);
+    using V = typename S::type;
+    V v[S::count];
+    load_values(p + i, v);
+    for (int k = 0; k < S::count; ++k) {
+      const V d = v[k] - V(center);
+      a = a + d;
+      b = b + d * d;
+    }
+  });
+  return math::welford_from_centered_sums(len, center, sum_d, sum_d2);
+}
+
+// Merges the stats of consecutive chunks, pushed in index order, as a
+// balanced binary tree (pairwise summation): rounding grows with the log of
+// the number of chunks instead of the number. A sequential merge of the
+// 2^19 chunks of a 2^31-value group was off by 1e-4 relative in fp32. The
+// tree's shape depends only on the count, so results stay reproducible.
+template <typename T>
+class PairwiseMerge {
+ public:
+  void push(WelfordStats<T> stats) {
+    int level = 0;
+    for (uint64_t n = pushed_; n & 1; n >>= 1, ++level) {
+      stats = math::welford_combine(levels_[level], stats);  // levels_[level] holds earlier chunks
+    }
+    levels_[level] = stats;
+    ++pushed_;
+  }
+  WelfordStats<T> result() const {
+    WelfordStats<T> acc;
+    for (int level = 0; level < 64; ++level) {
+      if (pushed_ >> level & 1) acc = math::welford_combine(levels_[level], acc);
+    }
+    return acc;
+  }
+
+ private:
+  WelfordStats<T> levels_[64];  // levels_[i]: merged run of 2^i chunks (if bit i of pushed_)
+  uint64_t pushed_ = 0;
+};
+
+// A channels-first group: D contiguous values, chunk by chunk.
+template <typename scalar_t>
+WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
+  PairwiseMerge<acc_type<scalar_t>> merge;
+  for (int64_t start = 0; start < D; start += kChunk) {
+    merge.push(chunk_stats(p + start, std::min(kChunk, D - start)));
+  }
+  return merge.result();
+}
+
+// Sums of arrays of `width` values pushed in index order, as a balanced
+// binary tree (as PairwiseMerge): accurate over many row blocks, and the
+// result depends only on the count.
+template <typename T>
+class PairwiseArraySum {
+ public:
+  explicit PairwiseArraySum(int64_t width) : width_(width), carry_(width) {}
+  void push(const T* values) {
+    if ((pushed_ & 1) == 0) {  // level 0 is free: no sum yet
+      store(0, values);
+      ++pushed_;
+      return;
+    }
+    const T* first = levels_.data();
+    for (int64_t i = 0; i < width_; ++i) carry_[i] = first[i] + values[i];
+    int64_t level = 1;
+    for (uint64_t n = pushed_ >> 1; n & 1; n >>= 1, ++level) {
+      const T* earlier = levels_.data() + level * width_;
+      for (int64_t i = 0; i < width_; ++i) carry_[i] = earlier[i] + carry_[i];
+    }
+    store(level, carry_.data());
+    ++pushed_;
+  }
+  // The pairwise sum of `count` consecutive arrays of `width` values.
+  static void sum_of(const T* parts, int64_t count, int64_t width, T* out) {
+    PairwiseArraySum sum(width);
+    for (int64_t i = 0; i < count; ++i) sum.push(parts + i * width);
+    sum.result(out);
+  }
+  void result(T* out) const {
+    std::fill(out, out + width_, T(0));
+    for (int64_t level = 0; (pushed_ >> level) != 0; ++level) {
+      if ((pushed_ >> level & 1) == 0) continue;
+      const T* sum = levels_.data() + level * width_;
+      for (int64_t i = 0; i < width_; ++i) out[i] = sum[i] + out[i];
+    }
+  }
+
+ private:
+  void store(int64_t level, const T* values) {
+    if (static_cast<int64_t>(levels_.size()) < (level + 1) * width_) levels_.resize((level + 1) * width_);
+    std::copy(values, values + width_, levels_.begin() + level * width_);
+  }
+
+  int64_t width_;
+  std::vector<T> carry_;
+  std::vector<T> levels_;  // level i: the sum of 2^i arrays (if bit i of pushed_)
+  uint64_t pushed_ = 0;
+};
+
+// Channels-last: per-channel sums over rows [row0, row0 + rows) of one
+// sample: of x (center == nullptr; out: C values), or of d = x - center[c]
+// and d^2 (out: 2 * C values, the d sums first).
+template <typename scalar_t>
+void cl_block_sums(const scalar_t* sample, int64_t row0, int64_t rows, int64_t C,
+                   const acc_type<scalar_t>* center, acc_type<scalar_t>* out) {
+  using acc_t = acc_type<scalar_t>;
+  if (center == nullptr) {
+    std::fill(out, out + C, acc_t(0));
+    for (int64_t r = row0; r < row0 + rows; ++r) {
+      const scalar_t* row = sample + r * C;
+      simd_for<scalar_t>(C, [&](int64_t i, auto step) {
+        using S = decltype(step);
+        using V = typename S::type;
+        V v[S::count];
+        load_values(row + i, v);
+        for (int k = 0; k < S::count; ++k) {
+          store_as<V>(out + i + k * S::lanes, load_as<V>(out + i + k * S::lanes) + v[k]);
+        }
+      });
+    }
+    return;
+  }
+  std::fill(out, out + 2 * C, acc_t(0));
+  for (int64_t r = row0; r < row0 + rows; ++r) {
+    const scalar_t* row = sample + r * C;
+    simd_accumulate_row<scalar_t>(C, out, out + C, [&](int64_t i, auto step, auto& a, auto& b) {
+      using S = decltype(step);
+      using V = typename S::type;
+      load_values(row + i, a);
+      for (int k = 0; k < S::count; ++k) {
+        a[k] = a[k] - load_as<V>(center + i + k * S::lanes);
+        b[k] = a[k] * a[k];
+      }
+    });
+  }
+}
+
+// Channels-last statistics of a sample, in two phases over row blocks:
+//   centers  per-channel mean of the first center_count(HxW) rows (a subset
+//            bounds M2's rounding as a whole-chunk mean would: see
+//            math::chunk_center);
+//   sums     per-channel sums of d = x - center and d^2 over all rows;
+// block results are summed pairwise in row order, then each group's channels
+// merge as equal parts (channels at different levels cost no accuracy). The
+// fused schedule runs the blocks of a sample in order, the two-pass schedule
+// in parallel; both sum the same blocks in the same order.
+struct ClStatsPlan {
+  int64_t block_rows, center_rows, center_blocks, blocks;
+  int64_t rows_of(int64_t block, int64_t total_rows) const {
+    return std::min(block_rows, total_rows - block * block_rows);
+  }
+};
+
+ClStatsPlan cl_stats_plan(const GroupNormShape& s) {
+  const int64_t block_rows = sum_rows_per_block(s.C);
+  const int64_t center_rows = center_count(s.HxW);
+  return {block_rows, center_rows, ceil_div(center_rows, block_rows), ceil_div(s.HxW, block_rows)};
+}
+
+// Scratch values per channel sample_stats needs.
+constexpr int64_t kSampleStatsScratch = 5;
+
+template <typename T>
+void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, WelfordStats<T>* out) {
+  const int64_t Cg = s.channels_per_group();
+  for (int64_t g = 0; g < s.G; ++g) {
+    const int64_t c0 = g * Cg;
+    out[g] = math::welford_from_equal_parts(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
+  }
+}
+
+// Stats of every group of one channels-last sample (out[G]).
+// scratch: kSampleStatsScratch * C values.
+template <typename scalar_t>
+void sample_stats(const scalar_t* sample, const GroupNormShape& s, acc_type<scalar_t>* scratch,
+                  WelfordStats<acc_type<scalar_t>>* out) {
+  using acc_t = acc_type<scalar_t>;
+  const ClStatsPlan plan = cl_stats_plan(s);
+  acc_t* center = scratch;
+  acc_t* block = scratch + s.C;     // 2 * C
+  acc_t* sums = scratch + 3 * s.C;  // 2 * C
+  PairwiseArraySum<acc_t> center_sum(s.C);
+  for (int64_t b = 0; b < plan.center_blocks; ++b) {
+    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, plan.center_rows), s.C,
+                  static_cast<const acc_t*>(nullptr), block);
+    center_sum.push(block);
+  }
+  center_sum.result(center);
+  for (int64_t c = 0; c < s.C; ++c) center[c] = math::chunk_center(plan.center_rows, center[c]);
+  PairwiseArraySum<acc_t> total(2 * s.C);
+  for (int64_t b = 0; b < plan.blocks; ++b) {
+    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, s.HxW), s.C, center, block);
+    total.push(block);
+  }
+  total.result(sums);
+  cl_stats_from_sums(s, center, sums, out);
+}
+
+// Two-pass statistics: every chunk / row block in parallel, then merged
+// pairwise in index order (as span_stats / sample_stats do).
+template <typename scalar_t>
+std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
+                                                          const GroupNormShape& s, Layout layout) {
+  using acc_t = acc_type<scalar_t>;
+  using Stats = WelfordStats<acc_t>;
+  const int64_t groups = s.N * s.G;
+  std::vector<Stats> result(groups);
+  if (s.HxW == 0 || groups == 0) return result;
+
+  if (layout == Layout::ChannelsFirst) {
+    const int64_t D = s.group_size();
+    const int64_t chunks = ceil_div(D, kChunk);
+    std::vector<Stats> partial(groups * chunks);
+    at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t group = item / chunks;
+        const int64_t start = item % chunks * kChunk;
+        partial[item] = chunk_stats(x + group * D + start, std::min(kChunk, D - start));
+      }
+    });
+    for (int64_t group = 0; group < groups; ++group) {
+      PairwiseMerge<acc_t> merge;
+      for (int64_t k = 0; k < chunks; ++k) merge.push(partial[group * chunks + k]);
+      result[group] = merge.result();
+    }
+    return result;
+  }
+
+  const ClStatsPlan plan = cl_stats_plan(s);
+  const int64_t C = s.C;
+  // Phase 1: the first rows' per-channel sums, block by block, in parallel.
+  std::vector<acc_t> center_parts(s.N * plan.center_blocks * C);
+  at::parallel_for(0, s.N * plan.center_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item % plan.center_blocks;
+      cl_block_sums(x + item / plan.center_blocks * s.HxW * C, b * plan.block_rows,
+                    plan.rows_of(b, plan.center_rows), C, static_cast<const acc_t*>(nullptr),
+                    center_parts.data() + item * C);
+    }
+  });
+  std::vector<acc_t> centers(s.N * C);
+  for (int64_t n = 0; n < s.N; ++n) {
+    PairwiseArraySum<acc_t>::sum_of(center_parts.data() + n * plan.center_blocks * C, plan.center_blocks, C,
+                                    centers.data() + n * C);
+    for (int64_t c = 0; c < C; ++c) centers[n * C + c] = math::chunk_center(plan.center_rows, centers[n * C + c]);
+  }
+  // Phase 2: sums about the centers over every row block, in parallel.
+  std::vector<acc_t> partial(s.N * plan.blocks * 2 * C);
+  at::parallel_for(0, s.N * plan.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / plan.blocks;
+      const int64_t b = item % plan.blocks;
+      cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C,
+                    centers.data() + n * C, partial.data() + item * 2 * C);
+    }
+  });
+  std::vector<acc_t> sums(2 * C);
+  for (int64_t n = 0; n < s.N; ++n) {
+    PairwiseArraySum<acc_t>::sum_of(partial.data() + n * plan.blocks * 2 * C, plan.blocks, 2 * C, sums.data());
+    cl_stats_from_sums(s, centers.data() + n * C, sums.data(), result.data() + n * s.G);
+  }
+  return result;
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace gnflex
