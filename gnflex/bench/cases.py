@@ -30,16 +30,21 @@ FULL_SIZE_TRAFFIC_CASES = [
 TRAFFIC_VALUES = 1 << 18
 
 
-def full_size_cases():
-    """Every CUDA case at its real size, in traffic_cases()' format (for the
-    simulator's grid report, which computes plans and runs nothing)."""
+def _rows(cases):
+    """(label, N, C, HxW, G, dtype name, layout) per case and layout, at size."""
     out = []
-    for name, shape, groups, dtype, layouts in CUDA_CASES:
+    for name, shape, groups, dtype, layouts in cases:
         hxw = 1
         for size in shape[2:]:
             hxw *= size
         out += [(name.replace(" ", "_"), shape[0], shape[1], hxw, groups, dtype, layout) for layout in layouts]
     return out
+
+
+def full_size_cases():
+    """Every CUDA case at its real size, in traffic_cases()' format (for the
+    simulator's grid report, which computes plans and runs nothing)."""
+    return _rows(CUDA_CASES)
 
 
 def traffic_cases():
@@ -47,19 +52,11 @@ def traffic_cases():
     CUDA case with the same C, G, dtype and layout and N * HxW cut to about
     TRAFFIC_VALUES / C, then the full-size cases."""
     out = []
-    for name, shape, groups, dtype, layouts in CUDA_CASES:
-        n, c, hxw = shape[0], shape[1], 1
-        for size in shape[2:]:
-            hxw *= size
+    for label, n, c, hxw, groups, dtype, layout in _rows(CUDA_CASES):
         n = max(1, min(n, TRAFFIC_VALUES // (c * hxw)))
         hxw = max(1, min(hxw, TRAFFIC_VALUES // (n * c)))
-        out += [(name.replace(" ", "_"), n, c, hxw, groups, dtype, layout) for layout in layouts]
-    for name, shape, groups, dtype, layouts in FULL_SIZE_TRAFFIC_CASES:
-        hxw = 1
-        for size in shape[2:]:
-            hxw *= size
-        out += [(name.replace(" ", "_"), shape[0], shape[1], hxw, groups, dtype, layout) for layout in layouts]
-    return out
+        out.append((label, n, c, hxw, groups, dtype, layout))
+    return out + _rows(FULL_SIZE_TRAFFIC_CASES)
 
 
 if __name__ == "__main__":

@@ -346,37 +346,42 @@ void grid_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int6
               bytes / 1048576.0, long(stats), long(out), long(grad), label.c_str(), !big ? "-" : ok ? "ok" : "UNDER");
 }
 
-int grid_main() {
+// Reads cases "label N C HxW G dtype layout" from stdin and calls
+// Report<scalar_t>::run(label, N, C, HxW, G, layout, dtype) for each.
+template <template <typename> class Report>
+int for_each_input_case() {
   std::string label, dtype, layout;
   int64_t N, C, HxW, G;
   while (std::cin >> label >> N >> C >> HxW >> G >> dtype >> layout) {
     const Layout l = layout == "nchw" ? Layout::ChannelsFirst : Layout::ChannelsLast;
-    if (dtype == "float32") grid_case<float>(label, N, C, HxW, G, l, dtype);
-    else if (dtype == "float16") grid_case<c10::Half>(label, N, C, HxW, G, l, dtype);
-    else if (dtype == "bfloat16") grid_case<c10::BFloat16>(label, N, C, HxW, G, l, dtype);
-    else grid_case<double>(label, N, C, HxW, G, l, dtype);
+    if (dtype == "float32") Report<float>::run(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "float16") Report<c10::Half>::run(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "bfloat16") Report<c10::BFloat16>::run(label, N, C, HxW, G, l, dtype);
+    else Report<double>::run(label, N, C, HxW, G, l, dtype);
   }
   return 0;
 }
 
-int traffic_main() {
-  std::string label, dtype, layout;
-  int64_t N, C, HxW, G;
-  while (std::cin >> label >> N >> C >> HxW >> G >> dtype >> layout) {
-    const Layout l = layout == "nchw" ? Layout::ChannelsFirst : Layout::ChannelsLast;
-    if (dtype == "float32") traffic_case<float>(label, N, C, HxW, G, l, dtype);
-    else if (dtype == "float16") traffic_case<c10::Half>(label, N, C, HxW, G, l, dtype);
-    else if (dtype == "bfloat16") traffic_case<c10::BFloat16>(label, N, C, HxW, G, l, dtype);
-    else traffic_case<double>(label, N, C, HxW, G, l, dtype);
+template <typename T>
+struct GridReport {
+  static void run(const std::string& label, int64_t N, int64_t C, int64_t HxW, int64_t G, Layout l,
+                  const std::string& dtype) {
+    grid_case<T>(label, N, C, HxW, G, l, dtype);
   }
-  return 0;
-}
+};
+template <typename T>
+struct TrafficReport {
+  static void run(const std::string& label, int64_t N, int64_t C, int64_t HxW, int64_t G, Layout l,
+                  const std::string& dtype) {
+    traffic_case<T>(label, N, C, HxW, G, l, dtype);
+  }
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--traffic") return traffic_main();
-  if (argc > 1 && std::string(argv[1]) == "--grids") return grid_main();
+  if (argc > 1 && std::string(argv[1]) == "--traffic") return for_each_input_case<TrafficReport>();
+  if (argc > 1 && std::string(argv[1]) == "--grids") return for_each_input_case<GridReport>();
   const auto t0 = std::chrono::steady_clock::now();
   try {
     for (bool numerics : {false, true}) {
