@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "../gn_math.h"
 
