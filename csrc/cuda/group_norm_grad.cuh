@@ -118,6 +118,19 @@ __host__ __device__ __forceinline__ int64_t grad_index(const GroupNormShape& s, 
                                               : (n * plan.grad_rows.parts + part) * s.C + c;
 }
 
+// Channel c's gradient sums of sample n over all parts, in part order.
+template <typename acc_t>
+__device__ Sum2<acc_t> channel_grad_total(const GroupNormShape& s, const Plan& plan, const Sum2<acc_t>* partial,
+                                          int64_t n, int64_t c) {
+  Sum2<acc_t> total{acc_t(0), acc_t(0)};
+  for (int64_t part = 0; part < grad_parts(plan); ++part) {
+    const Sum2<acc_t> p = gload(partial + grad_index(s, plan, n, c, part));
+    total.a += p.a;
+    total.b += p.b;
+  }
+  return total;
+}
+
 // Channels-first: per (plane, part) sums of g * (x - pivot) and g.
 template <typename Op, typename scalar_t, typename acc_t>
 __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
@@ -218,8 +231,7 @@ __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar
     total.a = warp_sum(total.a);
     total.b = warp_sum(total.b);
     if (lane == 0) {
-      const int64_t block = (b.n * plan.grad_rows.parts + b.part) * plan.tiles + b.tile;
-      gstore(group_partial + block * plan.group_slots + (g - tg.first), total);
+      gstore(group_partial + group_slot_index(plan, plan.grad_rows, b.n, b.part, b.tile, g - tg.first), total);
     }
   }
 }
@@ -240,12 +252,7 @@ __global__ void backward_finalize_kernel(GroupNormShape s, Plan plan, GroupSourc
   acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);
   if (plan.layout == Layout::ChannelsFirst) {
     for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-      Sum2<acc_t> total{acc_t(0), acc_t(0)};
-      for (int64_t part = 0; part < grad_parts(plan); ++part) {
-        const Sum2<acc_t> p = gload(partial + grad_index(s, plan, n, c, part));
-        total.a += p.a;
-        total.b += p.b;
-      }
+      const Sum2<acc_t> total = channel_grad_total(s, plan, partial, n, c);
       const acc_t w = param_at(weight, c, acc_t(1));
       sum_gwx += w * total.a;
       sum_gw += w * total.b;
@@ -294,12 +301,7 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, con
     }
     __syncthreads();
     if (c < s.C) {
-      Sum2<acc_t> total{acc_t(0), acc_t(0)};
-      for (int64_t part = 0; part < grad_parts(plan); ++part) {
-        const Sum2<acc_t> p = gload(pg.partial + grad_index(s, plan, n, c, part));
-        total.a += p.a;
-        total.b += p.b;
-      }
+      const Sum2<acc_t> total = channel_grad_total(s, plan, pg.partial, n, c);
       const Sum2<acc_t> group = sh_group[c / Cg - g_first];
       dw += math::weight_grad_term(total.a, total.b, group.a, group.b);
       db += total.b;

@@ -66,6 +66,14 @@ __device__ __forceinline__ TileGroups tile_groups(const GroupNormShape& s, int64
   return {c_begin / Cg, (c_end - 1) / Cg};
 }
 
+// Where a channels-last per-group partial result lives: one slot per group
+// a tile touches (slot = g - the tile's first group) in each (n, part, tile)
+// block of `rows`.
+__device__ __forceinline__ int64_t group_slot_index(const Plan& plan, const RowParts& rows, int64_t n, int64_t part,
+                                                    int64_t tile, int64_t slot) {
+  return ((n * rows.parts + part) * plan.tiles + tile) * plan.group_slots + slot;
+}
+
 // Channels-last chunk stats: one block per (n, part, tile). Each thread owns
 // vec channels and a share of the rows; it takes kRows of its rows at a time
 // into registers, gets their exact stats per channel (mean, then the sums
@@ -151,8 +159,8 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     }
     st = warp_welford_merge(st);
     if (lane == 0) {
-      const int64_t block = (b.n * plan.stat_rows.parts + b.part) * plan.tiles + b.tile;
-      gstore(partial + block * plan.group_slots + (g - tg.first), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+      gstore(partial + group_slot_index(plan, plan.stat_rows, b.n, b.part, b.tile, g - tg.first),
+             ChunkStats<acc_t>{st.center, st.offset, st.m2});
     }
   }
 }
@@ -173,8 +181,7 @@ __device__ void for_each_group_slot(const GroupNormShape& s, const Plan& plan, c
     const int64_t c_begin = tile * tile_ch;
     const int64_t c_end = std::min(s.C, c_begin + tile_ch);
     const int64_t channels = std::min(c_end, (g + 1) * Cg) - std::max(c_begin, g * Cg);
-    const int64_t block = (n * rows.parts + part) * plan.tiles + tile;
-    f(block * plan.group_slots + (g - c_begin / Cg), channels, part);
+    f(group_slot_index(plan, rows, n, part, tile, g - c_begin / Cg), channels, part);
   }
 }
 
