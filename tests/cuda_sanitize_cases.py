@@ -31,7 +31,7 @@ def main():
         dy = torch.randn(shape, generator=g)
         results = []
         for device in ("cpu", "cuda"):
-            xs = x.to(device, dtype).requires_grad_()
+            xs = x.detach().to(device, dtype).requires_grad_()
             ws, bs = w.to(device).requires_grad_(), b.to(device).requires_grad_()
             y = gnflex.group_norm(xs, groups, ws, bs, activation=activation)
             y.backward(dy.to(device, dtype))
