@@ -65,6 +65,10 @@ using math::WelfordStats;
 constexpr int kThreads = 256;
 // Values of one statistics block (channels-first), held in registers.
 constexpr int64_t kSpan = 4096;
+// Group runs of at most this many values get a warp each, not a block, in
+// the statistics and residual kernels (a block of 256 threads per few
+// hundred values spends its time on barriers and scheduling).
+constexpr int64_t kWarpSpan = 1024;
 // Target values of an output / gradient block, and the smallest plane that
 // gets blocks of its own (smaller planes: a warp per plane).
 constexpr int64_t kBlockValues = 16384;
@@ -143,7 +147,10 @@ struct RowParts {
 
 struct Plan {
   Layout layout = Layout::ChannelsFirst;
-  // Statistics: channels-first, parts of kSpan values of a group's run.
+  // Group runs of at most kWarpSpan values: a warp per run (or residual
+  // split) in the statistics and residual kernels, else a block.
+  bool warp_runs = false;
+  // Statistics: channels-first, parts of stat_span() values of a group's run.
   int64_t run_parts = 0;
   // Channels-first outputs / gradient sums: planes_per_block > 0 gives
   // blocks of whole small planes (a warp per plane), else blocks of
@@ -161,6 +168,7 @@ struct Plan {
   int64_t residual_splits = 1;
 
   __host__ __device__ int64_t tile_channels() const { return tile_vecs * vec; }
+  __host__ __device__ int64_t stat_span() const { return warp_runs ? kWarpSpan : kSpan; }
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -189,9 +197,11 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   Plan p;
   p.layout = layout;
   const int64_t Cg = s.channels_per_group();
-  p.residual_splits = std::clamp<int64_t>(ceil_div(2 * kTargetBlocks, std::max<int64_t>(1, s.N * s.G)), 1, 32);
+  p.warp_runs = s.group_size() <= kWarpSpan;
+  p.residual_splits =
+      p.warp_runs ? 1 : std::clamp<int64_t>(ceil_div(2 * kTargetBlocks, std::max<int64_t>(1, s.N * s.G)), 1, 32);
   if (layout == Layout::ChannelsFirst) {
-    p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, kSpan);
+    p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, p.stat_span());
     const int64_t planes = s.N * s.C;
     if (s.HxW < kSmallPlane) {
       // At least kSpan values a block (group values are loaded per warp and
@@ -268,6 +278,10 @@ __device__ __forceinline__ T warp_sum(T v) {
 template <typename T>
 __device__ __forceinline__ T warp_broadcast(T v) {
   return __shfl_sync(0xffffffffu, v, 0);
+}
+template <typename T>
+__device__ __forceinline__ Sum2<T> warp_broadcast(Sum2<T> v) {
+  return {warp_broadcast(v.a), warp_broadcast(v.b)};
 }
 
 // Sum over the block (blockDim.x a multiple of 32) in a fixed order; the
@@ -361,32 +375,74 @@ __device__ void for_each_in_span(int64_t len, const scalar_t* first, bool same_a
   }
 }
 
-// A span of at most kSpan values held in registers by the block's threads,
-// so a second pass over it (the centered sums of the statistics) costs no
-// memory traffic: per thread at most kPacks 16-byte packs (fixed slots, so
+// The threads that reduce one work item: a block (kLanes = kThreads; item
+// blockIdx.x) or a warp (kLanes = 32; item = the warp's index in the grid).
+// Sums are valid in rank 0; broadcast hands rank 0's value to all.
+template <int kLanes>
+struct Team {
+  static_assert(kLanes == 32 || kLanes == kThreads, "a warp or a block");
+  // Values a team holds in registers (SpanValues).
+  static constexpr int64_t kSpanValues = kLanes == 32 ? kWarpSpan : kSpan;
+  int64_t item;
+  int rank;
+
+  __device__ static Team here() {
+    if constexpr (kLanes == 32) {
+      return {(blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32, static_cast<int>(threadIdx.x % 32)};
+    } else {
+      return {static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x)};
+    }
+  }
+  // Blocks of kThreads threads for `items` items.
+  static int64_t blocks(int64_t items) { return kLanes == 32 ? ceil_div(items * 32, kThreads) : items; }
+
+  template <typename T>
+  __device__ Sum2<T> sum2(Sum2<T> v) const {
+    if constexpr (kLanes == 32) {
+      return {warp_sum(v.a), warp_sum(v.b)};
+    } else {
+      return block_sum2(v);
+    }
+  }
+  template <typename T>
+  __device__ T broadcast(T v) const {
+    if constexpr (kLanes == 32) {
+      return warp_broadcast(v);
+    } else {
+      return block_broadcast(v);
+    }
+  }
+};
+
+// A span of at most Team<kLanes>::kSpanValues values held in registers by a
+// team, so a second pass over it (the centered sums of the statistics) costs
+// no memory traffic: per thread at most kPacks 16-byte packs (fixed slots, so
 // they stay in registers) plus one value of the unaligned head and tail.
-template <typename scalar_t, typename acc_t>
+template <int kLanes, typename scalar_t, typename acc_t>
 struct SpanValues {
   static constexpr int kW = PackTraits<scalar_t>::kSize;
-  static constexpr int kPacks = static_cast<int>(kSpan / (kThreads * kW));
-  static_assert(kPacks >= 1 && kSpan % (kThreads * kW) == 0, "whole packs per thread");
+  static constexpr int64_t kValues = Team<kLanes>::kSpanValues;
+  static constexpr int kPacks = static_cast<int>(kValues / (kLanes * kW));
+  static_assert(kPacks >= 1 && kValues % (kLanes * kW) == 0, "whole packs per thread");
   acc_t v[kPacks][kW];
   acc_t head_value = acc_t(0), tail_value = acc_t(0);
   bool has_head = false, has_tail = false;
   int64_t packs = 0;
+  int rank = 0;
 
-  __device__ void load(const scalar_t* p, int64_t len) {
+  __device__ void load(const scalar_t* p, int64_t len, int team_rank) {
+    rank = team_rank;
     int64_t head = ((16 - misalignment(p)) % 16) / static_cast<int64_t>(sizeof(scalar_t));
     head = head < len ? head : len;
     packs = (len - head) / kW;
     const int64_t tail = len - head - packs * kW;
-    has_head = threadIdx.x < head;
-    has_tail = threadIdx.x < tail;
-    if (has_head) head_value = static_cast<acc_t>(gload(p + threadIdx.x));
-    if (has_tail) tail_value = static_cast<acc_t>(gload(p + head + packs * kW + threadIdx.x));
+    has_head = rank < head;
+    has_tail = rank < tail;
+    if (has_head) head_value = static_cast<acc_t>(gload(p + rank));
+    if (has_tail) tail_value = static_cast<acc_t>(gload(p + head + packs * kW + rank));
 #pragma unroll
     for (int it = 0; it < kPacks; ++it) {
-      const int64_t k = threadIdx.x + static_cast<int64_t>(it) * kThreads;
+      const int64_t k = rank + static_cast<int64_t>(it) * kLanes;
       if (k < packs) load_values<kW>(p + head + k * kW, v[it]);
     }
   }
@@ -403,7 +459,7 @@ struct SpanValues {
     if (has_head) add(head_value);
 #pragma unroll
     for (int it = 0; it < kPacks; ++it) {
-      if (threadIdx.x + static_cast<int64_t>(it) * kThreads < packs) {
+      if (rank + static_cast<int64_t>(it) * kLanes < packs) {
 #pragma unroll
         for (int j = 0; j < kW; ++j) add(v[it][j]);
       }

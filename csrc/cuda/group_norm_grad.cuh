@@ -274,8 +274,14 @@ __global__ void backward_finalize_kernel(GroupNormShape s, Plan plan, GroupSourc
   }
 }
 
-// dweight[c], dbias[c]: a thread per channel sums samples and parts in order.
-// Runs as the blocks from `first_block` on of the dx launch.
+// dweight[c], dbias[c]: a block per 32 channels (a lane each); warp k sums
+// samples k, k + warps, ... in order, then warp 0 adds the warps' sums in
+// order (a fixed order: deterministic). Sample slices keep the serial chain
+// short for large N (a thread per channel looping over every sample made
+// this tail the longest part of the backward at N = 1024). Runs as the
+// blocks from `first_block` on of the dx launch.
+constexpr int kParamChannels = 32;
+
 template <typename acc_t>
 struct ParamGrads {
   const Sum2<acc_t>* partial = nullptr;
@@ -287,27 +293,32 @@ struct ParamGrads {
 template <typename acc_t>
 __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, const GroupSource<acc_t>& src,
                                   const ParamGrads<acc_t>& pg) {
-  __shared__ Sum2<acc_t> sh_group[kThreads + 1];  // per sample: the block's groups' residual, rstd
-  const int64_t Cg = s.channels_per_group();
-  const int64_t c_first = (blockIdx.x - pg.first_block) * static_cast<int64_t>(blockDim.x);
-  const int64_t c = c_first + threadIdx.x;
-  const int64_t g_first = c_first / Cg, g_last = (std::min(s.C, c_first + blockDim.x) - 1) / Cg;
+  __shared__ Sum2<acc_t> sh_slice[kThreads / 32][kParamChannels];
+  const int lane = threadIdx.x % 32, slice = threadIdx.x / 32, slices = blockDim.x / 32;
+  const int64_t c_first = (blockIdx.x - pg.first_block) * kParamChannels;
+  const int64_t c = c_first + lane < s.C ? c_first + lane : s.C - 1;  // lanes past C repeat the last channel
+  const int64_t Cg = s.channels_per_group(), g = c / Cg;
+  // The lane that loads channel c's group values: its group's first lane.
+  const int group_lane = static_cast<int>(std::max<int64_t>(0, g * Cg - c_first));
   acc_t dw = acc_t(0), db = acc_t(0);
-  for (int64_t n = 0; n < s.N; ++n) {
-    __syncthreads();  // the previous sample's values are read
-    for (int64_t g = g_first + threadIdx.x; g <= g_last; g += blockDim.x) {
-      const int64_t ng = n * s.G + g;
-      sh_group[g - g_first] = Sum2<acc_t>{gload(&src.coefs[ng].residual), gload(src.rstd + ng)};
-    }
-    __syncthreads();
-    if (c < s.C) {
-      const Sum2<acc_t> total = channel_grad_total(s, plan, pg.partial, n, c);
-      const Sum2<acc_t> group = sh_group[c / Cg - g_first];
-      dw += math::weight_grad_term(total.a, total.b, group.a, group.b);
-      db += total.b;
-    }
+#pragma unroll 4
+  for (int64_t n = slice; n < s.N; n += slices) {  // uniform per warp
+    const int64_t ng = n * s.G + g;
+    Sum2<acc_t> group{acc_t(0), acc_t(0)};
+    if (lane == group_lane) group = Sum2<acc_t>{gload(&src.coefs[ng].residual), gload(src.rstd + ng)};
+    group.a = __shfl_sync(0xffffffffu, group.a, group_lane);
+    group.b = __shfl_sync(0xffffffffu, group.b, group_lane);
+    const Sum2<acc_t> total = channel_grad_total(s, plan, pg.partial, n, c);
+    dw += math::weight_grad_term(total.a, total.b, group.a, group.b);
+    db += total.b;
   }
-  if (c < s.C) {
+  sh_slice[slice][lane] = Sum2<acc_t>{dw, db};
+  __syncthreads();
+  if (slice == 0 && c_first + lane < s.C) {
+    for (int k = 1; k < slices; ++k) {
+      dw += sh_slice[k][lane].a;
+      db += sh_slice[k][lane].b;
+    }
     gstore(pg.dweight + c, dw);
     gstore(pg.dbias + c, db);
   }

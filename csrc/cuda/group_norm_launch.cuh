@@ -58,7 +58,22 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
 inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
 inline int64_t warp_per_group_blocks(const GroupNormShape& s) { return ceil_div(s.N * s.G * 32, kThreads); }
 inline int64_t stats_blocks(const GroupNormShape& s, const Plan& plan) {
-  return plan.layout == Layout::ChannelsFirst ? s.N * s.G * plan.run_parts : s.N * plan.stat_rows.parts * plan.tiles;
+  if (plan.layout == Layout::ChannelsLast) return s.N * plan.stat_rows.parts * plan.tiles;
+  const int64_t items = s.N * s.G * plan.run_parts;
+  return plan.warp_runs ? Team<32>::blocks(items) : Team<kThreads>::blocks(items);
+}
+inline int64_t residual_blocks(const GroupNormShape& s, const Plan& plan) {
+  const int64_t items = s.N * s.G * plan.residual_splits;
+  return plan.warp_runs ? Team<32>::blocks(items) : Team<kThreads>::blocks(items);
+}
+// Calls f(std::integral_constant<int, lanes>) for the plan's team size.
+template <typename F>
+void dispatch_team(const Plan& plan, F&& f) {
+  if (plan.warp_runs) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, kThreads>{});
+  }
 }
 inline int64_t output_blocks(const GroupNormShape& s, const Plan& plan, bool grad_sums = false) {
   if (plan.layout == Layout::ChannelsLast) return s.N * (grad_sums ? plan.grad_rows : plan.out_rows).parts * plan.tiles;
@@ -72,7 +87,7 @@ int64_t max_grid_blocks(const GroupNormShape& s, Layout layout) {
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
     const Plan plan = make_plan<scalar_t>(s, layout, vec);
     most = std::max({most, stats_blocks(s, plan), output_blocks(s, plan) + ceil_div(s.C, 32),
-                     s.N * s.G * plan.residual_splits, warp_per_group_blocks(s)});
+                     residual_blocks(s, plan), warp_per_group_blocks(s)});
   }
   return most;
 }
@@ -95,7 +110,7 @@ void launch_apply(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Gr
                   cudaStream_t stream) {
   const int64_t threads = plan.layout == Layout::ChannelsFirst ? kThreads : plan.block_threads;
   pg.first_block = out != nullptr ? output_blocks(s, plan) : 0;
-  const int64_t blocks = pg.first_block + (pg.dweight != nullptr ? ceil_div(s.C, threads) : 0);
+  const int64_t blocks = pg.first_block + (pg.dweight != nullptr ? ceil_div(s.C, kParamChannels) : 0);
   if (blocks == 0) return;
   if (plan.layout == Layout::ChannelsFirst) {
     GNFLEX_LAUNCH(apply_cf_kernel<Op>, grid_of(blocks), threads, stream, x, dy, out, s, plan, src, weight, bias, pg);
@@ -118,8 +133,10 @@ void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const a
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
   const Workspace<acc_t> ws(s, plan);
   if (layout == Layout::ChannelsFirst) {
-    GNFLEX_LAUNCH(chunk_stats_cf_kernel, grid_of(stats_blocks(s, plan)), kThreads, stream, x, s, plan,
-                  ws.chunk_stats(workspace));
+    dispatch_team(plan, [&](auto lanes) {
+      GNFLEX_LAUNCH(chunk_stats_cf_kernel<decltype(lanes)::value>, grid_of(stats_blocks(s, plan)), kThreads, stream, x,
+                    s, plan, ws.chunk_stats(workspace));
+    });
   } else {
     dispatch_width<scalar_t>(plan, [&](auto width) {
       constexpr int V = decltype(width)::value;
@@ -145,8 +162,10 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
   if (s.N * s.C == 0 || s.HxW == 0) return;
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
   const Workspace<acc_t> ws(s, plan);
-  GNFLEX_LAUNCH(residual_sums_kernel, grid_of(s.N * s.G * plan.residual_splits), kThreads, stream, x, s, plan, mean,
-                rstd, ws.residual_sums(workspace));
+  dispatch_team(plan, [&](auto lanes) {
+    GNFLEX_LAUNCH(residual_sums_kernel<decltype(lanes)::value>, grid_of(residual_blocks(s, plan)), kThreads, stream, x,
+                  s, plan, mean, rstd, ws.residual_sums(workspace));
+  });
   const GroupSource<acc_t> summed{mean, rstd, ws.coefs(workspace), ws.residual_sums(workspace), plan.residual_splits,
                                   s.group_size()};
   Sum2<acc_t>* partial = ws.grad_partial(workspace);

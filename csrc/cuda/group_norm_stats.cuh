@@ -8,27 +8,30 @@
 namespace gnflex {
 namespace cuda {
 
-// Channels-first chunk stats: one block per (n, g, part) of kSpan values of
-// the group's contiguous run, two passes over them (the second from
-// registers).
-template <typename scalar_t, typename acc_t>
+// Channels-first chunk stats: a team (block, or warp for short runs) per
+// (n, g, part) of plan.stat_span() values of the group's contiguous run, two
+// passes over them (the second from registers).
+template <int kLanes, typename scalar_t, typename acc_t>
 __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
                                       ChunkStats<acc_t>* __restrict__ partial) {
-  const int64_t ng = blockIdx.x / plan.run_parts;
-  const int64_t part = blockIdx.x % plan.run_parts;
+  using T = Team<kLanes>;
+  const T team = T::here();
+  if (team.item >= s.N * s.G * plan.run_parts) return;  // uniform per team
+  const int64_t ng = team.item / plan.run_parts;
+  const int64_t part = team.item % plan.run_parts;
   const int64_t run = s.group_size();
-  const int64_t len = run - part * kSpan < kSpan ? run - part * kSpan : kSpan;
-  SpanValues<scalar_t, acc_t> values;
-  values.load(x + ng * run + part * kSpan, len);
-  const acc_t sum = block_sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
-  const acc_t center = block_broadcast(math::chunk_center(len, sum));
-  const Sum2<acc_t> d = block_sum2(values.sums([center](acc_t v) {
+  const int64_t len = run - part * T::kSpanValues < T::kSpanValues ? run - part * T::kSpanValues : T::kSpanValues;
+  SpanValues<kLanes, scalar_t, acc_t> values;
+  values.load(x + ng * run + part * T::kSpanValues, len, team.rank);
+  const acc_t sum = team.sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
+  const acc_t center = team.broadcast(math::chunk_center(len, sum));
+  const Sum2<acc_t> d = team.sum2(values.sums([center](acc_t v) {
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   }));
-  if (threadIdx.x == 0) {
+  if (team.rank == 0) {
     const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
-    gstore(partial + blockIdx.x, ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    gstore(partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
   }
 }
 
@@ -193,8 +196,9 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& 
   WelfordStats<acc_t> stats;
   if (plan.layout == Layout::ChannelsFirst) {
     const int64_t run = s.group_size();
+    const int64_t span = plan.stat_span();
     for (int64_t part = lane; part < plan.run_parts; part += 32) {
-      const int64_t count = run - part * kSpan < kSpan ? run - part * kSpan : kSpan;
+      const int64_t count = run - part * span < span ? run - part * span : span;
       stats = math::welford_combine(stats, welford_of(count, gload(partial + ng * plan.run_parts + part)));
     }
   } else {
@@ -224,29 +228,32 @@ __global__ void forward_finalize_kernel(GroupNormShape s, Plan plan, acc_t eps,
 }
 
 // Backward, groups whose residual mean - pivot matters (|mean| >> std): sums
-// of x - pivot over a split of the group, one block per (n, g, split); the
-// other groups' blocks exit. x - pivot is exact for values near the mean, so
-// the sum's rounding stays ~epsilon * std.
-template <typename scalar_t, typename acc_t>
+// of x - pivot over a split of the group, a team (block, or warp for short
+// runs) per (n, g, split); the other groups' teams exit. x - pivot is exact
+// for values near the mean, so the sum's rounding stays ~epsilon * std.
+template <int kLanes, typename scalar_t, typename acc_t>
 __global__ void residual_sums_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
                                      const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                                      acc_t* __restrict__ sums) {
-  const int64_t ng = blockIdx.x / plan.residual_splits;
-  const int64_t split = blockIdx.x % plan.residual_splits;
-  const Sum2<acc_t> group = block_broadcast(
-      threadIdx.x == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)} : Sum2<acc_t>{acc_t(0), acc_t(0)});
-  if (!wants_residual(group.a, group.b)) return;  // uniform
+  using T = Team<kLanes>;
+  const T team = T::here();
+  if (team.item >= s.N * s.G * plan.residual_splits) return;  // uniform per team
+  const int64_t ng = team.item / plan.residual_splits;
+  const int64_t split = team.item % plan.residual_splits;
+  const Sum2<acc_t> group = team.broadcast(
+      team.rank == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)} : Sum2<acc_t>{acc_t(0), acc_t(0)});
+  if (!wants_residual(group.a, group.b)) return;  // uniform per team
   const int64_t run = s.group_size(), Cg = s.channels_per_group();
   const int64_t begin = run * split / plan.residual_splits, end = run * (split + 1) / plan.residual_splits;
   const int64_t n = ng / s.G, c0 = ng % s.G * Cg;
   acc_t sum = acc_t(0);
-  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+  for (int64_t j = begin + team.rank; j < end; j += kLanes) {
     // The j-th value of the group in either layout.
     const int64_t idx = plan.layout == Layout::ChannelsFirst ? ng * run + j : (n * s.HxW + j / Cg) * s.C + c0 + j % Cg;
     sum += static_cast<acc_t>(gload(x + idx)) - group.a;
   }
-  sum = block_sum2(Sum2<acc_t>{sum, acc_t(0)}).a;
-  if (threadIdx.x == 0) gstore(sums + blockIdx.x, sum);
+  sum = team.sum2(Sum2<acc_t>{sum, acc_t(0)}).a;
+  if (team.rank == 0) gstore(sums + team.item, sum);
 }
 
 }  // namespace cuda

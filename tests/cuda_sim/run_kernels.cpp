@@ -264,8 +264,9 @@ std::vector<Case> numerics_cases() {
     }
     all.push_back({2, 8, 300, 2, l, Activation::SiLU, 0, 0, 0, 1, Spike::First, 100});
     all.push_back({2, 8, 300, 2, l, Activation::GELU, 0, 0, 0, 1, Spike::Middle, 1000});
-    all.push_back({2, 8, 300, 4, l, Activation::None, 0, 0, 1e4, 1e-2});  // large mean
+    all.push_back({2, 8, 300, 4, l, Activation::None, 0, 0, 1e4, 1e-2});  // large mean, a warp per group
     all.push_back({2, 8, 300, 4, l, Activation::SiLU, 0, 0, -3e3, 1e-1});
+    all.push_back({2, 8, 1200, 4, l, Activation::None, 0, 0, 1e4, 1e-2});  // large mean, blocks per group split
   }
   return all;
 }
