@@ -1,6 +1,10 @@
 """CUDA-specific cases. The numerics/gradient suites in test_forward.py and
 test_backward.py also run on CUDA through their `device` parameter; all of
-these skip with a reason on machines without a GPU."""
+these skip with a reason on machines without a GPU (the last one checks the
+GPU check's sanitizer script against the CPU)."""
+import importlib.util
+import pathlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +158,14 @@ def test_cpu_and_cuda_agree():
     y_cpu = gnflex.group_norm(x, 8, w, b, activation="silu")
     y_cuda = gnflex.group_norm(x.cuda(), 8, w.cuda(), b.cuda(), activation="silu")
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_sanitizer_cases_script_runs():
+    # The GPU check runs tests/cuda_sanitize_cases.py under compute-sanitizer;
+    # run its logic here against the CPU itself so a broken script shows up
+    # without a GPU (it returns 0 only when every comparison passed).
+    spec = importlib.util.spec_from_file_location("cuda_sanitize_cases",
+                                                  pathlib.Path(__file__).with_name("cuda_sanitize_cases.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(device="cpu") == 0
