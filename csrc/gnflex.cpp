@@ -61,11 +61,13 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
 #include <Python.h>
 
 #include "cpu/cpu_tuning.h"
+#include "cpu/group_norm_kernels.h"
 
 namespace {
 
 // {"l1d": bytes, "l2": ..., "l3": ..., "cache_source": str, "fused_group_bytes": ...,
-//  "fused_sample_bytes": ..., "stream_output_bytes": ..., "schedule": str}
+//  "fused_sample_bytes": ..., "stream_output_bytes": ..., "schedule": str,
+//  "kernel_copy": "DEFAULT" | "AVX2" | "AVX512"}
 PyObject* cpu_tuning_info(PyObject*, PyObject*) {
   using namespace gnflex::cpu;
   const CacheSizes& c = cache_sizes();
@@ -76,15 +78,17 @@ PyObject* cpu_tuning_info(PyObject*, PyObject*) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
-  return Py_BuildValue("{s:L,s:L,s:L,s:s,s:L,s:L,s:L,s:s}", "l1d", static_cast<long long>(c.l1d), "l2",
+  return Py_BuildValue("{s:L,s:L,s:L,s:s,s:L,s:L,s:L,s:s,s:s}", "l1d", static_cast<long long>(c.l1d), "l2",
                        static_cast<long long>(c.l2), "l3", static_cast<long long>(c.l3), "cache_source",
                        c.source.c_str(), "fused_group_bytes", static_cast<long long>(t.fused_group_bytes),
                        "fused_sample_bytes", static_cast<long long>(t.fused_sample_bytes), "stream_output_bytes",
-                       static_cast<long long>(t.stream_output_bytes), "schedule", schedule_name(t.schedule));
+                       static_cast<long long>(t.stream_output_bytes), "schedule", schedule_name(t.schedule),
+                       "kernel_copy", kernel_copy().name);
 }
 
 PyMethodDef methods[] = {
-    {"cpu_tuning", cpu_tuning_info, METH_NOARGS, "Cache sizes, budgets and schedule of the CPU kernels."},
+    {"cpu_tuning", cpu_tuning_info, METH_NOARGS,
+     "Cache sizes, budgets, schedule and the kernel copy (CPU capability) of the CPU kernels."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

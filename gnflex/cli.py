@@ -44,7 +44,7 @@ def info_lines():
     import torch
 
     import gnflex
-    from . import _build_info
+    from . import _C, _build_info
 
     lines = [
         f"gnflex {gnflex.__version__} ({gnflex.library_path()})",
@@ -55,8 +55,8 @@ def info_lines():
            if _build_info.with_cuda else ""),
         f"CUDA available: {torch.cuda.is_available()}"
         + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-        f"CPU capability: {torch.backends.cpu.get_cpu_capability()} | intra-op threads: "
-        f"{torch.get_num_threads()}",
+        f"CPU capability: {torch.backends.cpu.get_cpu_capability()} | CPU kernel copy: "
+        f"{_C.cpu_tuning()['kernel_copy']} (ATEN_CPU_CAPABILITY) | intra-op threads: {torch.get_num_threads()}",
     ]
     lines.append(cpu_tuning_line())
     openmp = [ln.strip() for ln in torch.__config__.parallel_info().splitlines()

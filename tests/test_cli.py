@@ -102,6 +102,8 @@ def test_info_lists_versions_and_kernels(tmp_path):
     assert f"gnflex {gnflex.__version__}" in out and f"torch {torch.__version__}" in out
     assert "gnflex::group_norm: CPU" in out and "Meta" in out and "Autograd" in out
     assert "CPU caches: L1d " in out and "fused budgets: group " in out and "schedule: auto" in out
+    from gnflex import _C  # same environment as the command, so the same copy
+    assert f"CPU kernel copy: {_C.cpu_tuning()['kernel_copy']}" in out
     keys = out.split("gnflex::group_norm:")[1].splitlines()[0].strip().split(", ")
     assert ("CUDA" in keys) == gnflex.built_with_cuda()
 

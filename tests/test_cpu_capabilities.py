@@ -1,7 +1,9 @@
-"""Both CPU kernel copies (portable and AVX2) give the reference results.
+"""Every CPU kernel copy (portable, AVX2, AVX-512) gives the reference results.
 
-ATen's CPU capability picks the copy; ATEN_CPU_CAPABILITY=default forces the
-portable one, which needs a fresh process.
+ATen's CPU capability picks the copy; ATEN_CPU_CAPABILITY (default, avx2,
+avx512) forces one, which needs a fresh process. A copy wider than this
+process's capability cannot run on this CPU and is skipped: ATen takes a forced
+avx512 on trust, and its own kernels (the float64 reference) would fault.
 """
 import os
 import subprocess
@@ -13,51 +15,77 @@ import torch
 
 SCRIPT = textwrap.dedent(
     """
-    import torch, torch.nn.functional as F, gnflex
+    import itertools, torch, torch.nn.functional as F, gnflex
+    from gnflex import _C
     torch.manual_seed(0)
     worst = 0.0
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    tolerances = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+    # C = 72: channels-last rows of whole 512-bit vectors (16 floats, 32 halves) and a tail.
+    cases = [((2, 24, 9, 7), 6), ((2, 72, 5, 6), 6)]
+    for (shape, groups), (dtype, tol) in itertools.product(cases, tolerances.items()):
         for fmt in (torch.contiguous_format, torch.channels_last):
             for act, f in (("none", lambda t: t), ("silu", F.silu), ("gelu", F.gelu), ("relu", F.relu)):
-                x = torch.randn(2, 24, 9, 7, dtype=dtype).to(memory_format=fmt).requires_grad_()
-                w = (torch.rand(24, dtype=dtype) + 0.5).requires_grad_()
-                b = torch.randn(24, dtype=dtype).requires_grad_()
-                y = gnflex.group_norm(x, 6, w, b, activation=act)
+                x = torch.randn(shape, dtype=dtype).to(memory_format=fmt).requires_grad_()
+                w = (torch.rand(shape[1], dtype=dtype) + 0.5).requires_grad_()
+                b = torch.randn(shape[1], dtype=dtype).requires_grad_()
+                y = gnflex.group_norm(x, groups, w, b, activation=act)
                 dy = torch.randn_like(y)
                 grads = torch.autograd.grad(y, (x, w, b), dy)
                 xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
-                yr = f(F.group_norm(xr.contiguous(), 6, wr, br))
+                yr = f(F.group_norm(xr.contiguous(), groups, wr, br))
                 rgrads = torch.autograd.grad(yr, (xr, wr, br), dy.double())
                 for a, r in zip((y,) + grads, (yr,) + rgrads):
                     err = ((a.double() - r).abs().max() / r.abs().max().clamp_min(1)).item()
-                    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
                     worst = max(worst, err / tol)
-    print(torch.backends.cpu.get_cpu_capability(), worst)
+    print(torch.backends.cpu.get_cpu_capability(), _C.cpu_tuning()["kernel_copy"], worst)
     """
 )
 
 
+# ATen's x86 capabilities, narrowest first; other CPUs run the portable copy.
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+# The widest this CPU runs (lower if ATEN_CPU_CAPABILITY is set for the tests).
+HOST = torch.backends.cpu.get_cpu_capability()
+
+
 def run_with_capability(capability, cwd):
-    env = dict(os.environ)
-    if capability is not None:
-        env["ATEN_CPU_CAPABILITY"] = capability
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     # cwd outside the checkout so the installed gnflex is imported.
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
-    cap, worst = proc.stdout.split()
-    return cap, float(worst)
+    cap, copy, worst = proc.stdout.split()
+    return cap, copy, float(worst)
 
 
-def test_portable_kernels_match_reference(tmp_path):
-    cap, worst = run_with_capability("default", tmp_path)
-    assert cap == "DEFAULT"
+@pytest.mark.parametrize("capability", ("default", "avx2", "avx512"))
+def test_kernel_copy_matches_reference(capability, tmp_path):
+    want = capability.upper()
+    host_rank = CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0
+    if CAPABILITIES.index(want) > host_rank:
+        pytest.skip(f"ATen runs this CPU as {HOST}: the {want} kernels cannot run here")
+    cap, copy, worst = run_with_capability(capability, tmp_path)
+    if cap != want:
+        pytest.skip(f"ATEN_CPU_CAPABILITY={capability}: ATen runs {cap}")
+    assert copy == want
     assert worst <= 1.0
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="this CPU has no AVX2: only the portable kernels can run")
-def test_avx2_kernels_match_reference(tmp_path):
-    cap, worst = run_with_capability("avx2", tmp_path)
-    assert cap == "AVX2"
-    assert worst <= 1.0
+def cpu_flags():
+    """The x86 feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags() or "avx512f" in cpu_flags(),
+                    reason="needs a CPU with AVX2 and without AVX-512")
+def test_forced_avx512_on_a_cpu_without_it_runs_avx2(tmp_path):
+    # ATen takes ATEN_CPU_CAPABILITY=avx512 on trust; gnflex must still pick a copy this CPU runs.
+    code = "from gnflex import _C; print(_C.cpu_tuning()['kernel_copy'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=dict(os.environ, ATEN_CPU_CAPABILITY="avx512"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["AVX2"]

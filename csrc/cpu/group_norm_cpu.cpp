@@ -1,43 +1,42 @@
 // CPU implementations of the gnflex ops: shared argument checks and output
-// allocation (group_norm_utils), then the kernel copy for this CPU (AVX2 or
-// portable).
+// allocation (group_norm_utils), then the kernel copy for this CPU (AVX-512,
+// AVX2 or portable).
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "../group_norm_utils.h"
 #include "group_norm_kernels.h"
 
 namespace gnflex {
 namespace cpu {
-namespace {
 
-// ATen's view of this CPU, which also honours ATEN_CPU_CAPABILITY=default.
-bool use_avx2_kernels() {
-#ifdef GNFLEX_HAVE_AVX2_KERNELS
-  static const bool avx2 = [] {
+// The one place that maps ATen's CPU capability to a copy. ATEN_CPU_CAPABILITY
+// lowers it (default, avx2) on any CPU, but ATen takes avx512 on trust, without
+// asking the CPU (its own kernels then fault where AVX-512 is missing), so the
+// copy is also capped by what the CPU and OS support: the features ATen itself
+// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA).
+const KernelCopy& kernel_copy() {
+  static const KernelCopy copy = []() -> KernelCopy {
     const std::string cap = at::get_cpu_capability();
-    return cap == "AVX2" || cap == "AVX512";
+#if defined(GNFLEX_HAVE_AVX2_KERNELS) && defined(GNFLEX_HAVE_AVX512_KERNELS)
+    __builtin_cpu_init();
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      return {"AVX512", &AVX512::group_norm_forward_kernel, &AVX512::group_norm_backward_kernel};
+    }
+    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return {"AVX2", &AVX2::group_norm_forward_kernel, &AVX2::group_norm_backward_kernel};
+    }
+#endif
+    return {"DEFAULT", &DEFAULT::group_norm_forward_kernel, &DEFAULT::group_norm_backward_kernel};
   }();
-  return avx2;
-#else
-  return false;
-#endif
+  return copy;
 }
 
-void run_forward_kernel(const ForwardParams& p) {
-#ifdef GNFLEX_HAVE_AVX2_KERNELS
-  if (use_avx2_kernels()) return AVX2::group_norm_forward_kernel(p);
-#endif
-  DEFAULT::group_norm_forward_kernel(p);
-}
-
-void run_backward_kernel(const BackwardParams& p) {
-#ifdef GNFLEX_HAVE_AVX2_KERNELS
-  if (use_avx2_kernels()) return AVX2::group_norm_backward_kernel(p);
-#endif
-  DEFAULT::group_norm_backward_kernel(p);
-}
+namespace {
 
 TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
@@ -56,7 +55,7 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   p.mean = f.mean.data_ptr();
   p.rstd = f.rstd.data_ptr();
   p.tuning = cpu_tuning();
-  run_forward_kernel(p);
+  kernel_copy().forward(p);
   return {f.y, f.mean, f.rstd};
 }
 
@@ -82,7 +81,7 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   p.dweight = b.dweight.data_ptr();
   p.dbias = b.dbias.data_ptr();
   p.tuning = cpu_tuning();
-  run_backward_kernel(p);
+  kernel_copy().backward(p);
   return backward_result(b, weight, input, output_mask);
 }
 

@@ -54,9 +54,20 @@ struct BackwardParams {
 GNFLEX_DECLARE_CPU_KERNELS(DEFAULT)
 #if defined(__x86_64__) || defined(_M_X64)
 #define GNFLEX_HAVE_AVX2_KERNELS 1
+#define GNFLEX_HAVE_AVX512_KERNELS 1
 GNFLEX_DECLARE_CPU_KERNELS(AVX2)
+GNFLEX_DECLARE_CPU_KERNELS(AVX512)
 #endif
 #undef GNFLEX_DECLARE_CPU_KERNELS
+
+// The copy this process runs (group_norm_cpu.cpp): the one for ATen's CPU
+// capability (which ATEN_CPU_CAPABILITY sets) that this CPU can run.
+struct KernelCopy {
+  const char* name;  // "DEFAULT", "AVX2" or "AVX512"
+  void (*forward)(const ForwardParams&);
+  void (*backward)(const BackwardParams&);
+};
+const KernelCopy& kernel_copy();
 
 }  // namespace cpu
 }  // namespace gnflex

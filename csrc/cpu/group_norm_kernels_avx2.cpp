@@ -1,26 +1,8 @@
 // The AVX2 + FMA copy of the CPU kernels, chosen at run time on CPUs that
-// have them (ATen's capability AVX2 or AVX512).
-//
-// setuptools cannot give one file its own flags, so the target is set with a
-// pragma. g++ does not define the feature macros for a target pragma in C++,
-// so they are defined here for the headers (ATen vec, sleef) that test them.
-// Headers whose inline functions other files share are included before the
-// pragma, so only code in CPU_CAPABILITY namespaces is compiled for AVX2.
+// ATen rates AVX2 (see capability_prelude.h for the target pragma).
 #if defined(__x86_64__) || defined(_M_X64)
 
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <tuple>
-#include <utility>
-#include <vector>
-
-#include "group_norm_kernels.h"
+#include "capability_prelude.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")

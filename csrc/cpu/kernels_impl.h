@@ -1,9 +1,9 @@
-// CPU GroupNorm kernels, compiled once per CPU capability (DEFAULT, AVX2):
-// group_norm_kernels.cpp and group_norm_kernels_avx2.cpp define
-// CPU_CAPABILITY and include this file, so each copy of at::vec::Vectorized
-// (namespace at::vec::CPU_CAPABILITY) and of these kernels (namespace
-// gnflex::cpu::CPU_CAPABILITY) is distinct. group_norm_cpu.cpp picks one at run
-// time from ATen's CPU capability.
+// CPU GroupNorm kernels, compiled once per CPU capability (DEFAULT, AVX2,
+// AVX512): group_norm_kernels.cpp and group_norm_kernels_{avx2,avx512}.cpp
+// define CPU_CAPABILITY and include this file, so each copy of
+// at::vec::Vectorized (namespace at::vec::CPU_CAPABILITY) and of these kernels
+// (namespace gnflex::cpu::CPU_CAPABILITY) is distinct. group_norm_cpu.cpp picks
+// one at run time from ATen's CPU capability.
 //
 // Data flow (both layouts; the numerical scheme is described in gn_math.h):
 //   forward:  exact per-chunk stats (chunk mean, then sums about it), merged

@@ -9,7 +9,7 @@
 #endif
 
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY (DEFAULT, AVX2) before including cpu/vec_math.h"
+#error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including cpu/vec_math.h"
 #endif
 
 #include <ATen/OpMathType.h>
@@ -35,13 +35,23 @@ inline at::vec::Vectorized<T> gn_exp(const at::vec::Vectorized<T>& v) {
     return v.exp();
   }
 }
-// 1 / v. For AVX2 float vectors: the hardware estimate refined by one
-// Newton step (about 1 ulp off; division is the bottleneck of SiLU). The
-// estimate table is the CPU's, so the last bit may differ between CPU models;
-// on one machine results are reproducible. v = inf gives 0, NaN stays NaN.
+// 1 / v. For float vectors on AVX2 and AVX-512: the hardware estimate (12
+// and 14 bits) refined by one Newton step, about 1 ulp off (division is the
+// bottleneck of SiLU). The estimate is the CPU's, so the last bit may differ
+// between CPU models; on one machine results are reproducible. v = inf gives
+// 0, NaN stays NaN.
 template <typename T>
 inline at::vec::Vectorized<T> gn_reciprocal(const at::vec::Vectorized<T>& v) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 r = _mm512_rcp14_ps(v);
+    const __m512 e = _mm512_fnmadd_ps(v, r, _mm512_set1_ps(1.0f));
+    // The estimate of +-inf (+-0) and of +-0 (+-inf) is exact, and the step
+    // would make it NaN (0 * inf): keep it.
+    const __mmask16 exact = _mm512_fpclass_ps_mask(r, 0x1e);  // +-0, +-inf
+    return _mm512_mask_mov_ps(_mm512_fmadd_ps(r, e, r), exact, r);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     // min(FLT_MAX, v) maps inf to a value whose estimate is 0 and keeps NaN
     // (minps returns its second operand when either is NaN).
@@ -88,7 +98,17 @@ using acc_type = at::opmath_type<scalar_t>;
 // store normally); stream_fence() orders them before the results are used.
 template <typename T>
 inline void stream_vector(T* p, const at::vec::Vectorized<T>& v) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if (reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_stream_ps(p, v);
+    } else if constexpr (std::is_same_v<T, double>) {
+      return _mm512_stream_pd(p, v);
+    } else {
+      return _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if (reinterpret_cast<uintptr_t>(p) % 32 == 0) {
     if constexpr (std::is_same_v<T, float>) {
       return _mm256_stream_ps(p, v);
@@ -103,7 +123,7 @@ inline void stream_vector(T* p, const at::vec::Vectorized<T>& v) {
 }
 
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   _mm_sfence();
 #endif
 }
