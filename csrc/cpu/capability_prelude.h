@@ -3,9 +3,10 @@
 //
 // setuptools cannot give one file its own flags, so each copy sets its target
 // with `#pragma GCC target`. g++ does not define the feature macros (__AVX2__,
-// __AVX512F__, ...) for a target pragma in C++, so each copy defines them for
-// the headers (ATen vec, sleef) that test them. The headers below have inline
-// functions outside the CPU_CAPABILITY namespaces that other files share; they
+// __AVX512F__, ...) for a target pragma in C++, so capability_features.h
+// defines them for the headers (ATen vec, sleef) that test them. The headers
+// below have inline functions outside the CPU_CAPABILITY namespaces that
+// other files share; they
 // are included here, before the pragma, so the linker can never keep a copy
 // built for a wider target than the CPU has. Only code in CPU_CAPABILITY
 // namespaces is compiled for the copy's target.

@@ -8,18 +8,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "capability_features.h"
 #include "kernels_impl.h"
 #pragma GCC pop_options
 
