@@ -170,45 +170,37 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   std::fill(a.sum_g, a.sum_g + planes, acc_t(0));
   if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
-    std::vector<std::pair<acc_t, acc_t>> partial(planes * chunks);
-    at::parallel_for(0, planes * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t plane = item / chunks;
-        const int64_t start = item % chunks * kChunk;
-        const int64_t base = plane * s.HxW + start;
-        partial[item] = simd_sum2<scalar_t>(
-            std::min(kChunk, s.HxW - start),
-            grad_sums_body<scalar_t, A>(a.dy + base, a.x + base, run_affine(t, plane, PerRun{})));
-      }
-    });
-    for (int64_t plane = 0; plane < planes; ++plane) {
-      for (int64_t k = 0; k < chunks; ++k) {
-        a.sum_gx[plane] += partial[plane * chunks + k].first;
-        a.sum_g[plane] += partial[plane * chunks + k].second;
-      }
-    }
+    chunked_reduce<std::pair<acc_t, acc_t>>(
+        planes, chunks, 1,
+        [&](int64_t plane, int64_t k, std::pair<acc_t, acc_t>* out) {
+          const int64_t base = plane * s.HxW + k * kChunk;
+          *out = simd_sum2<scalar_t>(std::min(kChunk, s.HxW - k * kChunk),
+                                     grad_sums_body<scalar_t, A>(a.dy + base, a.x + base,
+                                                                 run_affine(t, plane, PerRun{})));
+        },
+        [&](int64_t plane, const std::pair<acc_t, acc_t>* parts) {
+          for (int64_t k = 0; k < chunks; ++k) {
+            a.sum_gx[plane] += parts[k].first;
+            a.sum_g[plane] += parts[k].second;
+          }
+        });
   } else if (s.HxW > 0) {
     const int64_t block_rows = sum_rows_per_block(s.C);
     const int64_t blocks = ceil_div(s.HxW, block_rows);
-    std::vector<acc_t> partial(s.N * blocks * 2 * s.C);
-    at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / blocks;
-        const int64_t row0 = item % blocks * block_rows;
-        const int64_t offset = n * s.HxW * s.C;
-        acc_t* block_gx = partial.data() + item * 2 * s.C;
-        const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};
-        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
-                                        std::min(block_rows, s.HxW - row0), s.C, sample_t, block_gx,
-                                        block_gx + s.C);
-      }
-    });
     std::vector<acc_t> sums(2 * s.C);
-    for (int64_t n = 0; n < s.N; ++n) {
-      PairwiseArraySum<acc_t>::sum_of(partial.data() + n * blocks * 2 * s.C, blocks, 2 * s.C, sums.data());
-      std::copy(sums.begin(), sums.begin() + s.C, a.sum_gx + n * s.C);
-      std::copy(sums.begin() + s.C, sums.end(), a.sum_g + n * s.C);
-    }
+    chunked_reduce<acc_t>(
+        s.N, blocks, 2 * s.C,
+        [&](int64_t n, int64_t b, acc_t* out) {
+          const int64_t offset = n * s.HxW * s.C, row0 = b * block_rows;
+          const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};
+          cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0),
+                                          s.C, sample_t, out, out + s.C);
+        },
+        [&](int64_t n, const acc_t* parts) {
+          PairwiseArraySum<acc_t>::sum_of(parts, blocks, 2 * s.C, sums.data());
+          std::copy(sums.begin(), sums.begin() + s.C, a.sum_gx + n * s.C);
+          std::copy(sums.begin() + s.C, sums.end(), a.sum_g + n * s.C);
+        });
   }
   if (a.dx == nullptr) return;
 

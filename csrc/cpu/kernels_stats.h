@@ -194,6 +194,23 @@ class PairwiseArraySum {
   uint64_t pushed_ = 0;
 };
 
+// The two-pass schedules' pattern: partial results in parallel, reduced in a
+// fixed order. compute(outer, part, out) writes `width` values of T for each
+// of outer_count * parts items, in parallel, each into its own span of one
+// scratch buffer; then reduce(outer, parts_values) runs for each outer index
+// in order on the calling thread, given that index's parts * width values.
+// Items never depend on the thread count, so neither do the results.
+template <typename T, typename Compute, typename Reduce>
+void chunked_reduce(int64_t outer_count, int64_t parts, int64_t width, Compute&& compute, Reduce&& reduce) {
+  std::vector<T> scratch(outer_count * parts * width);
+  at::parallel_for(0, outer_count * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) compute(item / parts, item % parts, scratch.data() + item * width);
+  });
+  for (int64_t outer = 0; outer < outer_count; ++outer) {
+    reduce(outer, static_cast<const T*>(scratch.data() + outer * parts * width));
+  }
+}
+
 // Channels-last: per-channel sums over rows [row0, row0 + rows) of one
 // sample: of x (center == nullptr; out: C values), or of d = x - center[c]
 // and d^2 (out: 2 * C values, the d sums first).
@@ -307,55 +324,46 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
   if (layout == Layout::ChannelsFirst) {
     const int64_t D = s.group_size();
     const int64_t chunks = ceil_div(D, kChunk);
-    std::vector<Stats> partial(groups * chunks);
-    at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t group = item / chunks;
-        const int64_t start = item % chunks * kChunk;
-        partial[item] = chunk_stats(x + group * D + start, std::min(kChunk, D - start));
-      }
-    });
-    for (int64_t group = 0; group < groups; ++group) {
-      PairwiseMerge<acc_t> merge;
-      for (int64_t k = 0; k < chunks; ++k) merge.push(partial[group * chunks + k]);
-      result[group] = merge.result();
-    }
+    chunked_reduce<Stats>(
+        groups, chunks, 1,
+        [&](int64_t group, int64_t k, Stats* out) {
+          *out = chunk_stats(x + group * D + k * kChunk, std::min(kChunk, D - k * kChunk));
+        },
+        [&](int64_t group, const Stats* parts) {
+          PairwiseMerge<acc_t> merge;
+          for (int64_t k = 0; k < chunks; ++k) merge.push(parts[k]);
+          result[group] = merge.result();
+        });
     return result;
   }
 
   const ClStatsPlan plan = cl_stats_plan(s);
   const int64_t C = s.C;
-  // Phase 1: the first rows' per-channel sums, block by block, in parallel.
-  std::vector<acc_t> center_parts(s.N * plan.center_blocks * C);
-  at::parallel_for(0, s.N * plan.center_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item % plan.center_blocks;
-      cl_block_sums(x + item / plan.center_blocks * s.HxW * C, b * plan.block_rows,
-                    plan.rows_of(b, plan.center_rows), C, static_cast<const acc_t*>(nullptr),
-                    center_parts.data() + item * C);
-    }
-  });
+  // Pass 1: per-channel centers from the first rows' sums.
   std::vector<acc_t> centers(s.N * C);
-  for (int64_t n = 0; n < s.N; ++n) {
-    PairwiseArraySum<acc_t>::sum_of(center_parts.data() + n * plan.center_blocks * C, plan.center_blocks, C,
-                                    centers.data() + n * C);
-    for (int64_t c = 0; c < C; ++c) centers[n * C + c] = math::chunk_center(plan.center_rows, centers[n * C + c]);
-  }
-  // Phase 2: sums about the centers over every row block, in parallel.
-  std::vector<acc_t> partial(s.N * plan.blocks * 2 * C);
-  at::parallel_for(0, s.N * plan.blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / plan.blocks;
-      const int64_t b = item % plan.blocks;
-      cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C,
-                    centers.data() + n * C, partial.data() + item * 2 * C);
-    }
-  });
+  chunked_reduce<acc_t>(
+      s.N, plan.center_blocks, C,
+      [&](int64_t n, int64_t b, acc_t* out) {
+        cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, plan.center_rows), C,
+                      static_cast<const acc_t*>(nullptr), out);
+      },
+      [&](int64_t n, const acc_t* parts) {
+        acc_t* center = centers.data() + n * C;
+        PairwiseArraySum<acc_t>::sum_of(parts, plan.center_blocks, C, center);
+        for (int64_t c = 0; c < C; ++c) center[c] = math::chunk_center(plan.center_rows, center[c]);
+      });
+  // Pass 2: sums about the centers over every row block.
   std::vector<acc_t> sums(2 * C);
-  for (int64_t n = 0; n < s.N; ++n) {
-    PairwiseArraySum<acc_t>::sum_of(partial.data() + n * plan.blocks * 2 * C, plan.blocks, 2 * C, sums.data());
-    cl_stats_from_sums(s, centers.data() + n * C, sums.data(), result.data() + n * s.G);
-  }
+  chunked_reduce<acc_t>(
+      s.N, plan.blocks, 2 * C,
+      [&](int64_t n, int64_t b, acc_t* out) {
+        cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C, centers.data() + n * C,
+                      out);
+      },
+      [&](int64_t n, const acc_t* parts) {
+        PairwiseArraySum<acc_t>::sum_of(parts, plan.blocks, 2 * C, sums.data());
+        cl_stats_from_sums(s, centers.data() + n * C, sums.data(), result.data() + n * s.G);
+      });
   return result;
 }
 
