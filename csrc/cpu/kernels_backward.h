@@ -46,13 +46,8 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
   at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table(6 * Cg);
-    acc_t* pivot = table.data();
-    acc_t* scale = pivot + Cg;
-    acc_t* shift = scale + Cg;
-    acc_t* g_coef = shift + Cg;
-    acc_t* x_coef = g_coef + Cg;
-    acc_t* bias_coef = x_coef + Cg;
+    Scratch<acc_t, 6> table({Cg, Cg, Cg, Cg, Cg, Cg});
+    auto [pivot, scale, shift, g_coef, x_coef, bias_coef] = table.arrays;
     // g = dy * act'(z) of the current group, kept for its dx pass.
     std::vector<acc_t> g_saved(keeps_grad<A>(a) ? D : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -93,15 +88,8 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
   const int64_t Cg = s.channels_per_group();
   const int64_t block_rows = sum_rows_per_block(s.C);
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table(8 * s.C);
-    acc_t* pivot = table.data();
-    acc_t* scale = pivot + s.C;
-    acc_t* shift = scale + s.C;
-    acc_t* g_coef = shift + s.C;
-    acc_t* x_coef = g_coef + s.C;
-    acc_t* bias_coef = x_coef + s.C;
-    acc_t* block_gx = bias_coef + s.C;
-    acc_t* block_g = block_gx + s.C;
+    Scratch<acc_t, 8> table({s.C, s.C, s.C, s.C, s.C, s.C, s.C, s.C});
+    auto [pivot, scale, shift, g_coef, x_coef, bias_coef, block_gx, block_g] = table.arrays;
     // g = dy * act'(z) of the current sample, kept for its dx pass.
     std::vector<acc_t> g_saved(keeps_grad<A>(a) ? s.HxW * s.C : 0);
     acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();

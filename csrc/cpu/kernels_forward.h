@@ -29,10 +29,8 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
   at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table(3 * Cg);
-    acc_t* pivot = table.data();
-    acc_t* scale = pivot + Cg;
-    acc_t* shift = scale + Cg;
+    Scratch<acc_t, 3> table({Cg, Cg, Cg});
+    auto [pivot, scale, shift] = table.arrays;
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
@@ -56,11 +54,8 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
   using Stats = WelfordStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> table((3 + kSampleStatsScratch) * s.C);
-    acc_t* pivot = table.data();
-    acc_t* scale = pivot + s.C;
-    acc_t* shift = scale + s.C;
-    acc_t* scratch = shift + s.C;
+    Scratch<acc_t, 4> table({s.C, s.C, s.C, kSampleStatsScratch * s.C});
+    auto [pivot, scale, shift, scratch] = table.arrays;
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* xs = a.x + n * s.HxW * s.C;

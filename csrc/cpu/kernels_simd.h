@@ -15,6 +15,29 @@ constexpr int64_t kChunk = 4096;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Named arrays laid out one after another from `base`: carve(base, {n0, n1})
+// gives pointers to an array of n0 values and one of n1 after it.
+template <typename T, size_t K>
+std::array<T*, K> carve(T* base, const std::array<int64_t, K>& sizes) {
+  std::array<T*, K> arrays;
+  for (size_t k = 0; k < K; ++k) {
+    arrays[k] = base;
+    base += sizes[k];
+  }
+  return arrays;
+}
+
+// A work item's scratch: one allocation carved into K named arrays, e.g.
+//   Scratch<acc_t, 3> table({C, C, C});
+//   auto [pivot, scale, shift] = table.arrays;
+template <typename T, size_t K>
+struct Scratch {
+  explicit Scratch(const std::array<int64_t, K>& sizes)
+      : storage(std::accumulate(sizes.begin(), sizes.end(), int64_t(0))), arrays(carve(storage.data(), sizes)) {}
+  std::vector<T> storage;
+  std::array<T*, K> arrays;
+};
+
 // ---- the vectorized loop driver ------------------------------------------
 // A step of the loop handles `count` values of type V: whole SIMD vectors of
 // the accumulate type in the body, one scalar in the tail.

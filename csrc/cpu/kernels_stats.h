@@ -290,9 +290,7 @@ void sample_stats(const scalar_t* sample, const GroupNormShape& s, acc_type<scal
                   WelfordStats<acc_type<scalar_t>>* out) {
   using acc_t = acc_type<scalar_t>;
   const ClStatsPlan plan = cl_stats_plan(s);
-  acc_t* center = scratch;
-  acc_t* block = scratch + s.C;     // 2 * C
-  acc_t* sums = scratch + 3 * s.C;  // 2 * C
+  const auto [center, block, sums] = carve(scratch, std::array<int64_t, 3>{s.C, 2 * s.C, 2 * s.C});
   PairwiseArraySum<acc_t> center_sum(s.C);
   for (int64_t b = 0; b < plan.center_blocks; ++b) {
     cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, plan.center_rows), s.C,
