@@ -251,13 +251,12 @@ def test_convert_leaves_alone_timm_layers_it_cannot_compute():
 
 
 # ---- DDP -------------------------------------------------------------------------
-def _ddp_worker(rank, world_size, port, init_state, inputs, targets, steps, result_path):
+def _ddp_worker(rank, world_size, store_path, init_state, inputs, targets, steps, result_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file store, not a TCP port picked in advance: no port another process can take first.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         model = _ddp_model()
@@ -273,6 +272,7 @@ def _ddp_worker(rank, world_size, port, init_state, inputs, targets, steps, resu
             opt.step()
         if rank == 0:
             torch.save(model.state_dict(), result_path)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -281,14 +281,6 @@ def _ddp_model():
     # 64x64 inputs keep P5 at 2x2, and two channels per group keep every
     # layer's output non-constant, so every parameter gets a gradient.
     return GNCNN(widths=(8, 16, 16, 16), config=gnflex.GNConfig(min_channels_per_group=2))
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
@@ -300,7 +292,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     inputs = torch.randn(steps, global_batch, 3, 64, 64)
     targets = torch.randint(0, 10, (steps, global_batch))
     result = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), init, inputs, targets, steps, str(result)), nprocs=2,
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), init, inputs, targets, steps, str(result)), nprocs=2,
              join=True)
 
     single = _ddp_model()
