@@ -6,10 +6,9 @@
 // __AVX512F__, ...) for a target pragma in C++, so capability_features.h
 // defines them for the headers (ATen vec, sleef) that test them. The headers
 // below have inline functions outside the CPU_CAPABILITY namespaces that
-// other files share; they
-// are included here, before the pragma, so the linker can never keep a copy
-// built for a wider target than the CPU has. Only code in CPU_CAPABILITY
-// namespaces is compiled for the copy's target.
+// other files share; they are included here, before the pragma, so the
+// linker can never keep a copy built for a wider target than the CPU has.
+// Only code in CPU_CAPABILITY namespaces is compiled for the copy's target.
 #pragma once
 
 #if !defined(__x86_64__) && !defined(_M_X64)

@@ -169,6 +169,11 @@ struct Plan {
 
   __host__ __device__ int64_t tile_channels() const { return tile_vecs * vec; }
   __host__ __device__ int64_t stat_span() const { return warp_runs ? kWarpSpan : kSpan; }
+  // Values of statistics part `part` of a channels-first group run of `run`.
+  __host__ __device__ int64_t stat_part_len(int64_t run, int64_t part) const {
+    const int64_t left = run - part * stat_span();
+    return left < stat_span() ? left : stat_span();
+  }
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

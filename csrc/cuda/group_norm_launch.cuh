@@ -57,14 +57,16 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
 
 inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
 inline int64_t warp_per_group_blocks(const GroupNormShape& s) { return ceil_div(s.N * s.G * 32, kThreads); }
-inline int64_t stats_blocks(const GroupNormShape& s, const Plan& plan) {
-  if (plan.layout == Layout::ChannelsLast) return s.N * plan.stat_rows.parts * plan.tiles;
-  const int64_t items = s.N * s.G * plan.run_parts;
+// Blocks for `items` team work items with the plan's team (warp or block).
+inline int64_t team_blocks(const Plan& plan, int64_t items) {
   return plan.warp_runs ? Team<32>::blocks(items) : Team<kThreads>::blocks(items);
 }
+inline int64_t stats_blocks(const GroupNormShape& s, const Plan& plan) {
+  if (plan.layout == Layout::ChannelsLast) return s.N * plan.stat_rows.parts * plan.tiles;
+  return team_blocks(plan, s.N * s.G * plan.run_parts);
+}
 inline int64_t residual_blocks(const GroupNormShape& s, const Plan& plan) {
-  const int64_t items = s.N * s.G * plan.residual_splits;
-  return plan.warp_runs ? Team<32>::blocks(items) : Team<kThreads>::blocks(items);
+  return team_blocks(plan, s.N * s.G * plan.residual_splits);
 }
 // Calls f(std::integral_constant<int, lanes>) for the plan's team size.
 template <typename F>

@@ -20,9 +20,9 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
   const int64_t ng = team.item / plan.run_parts;
   const int64_t part = team.item % plan.run_parts;
   const int64_t run = s.group_size();
-  const int64_t len = run - part * T::kSpanValues < T::kSpanValues ? run - part * T::kSpanValues : T::kSpanValues;
+  const int64_t len = plan.stat_part_len(run, part);  // <= T::kSpanValues: dispatch_team picks T from the plan
   SpanValues<kLanes, scalar_t, acc_t> values;
-  values.load(x + ng * run + part * T::kSpanValues, len, team.rank);
+  values.load(x + ng * run + part * plan.stat_span(), len, team.rank);
   const acc_t sum = team.sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
   const acc_t center = team.broadcast(math::chunk_center(len, sum));
   const Sum2<acc_t> d = team.sum2(values.sums([center](acc_t v) {
@@ -196,9 +196,8 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& 
   WelfordStats<acc_t> stats;
   if (plan.layout == Layout::ChannelsFirst) {
     const int64_t run = s.group_size();
-    const int64_t span = plan.stat_span();
     for (int64_t part = lane; part < plan.run_parts; part += 32) {
-      const int64_t count = run - part * span < span ? run - part * span : span;
+      const int64_t count = plan.stat_part_len(run, part);
       stats = math::welford_combine(stats, welford_of(count, gload(partial + ng * plan.run_parts + part)));
     }
   } else {
