@@ -49,4 +49,15 @@ def test_cpu_tuning_reads_the_caches():
     assert 0 < t["l1d"] <= t["l2"] <= t["l3"]
     # Budgets derived from the caches: a group within L2, a sample within 4 x L2.
     assert t["fused_group_bytes"] == t["l2"] and t["fused_sample_bytes"] == 4 * t["l2"]
-    assert 2 << 20 <= t["stream_output_bytes"] <= 32 << 20
+    # Streaming stores only for outputs that, with their input, would not stay in L3.
+    assert t["stream_output_bytes"] == min(max(t["l3"] // 2, 2 << 20), 64 << 20)
+
+
+def test_stream_bytes_override(monkeypatch):
+    from gnflex import _C
+
+    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "64K")
+    assert _C.cpu_tuning()["stream_output_bytes"] == 64 << 10
+    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "lots")
+    with pytest.raises(RuntimeError, match="GNFLEX_CPU_STREAM_BYTES must be a size"):
+        _C.cpu_tuning()

@@ -26,7 +26,8 @@ struct CpuTuning {
   // channels-last sample.
   int64_t fused_group_bytes = 0;
   int64_t fused_sample_bytes = 0;
-  // Outputs at least this big are written with non-temporal stores.
+  // Outputs at least this big are written with non-temporal stores
+  // (GNFLEX_CPU_STREAM_BYTES overrides it, e.g. 1G or 64K, for experiments).
   int64_t stream_output_bytes = 0;
   Schedule schedule = Schedule::Auto;
 };

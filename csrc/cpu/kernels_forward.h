@@ -54,8 +54,9 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
   using Stats = WelfordStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t, 4> table({s.C, s.C, s.C, kSampleStatsScratch * s.C});
-    auto [pivot, scale, shift, scratch] = table.arrays;
+    Scratch<acc_t, 3> table({s.C, s.C, s.C});
+    auto [pivot, scale, shift] = table.arrays;
+    SampleStatsScratch<acc_t> scratch(s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* xs = a.x + n * s.HxW * s.C;
@@ -64,11 +65,8 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
         group_forward_coefs(stats[g], a.eps, a.w + g * Cg, a.b + g * Cg, Cg, a.mean + n * s.G + g,
                             a.rstd + n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
-      const auto row_affine = run_affine(AffineTables<acc_t>{pivot, scale, shift}, 0, PerChannel{});
-      for (int64_t r = 0; r < s.HxW; ++r) {
-        const RunWrite<scalar_t, 1> w{a.stream, {n + 1 < end ? xs + (s.HxW + r) * s.C : nullptr}};
-        forward_run<scalar_t, A>(xs + r * s.C, a.y + (n * s.HxW + r) * s.C, s.C, row_affine, w);
-      }
+      const RunWrite<scalar_t, 1> w{a.stream, {n + 1 < end ? xs + s.HxW * s.C : nullptr}};
+      cl_forward_rows<scalar_t, A>(xs, a.y + n * s.HxW * s.C, s.HxW, s.C, {pivot, scale, shift}, w);
     }
     stream_fence();
   });
@@ -86,9 +84,17 @@ void forward_two_pass(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, L
                         pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
-  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
-    forward_run<scalar_t, A>(a.x + base, a.y + base, len, run_affine(t, ci, per_channel),
-                             RunWrite<scalar_t, 1>{a.stream, {}});
+  const RunWrite<scalar_t, 1> w{a.stream, {}};
+  if (layout == Layout::ChannelsFirst) {
+    for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+      forward_run<scalar_t, A>(a.x + base, a.y + base, len, run_affine(t, ci, per_channel), w);
+    });
+    return;
+  }
+  for_each_row_block(s, [&](int64_t n, int64_t row0, int64_t rows) {
+    const int64_t base = (n * s.HxW + row0) * s.C;
+    cl_forward_rows<scalar_t, A>(a.x + base, a.y + base, rows, s.C,
+                                 {t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C}, w);
   });
 }
 

@@ -104,14 +104,14 @@ void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
     return;
   }
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kSampleStatsScratch * s.C);
+    SampleStatsScratch<acc_t> scratch(s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
       if (!std::any_of(has_exact.begin() + n * s.G, has_exact.begin() + (n + 1) * s.G,
                        [](char f) { return f != 0; })) {
         continue;
       }
-      sample_stats(x + n * s.HxW * s.C, s, scratch.data(), stats.data());
+      sample_stats(x + n * s.HxW * s.C, s, scratch, stats.data());
       for (int64_t g = 0; g < s.G; ++g) {
         shift[n * s.G + g] = math::mean_residual(stats[g], mean[n * s.G + g]);
       }

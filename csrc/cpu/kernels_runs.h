@@ -187,8 +187,61 @@ inline void forward_run(const scalar_t* x, scalar_t* y, int64_t len, const RunAf
   });
 }
 
+// Channels-last forward over `rows` rows of one sample (x, y at the first
+// row; t: the sample's per-channel tables), in blocks of rows, column tile by
+// column tile (simd_for_columns: the coefficients stay in registers). Each
+// value is computed as forward_run computes it.
+template <typename scalar_t, Activation A, bool Stream>
+struct ForwardColumnsOp {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* y;
+  int64_t C;
+  AffineTables<acc_t> t;
+  const scalar_t* next;  // the same rows of the next item, prefetched (or null)
+
+  template <typename S>
+  std::array<RunAffine<Broadcast<typename S::type>>, S::count> start(int64_t i, S /*step*/) const {
+    using V = typename S::type;
+    std::array<RunAffine<Broadcast<V>>, S::count> a;
+    for (int k = 0; k < S::count; ++k) {
+      const int64_t j = i + k * S::lanes;
+      a[k] = {{load_as<V>(t.pivot + j)}, {load_as<V>(t.scale + j)}, {load_as<V>(t.shift + j)}};
+    }
+    return a;
+  }
+  template <typename State, typename S>
+  void row(const State& a, int64_t r, int64_t i, S /*step*/) const {
+    using V = typename S::type;
+    V v[S::count];
+    if (!std::is_arithmetic_v<V> && next != nullptr) __builtin_prefetch(next + r * C + i, 0, 2);
+    load_values(x + r * C + i, v);
+    for (int k = 0; k < S::count; ++k) v[k] = math::activate<A>(pre_activation(centered(v[k], a[k], 0), a[k], 0));
+    store_values(y + r * C + i, v, Stream);
+  }
+  template <typename State, typename S>
+  void finish(const State& /*a*/, int64_t /*i*/, S /*step*/) const {}
+};
+
+template <typename scalar_t, Activation A>
+void cl_forward_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C,
+                     const AffineTables<acc_type<scalar_t>>& t, const RunWrite<scalar_t, 1>& w) {
+  const int64_t block = sum_rows_per_block(C);
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t n = std::min(block, rows - r0);
+    // Fetch ahead: the next item's rows, or else the rows after this block
+    // (a column tile's walk down the rows defeats the hardware prefetchers).
+    const scalar_t* next = w.next[0] == nullptr ? x + (r0 + n) * C : w.next[0] + r0 * C;
+    if (w.stream) {
+      simd_for_columns<scalar_t>(C, n, ForwardColumnsOp<scalar_t, A, true>{x + r0 * C, y + r0 * C, C, t, next});
+    } else {
+      simd_for_columns<scalar_t>(C, n, ForwardColumnsOp<scalar_t, A, false>{x + r0 * C, y + r0 * C, C, t, next});
+    }
+  }
+}
+
 // The loop body adding g * (x - pivot) and g of a run into two accumulators:
-// V-typed scalars (simd_sum2) or arrays (simd_accumulate_row). With an
+// V-typed scalars (simd_sum2) or arrays (simd_column_sums). With an
 // activation, the fused schedules pass g_out to keep g for the dx pass, which
 // then skips recomputing act'(z) (exp and a reciprocal per value for SiLU).
 template <typename scalar_t, Activation A, typename Coef>
@@ -238,14 +291,11 @@ void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int
                         int64_t C, const AffineTables<acc_type<scalar_t>>& t,
                         acc_type<scalar_t>* block_gx, acc_type<scalar_t>* block_g,
                         acc_type<scalar_t>* g_out = nullptr) {
-  std::fill(block_gx, block_gx + C, acc_type<scalar_t>(0));
-  std::fill(block_g, block_g + C, acc_type<scalar_t>(0));
   const auto a = run_affine(t, 0, PerChannel{});
-  for (int64_t r = row0; r < row0 + rows; ++r) {
-    simd_accumulate_row<scalar_t>(C, block_gx, block_g,
-                                  grad_sums_body<scalar_t, A>(dy + r * C, x + r * C, a,
-                                                              g_out ? g_out + r * C : nullptr));
-  }
+  simd_column_sums<scalar_t, 2>(C, rows, block_gx, block_g, [&](int64_t r) {
+    const int64_t offset = (row0 + r) * C;
+    return grad_sums_body<scalar_t, A>(dy + offset, x + offset, a, g_out ? g_out + offset : nullptr);
+  });
 }
 
 template <typename scalar_t, Activation A, typename Coef>
@@ -292,6 +342,21 @@ void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
       stream_fence();
     });
   }
+}
+
+// Channels-last two-pass elementwise passes: fn(n, row0, rows) for blocks of
+// rows of each sample (sum_rows_per_block), in parallel.
+template <typename Fn>
+void for_each_row_block(const GroupNormShape& s, const Fn& fn) {
+  const int64_t block = sum_rows_per_block(s.C);
+  const int64_t blocks = ceil_div(s.HxW, block);
+  at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row0 = item % blocks * block;
+      fn(item / blocks, row0, std::min(block, s.HxW - row0));
+    }
+    stream_fence();
+  });
 }
 
 }  // namespace

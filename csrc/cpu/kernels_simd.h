@@ -136,22 +136,85 @@ inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, co
   return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
 }
 
-// Per-channel accumulation of two quantities over one row of C channels:
-// sum_a[c] += a(c), sum_b[c] += b(c), with body(i, Step) -> pair of V arrays.
-template <typename scalar_t, typename Body>
-inline void simd_accumulate_row(int64_t C, acc_type<scalar_t>* sum_a, acc_type<scalar_t>* sum_b,
-                                const Body& body) {
-  simd_for<scalar_t>(C, [&](int64_t i, auto step) {
-    using S = decltype(step);
-    using V = typename S::type;
-    V a[S::count], b[S::count];
-    body(i, step, a, b);
-    for (int k = 0; k < S::count; ++k) {
-      const int64_t j = i + k * S::lanes;
-      store_as<V>(sum_a + j, load_as<V>(sum_a + j) + a[k]);
-      store_as<V>(sum_b + j, load_as<V>(sum_b + j) + b[k]);
+// ---- channels-last blocks, column tile by column tile ----------------------
+// Loops over a block of `rows` channels-last rows of C channels one column
+// tile (up to four SIMD vectors of channels) at a time, so per-channel values
+// (sums, coefficients) stay in registers while the loop runs down the rows; a
+// row-at-a-time loop loads (and for sums stores) them once per row, which
+// costs more than the work itself. For the channels [i, i + Step):
+//   state = op.start(i, Step); op.row(state, r, i, Step) for r = 0, 1, ...;
+//   op.finish(state, i, Step).
+// The same channels take the SIMD and the scalar path as in a simd_for over a
+// row, and each channel sees its rows in order, so results match a row-wise
+// loop bit for bit.
+template <typename scalar_t, typename Op>
+inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
+  using IO = VecIO<scalar_t>;
+  using VecStep = Step<typename IO::Vec, IO::kVecs>;
+  using ScalarStep = Step<typename IO::acc_t, 1>;
+  auto tile = [&](int64_t i, auto steps, auto step) {
+    constexpr int T = decltype(steps)::value;
+    constexpr int64_t width = decltype(step)::count * decltype(step)::lanes;
+    decltype(op.start(i, step)) state[T];
+    for (int t = 0; t < T; ++t) state[t] = op.start(i + t * width, step);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int t = 0; t < T; ++t) op.row(state[t], r, i + t * width, step);
     }
-  });
+    for (int t = 0; t < T; ++t) op.finish(state[t], i + t * width, step);
+  };
+  constexpr int kTileSteps = IO::kVecs >= 4 ? 1 : 4 / IO::kVecs;
+  int64_t i = 0;
+  for (; i + kTileSteps * IO::kStep <= C; i += kTileSteps * IO::kStep) {
+    tile(i, std::integral_constant<int, kTileSteps>{}, VecStep{});
+  }
+  for (; i + IO::kStep <= C; i += IO::kStep) tile(i, std::integral_constant<int, 1>{}, VecStep{});
+  for (; i < C; ++i) tile(i, std::integral_constant<int, 1>{}, ScalarStep{});
+}
+
+// Per-channel sums down the rows of a channels-last block: sum_a[c] (and
+// sum_b[c] when Sums == 2) over r in [0, rows) of the terms that
+// row_body(r)(i, Step, a, b) puts into the arrays a, b for channels
+// [i, i + Step) of row r. Each sum adds its rows in order, from zero.
+template <typename V, int K>
+struct ColumnSums {
+  V a[K], b[K];
+};
+
+template <typename scalar_t, int Sums, typename RowBody>
+struct ColumnSumsOp {
+  static_assert(Sums == 1 || Sums == 2, "one or two sums");
+  acc_type<scalar_t>* sum_a;
+  acc_type<scalar_t>* sum_b;
+  const RowBody& row_body;
+
+  template <typename S>
+  ColumnSums<typename S::type, S::count> start(int64_t /*i*/, S /*step*/) const {
+    ColumnSums<typename S::type, S::count> sums;
+    for (int k = 0; k < S::count; ++k) sums.a[k] = sums.b[k] = typename S::type(0);
+    return sums;
+  }
+  template <typename State, typename S>
+  void row(State& sums, int64_t r, int64_t i, S step) const {
+    typename S::type ta[S::count], tb[S::count];
+    row_body(r)(i, step, ta, tb);
+    for (int k = 0; k < S::count; ++k) {
+      sums.a[k] = sums.a[k] + ta[k];
+      if constexpr (Sums == 2) sums.b[k] = sums.b[k] + tb[k];
+    }
+  }
+  template <typename State, typename S>
+  void finish(const State& sums, int64_t i, S /*step*/) const {
+    for (int k = 0; k < S::count; ++k) {
+      store_as<typename S::type>(sum_a + i + k * S::lanes, sums.a[k]);
+      if constexpr (Sums == 2) store_as<typename S::type>(sum_b + i + k * S::lanes, sums.b[k]);
+    }
+  }
+};
+
+template <typename scalar_t, int Sums, typename RowBody>
+inline void simd_column_sums(int64_t C, int64_t rows, acc_type<scalar_t>* sum_a,
+                             acc_type<scalar_t>* sum_b, const RowBody& row_body) {
+  simd_for_columns<scalar_t>(C, rows, ColumnSumsOp<scalar_t, Sums, RowBody>{sum_a, sum_b, row_body});
 }
 
 }  // namespace

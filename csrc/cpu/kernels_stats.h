@@ -146,27 +146,30 @@ WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
 
 // Sums of arrays of `width` values pushed in index order, as a balanced
 // binary tree (as PairwiseMerge): accurate over many row blocks, and the
-// result depends only on the count.
+// result depends only on the count. An array is written in place (next(),
+// then commit()), so nothing is copied: each commit only adds.
 template <typename T>
 class PairwiseArraySum {
  public:
   explicit PairwiseArraySum(int64_t width) : width_(width), carry_(width) {}
-  void push(const T* values) {
-    if ((pushed_ & 1) == 0) {  // level 0 is free: no sum yet
-      store(0, values);
-      ++pushed_;
-      return;
+  // Where the next array goes; commit() adds it in.
+  T* next() { return pushed_ & 1 ? carry_.data() : level(0); }
+  void commit() {
+    if (pushed_ & 1) {  // level 0 holds the previous array: add up the levels
+      int64_t lvl = 0;  // the new array is in carry_
+      for (uint64_t n = pushed_; n & 1; n >>= 1, ++lvl) {
+        T* dest = (n >> 1 & 1) ? carry_.data() : level(lvl + 1);
+        const T* earlier = level(lvl);  // after level(lvl + 1), which may grow levels_
+        for (int64_t i = 0; i < width_; ++i) dest[i] = earlier[i] + carry_[i];
+      }
     }
-    const T* first = levels_.data();
-    for (int64_t i = 0; i < width_; ++i) carry_[i] = first[i] + values[i];
-    int64_t level = 1;
-    for (uint64_t n = pushed_ >> 1; n & 1; n >>= 1, ++level) {
-      const T* earlier = levels_.data() + level * width_;
-      for (int64_t i = 0; i < width_; ++i) carry_[i] = earlier[i] + carry_[i];
-    }
-    store(level, carry_.data());
     ++pushed_;
   }
+  void push(const T* values) {
+    std::copy(values, values + width_, next());
+    commit();
+  }
+  void clear() { pushed_ = 0; }
   // The pairwise sum of `count` consecutive arrays of `width` values.
   static void sum_of(const T* parts, int64_t count, int64_t width, T* out) {
     PairwiseArraySum sum(width);
@@ -175,17 +178,17 @@ class PairwiseArraySum {
   }
   void result(T* out) const {
     std::fill(out, out + width_, T(0));
-    for (int64_t level = 0; (pushed_ >> level) != 0; ++level) {
-      if ((pushed_ >> level & 1) == 0) continue;
-      const T* sum = levels_.data() + level * width_;
+    for (int64_t lvl = 0; (pushed_ >> lvl) != 0; ++lvl) {
+      if ((pushed_ >> lvl & 1) == 0) continue;
+      const T* sum = levels_.data() + lvl * width_;
       for (int64_t i = 0; i < width_; ++i) out[i] = sum[i] + out[i];
     }
   }
 
  private:
-  void store(int64_t level, const T* values) {
-    if (static_cast<int64_t>(levels_.size()) < (level + 1) * width_) levels_.resize((level + 1) * width_);
-    std::copy(values, values + width_, levels_.begin() + level * width_);
+  T* level(int64_t lvl) {
+    if (static_cast<int64_t>(levels_.size()) < (lvl + 1) * width_) levels_.resize((lvl + 1) * width_);
+    return levels_.data() + lvl * width_;
   }
 
   int64_t width_;
@@ -213,39 +216,62 @@ void chunked_reduce(int64_t outer_count, int64_t parts, int64_t width, Compute&&
 
 // Channels-last: per-channel sums over rows [row0, row0 + rows) of one
 // sample: of x (center == nullptr; out: C values), or of d = x - center[c]
-// and d^2 (out: 2 * C values, the d sums first).
+// and d^2 (out: 2 * C values, the d sums first). Column tile by column tile
+// (simd_for_columns), each sum over the rows in order.
+template <typename V, int K>
+struct CenteredSums {
+  V center[K], sum_d[K], sum_d2[K];
+};
+
+template <typename scalar_t, bool Centered>
+struct ClBlockSumsOp {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* block;
+  int64_t C;
+  const acc_t* center;
+  acc_t* out;
+
+  template <typename S>
+  CenteredSums<typename S::type, S::count> start(int64_t i, S /*step*/) const {
+    using V = typename S::type;
+    CenteredSums<V, S::count> st;
+    for (int k = 0; k < S::count; ++k) {
+      st.center[k] = Centered ? load_as<V>(center + i + k * S::lanes) : V(acc_t(0));
+      st.sum_d[k] = st.sum_d2[k] = V(acc_t(0));
+    }
+    return st;
+  }
+  template <typename State, typename S>
+  void row(State& st, int64_t r, int64_t i, S /*step*/) const {
+    typename S::type v[S::count];
+    load_values(block + r * C + i, v);
+    for (int k = 0; k < S::count; ++k) {
+      if constexpr (Centered) {
+        const auto d = v[k] - st.center[k];
+        st.sum_d[k] = st.sum_d[k] + d;
+        st.sum_d2[k] = st.sum_d2[k] + d * d;
+      } else {
+        st.sum_d[k] = st.sum_d[k] + v[k];
+      }
+    }
+  }
+  template <typename State, typename S>
+  void finish(const State& st, int64_t i, S /*step*/) const {
+    for (int k = 0; k < S::count; ++k) {
+      store_as<typename S::type>(out + i + k * S::lanes, st.sum_d[k]);
+      if constexpr (Centered) store_as<typename S::type>(out + C + i + k * S::lanes, st.sum_d2[k]);
+    }
+  }
+};
+
 template <typename scalar_t>
 void cl_block_sums(const scalar_t* sample, int64_t row0, int64_t rows, int64_t C,
                    const acc_type<scalar_t>* center, acc_type<scalar_t>* out) {
-  using acc_t = acc_type<scalar_t>;
+  const scalar_t* block = sample + row0 * C;
   if (center == nullptr) {
-    std::fill(out, out + C, acc_t(0));
-    for (int64_t r = row0; r < row0 + rows; ++r) {
-      const scalar_t* row = sample + r * C;
-      simd_for<scalar_t>(C, [&](int64_t i, auto step) {
-        using S = decltype(step);
-        using V = typename S::type;
-        V v[S::count];
-        load_values(row + i, v);
-        for (int k = 0; k < S::count; ++k) {
-          store_as<V>(out + i + k * S::lanes, load_as<V>(out + i + k * S::lanes) + v[k]);
-        }
-      });
-    }
-    return;
-  }
-  std::fill(out, out + 2 * C, acc_t(0));
-  for (int64_t r = row0; r < row0 + rows; ++r) {
-    const scalar_t* row = sample + r * C;
-    simd_accumulate_row<scalar_t>(C, out, out + C, [&](int64_t i, auto step, auto& a, auto& b) {
-      using S = decltype(step);
-      using V = typename S::type;
-      load_values(row + i, a);
-      for (int k = 0; k < S::count; ++k) {
-        a[k] = a[k] - load_as<V>(center + i + k * S::lanes);
-        b[k] = a[k] * a[k];
-      }
-    });
+    simd_for_columns<scalar_t>(C, rows, ClBlockSumsOp<scalar_t, false>{block, C, center, out});
+  } else {
+    simd_for_columns<scalar_t>(C, rows, ClBlockSumsOp<scalar_t, true>{block, C, center, out});
   }
 }
 
@@ -271,9 +297,6 @@ ClStatsPlan cl_stats_plan(const GroupNormShape& s) {
   return {block_rows, center_rows, ceil_div(center_rows, block_rows), ceil_div(s.HxW, block_rows)};
 }
 
-// Scratch values per channel sample_stats needs.
-constexpr int64_t kSampleStatsScratch = 5;
-
 template <typename T>
 void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, WelfordStats<T>* out) {
   const int64_t Cg = s.channels_per_group();
@@ -283,29 +306,36 @@ void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums,
   }
 }
 
+// What sample_stats keeps between samples: one per work item.
+template <typename T>
+struct SampleStatsScratch {
+  explicit SampleStatsScratch(int64_t C) : center(C), sums(2 * C), center_sum(C), total(2 * C) {}
+  std::vector<T> center, sums;
+  PairwiseArraySum<T> center_sum, total;
+};
+
 // Stats of every group of one channels-last sample (out[G]).
-// scratch: kSampleStatsScratch * C values.
 template <typename scalar_t>
-void sample_stats(const scalar_t* sample, const GroupNormShape& s, acc_type<scalar_t>* scratch,
+void sample_stats(const scalar_t* sample, const GroupNormShape& s, SampleStatsScratch<acc_type<scalar_t>>& scratch,
                   WelfordStats<acc_type<scalar_t>>* out) {
   using acc_t = acc_type<scalar_t>;
   const ClStatsPlan plan = cl_stats_plan(s);
-  const auto [center, block, sums] = carve(scratch, std::array<int64_t, 3>{s.C, 2 * s.C, 2 * s.C});
-  PairwiseArraySum<acc_t> center_sum(s.C);
+  acc_t* center = scratch.center.data();
+  scratch.center_sum.clear();
   for (int64_t b = 0; b < plan.center_blocks; ++b) {
     cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, plan.center_rows), s.C,
-                  static_cast<const acc_t*>(nullptr), block);
-    center_sum.push(block);
+                  static_cast<const acc_t*>(nullptr), scratch.center_sum.next());
+    scratch.center_sum.commit();
   }
-  center_sum.result(center);
+  scratch.center_sum.result(center);
   for (int64_t c = 0; c < s.C; ++c) center[c] = math::chunk_center(plan.center_rows, center[c]);
-  PairwiseArraySum<acc_t> total(2 * s.C);
+  scratch.total.clear();
   for (int64_t b = 0; b < plan.blocks; ++b) {
-    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, s.HxW), s.C, center, block);
-    total.push(block);
+    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, s.HxW), s.C, center, scratch.total.next());
+    scratch.total.commit();
   }
-  total.result(sums);
-  cl_stats_from_sums(s, center, sums, out);
+  scratch.total.result(scratch.sums.data());
+  cl_stats_from_sums(s, center, scratch.sums.data(), out);
 }
 
 // Two-pass statistics: every chunk / row block in parallel, then merged
