@@ -203,12 +203,10 @@ struct ForwardColumnsOp {
   template <typename S>
   std::array<RunAffine<Broadcast<typename S::type>>, S::count> start(int64_t i, S /*step*/) const {
     using V = typename S::type;
-    std::array<RunAffine<Broadcast<V>>, S::count> a;
-    for (int k = 0; k < S::count; ++k) {
+    return array_of<S::count>([&](int k) {
       const int64_t j = i + k * S::lanes;
-      a[k] = {{load_as<V>(t.pivot + j)}, {load_as<V>(t.scale + j)}, {load_as<V>(t.shift + j)}};
-    }
-    return a;
+      return RunAffine<Broadcast<V>>{{load_as<V>(t.pivot + j)}, {load_as<V>(t.scale + j)}, {load_as<V>(t.shift + j)}};
+    });
   }
   template <typename State, typename S>
   void row(const State& a, int64_t r, int64_t i, S /*step*/) const {

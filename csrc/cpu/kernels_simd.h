@@ -136,6 +136,18 @@ inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, co
   return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
 }
 
+// The array {f(0), ..., f(K - 1)}, built without default-constructing its
+// elements (g++ leaves Vectorized's default constructor out of line in the
+// SIMD copies: a call per vector).
+template <typename F, int... I>
+inline auto array_of_impl(const F& f, std::integer_sequence<int, I...>) {
+  return std::array<decltype(f(0)), sizeof...(I)>{f(I)...};
+}
+template <int K, typename F>
+inline auto array_of(const F& f) {
+  return array_of_impl(f, std::make_integer_sequence<int, K>{});
+}
+
 // ---- channels-last blocks, column tile by column tile ----------------------
 // Loops over a block of `rows` channels-last rows of C channels one column
 // tile (up to four SIMD vectors of channels) at a time, so per-channel values
@@ -155,8 +167,7 @@ inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
   auto tile = [&](int64_t i, auto steps, auto step) {
     constexpr int T = decltype(steps)::value;
     constexpr int64_t width = decltype(step)::count * decltype(step)::lanes;
-    decltype(op.start(i, step)) state[T];
-    for (int t = 0; t < T; ++t) state[t] = op.start(i + t * width, step);
+    auto state = array_of<T>([&](int t) { return op.start(i + t * width, step); });
     for (int64_t r = 0; r < rows; ++r) {
       for (int t = 0; t < T; ++t) op.row(state[t], r, i + t * width, step);
     }
@@ -177,7 +188,7 @@ inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
 // [i, i + Step) of row r. Each sum adds its rows in order, from zero.
 template <typename V, int K>
 struct ColumnSums {
-  V a[K], b[K];
+  std::array<V, K> a, b;
 };
 
 template <typename scalar_t, int Sums, typename RowBody>
@@ -189,9 +200,8 @@ struct ColumnSumsOp {
 
   template <typename S>
   ColumnSums<typename S::type, S::count> start(int64_t /*i*/, S /*step*/) const {
-    ColumnSums<typename S::type, S::count> sums;
-    for (int k = 0; k < S::count; ++k) sums.a[k] = sums.b[k] = typename S::type(0);
-    return sums;
+    const auto zeros = [](int) { return typename S::type(0); };
+    return {array_of<S::count>(zeros), array_of<S::count>(zeros)};
   }
   template <typename State, typename S>
   void row(State& sums, int64_t r, int64_t i, S step) const {

@@ -220,7 +220,7 @@ void chunked_reduce(int64_t outer_count, int64_t parts, int64_t width, Compute&&
 // (simd_for_columns), each sum over the rows in order.
 template <typename V, int K>
 struct CenteredSums {
-  V center[K], sum_d[K], sum_d2[K];
+  std::array<V, K> center, sum_d, sum_d2;
 };
 
 template <typename scalar_t, bool Centered>
@@ -234,12 +234,9 @@ struct ClBlockSumsOp {
   template <typename S>
   CenteredSums<typename S::type, S::count> start(int64_t i, S /*step*/) const {
     using V = typename S::type;
-    CenteredSums<V, S::count> st;
-    for (int k = 0; k < S::count; ++k) {
-      st.center[k] = Centered ? load_as<V>(center + i + k * S::lanes) : V(acc_t(0));
-      st.sum_d[k] = st.sum_d2[k] = V(acc_t(0));
-    }
-    return st;
+    const auto zeros = [](int) { return V(acc_t(0)); };
+    const auto centers = [&](int k) { return Centered ? load_as<V>(center + i + k * S::lanes) : V(acc_t(0)); };
+    return {array_of<S::count>(centers), array_of<S::count>(zeros), array_of<S::count>(zeros)};
   }
   template <typename State, typename S>
   void row(State& st, int64_t r, int64_t i, S /*step*/) const {

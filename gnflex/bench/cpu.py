@@ -40,20 +40,24 @@ SHAPES = [  # (shape, groups)
 ]
 QUICK_SHAPES = [((8, 64, 56, 56), 32), ((8, 256, 32, 32), 32)]
 
-# Issue 6's targets: (name, row filter, ratio field, target, higher is better).
+# The CPU speed targets, on every machine the bench runs on (AVX2 and AVX-512
+# alike): (name, row filter, ratio field, goal, higher is better[, or-else
+# (field, goal, higher)]), each on the geomean over the shape set.
+FP32_FWD = {"dtype": "float32", "act": "none", "pass": "fwd"}
 TARGETS = [
-    ("fp32 NCHW forward vs native", {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd"},
-     "vs_torch", 1.3, True),
-    ("fp32 NCHW forward time / clone time", {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd"},
-     "clone_ratio", 1.3, False),
-    ("fp32 NCHW forward+backward vs native",
+    ("fp32 NCHW forward vs torch", {**FP32_FWD, "layout": "nchw"}, "vs_torch", 1.3, True,
+     ("clone_ratio", 1.1, False)),
+    ("fp32 channels_last forward vs torch", {**FP32_FWD, "layout": "channels_last"}, "vs_torch", 1.3, True),
+    ("fp32 channels_last forward time / NCHW forward time", {**FP32_FWD, "layout": "channels_last"},
+     "over_nchw", 1.2, False),
+    ("fp32 NCHW forward+backward vs torch",
      {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd+bwd"}, "vs_torch", 1.3, True),
-    ("fp32 channels_last forward+backward vs native",
-     {"dtype": "float32", "layout": "channels_last", "act": "none", "pass": "fwd+bwd"}, "vs_torch", 2.5, True),
+    ("fp32 channels_last forward+backward vs torch",
+     {"dtype": "float32", "layout": "channels_last", "act": "none", "pass": "fwd+bwd"}, "vs_torch", 2.0, True),
     ("fp32 fused GN+SiLU forward+backward vs GN + F.silu", {"dtype": "float32", "act": "silu", "pass": "fwd+bwd"},
      "vs_torch", 2.0, True),
     ("fp32 GN+SiLU vs torch.compile of GN+SiLU", {"dtype": "float32", "act": "silu"}, "vs_compile", 1.0, True),
-    ("bf16 forward+backward vs native", {"dtype": "bfloat16", "act": "none", "pass": "fwd+bwd"},
+    ("bf16 forward+backward vs torch", {"dtype": "bfloat16", "act": "none", "pass": "fwd+bwd"},
      "vs_torch", 1.3, True),
 ]
 
@@ -100,18 +104,28 @@ def measure(fns, rounds, min_run_time):
     return best
 
 
-def check_targets(summary_rows):
-    """Geomean of each target's rows and whether it is met."""
+def check_targets(rows):
+    """Geomean of each target's rows and whether it (or its or-else goal) is met."""
+    def goal(field, target, higher, where):
+        ratios = [r[field] for r in rows if field in r and all(r[k] == v for k, v in where.items())]
+        if not ratios:
+            return None
+        value = geomean(ratios)
+        return value, f"{'>=' if higher else '<='} {target}" + ("" if field == "vs_torch" else f" ({field})"), \
+            (value >= target if higher else value <= target)
+
     out = []
-    for name, where, field, target, higher in TARGETS:
-        rows = [r for r in summary_rows if field in r and
-                all(r[k] == v for k, v in where.items())]
-        if not rows:
+    for name, where, field, target, higher, *or_else in TARGETS:
+        first = goal(field, target, higher, where)
+        if first is None:
             continue
-        value = geomean([r[field] for r in rows])
-        met = value >= target if higher else value <= target
-        out.append({"target": name, "value": value, "goal": f"{'>=' if higher else '<='} {target}",
-                    "met": "yes" if met else "NO"})
+        value, text, met = first
+        if or_else:
+            second = goal(*or_else[0], where)
+            if second is not None:
+                value = f"{value:.3f} ({second[0]:.3f})"
+                text, met = f"{text} or {second[1]}", met or second[2]
+        out.append({"target": name, "value": value, "goal": text, "met": "yes" if met else "NO"})
     return out
 
 
@@ -143,6 +157,7 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
+    nchw_times = {}  # gnflex's NCHW time per case, for the channels_last rows' over_nchw
     for dtype in dtypes:
         for layout in ("nchw", "channels_last"):
             for activation in ("none", "silu"):
@@ -166,11 +181,16 @@ def main(argv=None):
                             row["vs_jit"] = t["jit"] / t["gnflex"]
                         if "clone" in t:
                             row["clone_ratio"] = t["gnflex"] / t["clone"]
+                        same_nchw = nchw_times.get((row["dtype"], activation, row["pass"], row["shape"]))
+                        if layout == "nchw":
+                            nchw_times[(row["dtype"], activation, row["pass"], row["shape"])] = t["gnflex"]
+                        elif same_nchw is not None:
+                            row["over_nchw"] = t["gnflex"] / same_nchw
                         rows.append(row)
                         print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items()), flush=True)
 
-    ratio_fields = ["vs_torch", "vs_compile", "vs_jit", "clone_ratio"]
+    ratio_fields = ["vs_torch", "vs_compile", "vs_jit", "clone_ratio", "over_nchw"]
     summary = summarize(rows, ["dtype", "layout", "act", "pass"], ratio_fields)
     targets = check_targets(rows)
     print("\nGeomeans (vs_*: baseline time / gnflex time, > 1: gnflex faster; clone_ratio: gnflex / clone)")
@@ -179,7 +199,8 @@ def main(argv=None):
                                for k, v in s.items() if not (isinstance(v, float) and v != v)))
     print("\nTargets (geomean over the shape set)")
     for tr in targets:
-        print(f"  {tr['target']}: {tr['value']:.2f} (goal {tr['goal']}) met: {tr['met']}")
+        value = f"{tr['value']:.2f}" if isinstance(tr["value"], float) else tr["value"]
+        print(f"  {tr['target']}: {value} (goal {tr['goal']}) met: {tr['met']}")
     print("machine:", machine)
     present = [c for c in ratio_fields if any(c in r for r in rows)]
     columns = ["dtype", "layout", "act", "pass", "shape", "gnflex_ms", "torch_ms"] + \
@@ -188,7 +209,8 @@ def main(argv=None):
     write_results(args, "CPU benchmark: gnflex vs torch", machine,
                   "Ratios vs_*: baseline time / gnflex time (> 1: gnflex faster). clone_ratio: gnflex time / "
                   "x.clone() time (forward only). SiLU rows: gnflex fuses it; torch runs F.group_norm then "
-                  "F.silu. *_saved_mb: bytes autograd keeps for the backward (forward+backward rows).",
+                  "F.silu. *_saved_mb: bytes autograd keeps for the backward (forward+backward rows). over_nchw: "
+                  "gnflex's channels_last time / its NCHW time for the same case.",
                   rows, summary, columns, ["dtype", "layout", "act", "pass"] + present,
                   extra_tables=[("Targets", targets, ["target", "value", "goal", "met"])])
     return 0
