@@ -67,13 +67,15 @@ namespace {
 
 // {"l1d": bytes, "l2": ..., "l3": ..., "cache_source": str, "fused_group_bytes": ...,
 //  "fused_sample_bytes": ..., "stream_output_bytes": ..., "schedule": str,
-//  "kernel_copy": "DEFAULT" | "AVX2" | "AVX512"}
+//  "kernel_copy": "DEFAULT" | "AVX2" | "AVX512" | "AVX512_BF16"}
 PyObject* cpu_tuning_info(PyObject*, PyObject*) {
   using namespace gnflex::cpu;
   const CacheSizes& c = cache_sizes();
   CpuTuning t;
+  const char* copy = nullptr;
   try {
     t = cpu_tuning();
+    copy = kernel_copy().name;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -83,7 +85,7 @@ PyObject* cpu_tuning_info(PyObject*, PyObject*) {
                        c.source.c_str(), "fused_group_bytes", static_cast<long long>(t.fused_group_bytes),
                        "fused_sample_bytes", static_cast<long long>(t.fused_sample_bytes), "stream_output_bytes",
                        static_cast<long long>(t.stream_output_bytes), "schedule", schedule_name(t.schedule),
-                       "kernel_copy", kernel_copy().name);
+                       "kernel_copy", copy);
 }
 
 PyMethodDef methods[] = {
