@@ -67,7 +67,7 @@ namespace {
 
 // {"l1d": bytes, "l2": ..., "l3": ..., "cache_source": str, "fused_group_bytes": ...,
 //  "fused_sample_bytes": ..., "stream_output_bytes": ..., "schedule": str,
-//  "kernel_copy": "DEFAULT" | "AVX2" | "AVX512" | "AVX512_BF16"}
+//  "kernel_copy": "DEFAULT" | "AVX2" | "AVX512"}
 PyObject* cpu_tuning_info(PyObject*, PyObject*) {
   using namespace gnflex::cpu;
   const CacheSizes& c = cache_sizes();

@@ -1,9 +1,8 @@
-"""Every CPU kernel copy (portable, AVX2, AVX-512, AVX-512 with AVX512-BF16
-conversions) gives the reference results.
+"""Every CPU kernel copy (portable, AVX2, AVX-512) gives the reference results.
 
 ATen's CPU capability picks the copy; ATEN_CPU_CAPABILITY (default, avx2,
-avx512) forces one and GNFLEX_CPU_COPY caps it (e.g. avx512 without the BF16
-conversions), which needs a fresh process. A copy wider than this
+avx512) forces one and GNFLEX_CPU_COPY caps gnflex's alone, which needs a
+fresh process. A copy wider than this
 process's capability cannot run on this CPU and is skipped: ATen takes a forced
 avx512 on trust, and its own kernels (the float64 reference) would fault.
 """
@@ -73,18 +72,17 @@ def run_with_capability(capability, cwd, copy=None):
 
 
 # (ATEN_CPU_CAPABILITY, GNFLEX_CPU_COPY, the copy that must run): every copy
-# gnflex has; AVX512_BF16 is the AVX512 one with AVX512-BF16 conversions.
-COPIES = [("default", None, "DEFAULT"), ("avx2", None, "AVX2"), ("avx512", "avx512", "AVX512"),
-          ("avx512", None, "AVX512_BF16")]
+# gnflex has, chosen by ATen's capability and by gnflex's own cap.
+COPIES = [("default", None, "DEFAULT"), ("avx2", None, "AVX2"), ("avx512", None, "AVX512"),
+          ("avx512", "avx2", "AVX2")]
 
 
-@pytest.mark.parametrize("capability,copy_limit,want", COPIES, ids=[c[2] for c in COPIES])
+@pytest.mark.parametrize("capability,copy_limit,want", COPIES,
+                         ids=["DEFAULT", "AVX2", "AVX512", "AVX2-under-AVX512"])
 def test_kernel_copy_matches_reference(capability, copy_limit, want, tmp_path):
     host_rank = CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0
     if CAPABILITIES.index(capability.upper()) > host_rank:
         pytest.skip(f"ATen runs this CPU as {HOST}: the {want} kernels cannot run here")
-    if want == "AVX512_BF16" and "avx512_bf16" not in cpu_flags():
-        pytest.skip("this CPU has no AVX512-BF16")
     cap, copy, worst = run_with_capability(capability, tmp_path, copy_limit)
     if cap != capability.upper():
         pytest.skip(f"ATEN_CPU_CAPABILITY={capability}: ATen runs {cap}")
@@ -92,42 +90,11 @@ def test_kernel_copy_matches_reference(capability, copy_limit, want, tmp_path):
     assert worst <= 1.0
 
 
-BF16_OUTPUTS = textwrap.dedent(
-    """
-    import sys, torch, gnflex
-    torch.manual_seed(0)
-    outs = []
-    for shape, fmt in (((2, 64, 9, 7), torch.contiguous_format), ((2, 72, 5, 6), torch.channels_last)):
-        x = (torch.randn(shape) * 3 + 1).to(torch.bfloat16, memory_format=fmt).requires_grad_()
-        w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-        for act in ("none", "silu"):
-            y = gnflex.group_norm(x, 8, w.bfloat16(), b.bfloat16(), activation=act)
-            outs += [y.detach()] + list(torch.autograd.grad(y, x, torch.randn_like(y)))
-    torch.save(outs, sys.argv[1])
-    """
-)
-
-
-@pytest.mark.skipif("avx512_bf16" not in cpu_flags() or HOST != "AVX512", reason="needs AVX512-BF16")
-def test_bf16_conversions_round_as_the_avx512_copy(tmp_path):
-    # vcvtne2ps2bf16 rounds to nearest even as c10::BFloat16 does: bitwise the
-    # same outputs (it reads float denormals as 0; none occur here).
-    results = []
-    for copy in ("avx512", "avx512_bf16"):
-        out = tmp_path / f"{copy}.pt"
-        proc = subprocess.run([sys.executable, "-c", BF16_OUTPUTS, str(out)], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path, env=dict(os.environ, GNFLEX_CPU_COPY=copy))
-        assert proc.returncode == 0, proc.stderr
-        results.append(torch.load(out))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
 def test_copy_limit_is_checked(tmp_path):
     code = "from gnflex import _C; _C.cpu_tuning()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=dict(os.environ, GNFLEX_CPU_COPY="avx1024"))
-    assert proc.returncode != 0 and "GNFLEX_CPU_COPY must be default, avx2, avx512 or avx512_bf16" in proc.stderr
+    assert proc.returncode != 0 and "GNFLEX_CPU_COPY must be default, avx2 or avx512" in proc.stderr
 
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags() or "avx512f" in cpu_flags(),

@@ -1,6 +1,6 @@
 // CPU implementations of the gnflex ops: shared argument checks and output
-// allocation (group_norm_utils), then the kernel copy for this CPU (AVX-512
-// with or without AVX512-BF16, AVX2 or portable).
+// allocation (group_norm_utils), then the kernel copy for this CPU (AVX-512,
+// AVX2 or portable).
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -20,29 +20,25 @@ namespace cpu {
 // lowers it (default, avx2) on any CPU, but ATen takes avx512 on trust, without
 // asking the CPU (its own kernels then fault where AVX-512 is missing), so the
 // copy is also capped by what the CPU and OS support: the features ATen itself
-// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA); AVX512_BF16 is the
-// AVX512 copy with AVX512-BF16 conversions, where the CPU has them.
-// GNFLEX_CPU_COPY (default, avx2, avx512, avx512_bf16) caps it further, so
-// tests and benchmarks can run each copy the CPU has.
+// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA). GNFLEX_CPU_COPY
+// (default, avx2, avx512) caps it without changing ATen's own kernels, so
+// benchmarks can compare copies against the same torch.
 const KernelCopy& kernel_copy() {
   static const KernelCopy copy = []() -> KernelCopy {
     const std::string cap = at::get_cpu_capability();
-    static const char* const kCopies[] = {"default", "avx2", "avx512", "avx512_bf16"};
+    static const char* const kCopies[] = {"default", "avx2", "avx512"};
     const char* env = std::getenv("GNFLEX_CPU_COPY");
-    int limit = 3;
+    int limit = 2;
     if (env != nullptr && *env != '\0') {
       const auto it = std::find(std::begin(kCopies), std::end(kCopies), std::string(env));
       TORCH_CHECK(it != std::end(kCopies),
-                  "GNFLEX_CPU_COPY must be default, avx2, avx512 or avx512_bf16, got '", env, "'");
+                  "GNFLEX_CPU_COPY must be default, avx2 or avx512, got '", env, "'");
       limit = static_cast<int>(it - std::begin(kCopies));
     }
 #if defined(GNFLEX_HAVE_AVX2_KERNELS) && defined(GNFLEX_HAVE_AVX512_KERNELS)
     __builtin_cpu_init();
     const bool avx512 = cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (avx512 && limit >= 3 && __builtin_cpu_supports("avx512bf16")) {
-      return {"AVX512_BF16", &AVX512BF16::group_norm_forward_kernel, &AVX512BF16::group_norm_backward_kernel};
-    }
     if (avx512 && limit >= 2) {
       return {"AVX512", &AVX512::group_norm_forward_kernel, &AVX512::group_norm_backward_kernel};
     }

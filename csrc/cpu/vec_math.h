@@ -148,16 +148,14 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   static constexpr int kVecs = 2;
   static constexpr int64_t kStep = 2 * Vec::size();
   static void load(const scalar_t* p, Vec (&v)[kVecs]) { at::vec::load_to_float(p, v[0], v[1]); }
-  static void store(scalar_t* p, const Vec (&v)[kVecs]) { narrow(v).store(p); }
-  static void stream(scalar_t* p, const Vec (&v)[kVecs]) { stream_vector(p, narrow(v)); }
-  // Two float vectors -> one vector of scalar_t, rounded to nearest even.
-  static at::vec::Vectorized<scalar_t> narrow(const Vec (&v)[kVecs]) {
-#if defined(GNFLEX_CPU_AVX512_BF16)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      return at::vec::Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v[1], v[0])));
-    }
-#endif
-    return at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+  // ATen's conversion (integer round-to-nearest-even). AVX512-BF16's
+  // vcvtne2ps2bf16 was tried as a separate kernel copy: no faster on a
+  // Xeon with AMX and AVX512-BF16 (bench/results/cpu_xeon_avx512_vs_avx512_bf16_copy.md).
+  static void store(scalar_t* p, const Vec (&v)[kVecs]) {
+    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+  }
+  static void stream(scalar_t* p, const Vec (&v)[kVecs]) {
+    stream_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
   }
 };
 
