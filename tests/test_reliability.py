@@ -1,4 +1,4 @@
-"""Issue 8: non-finite values, numerical stability, huge tensors, thread safety."""
+"""Reliability: non-finite values, numerical stability, huge tensors, thread safety."""
 import os
 import threading
 
