@@ -45,7 +45,7 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
-  at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N * s.G, grain_of(2 * D), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 6> table({Cg, Cg, Cg, Cg, Cg, Cg});
     auto [pivot, scale, shift, g_coef, x_coef, bias_coef] = table.arrays;
     // g = dy * act'(z) of the current group, kept for its dx pass.
@@ -87,7 +87,7 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t block_rows = sum_rows_per_block(s.C);
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N, grain_of(2 * s.HxW * s.C), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 8> table({s.C, s.C, s.C, s.C, s.C, s.C, s.C, s.C});
     auto [pivot, scale, shift, g_coef, x_coef, bias_coef, block_gx, block_g] = table.arrays;
     // g = dy * act'(z) of the current sample, kept for its dx pass.
@@ -159,7 +159,7 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
     chunked_reduce<std::pair<acc_t, acc_t>>(
-        planes, chunks, 1,
+        planes, chunks, 1, 2 * std::min(kChunk, s.HxW),
         [&](int64_t plane, int64_t k, std::pair<acc_t, acc_t>* out) {
           const int64_t base = plane * s.HxW + k * kChunk;
           *out = simd_sum2<scalar_t>(std::min(kChunk, s.HxW - k * kChunk),
@@ -177,7 +177,7 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
     const int64_t blocks = ceil_div(s.HxW, block_rows);
     std::vector<acc_t> sums(2 * s.C);
     chunked_reduce<acc_t>(
-        s.N, blocks, 2 * s.C,
+        s.N, blocks, 2 * s.C, 2 * block_rows * s.C,
         [&](int64_t n, int64_t b, acc_t* out) {
           const int64_t offset = n * s.HxW * s.C, row0 = b * block_rows;
           const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};

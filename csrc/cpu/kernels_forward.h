@@ -28,7 +28,7 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
-  at::parallel_for(0, s.N * s.G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N * s.G, grain_of(D), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 3> table({Cg, Cg, Cg});
     auto [pivot, scale, shift] = table.arrays;
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -53,7 +53,7 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
   using acc_t = acc_type<scalar_t>;
   using Stats = WelfordStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N, grain_of(s.HxW * s.C), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 3> table({s.C, s.C, s.C});
     auto [pivot, scale, shift] = table.arrays;
     SampleStatsScratch<acc_t> scratch(s.C);

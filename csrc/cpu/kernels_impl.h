@@ -96,14 +96,14 @@ void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
   if (!any) return;
   if (layout == Layout::ChannelsFirst) {
     const int64_t D = s.group_size();
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, grain_of(D), [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
         if (has_exact[ng]) shift[ng] = math::mean_residual(span_stats(x + ng * D, D), mean[ng]);
       }
     });
     return;
   }
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N, grain_of(s.HxW * s.C), [&](int64_t begin, int64_t end) {
     SampleStatsScratch<acc_t> scratch(s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {

@@ -326,7 +326,7 @@ template <typename Fn>
 void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
   if (layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
-    at::parallel_for(0, s.N * s.C * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.N * s.C * chunks, grain_of(std::min(kChunk, s.HxW)), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t plane = item / chunks;
         const int64_t start = item % chunks * kChunk;
@@ -348,7 +348,7 @@ template <typename Fn>
 void for_each_row_block(const GroupNormShape& s, const Fn& fn) {
   const int64_t block = sum_rows_per_block(s.C);
   const int64_t blocks = ceil_div(s.HxW, block);
-  at::parallel_for(0, s.N * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N * blocks, grain_of(block * s.C), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row0 = item % blocks * block;
       fn(item / blocks, row0, std::min(block, s.HxW - row0));

@@ -116,21 +116,27 @@ class PairwiseMerge {
   void push(WelfordStats<T> stats) {
     int level = 0;
     for (uint64_t n = pushed_; n & 1; n >>= 1, ++level) {
-      stats = math::welford_combine(levels_[level], stats);  // levels_[level] holds earlier chunks
+      stats = math::welford_combine(levels_[level].stats, stats);  // levels_[level] holds earlier chunks
     }
-    levels_[level] = stats;
+    levels_[level].stats = stats;
     ++pushed_;
   }
   WelfordStats<T> result() const {
     WelfordStats<T> acc;
-    for (int level = 0; level < 64; ++level) {
-      if (pushed_ >> level & 1) acc = math::welford_combine(levels_[level], acc);
+    for (int level = 0; (pushed_ >> level) != 0; ++level) {
+      if (pushed_ >> level & 1) acc = math::welford_combine(levels_[level].stats, acc);
     }
     return acc;
   }
 
  private:
-  WelfordStats<T> levels_[64];  // levels_[i]: merged run of 2^i chunks (if bit i of pushed_)
+  // Left uninitialized: a level is read only after a push wrote it, and
+  // zeroing all 64 (1.5 KiB) cost more than a small group's statistics.
+  union Level {
+    Level() {}
+    WelfordStats<T> stats;
+  };
+  Level levels_[64];  // levels_[i]: merged run of 2^i chunks (if bit i of pushed_)
   uint64_t pushed_ = 0;
 };
 
@@ -202,11 +208,13 @@ class PairwiseArraySum {
 // of outer_count * parts items, in parallel, each into its own span of one
 // scratch buffer; then reduce(outer, parts_values) runs for each outer index
 // in order on the calling thread, given that index's parts * width values.
+// item_values: the input values one item reads (for the parallel grain).
 // Items never depend on the thread count, so neither do the results.
 template <typename T, typename Compute, typename Reduce>
-void chunked_reduce(int64_t outer_count, int64_t parts, int64_t width, Compute&& compute, Reduce&& reduce) {
+void chunked_reduce(int64_t outer_count, int64_t parts, int64_t width, int64_t item_values, Compute&& compute,
+                    Reduce&& reduce) {
   std::vector<T> scratch(outer_count * parts * width);
-  at::parallel_for(0, outer_count * parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, outer_count * parts, grain_of(item_values), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) compute(item / parts, item % parts, scratch.data() + item * width);
   });
   for (int64_t outer = 0; outer < outer_count; ++outer) {
@@ -350,7 +358,7 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
     const int64_t D = s.group_size();
     const int64_t chunks = ceil_div(D, kChunk);
     chunked_reduce<Stats>(
-        groups, chunks, 1,
+        groups, chunks, 1, std::min(kChunk, D),
         [&](int64_t group, int64_t k, Stats* out) {
           *out = chunk_stats(x + group * D + k * kChunk, std::min(kChunk, D - k * kChunk));
         },
@@ -367,7 +375,7 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
   // Pass 1: per-channel centers from the first rows' sums.
   std::vector<acc_t> centers(s.N * C);
   chunked_reduce<acc_t>(
-      s.N, plan.center_blocks, C,
+      s.N, plan.center_blocks, C, plan.block_rows * C,
       [&](int64_t n, int64_t b, acc_t* out) {
         cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, plan.center_rows), C,
                       static_cast<const acc_t*>(nullptr), out);
@@ -380,7 +388,7 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
   // Pass 2: sums about the centers over every row block.
   std::vector<acc_t> sums(2 * C);
   chunked_reduce<acc_t>(
-      s.N, plan.blocks, 2 * C,
+      s.N, plan.blocks, 2 * C, plan.block_rows * C,
       [&](int64_t n, int64_t b, acc_t* out) {
         cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C, centers.data() + n * C,
                       out);
