@@ -42,6 +42,8 @@ void check_channel_param(const c10::optional<at::Tensor>& param, const char* nam
               " (float32 parameters are allowed with float16/bfloat16 input)");
 }
 
+}  // namespace
+
 GroupNormShape check_forward_args(const at::Tensor& input,
                                   const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, int64_t num_groups,
@@ -71,6 +73,8 @@ GroupNormShape check_forward_args(const at::Tensor& input,
   check_channel_param(bias, "bias", input, C);
   return {input.size(0), C, HxW, num_groups};
 }
+
+namespace {
 
 GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
                                    const at::Tensor& mean, const at::Tensor& rstd,

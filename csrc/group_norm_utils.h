@@ -20,6 +20,12 @@ Activation parse_activation(c10::string_view name);
 // Accumulate dtype of an input dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType dtype);
 
+// The op's argument checks (shape, dtype, groups, parameters), with the
+// messages every back end and the composite path give; returns the sizes.
+GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                                  double eps);
+
 // How a back end takes absent parameters: Materialized gives ones / zeros
 // tensors and zeroed dweight / dbias; Raw leaves absent weight / bias
 // undefined (the kernels read null as 1 / 0) and dweight / dbias

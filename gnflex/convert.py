@@ -194,6 +194,8 @@ def convert(
                 continue
             full = f"{prefix}{name}"
             fused = None  # name of the following activation fused into the norm
+            if isinstance(child, GroupNormFlex):
+                continue  # already gnflex's
             if isinstance(child, nn.GroupNorm):
                 activation, reason = _groupnorm_activation(child)
                 if activation == "none" and fuse_activations:

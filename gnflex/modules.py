@@ -15,7 +15,7 @@ def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
     return config.replace(**overrides) if overrides else config
 
 
-class GroupNormFlex(nn.Module):
+class GroupNormFlex(nn.GroupNorm):
     """GroupNorm (+ fused activation) over an (N, C, *) input, on gnflex's kernels.
 
     ``GroupNormFlex(64)`` is GroupNorm with automatically chosen groups;
@@ -23,9 +23,12 @@ class GroupNormFlex(nn.Module):
     ``GroupNormFlex(64, mode="in_like", activation="silu")`` pick other modes
     (keyword overrides replace fields of ``config``).
 
-    Parameters are named ``weight`` and ``bias`` as in ``nn.GroupNorm`` so
-    state_dicts load both ways. ``affine=False`` (in the config) drops both,
-    ``bias=False`` only the bias.
+    A subclass of ``nn.GroupNorm`` (as timm's GroupNormAct), so code that finds
+    norm layers by type (weight-decay rules, wrap policies, model surgery)
+    sees it: ``num_groups``, ``num_channels``, ``eps``, ``affine``, ``weight``
+    and ``bias`` mean what they mean there, and state_dicts load both ways.
+    ``affine=False`` (in the config) drops both parameters, ``bias=False``
+    only the bias.
     """
 
     def __init__(
@@ -38,26 +41,14 @@ class GroupNormFlex(nn.Module):
         dtype=None,
         **overrides,
     ):
-        super().__init__()
         config = _resolve_config(config, overrides)
-        self.config = config
-        self.num_channels = num_channels
-        self.num_groups = config.num_groups(num_channels)
-        self.mode = config.mode
-        self.eps = float(config.eps)
-        self.affine = config.affine
-        self.activation = config.activation
-        factory = {"device": device, "dtype": dtype}
-        if config.affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
+        super().__init__(config.num_groups(num_channels), num_channels, float(config.eps),
+                         config.affine, device=device, dtype=dtype)
+        if config.affine and not bias:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        self.config = config
+        self.mode = config.mode
+        self.activation = config.activation
 
     def reset_parameters(self) -> None:
         if self.weight is not None:

@@ -111,6 +111,21 @@ def test_state_dict_round_trip_with_nn_groupnorm():
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_groupnormflex_is_an_nn_groupnorm():
+    m = GroupNormFlex(64, activation="silu")
+    assert isinstance(m, nn.GroupNorm)
+    assert (m.num_groups, m.num_channels, m.eps, m.affine) == (32, 64, 1e-5, True)
+    # Code that collects norm parameters by type (e.g. no weight decay on
+    # norms) finds ours as it finds nn.GroupNorm's.
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), m, nn.Conv2d(64, 8, 1), nn.GroupNorm(4, 8))
+    norm_params = [p for mod in model.modules() if isinstance(mod, nn.GroupNorm) for p in mod.parameters()]
+    assert len(norm_params) == 4 and norm_params[0] is m.weight
+    # Still gnflex's forward (fused activation), not nn.GroupNorm's.
+    x = make_input((2, 64, 3, 3), torch.float32)
+    torch.testing.assert_close(m(x), act_ref(nn.GroupNorm.forward(m, x), "silu"), rtol=1e-5, atol=1e-5)
+    assert GroupNormFlex(8, affine=False).weight is None
+
+
 def test_affine_false_and_bias_false_like_nn_groupnorm():
     no_affine = GroupNormFlex(8, affine=False)
     assert no_affine.weight is None and no_affine.bias is None

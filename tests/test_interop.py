@@ -58,6 +58,11 @@ def test_cuda_autocast_matches_torch_policy(dtype):
 
 
 # ---- conversion ------------------------------------------------------------------
+def _only_gnflex_norms(model):
+    """Every GroupNorm left in ``model`` is a GroupNormFlex (itself an nn.GroupNorm)."""
+    return all(isinstance(m, GroupNormFlex) for m in model.modules() if isinstance(m, nn.GroupNorm))
+
+
 def test_convert_torchvision_resnet18_groupnorm():
     torchvision = pytest.importorskip("torchvision", reason="torchvision is a test dependency")
     torch.manual_seed(0)
@@ -72,7 +77,7 @@ def test_convert_torchvision_resnet18_groupnorm():
     n_gn = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
     converted, report = gnflex.convert(model)
     assert len(report.replaced) == n_gn == 20
-    assert not any(isinstance(m, nn.GroupNorm) for m in converted.modules())
+    assert _only_gnflex_norms(converted)
     torch.testing.assert_close(converted(x), before, rtol=1e-4, atol=1e-4)
 
 
@@ -113,6 +118,15 @@ def test_convert_without_fusion_and_batchnorm():
     assert report.fused == [] and len(report.replaced) == 2
     untouched, report = gnflex.convert(nn.Sequential(nn.BatchNorm2d(4)))
     assert isinstance(untouched[0], nn.BatchNorm2d) and report.replaced == []
+
+
+def test_convert_leaves_groupnormflex_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU(), GroupNormFlex(8, activation="relu"))
+    converted, _ = gnflex.convert(model)
+    layers = list(converted)
+    again, report = gnflex.convert(converted)
+    assert list(again) == layers  # the same module objects
+    assert report.replaced == [] and report.skipped == [] and report.fused == []
 
 
 class OffsetGroupNorm(nn.GroupNorm):
@@ -194,7 +208,7 @@ def test_convert_timm_models_match_outputs_and_gradients(name, activations):
     # sums that cancel, would need a loose tolerance.
     model = _randomize_groupnorms(timm.create_model(name, pretrained=False).eval().double())
     converted, report = gnflex.convert(copy.deepcopy(model))
-    assert report.skipped == [] and not any(isinstance(m, nn.GroupNorm) for m in converted.modules())
+    assert report.skipped == [] and _only_gnflex_norms(converted)
     found = collections.Counter(m.activation for m in converted.modules() if isinstance(m, GroupNormFlex))
     assert found == activations
     _assert_same_function(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64), tol=1e-8)

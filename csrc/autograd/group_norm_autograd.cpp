@@ -3,9 +3,13 @@
 //
 // First-order backward calls gnflex::group_norm_backward (our kernels).
 // When the backward itself is recorded (create_graph=True, e.g. gradgradcheck
-// or gradient penalties) it instead differentiates a decomposition of the
-// forward into ATen ops, which autograd can differentiate again.
+// or gradient penalties) it instead differentiates a composite of the
+// forward from ATen ops, which autograd can differentiate again. Calls
+// inside torch.func transforms or with forward-mode tangents run that
+// composite instead of the kernels (the transforms cannot see into a C++
+// autograd Function).
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -21,31 +25,75 @@ c10::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-// GroupNorm + activation from differentiable ATen ops; only used to build a
-// graph that supports higher-order gradients.
-at::Tensor group_norm_decomposed(const at::Tensor& input, const at::Tensor& weight,
-                                 const at::Tensor& bias, int64_t num_groups, double eps,
-                                 Activation act) {
-  const int64_t N = input.size(0);
-  const at::Tensor grouped = input.reshape({N, num_groups, -1});
-  const at::Tensor centered = grouped - grouped.mean({-1}, /*keepdim=*/true);
-  const at::Tensor var = centered.pow(2).mean({-1}, /*keepdim=*/true);
-  at::Tensor z = (centered * at::rsqrt(var + eps)).reshape(input.sizes());
+// GroupNorm + activation from differentiable ATen ops, in the accumulate
+// dtype (as the kernels), with y in the input's layout. Autograd can
+// differentiate it again and again, the torch.func transforms (vmap, grad,
+// jvp, ...) and forward-mode AD handle every op in it: the fused kernels'
+// C++ autograd Function supports none of these. mean and rstd are
+// non-differentiable, as with the kernels.
+TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& weight,
+                                  const at::Tensor& bias, int64_t num_groups, double eps,
+                                  Activation act) {
+  const GroupNormShape s = check_forward_args(input, optional_if_defined(weight),
+                                              optional_if_defined(bias), num_groups, eps);
+  const auto acc = acc_dtype_for(input.scalar_type());
+  const at::Tensor grouped = input.to(acc).reshape({s.N, s.G, s.channels_per_group() * s.HxW});
+  const at::Tensor mean = grouped.mean({-1}, /*keepdim=*/true);
+  const at::Tensor centered = grouped - mean;
+  const at::Tensor rstd = at::rsqrt(centered.pow(2).mean({-1}, /*keepdim=*/true) + eps);
+  at::Tensor z = (centered * rstd).reshape(input.sizes());
   std::vector<int64_t> channel_shape(input.dim(), 1);
-  channel_shape[1] = input.size(1);
-  if (weight.defined()) z = z * weight.reshape(channel_shape);
-  if (bias.defined()) z = z + bias.reshape(channel_shape);
+  channel_shape[1] = s.C;
+  if (weight.defined()) z = z * weight.to(acc).reshape(channel_shape);
+  if (bias.defined()) z = z + bias.to(acc).reshape(channel_shape);
   switch (act) {
     case Activation::ReLU:
-      return at::relu(z);
+      z = at::relu(z);
+      break;
     case Activation::SiLU:
-      return at::silu(z);
+      z = at::silu(z);
+      break;
     case Activation::GELU:
-      return at::gelu(z);
+      z = at::gelu(z);
+      break;
     case Activation::None:
     default:
-      return z;
+      break;
   }
+  at::Tensor y = z.to(input.scalar_type());
+  if (!input.is_contiguous()) {
+    if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      y = y.contiguous(at::MemoryFormat::ChannelsLast);
+    } else if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+      y = y.contiguous(at::MemoryFormat::ChannelsLast3d);
+    }
+  }
+  return {y, mean.reshape({s.N, s.G}).detach(), rstd.reshape({s.N, s.G}).detach()};
+}
+
+// Whether torch.func transforms are active on this thread, by the predicate
+// torch::autograd::Function::apply itself checks (the header that exposes
+// the transform stack directly is not installed with torch).
+bool inside_functorch_transform() {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return false;  // no transform ever ran on this thread
+  try {
+    tls->checkSupportsCppAutogradFunction();
+    return false;
+  } catch (const c10::Error&) {
+    return true;
+  }
+}
+
+// Whether a call must take the composite: inside a torch.func transform, or
+// with a forward-mode tangent on any input.
+bool needs_composite(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias) {
+  if (inside_functorch_transform()) return true;
+  const auto has_tangent = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
+  };
+  return has_tangent(input) || has_tangent(weight) || has_tangent(bias);
 }
 
 class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
@@ -85,9 +133,9 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
       for (int i = 0; i < 3; ++i) {
         if (mask[i]) wrt.push_back(saved[i]);
       }
-      const at::Tensor y = group_norm_decomposed(input, weight, bias, num_groups,
-                                                 ctx->saved_data["eps"].toDouble(),
-                                                 parse_activation(activation));
+      const at::Tensor y = std::get<0>(group_norm_composite(input, weight, bias, num_groups,
+                                                            ctx->saved_data["eps"].toDouble(),
+                                                            parse_activation(activation)));
       const auto computed = torch::autograd::grad({y}, wrt, {grad_y}, /*retain_graph=*/true,
                                                   /*create_graph=*/true, /*allow_unused=*/true);
       for (int i = 0, k = 0; i < 3; ++i) {
@@ -109,6 +157,10 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
 TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t num_groups,
                                  double eps, c10::string_view activation) {
+  if (needs_composite(input, weight, bias)) {
+    return group_norm_composite(input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                                num_groups, eps, parse_activation(activation));
+  }
   const auto out = GroupNormFunction::apply(input, weight, bias, num_groups, eps, activation);
   return {out[0], out[1], out[2]};
 }
