@@ -1,8 +1,56 @@
 """Functional interface, mirroring ``torch.nn.functional.group_norm``."""
+import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+# Torch's own functions for the activation names the op accepts.
+TORCH_ACTIVATIONS = {
+    "none": lambda t: t,
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+}
+
+_own_onnx_translation = [False]
+
+
+@contextlib.contextmanager
+def keep_op_in_onnx_export():
+    """While active, ONNX export traces gnflex's op itself (gnflex.onnx.export
+    translates it); otherwise the Python API switches to torch's ops there."""
+    saved = _own_onnx_translation[0]
+    _own_onnx_translation[0] = True
+    try:
+        yield
+    finally:
+        _own_onnx_translation[0] = saved
+
+
+def in_onnx_export() -> bool:
+    """True while ``torch.onnx.export`` traces a model (either exporter), which
+    knows torch's group_norm but not gnflex's op."""
+    return torch.onnx.is_in_onnx_export() and not _own_onnx_translation[0]
+
+
+def torch_group_norm_with_stats(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                                eps: float, activation: str):
+    """The op's results from torch's own functions (F.group_norm + activation;
+    mean and rstd from reductions), which every exporter understands."""
+    if activation not in TORCH_ACTIVATIONS:
+        raise ValueError(f"gnflex.group_norm: unknown activation '{activation}'; expected one of "
+                         f"{sorted(TORCH_ACTIVATIONS)}")
+    dtype = input.dtype
+    y = F.group_norm(input, num_groups, None if weight is None else weight.to(dtype),
+                     None if bias is None else bias.to(dtype), eps)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grouped = input.reshape(input.shape[0], num_groups, -1).to(acc)
+    var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+    return TORCH_ACTIVATIONS[activation](y), mean, torch.rsqrt(var + eps)
 
 
 def check_more_than_one_value(input: Tensor, num_groups: int) -> None:
@@ -46,4 +94,6 @@ def group_norm_with_stats(
 ):
     """Like :func:`group_norm` but also returns the (N, num_groups) mean and rstd."""
     check_more_than_one_value(input, num_groups)
+    if in_onnx_export():
+        return torch_group_norm_with_stats(input, num_groups, weight, bias, eps, activation)
     return torch.ops.gnflex.group_norm(input, weight, bias, num_groups, eps, activation)

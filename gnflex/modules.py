@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import GNConfig
-from .functional import check_more_than_one_value
+from .functional import check_more_than_one_value, in_onnx_export, torch_group_norm_with_stats
 
 
 def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
@@ -58,6 +58,10 @@ class GroupNormFlex(nn.GroupNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         check_more_than_one_value(input, self.num_groups)
+        if not torch.jit.is_scripting():
+            if in_onnx_export():  # torch.onnx.export knows torch's group_norm, not our op
+                return torch_group_norm_with_stats(input, self.num_groups, self.weight, self.bias,
+                                                   self.eps, self.activation)[0]
         return torch.ops.gnflex.group_norm(
             input, self.weight, self.bias, self.num_groups, self.eps, self.activation
         )[0]

@@ -1,8 +1,14 @@
 """ONNX export of models that use gnflex ops.
 
-``torch.onnx.export`` (the dynamo exporter) does not know ``gnflex::group_norm``;
-:func:`translation_table` maps it to standard ONNX ops and :func:`export`
-passes that table for you::
+Plain ``torch.onnx.export(model, args, f)`` works, with the default (dynamo)
+exporter and with ``dynamo=False``, for models built from gnflex's modules
+or ``gnflex.group_norm``: while an export traces them they compute with
+torch's own ``F.group_norm`` + activation, which both exporters translate.
+
+This module is the other route: it keeps ``gnflex::group_norm`` in the traced
+graph and translates the op itself, also for code that calls
+``torch.ops.gnflex.group_norm`` directly. :func:`translation_table` maps the
+op to standard ONNX ops and :func:`export` passes that table for you::
 
     gnflex.onnx.export(model, (x,), "model.onnx")            # opset 18, decomposed
     gnflex.onnx.export(model, (x,), "model.onnx", opset=21)  # y via GroupNormalization-21
@@ -17,6 +23,8 @@ Requires the ``onnx`` and ``onnxscript`` packages.
 import math
 
 import torch
+
+from .functional import keep_op_in_onnx_export
 
 
 def translation_table(opset: int = 18):
@@ -72,5 +80,6 @@ def export(model, args, f=None, *, opset: int = 18, **kwargs):
     with gnflex's translation table; returns the ONNXProgram."""
     table = dict(kwargs.pop("custom_translation_table", None) or {})
     table.update(translation_table(opset))
-    return torch.onnx.export(model, args, f, dynamo=True, opset_version=opset,
-                             custom_translation_table=table, **kwargs)
+    with keep_op_in_onnx_export():
+        return torch.onnx.export(model, args, f, dynamo=True, opset_version=opset,
+                                 custom_translation_table=table, **kwargs)
