@@ -6,6 +6,7 @@
 #   GNFLEX_VENV    venv location (default: <repo>/.venv)
 #   GNFLEX_TORCH   torch requirement (default: torch==2.14.1, a CUDA 13.0 build)
 #   GNFLEX_CUDA    1/0 to force the CUDA build on/off (default: when nvcc is found)
+#   GNFLEX_REBUILD 1 to rebuild even when the installed build matches the sources
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,8 +44,28 @@ if [ -z "${GNFLEX_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-echo "== building and installing gnflex (CUDA_HOME=${CUDA_HOME:-none}, GNFLEX_CUDA=${GNFLEX_CUDA:-auto})"
-"$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$REPO"
+# Skip the build (minutes with CUDA) when the installed gnflex was built from
+# exactly these files and settings against this torch; GNFLEX_REBUILD=1 forces it.
+installed_is_current() {
+  [ -z "${GNFLEX_REBUILD:-}" ] || return 1
+  local want
+  want="$("$PY" "$REPO/gnflex/_sources.py" "$REPO")"
+  (cd / && "$PY" - "$want" <<'EOF'
+import importlib.util, os, runpy, sys
+import torch
+spec = importlib.util.find_spec("gnflex")
+info_path = spec and os.path.join(os.path.dirname(spec.origin), "_build_info.py")
+info = runpy.run_path(info_path) if info_path and os.path.exists(info_path) else {}
+sys.exit(0 if info.get("source_fingerprint") == sys.argv[1] and info.get("torch_version") == torch.__version__ else 1)
+EOF
+  )
+}
+if installed_is_current; then
+  echo "== gnflex is already installed from these sources (GNFLEX_REBUILD=1 rebuilds)"
+else
+  echo "== building and installing gnflex (CUDA_HOME=${CUDA_HOME:-none}, GNFLEX_CUDA=${GNFLEX_CUDA:-auto})"
+  "$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$REPO"
+fi
 # From / so that the installed package is imported, not the source tree.
 # (A sanitizer build can only be imported with its runtime preloaded: .ci/sanitize checks it.)
 if [ -z "${GNFLEX_SANITIZE:-}" ]; then

@@ -4,7 +4,9 @@ Plain module with no imports from gnflex, so setup.py can run it by path
 before the package is built.
 """
 import glob
+import hashlib
 import os
+import sys
 
 CPP_DIRS = ("", "cpu", "autograd", "autocast")
 # CUDA archs built when TORCH_CUDA_ARCH_LIST is unset: A100, H100/H200, PTX for newer GPUs.
@@ -24,3 +26,32 @@ def sources(csrc_dir):
     cpp = sorted(p for d in CPP_DIRS for p in glob.glob(os.path.join(csrc_dir, d, "*.cpp")))
     cuda = sorted(p for d in CUDA_DIRS for p in glob.glob(os.path.join(csrc_dir, d, "*.cu")))
     return cpp, cuda
+
+
+# Build settings read from the environment; part of the fingerprint.
+BUILD_ENV = ("GNFLEX_CUDA", "GNFLEX_DEBUG", "GNFLEX_SANITIZE", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CC", "CXX")
+
+
+def fingerprint(root):
+    """Hash of everything a build of the checkout at `root` depends on: the
+    package's files (sources, Python, build scripts) and BUILD_ENV. setup.py
+    records it in gnflex/_build_info.py; .ci/setup.sh skips the rebuild when
+    the installed package has the checkout's fingerprint."""
+    files = [os.path.join(root, name) for name in ("setup.py", "pyproject.toml")]
+    for top in ("csrc", "gnflex"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if f != "_build_info.py" and not f.endswith(".pyc")]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    for name in BUILD_ENV:
+        digest.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    return digest.hexdigest()[:20]
+
+
+if __name__ == "__main__":  # python gnflex/_sources.py ROOT: print the fingerprint
+    print(fingerprint(sys.argv[1]))

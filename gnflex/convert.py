@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._fx_fusion import fuse_in_forward_code
 from .config import GNConfig
 from .modules import GroupNormFlex
 
@@ -80,12 +81,15 @@ def _batchnorm_skip_reason(bn: nn.BatchNorm2d) -> str:
 @dataclasses.dataclass
 class ConversionReport:
     """What :func:`convert` changed: (module name, old module, new module) per
-    replacement, the names of activations fused into the norm before them, and
-    (module name, reason) per norm layer left alone."""
+    replacement, the activations fused into the norm before them (an
+    nn.Sequential's activation module name, or "norm + activation" where
+    forward code calls them), (module name, reason) per norm layer left
+    alone, and (module name, what happened) per module torch.fx traced."""
 
     replaced: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
     fused: List[str] = dataclasses.field(default_factory=list)
     skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    traced: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -93,8 +97,10 @@ class ConversionReport:
             f"{len(self.skipped)} left alone"
         ]
         lines += [f"  {name}: {old} -> {new}" for name, old, new in self.replaced]
-        lines += [f"  {name}: fused into the preceding norm (now nn.Identity)" for name in self.fused]
+        lines += [f"  {name}: fused into the preceding norm (now nn.Identity)" if "+" not in name
+                  else f"  {name}: fused in forward code" for name in self.fused]
         lines += [f"  {name}: left alone: {reason}" for name, reason in self.skipped]
+        lines += [f"  {name}: {what}" for name, what in self.traced]
         return "\n".join(lines)
 
 
@@ -174,14 +180,22 @@ def convert(
       by ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU()`` (exact) inside an
       ``nn.Sequential`` becomes one GroupNormFlex with that activation fused,
       and the activation becomes ``nn.Identity`` (indices and state_dict keys
-      stay the same);
+      stay the same). Where forward code calls them in sequence instead
+      (``h = self.norm1(x); h = self.act(h)``, ``F.silu(self.norm(x))``,
+      ``F.group_norm(...)`` then an activation), the largest submodules that
+      torch.fx traces (the model, else its blocks) are rewritten: the
+      activation moves into the norm's kernel and the submodule becomes the
+      traced ``torch.fx.GraphModule`` (same submodules and state_dict keys,
+      not the original class). A norm output used by anything besides the
+      activation is not fused; ``report.traced`` lists what was traced;
     - ``batchnorm``: ``nn.BatchNorm2d`` (and subclasses that keep its forward)
       becomes GroupNormFlex with ``batchnorm_config`` (default: GN with
       automatic groups), keeping eps and the affine weights. This changes what
       the layer computes (no running statistics): the model needs fine-tuning
       or training.
 
-    Returns ``(model, report)``.
+    Returns ``(model, report)``: ``model`` itself, or its GraphModule when
+    the whole model was rewritten.
     """
     report = ConversionReport()
     bn_config = batchnorm_config or GNConfig()
@@ -224,4 +238,6 @@ def convert(
                 report.fused.append(f"{prefix}{fused}")
 
     visit(model, "")
+    if fuse_activations:
+        model = fuse_in_forward_code(model, _activation_name, report)
     return model, report

@@ -30,7 +30,7 @@ def test_demo_quick_writes_table_csv_and_plot(quick_demo):
     with open(quick_demo / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["variant"], int(r["batch_size"])) for r in rows} == {
-        (v, b) for v in ("gn_auto", "batchnorm", "ln_like") for b in (4, 32)}
+        (v, b) for v in ("gn_auto", "batchnorm", "ln_like") for b in (1, 32)}
     for r in rows:
         assert 0.0 <= float(r["test_accuracy"]) <= 1.0
         assert float(r["final_loss"]) > 0 and float(r["seconds"]) > 0 and int(r["steps"]) > 0
@@ -52,7 +52,8 @@ def test_demo_variants_build_the_intended_norms():
         assert ("BatchNorm2d" in kinds) == (variant == "batchnorm")
         assert ("GroupNormFlex" in kinds) == (variant not in ("batchnorm", "none"))
     groups = {v: [demo.norm_groups(v, c) for c in demo.WIDTHS] for v in demo.VARIANTS}
-    assert groups["gn32"] == ["16", "32", "32", "32"]  # 16 channels: 32 does not divide, auto gives 16
+    assert groups["gn_auto"] == ["16", "32", "32", "32"]  # the literal rule: C=16 -> 16 groups
+    assert groups["gn_min2"] == ["8", "16", "32", "32"]  # min_channels_per_group=2: C=16 -> 8
     assert groups["ln_like"] == ["1"] * 4
     assert groups["in_like"] == [str(c) for c in demo.WIDTHS]
     assert groups["batchnorm"] == ["-"] * 4
@@ -166,15 +167,32 @@ def test_demo_ddp_two_processes(tmp_path):
     assert "workers 2" in proc.stdout
 
 
-def test_demo_reuses_runs_of_identical_networks(tmp_path):
-    # With GNCNN's widths, gn32 is the same network as gn_auto: trained once.
-    assert demo.main(["--quick", "--variants", "gn_auto,gn32", "--batch-sizes", "8", "--out", str(tmp_path),
-                      "--no-progress"]) == 0
-    with open(tmp_path / "results.csv") as f:
-        rows = {r["variant"]: r for r in csv.DictReader(f)}
-    assert rows["gn32"]["test_accuracy"] == rows["gn_auto"]["test_accuracy"]
-    assert float(rows["gn32"]["seconds"]) == 0.0 and float(rows["gn_auto"]["seconds"]) > 0
-    assert "reused" in (tmp_path / "results.md").read_text()
+def test_demo_checks_dependencies_first_and_keeps_tables_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def without(*names):
+        return lambda name, *a, **k: None if name in names else real_find_spec(name, *a, **k)
+
+    trained = []
+    monkeypatch.setattr(demo, "train_one", lambda *a, **k: trained.append(a) or demo.RunResult(a[0], a[1], 0.5, 1.0, 0.1, 3))
+    monkeypatch.setattr(importlib.util, "find_spec", without("sklearn"))
+    with pytest.raises(SystemExit, match="scikit-learn.*pip install"):
+        demo.main(["--quick", "--out", str(tmp_path / "a"), "--no-progress"])
+    assert trained == []  # refused before any training
+
+    # No plot library: the tables are written as runs finish, the plot is skipped.
+    monkeypatch.setattr(importlib.util, "find_spec", without("matplotlib"))
+    monkeypatch.setattr(demo, "write_plot", lambda *a: False)
+    out = tmp_path / "b"
+    assert demo.main(["--quick", "--variants", "gn_auto,batchnorm", "--out", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib not installed" in captured.err and "no plot" in captured.out
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(demo.QUICK_BATCH_SIZES)
+    assert not (out / "accuracy_vs_batch.png").exists()
+    assert demo.QUICK_BATCH_SIZES[0] == demo.BATCH_SIZES[0] == 1
 
 
 def test_cuda_bench_cases_are_valid_inputs():
@@ -195,3 +213,29 @@ def test_cuda_bench_cases_are_valid_inputs():
         (shape[1], groups, dtype, layout) for _, shape, groups, dtype, layouts in CUDA_CASES for layout in layouts}
     # At most 8M values a case (the simulator runs ~4e5 values a second).
     assert all(n * c * hxw <= 1 << 23 and c % g == 0 for _, n, c, hxw, g, _, _ in traffic)
+
+
+def test_build_fingerprint_tracks_sources_and_settings(tmp_path, monkeypatch):
+    # .ci/setup.sh skips the build when the installed package's fingerprint
+    # (recorded by setup.py) equals the checkout's: it must change with any
+    # source file and with the build settings, and with nothing else.
+    from gnflex import _sources
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    for top in ("csrc", "gnflex"):
+        shutil.copytree(os.path.join(root, top), tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in _sources.BUILD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    base = _sources.fingerprint(str(tmp_path))
+    assert _sources.fingerprint(str(tmp_path)) == base
+    (tmp_path / "gnflex" / "_build_info.py").write_text("# generated: not a source\n")
+    (tmp_path / "README.md").write_text("not part of the package\n")
+    assert _sources.fingerprint(str(tmp_path)) == base
+    header = tmp_path / "csrc" / "gn_math.h"
+    header.write_text(header.read_text() + "\n")
+    changed = _sources.fingerprint(str(tmp_path))
+    assert changed != base
+    monkeypatch.setenv("GNFLEX_CUDA", "1")
+    assert _sources.fingerprint(str(tmp_path)) not in (base, changed)

@@ -320,3 +320,110 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for name, value in single.state_dict().items():
         assert not torch.equal(value, init[name]), f"{name} did not train"
         torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ---- fusion where forward code calls norm then activation ---------------------------
+class DiffusionResnetBlock(nn.Module):
+    """diffusers-style: one shared nonlinearity module called after each norm
+    (once through an identity placeholder)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(4, c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.norm2 = nn.GroupNorm(4, c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.nonlinearity = nn.SiLU()
+        self.drop = nn.Identity()  # as timm's drop_block when off
+
+    def forward(self, x):
+        h = self.norm1(x)
+        h = self.nonlinearity(h)
+        h = self.conv1(h)
+        h = self.norm2(h)
+        h = self.drop(h)
+        h = self.nonlinearity(h)
+        return x + self.conv2(h)
+
+
+class SegmentationResBlock(nn.Module):
+    """3-D segmentation style: activation functions, one norm output reused."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv3d(c, c, 3, padding=1)
+        self.norm1 = nn.GroupNorm(2, c)
+        self.norm2 = nn.GroupNorm(2, c)
+        self.w = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        x = F.relu(self.norm1(x))
+        skip = self.norm2(self.conv(x))  # used twice: not fusable
+        y = F.gelu(skip) + skip
+        return F.silu(F.group_norm(y, 4, self.w, None, 1e-5))
+
+
+class DataDependent(nn.Module):
+    """Does not trace as a whole (branch on a value); its blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = DiffusionResnetBlock()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.block(x)
+        return -self.block(x)
+
+
+def _count_activation_calls(model, x):
+    """Activation ops (aten relu / silu / gelu) that model(x) runs, whoever calls them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {"relu", "relu_", "silu", "silu_", "gelu", "gelu_"}
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "aten" and func._opname in names:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(x)
+    return Count.calls
+
+
+@pytest.mark.parametrize("build, shape, fused, left_activations", [
+    (DiffusionResnetBlock, (2, 16, 6, 6), ["norm1 + silu", "norm2 + silu"], 0),
+    (SegmentationResBlock, (2, 8, 3, 4, 4), ["norm1 + relu", "F.group_norm (group_norm) + silu"], 1),
+    (DataDependent, (2, 16, 6, 6), ["block.norm1 + silu", "block.norm2 + silu"], 0),
+])
+def test_convert_fuses_in_forward_code(build, shape, fused, left_activations):
+    torch.manual_seed(0)
+    model = _randomize_groupnorms(build()).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    def output_and_grads(m):  # by parameter name: a GraphModule orders them as its graph uses them
+        xg = x.clone().requires_grad_()
+        out = m(xg)
+        out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)))
+        grads = {name: p.grad.clone() for name, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        return out.detach(), xg.grad, grads
+
+    before = output_and_grads(model)
+    keys = set(model.state_dict())
+    n_activations = _count_activation_calls(model, x)
+    converted, report = gnflex.convert(model)
+    assert sorted(report.fused) == sorted(fused), str(report)
+    assert set(converted.state_dict()) == keys
+    after = output_and_grads(converted)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
+    # The fused activations no longer run separately.
+    assert _count_activation_calls(converted, x) == left_activations < n_activations
+    if build is SegmentationResBlock:
+        assert ("norm2", "activation not fused: its output has 2 users") in report.skipped
+    if build is DataDependent:
+        assert report.traced[0][0] == "<model>" and "does not trace" in report.traced[0][1]
+        assert isinstance(converted, DataDependent) and isinstance(converted.block, torch.fx.GraphModule)

@@ -174,3 +174,24 @@ def test_transforms_keep_the_op_errors():
         grad(lambda x: op_gn(x, 3, w, b, "none").sum())(x)
     with pytest.raises(RuntimeError, match="unknown activation"):
         vmap(lambda x: op_gn(x, 4, w, b, "tanh"))(x.unsqueeze(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_composite_matches_the_kernels_in_every_dtype_and_layout(dtype, channels_last):
+    # The composite (inside transforms) computes in the accumulate dtype as
+    # the kernels do, returns y in the input's layout and the stats as the op.
+    x, w, b, _ = inputs(shape=(2, 8, 5, 3), channels_last=channels_last)
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = w.float(), b.float()  # float32 parameters with any input dtype
+    kernel = torch.ops.gnflex.group_norm(x, w, b, 4, 1e-5, "silu")
+    with fwAD.dual_level():
+        composite = torch.ops.gnflex.group_norm(fwAD.make_dual(x, torch.ones_like(x)), w, b, 4, 1e-5, "silu")
+        composite = [fwAD.unpack_dual(t).primal for t in composite]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for k, c in zip(kernel, composite):
+        assert k.dtype == c.dtype and k.shape == c.shape
+        torch.testing.assert_close(c, k, rtol=tol, atol=tol)
+    assert composite[0].is_contiguous(memory_format=torch.channels_last) == channels_last
