@@ -61,6 +61,20 @@ def train_step(model, opt, x):
     opt.step()
 
 
+def norm_share(step):
+    """Share of one step's CPU time in GroupNorm and activation ops (forward
+    and backward), by the profiler: what conversion can speed up at most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    keys = ("group_norm", "silu", "relu", "gelu", "threshold_backward")
+    norm = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys))
+    return norm / total if total else float("nan")
+
+
 def time_steps(step, steps):
     times = []
     for _ in range(steps):
@@ -94,6 +108,7 @@ def main():
             contenders[label] = lambda m=model, o=opt, xs=xs: train_step(m, o, xs)
             for _ in range(2):  # warm-up: allocator, optimizer state
                 contenders[label]()
+        shares = {label: norm_share(step) for label, step in contenders.items()}
         best = {label: float("inf") for label in contenders}
         for _ in range(args.rounds):
             for label, step in contenders.items():
@@ -102,7 +117,8 @@ def main():
                      "layout": "channels_last" if channels_last else "nchw",
                      "norms_replaced": len(report.replaced), "activations_fused": len(report.fused),
                      "original_ms": best["original"] * 1e3, "converted_ms": best["converted"] * 1e3,
-                     "speedup": best["original"] / best["converted"]})
+                     "speedup": best["original"] / best["converted"],
+                     "norm_act_share_original": shares["original"], "norm_act_share_converted": shares["converted"]})
         print(rows[-1], flush=True)
     machine = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -114,7 +130,9 @@ def main():
         with open(args.md, "w") as f:
             f.write("# CPU training step: original vs gnflex.convert\n\nMachine: "
                     + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n\n"
-                    "Forward + backward + SGD step, best of the rounds' medians; speedup = original / converted.\n\n")
+                    "Forward + backward + SGD step, best of the rounds' medians; speedup = original / converted. "
+                    "norm_act_share: the step's CPU time in GroupNorm and activation ops (forward and backward), "
+                    "from one profiled step.\n\n")
             f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
             for r in rows:
                 f.write("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |\n")
