@@ -23,14 +23,29 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 echo "== installing $TORCH_REQ and build/test dependencies"
 "$PY" -m pip install -q "$TORCH_REQ"
-"$PY" -m pip install -q "setuptools>=64" wheel ninja numpy pytest expecttest hypothesis
-# The demo's dependencies (pyproject extra "demo"): bundled data set, progress bars, plot.
-"$PY" -m pip install -q scikit-learn tqdm matplotlib
-# Test dependencies of the export/interop tests (ONNX, torchvision and timm models);
-# torchvision must match torch (0.29.1 <-> 2.14.1).
+# Every other dependency is listed once, in pyproject.toml: the build
+# requirements and the extras test, demo, export and interop (models for the
+# conversion tests). torch stays pinned to what is installed (torchvision must
+# match it); export and interop only with the default torch, the one their
+# wheels here are built for.
+EXTRAS="test demo"
 if [ "$TORCH_REQ" = "torch==2.14.1" ]; then
-  "$PY" -m pip install -q onnx onnxruntime onnxscript torchvision==0.29.1 timm==1.0.29
+  EXTRAS="$EXTRAS export interop"
 fi
+mapfile -t REQS < <("$PY" - "$REPO/pyproject.toml" $EXTRAS <<'EOF'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    from pip._vendor import tomli as tomllib
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)
+reqs = [r for r in project["build-system"]["requires"] if not r.startswith("torch")]
+reqs += [r for extra in sys.argv[2:] for r in project["project"]["optional-dependencies"][extra]]
+print("\n".join(dict.fromkeys(reqs)))
+EOF
+)
+"$PY" -m pip install -q -c <(echo "torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')") "${REQS[@]}"
 
 # The CUDA toolkit lives here on our machines; torch would otherwise guess /usr/local.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

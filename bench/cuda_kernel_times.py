@@ -63,13 +63,14 @@ def main():
     for shape, groups, dtype, layout in CASES:
         x, w, b, dy = make_inputs(shape, dtype, layout, device="cuda", requires_grad=True)
         native = native_group_norm(groups, "none")
-        impls = {"gnflex": lambda: gnflex.group_norm(x, groups, w, b), "torch": lambda: native(x, w, b)}
+        impls = {"gnflex": lambda x=x, w=w, b=b: gnflex.group_norm(x, groups, w, b),
+                 "torch": lambda x=x, w=w, b=b: native(x, w, b)}
         lines.append(f"## {'x'.join(map(str, shape))} G={groups} {str(dtype)[6:]} {layout}")
         for name, f in impls.items():
             with torch.no_grad():
                 fwd = kernel_times(f)
                 fwd_host = host_us(f)
-            bwd = kernel_times(lambda: torch.autograd.grad(f(), (x, w, b), dy))
+            bwd = kernel_times(lambda f=f, x=x, w=w, b=b, dy=dy: torch.autograd.grad(f(), (x, w, b), dy))
             lines.append(f"- {name} forward: {sum(fwd.values()):.1f} us GPU, {fwd_host:.1f} us host per call")
             lines += [f"  - {us:8.1f} us  {k}" for k, us in sorted(fwd.items(), key=lambda kv: -kv[1])]
             lines.append(f"- {name} forward+backward: {sum(bwd.values()):.1f} us GPU")

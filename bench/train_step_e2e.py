@@ -55,7 +55,10 @@ def models():
 
 def train_step(model, opt, x):
     out = model(x)
-    loss = out.float().square().mean() if out.dim() > 2 else F.cross_entropy(out, torch.zeros(len(out), dtype=torch.long))
+    if out.dim() > 2:  # the ResnetBlock stack: a regression-style loss
+        loss = out.float().square().mean()
+    else:
+        loss = F.cross_entropy(out, torch.zeros(len(out), dtype=torch.long))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

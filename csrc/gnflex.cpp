@@ -5,7 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "gn_types.h"
+#include "group_norm_types.h"
 #include "gnflex_ops.h"
 
 TORCH_LIBRARY(GNFLEX_OP_NAMESPACE, m) {
@@ -32,23 +32,19 @@ TensorTriple group_norm(const at::Tensor& input, const c10::optional<at::Tensor>
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow(GNFLEX_OP_NAME("group_norm"), "")
                        .typed<TensorTriple(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                           const c10::optional<at::Tensor>&, int64_t, double,
-                                           c10::string_view)>();
+                                           const c10::optional<at::Tensor>&, int64_t, double, c10::string_view)>();
   return op.call(input, weight, bias, num_groups, eps, activation);
 }
 
-TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                 const at::Tensor& mean, const at::Tensor& rstd,
-                                 const c10::optional<at::Tensor>& weight,
-                                 const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                 c10::string_view activation, std::array<bool, 3> output_mask) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(GNFLEX_OP_NAME("group_norm_backward"), "")
-          .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, const c10::optional<at::Tensor>&,
-                              const c10::optional<at::Tensor>&, int64_t, c10::string_view,
-                              std::array<bool, 3>)>();
+TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
+                                 std::array<bool, 3> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(GNFLEX_OP_NAME("group_norm_backward"), "")
+                       .typed<TensorTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
+                                           c10::string_view, std::array<bool, 3>)>();
   return op.call(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask);
 }
 
@@ -62,6 +58,7 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
 
 #include "cpu/cpu_tuning.h"
 #include "cpu/group_norm_kernels.h"
+#include "group_norm_utils.h"
 
 namespace {
 
@@ -88,7 +85,24 @@ PyObject* cpu_tuning_info(PyObject*, PyObject*) {
                        "kernel_copy", copy);
 }
 
+// The activation names the op accepts (aliases included).
+PyObject* activation_names_list(PyObject*, PyObject*) {
+  const std::vector<std::string> names = gnflex::activation_names();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* item = PyUnicode_FromString(names[i].c_str());
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
 PyMethodDef methods[] = {
+    {"activation_names", activation_names_list, METH_NOARGS, "The activation names the op accepts, aliases included."},
     {"cpu_tuning", cpu_tuning_info, METH_NOARGS,
      "Cache sizes, budgets, schedule and the kernel copy (CPU capability) of the CPU kernels."},
     {nullptr, nullptr, 0, nullptr}};

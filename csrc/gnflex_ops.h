@@ -20,10 +20,9 @@ TensorTriple group_norm(const at::Tensor& input, const c10::optional<at::Tensor>
                         c10::string_view activation = "none");
 
 // (dx, dweight, dbias); outputs left out by output_mask are undefined.
-TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                 const at::Tensor& mean, const at::Tensor& rstd,
-                                 const c10::optional<at::Tensor>& weight,
-                                 const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                 c10::string_view activation, std::array<bool, 3> output_mask);
+TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
+                                 std::array<bool, 3> output_mask);
 
 }  // namespace gnflex

@@ -6,18 +6,32 @@
 
 namespace gnflex {
 
+// The names the op accepts, aliases included: the one C++ table (Python's is
+// gnflex/activations.py; a test checks they agree).
+struct ActivationName {
+  const char* name;
+  Activation value;
+};
+constexpr ActivationName kActivationNames[] = {
+    {"none", Activation::None}, {"relu", Activation::ReLU},     {"silu", Activation::SiLU},
+    {"gelu", Activation::GELU}, {"identity", Activation::None}, {"swish", Activation::SiLU},
+};
+
 Activation parse_activation(c10::string_view name) {
-  if (name == "none" || name == "identity") return Activation::None;
-  if (name == "relu") return Activation::ReLU;
-  if (name == "silu" || name == "swish") return Activation::SiLU;
-  if (name == "gelu") return Activation::GELU;
+  for (const ActivationName& entry : kActivationNames) {
+    if (name == entry.name) return entry.value;
+  }
   TORCH_CHECK(false, "gnflex.group_norm: unknown activation '", std::string(name),
               "'; expected one of 'none', 'relu', 'silu', 'gelu'");
 }
 
-at::ScalarType acc_dtype_for(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+std::vector<std::string> activation_names() {
+  std::vector<std::string> names;
+  for (const ActivationName& entry : kActivationNames) names.emplace_back(entry.name);
+  return names;
 }
+
+at::ScalarType acc_dtype_for(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 namespace {
 
@@ -27,14 +41,13 @@ at::ScalarType param_dtype(const c10::optional<at::Tensor>& weight, const at::Te
 
 bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-void check_channel_param(const c10::optional<at::Tensor>& param, const char* name,
-                         const at::Tensor& input, int64_t C) {
+void check_channel_param(const c10::optional<at::Tensor>& param, const char* name, const at::Tensor& input, int64_t C) {
   if (!param.has_value() || !param->defined()) return;
   const at::Tensor& p = *param;
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == C, "gnflex.group_norm: expected ", name,
-              " of shape [", C, "] (num_channels), got ", p.sizes());
-  TORCH_CHECK(p.device() == input.device(), "gnflex.group_norm: ", name, " is on ", p.device(),
-              " but input is on ", input.device());
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == C, "gnflex.group_norm: expected ", name, " of shape [", C,
+              "] (num_channels), got ", p.sizes());
+  TORCH_CHECK(p.device() == input.device(), "gnflex.group_norm: ", name, " is on ", p.device(), " but input is on ",
+              input.device());
   const bool same = p.scalar_type() == input.scalar_type();
   const bool fp32_with_half = p.scalar_type() == at::kFloat && is_reduced_float(input.scalar_type());
   TORCH_CHECK(same || fp32_with_half, "gnflex.group_norm: ", name, " dtype ", p.scalar_type(),
@@ -44,29 +57,23 @@ void check_channel_param(const c10::optional<at::Tensor>& param, const char* nam
 
 }  // namespace
 
-GroupNormShape check_forward_args(const at::Tensor& input,
-                                  const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                  double eps) {
-  TORCH_CHECK(input.dim() >= 2,
-              "gnflex.group_norm: expected input of shape (N, C, *) with at least 2 dims, got ",
+GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps) {
+  TORCH_CHECK(input.dim() >= 2, "gnflex.group_norm: expected input of shape (N, C, *) with at least 2 dims, got ",
               input.dim(), " dims with shape ", input.sizes());
   const auto dtype = input.scalar_type();
   // NotImplementedError, as torch's group_norm for these dtypes.
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype),
-      "gnflex.group_norm: expected a float32, float64, float16 or bfloat16 input, got ", dtype);
+  TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble || is_reduced_float(dtype),
+                              "gnflex.group_norm: expected a float32, float64, float16 or bfloat16 input, got ", dtype);
   const int64_t C = input.size(1);
-  TORCH_CHECK(C > 0, "gnflex.group_norm: expected num_channels > 0, got input of shape ",
-              input.sizes());
+  TORCH_CHECK(C > 0, "gnflex.group_norm: expected num_channels > 0, got input of shape ", input.sizes());
   // As torch: a batch may be empty (N = 0), the spatial extent may not.
   int64_t HxW = 1;
   for (int64_t d = 2; d < input.dim(); ++d) HxW *= input.size(d);
-  TORCH_CHECK(HxW > 0, "gnflex.group_norm: expected non-empty spatial dims, got input of shape ",
-              input.sizes());
+  TORCH_CHECK(HxW > 0, "gnflex.group_norm: expected non-empty spatial dims, got input of shape ", input.sizes());
   TORCH_CHECK(num_groups > 0, "gnflex.group_norm: num_groups must be positive, got ", num_groups);
-  TORCH_CHECK(C % num_groups == 0, "gnflex.group_norm: num_channels (", C,
-              ") must be divisible by num_groups (", num_groups, ")");
+  TORCH_CHECK(C % num_groups == 0, "gnflex.group_norm: num_channels (", C, ") must be divisible by num_groups (",
+              num_groups, ")");
   // Any eps is accepted, as by torch: a negative eps works while var + eps > 0
   // (torch's own conformance cases use -0.5), NaN gives NaN, inf gives bias.
   check_channel_param(weight, "weight", input, C);
@@ -76,28 +83,25 @@ GroupNormShape check_forward_args(const at::Tensor& input,
 
 namespace {
 
-GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
-                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                   const c10::optional<at::Tensor>& weight,
+GroupNormShape check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                   const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
                                    const c10::optional<at::Tensor>& bias, int64_t num_groups) {
   const GroupNormShape shape = check_forward_args(input, weight, bias, num_groups, 0.0);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "gnflex.group_norm_backward: grad_out shape ",
-              grad_out.sizes(), " does not match input shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(),
-              "gnflex.group_norm_backward: grad_out dtype ", grad_out.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(grad_out.device() == input.device(), "gnflex.group_norm_backward: grad_out is on ",
-              grad_out.device(), " but input is on ", input.device());
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "gnflex.group_norm_backward: grad_out shape ", grad_out.sizes(),
+              " does not match input shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "gnflex.group_norm_backward: grad_out dtype ",
+              grad_out.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "gnflex.group_norm_backward: grad_out is on ", grad_out.device(),
+              " but input is on ", input.device());
   const auto acc = acc_dtype_for(input.scalar_type());
   for (const auto* stat : {&mean, &rstd}) {
     const char* name = stat == &mean ? "mean" : "rstd";
     TORCH_CHECK(stat->numel() == shape.N * shape.G, "gnflex.group_norm_backward: expected ", name,
-                " with N * num_groups = ", shape.N * shape.G, " elements, got shape ",
-                stat->sizes());
-    TORCH_CHECK(stat->scalar_type() == acc, "gnflex.group_norm_backward: expected ", name,
-                " of dtype ", acc, ", got ", stat->scalar_type());
-    TORCH_CHECK(stat->device() == input.device(), "gnflex.group_norm_backward: ", name,
-                " is on ", stat->device(), " but input is on ", input.device());
+                " with N * num_groups = ", shape.N * shape.G, " elements, got shape ", stat->sizes());
+    TORCH_CHECK(stat->scalar_type() == acc, "gnflex.group_norm_backward: expected ", name, " of dtype ", acc, ", got ",
+                stat->scalar_type());
+    TORCH_CHECK(stat->device() == input.device(), "gnflex.group_norm_backward: ", name, " is on ", stat->device(),
+                " but input is on ", input.device());
   }
   return shape;
 }
@@ -130,8 +134,8 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like).copy_(t);
 }
 
-at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C, at::ScalarType acc_dtype,
-                         double fill, const at::Device& device, ParamMode mode) {
+at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C, at::ScalarType acc_dtype, double fill,
+                         const at::Device& device, ParamMode mode) {
   if (param.has_value() && param->defined()) {
     return param->to(acc_dtype).contiguous();
   }
@@ -157,12 +161,10 @@ ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tens
   return f;
 }
 
-BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                             const at::Tensor& mean, const at::Tensor& rstd,
-                             const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                             c10::string_view activation, std::array<bool, 3> output_mask,
-                             ParamMode params) {
+BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                             const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
+                             std::array<bool, 3> output_mask, ParamMode params) {
   BackwardSetup b;
   b.shape = check_backward_args(grad_out, input, mean, rstd, weight, bias, num_groups);
   b.activation = parse_activation(activation);

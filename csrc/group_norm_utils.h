@@ -7,15 +7,19 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
-#include "gn_types.h"
+#include "group_norm_types.h"
 #include "gnflex_ops.h"
 
 namespace gnflex {
 
 Activation parse_activation(c10::string_view name);
+// Every name parse_activation accepts (aliases included).
+std::vector<std::string> activation_names();
 
 // Accumulate dtype of an input dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType dtype);
@@ -23,8 +27,7 @@ at::ScalarType acc_dtype_for(at::ScalarType dtype);
 // The op's argument checks (shape, dtype, groups, parameters), with the
 // messages every back end and the composite path give; returns the sizes.
 GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                  double eps);
+                                  const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps);
 
 // How a back end takes absent parameters: Materialized gives ones / zeros
 // tensors and zeroed dweight / dbias; Raw leaves absent weight / bias
@@ -58,12 +61,10 @@ struct BackwardSetup {
   at::Tensor dx, dweight, dbias;
 };
 
-BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                             const at::Tensor& mean, const at::Tensor& rstd,
-                             const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                             c10::string_view activation, std::array<bool, 3> output_mask,
-                             ParamMode params = ParamMode::Materialized);
+BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                             const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
+                             std::array<bool, 3> output_mask, ParamMode params = ParamMode::Materialized);
 
 // The op's result: outputs left out by output_mask undefined (None), the
 // parameter gradients in the parameters' dtype.
@@ -71,8 +72,6 @@ TensorTriple backward_result(const BackwardSetup& setup, const c10::optional<at:
                              const at::Tensor& input, std::array<bool, 3> output_mask);
 
 // Undefined tensor (-> None in Python) for outputs output_mask leaves out.
-inline at::Tensor defined_if(bool wanted, const at::Tensor& t) {
-  return wanted ? t : at::Tensor();
-}
+inline at::Tensor defined_if(bool wanted, const at::Tensor& t) { return wanted ? t : at::Tensor(); }
 
 }  // namespace gnflex

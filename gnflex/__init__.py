@@ -5,9 +5,10 @@ Importing gnflex loads the op library (``torch.ops.gnflex.group_norm`` and
 """
 from ._ops import built_with_cuda, library_path, ops
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
-from . import functional
+from . import activations, functional
 from . import onnx  # noqa: F401  (gnflex.onnx.export; imports onnxscript lazily)
-from .config import ACTIVATIONS, GN_GROUP_PRIORITY, MODES, GNConfig, choose_gn_groups
+from .activations import ACTIVATIONS
+from .config import GN_GROUP_PRIORITY, MODES, GNConfig, choose_gn_groups
 from .functional import group_norm
 from .convert import ConversionReport, convert
 from .modules import GNCNN, ConvGNAct, GroupNormFlex
@@ -23,6 +24,7 @@ __all__ = [
     "GNCNN",
     "GNConfig",
     "GroupNormFlex",
+    "activations",
     "built_with_cuda",
     "choose_gn_groups",
     "convert",

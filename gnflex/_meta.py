@@ -7,6 +7,7 @@ dense channels-last (channel innermost), else they are contiguous.
 
 import torch
 
+from .activations import ACTIVATIONS, ALL_NAMES
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -31,7 +32,6 @@ def _empty_in_native_layout(x):
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_ACTIVATIONS = ("none", "identity", "relu", "silu", "swish", "gelu")
 
 
 def _check_args(input, weight, bias, num_groups, eps, activation):
@@ -53,8 +53,8 @@ def _check_args(input, weight, bias, num_groups, eps, activation):
     torch._check(num_groups > 0, lambda: f"gnflex.group_norm: num_groups must be positive, got {num_groups}")
     torch._check(channels % num_groups == 0, lambda: f"gnflex.group_norm: num_channels ({channels}) must be "
                  f"divisible by num_groups ({num_groups})")
-    torch._check(activation in _ACTIVATIONS, lambda: f"gnflex.group_norm: unknown activation '{activation}'; "
-                 "expected one of 'none', 'relu', 'silu', 'gelu'")
+    torch._check(activation in ALL_NAMES, lambda: f"gnflex.group_norm: unknown activation '{activation}'; "
+                 f"expected one of {', '.join(repr(a) for a in ACTIVATIONS)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue

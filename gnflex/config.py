@@ -3,8 +3,9 @@ import dataclasses
 import math
 from typing import Sequence, Union
 
+from .activations import canonical
+
 MODES = ("gn", "ln_like", "in_like")
-ACTIVATIONS = ("none", "relu", "silu", "gelu")
 GN_GROUP_PRIORITY = (32, 16, 8, 4, 2, 1)
 
 
@@ -56,8 +57,8 @@ class GNConfig:
         mode ``"gn"``; the other modes fix the count themselves.
     eps: added to the variance.
     affine: learnable per-channel weight and bias.
-    activation: ``"none"``, ``"relu"``, ``"silu"`` or ``"gelu"``, fused into
-        the kernel.
+    activation: ``"none"``, ``"relu"``, ``"silu"`` or ``"gelu"`` (aliases
+        ``"identity"``, ``"swish"``), fused into the kernel.
     min_channels_per_group: passed to :func:`choose_gn_groups` when
         ``groups="auto"``.
     """
@@ -72,8 +73,8 @@ class GNConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        # Aliases (identity, swish) are stored under their canonical name.
+        object.__setattr__(self, "activation", canonical(self.activation))
         if self.groups != "auto":
             _check_positive_int(self.groups, "groups (or 'auto')")
             if self.mode != "gn":

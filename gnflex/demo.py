@@ -145,7 +145,8 @@ def train_one(variant, batch_size, data, *, epochs, lr, seed, device, dist=None,
     per_rank = n // world
     steps_per_epoch = per_rank // batch_size  # drop the last partial batch (BN needs >1 value)
     total_steps = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     gen = torch.Generator().manual_seed(seed)
     bar = _progress(total_steps, f"{variant} bs={batch_size}", leave=False, disable=not show or rank != 0)
     start = time.perf_counter()
@@ -223,7 +224,7 @@ def write_tables(results, out_dir, meta):
             w.writerow({k: getattr(r, k) for k in fields})
 
     variants, sizes, by = _grid(results)
-    lines = [f"# gnflex demo: GN vs BN / LN-like / IN-like across batch sizes\n",
+    lines = ["# gnflex demo: GN vs BN / LN-like / IN-like across batch sizes\n",
              ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",
              WHAT_TO_LOOK_FOR + "\n",
              "## Test accuracy (eval mode)\n",

@@ -6,15 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Torch's own functions for the activation names the op accepts.
-TORCH_ACTIVATIONS = {
-    "none": lambda t: t,
-    "identity": lambda t: t,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-}
+from .activations import torch_function
 
 _own_onnx_translation = [False]
 
@@ -41,16 +33,14 @@ def torch_group_norm_with_stats(input: Tensor, num_groups: int, weight: Optional
                                 eps: float, activation: str):
     """The op's results from torch's own functions (F.group_norm + activation;
     mean and rstd from reductions), which every exporter understands."""
-    if activation not in TORCH_ACTIVATIONS:
-        raise ValueError(f"gnflex.group_norm: unknown activation '{activation}'; expected one of "
-                         f"{sorted(TORCH_ACTIVATIONS)}")
+    act = torch_function(activation)
     dtype = input.dtype
     y = F.group_norm(input, num_groups, None if weight is None else weight.to(dtype),
                      None if bias is None else bias.to(dtype), eps)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     grouped = input.reshape(input.shape[0], num_groups, -1).to(acc)
     var, mean = torch.var_mean(grouped, dim=-1, correction=0)
-    return TORCH_ACTIVATIONS[activation](y), mean, torch.rsqrt(var + eps)
+    return act(y), mean, torch.rsqrt(var + eps)
 
 
 def check_more_than_one_value(input: Tensor, num_groups: int) -> None:

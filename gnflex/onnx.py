@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .activations import canonical
 from .functional import keep_op_in_onnx_export
 
 
@@ -39,6 +40,7 @@ def translation_table(opset: int = 18):
         from onnxscript import opset18 as op
 
     def group_norm(input, weight=None, bias=None, num_groups=1, eps=1e-5, activation="none"):
+        activation = canonical(activation)
         # Work on (N, C, L) so per-channel parameters broadcast as (C, 1).
         x3 = op.Reshape(input, op.Constant(value_ints=[0, 0, -1]))
         grouped = op.Reshape(x3, op.Constant(value_ints=[0, num_groups, -1]))
@@ -66,8 +68,6 @@ def translation_table(opset: int = 18):
             one = op.CastLike(op.Constant(value_float=1.0), y3)
             inv_sqrt2 = op.CastLike(op.Constant(value_float=1.0 / math.sqrt(2.0)), y3)
             y3 = op.Mul(op.Mul(half, y3), op.Add(one, op.Erf(op.Mul(y3, inv_sqrt2))))
-        elif activation not in ("none", "identity"):
-            raise ValueError(f"gnflex ONNX export: unknown activation {activation!r}")
         y = op.Reshape(y3, op.Shape(input))
         stats_shape = op.Constant(value_ints=[0, num_groups])
         return y, op.Reshape(mean, stats_shape), op.Reshape(rstd, stats_shape)

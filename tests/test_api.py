@@ -5,7 +5,7 @@ from torch import nn
 
 import gnflex
 from gnflex import GNCNN, ConvGNAct, GNConfig, GroupNormFlex, choose_gn_groups
-from conftest import act_ref, make_input
+from _helpers import act_ref, make_input
 
 
 def test_choose_gn_groups_follows_the_rule_for_every_channel_count():

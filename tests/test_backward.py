@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gnflex
-from conftest import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, grads_of, make_input,
+from _helpers import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, grads_of, make_input,
                       make_params, reference)
 
 SHAPES = [((4, 6), 3), ((2, 12, 17), 4), ((2, 32, 9, 11), 8), ((2, 8, 3, 5, 7), 2),

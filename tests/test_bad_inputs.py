@@ -1,10 +1,16 @@
-"""The bad-input matrix: every case raises a Python exception of the expected
-type with a message naming the problem (never a crash), and agrees with
+"""Bad input gives a clear Python exception naming the problem, never a crash.
+
+The forward's bad-input matrix: every case raises an exception of the
+expected type with a message naming the problem, and agrees with
 torch.nn.functional.group_norm on whether the input is accepted. Every eps
 torch accepts is accepted too (tests/test_numerics.py checks the values);
-only GNConfig, our own API, rejects a NaN, infinite or negative eps.
+only GNConfig, our own API, rejects a NaN, infinite or negative eps. Then the
+backward's checks, the module's, and a build loaded under another torch.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,3 +146,40 @@ def test_fake_tensors_reject_like_the_kernels():
             op(torch.empty(2, 6, 4), None, None, 4, 1e-5, "none")
         with pytest.raises(RuntimeError, match="non-empty spatial dims"):
             op(torch.empty(2, 8, 0), None, None, 4, 1e-5, "none")
+
+
+def test_backward_errors():
+    x = torch.randn(2, 8, 4)
+    y, mean, rstd = op(x, None, None, 2, 1e-5, "none")
+    mask = [True, False, False]
+    with pytest.raises(RuntimeError, match=r"grad_out shape \[2, 8, 3\] does not match input shape"):
+        op_bwd(torch.randn(2, 8, 3), x, mean, rstd, None, None, 2, "none", mask)
+    with pytest.raises(RuntimeError, match=r"expected mean with N \* num_groups = 4 elements"):
+        op_bwd(y, x, mean[:1], rstd, None, None, 2, "none", mask)
+    with pytest.raises(RuntimeError, match=r"expected rstd of dtype Float, got Double"):
+        op_bwd(y, x, mean, rstd.double(), None, None, 2, "none", mask)
+    with pytest.raises(RuntimeError, match=r"grad_out dtype Double does not match input dtype Float"):
+        op_bwd(y.double(), x, mean, rstd, None, None, 2, "none", mask)
+
+
+def test_module_rejects_wrong_input():
+    m = gnflex.GroupNormFlex(8, groups=4)
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \[12\] \(num_channels\), got \[8\]"):
+        m(torch.randn(2, 12, 3, 3))
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        m(torch.randn(8))
+
+
+def test_build_info_matches_running_torch():
+    from gnflex import _build_info
+
+    assert _build_info.torch_version.split("+")[0] == torch.__version__.split("+")[0]
+    assert os.path.isfile(gnflex.library_path())
+
+
+def test_import_under_other_torch_version_fails_clearly(tmp_path):
+    code = "import torch; torch.__version__ = '1.0.0'; import gnflex"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "gnflex was built against torch" in proc.stderr and "1.0.0" in proc.stderr

@@ -176,7 +176,8 @@ def test_demo_checks_dependencies_first_and_keeps_tables_without_matplotlib(tmp_
         return lambda name, *a, **k: None if name in names else real_find_spec(name, *a, **k)
 
     trained = []
-    monkeypatch.setattr(demo, "train_one", lambda *a, **k: trained.append(a) or demo.RunResult(a[0], a[1], 0.5, 1.0, 0.1, 3))
+    monkeypatch.setattr(demo, "train_one",
+                        lambda *a, **k: trained.append(a) or demo.RunResult(a[0], a[1], 0.5, 1.0, 0.1, 3))
     monkeypatch.setattr(importlib.util, "find_spec", without("sklearn"))
     with pytest.raises(SystemExit, match="scikit-learn.*pip install"):
         demo.main(["--quick", "--out", str(tmp_path / "a"), "--no-progress"])
@@ -233,7 +234,7 @@ def test_build_fingerprint_tracks_sources_and_settings(tmp_path, monkeypatch):
     (tmp_path / "gnflex" / "_build_info.py").write_text("# generated: not a source\n")
     (tmp_path / "README.md").write_text("not part of the package\n")
     assert _sources.fingerprint(str(tmp_path)) == base
-    header = tmp_path / "csrc" / "gn_math.h"
+    header = tmp_path / "csrc" / "group_norm_math.h"
     header.write_text(header.read_text() + "\n")
     changed = _sources.fingerprint(str(tmp_path))
     assert changed != base

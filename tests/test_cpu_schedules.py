@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gnflex
-from conftest import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
+from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 
 # (shape, groups): channels-first groups and channels-last samples that fit
 # the fused budgets, a 3-d input with ragged chunks, several samples of odd

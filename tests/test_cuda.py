@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
-from conftest import (CUDA_SKIP, DEVICES, TOLERANCES, act_ref, assert_close_to_ref, make_input, make_params,
+from _helpers import (CUDA_SKIP, DEVICES, TOLERANCES, act_ref, assert_close_to_ref, make_input, make_params,
                       reference)
 
 needs_cuda = pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))

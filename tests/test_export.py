@@ -1,6 +1,5 @@
 """Models out of eager Python: TorchScript (fresh processes), torch.compile,
 torch.export and ONNX (run by onnxruntime)."""
-import os
 import subprocess
 import sys
 import textwrap

@@ -1,10 +1,9 @@
 """Forward numerics of torch.ops.gnflex.group_norm against F.group_norm."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gnflex
-from conftest import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, make_input, make_params,
+from _helpers import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, make_input, make_params,
                       reference)
 
 # (shape, groups): no spatial dims, 1D, 2D, 3D, odd sizes, multi-chunk groups.

@@ -2,7 +2,6 @@
 import collections
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnflex
-from conftest import CUDA_SKIP, make_input
+from _helpers import CUDA_SKIP, make_input
 from gnflex import GNCNN, GroupNormFlex
 
 

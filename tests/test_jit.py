@@ -1,12 +1,10 @@
 """gnflex.jit: the JIT build of csrc/ loads next to the installed library and
 computes the same results."""
-import os
 
 import pytest
 import torch
 
-import gnflex
-from conftest import make_input, make_params
+from _helpers import make_input, make_params
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 mean far from zero, plus the eps values torch accepts.
 
 Every result (y, dx, dweight, dbias) is measured against float64 (F.group_norm
-+ activation of the very same values, conftest.reference) and held to a small
++ activation of the very same values, _helpers.reference) and held to a small
 multiple of torch's own error on the same input in the same dtype:
 
     float32:     max|gnflex - ref| <= K * max(torch_err, floor)
@@ -12,7 +12,7 @@ torch_err is torch's max abs error, torch run on a contiguous copy (its CPU
 channels_last kernel is less accurate, up to 1e-4 on spikes and O(1) on a
 large mean, so this is the stricter and more meaningful bar); floor is a few
 roundings of the quantity's largest value in the dtype (4 * 2^-24 * max|ref|
-in float32, conftest's tolerance * max|ref| for the half types), so a lucky
+in float32, _helpers' tolerance * max|ref| for the half types), so a lucky
 torch result is no bar. The same bound is applied to a second, elementwise
 measure, which keeps it meaningful for the many small values next to a
 spike's large one: max_i |gnflex_i - ref_i| / (|ref_i| + rms(ref)), with
@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
-from conftest import ACTIVATIONS, TOLERANCES, act_ref, grads_of, make_input, make_params, reference
+from _helpers import ACTIVATIONS, TOLERANCES, act_ref, grads_of, make_input, make_params, reference
 
 # Allowed multiple of torch's own error.
 K = 8
 # Floor of the bound, relative to max|ref| (and the floor of the elementwise
 # measure): a few roundings in the dtype. float32: 4 unit roundoffs; the half
-# types: their tolerance from conftest (~4 unit roundoffs as well).
+# types: their tolerance from _helpers (~4 unit roundoffs as well).
 FLOOR = {torch.float32: 4 * 2.0**-24,
          torch.float16: TOLERANCES[torch.float16][1],
          torch.bfloat16: TOLERANCES[torch.bfloat16][1]}

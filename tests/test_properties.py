@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import gnflex  # noqa: E402
-from conftest import ACTIVATIONS, DTYPES, assert_close_to_ref, make_input, make_params, reference  # noqa: E402
+from _helpers import ACTIVATIONS, DTYPES, assert_close_to_ref, make_input, make_params, reference  # noqa: E402
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -1,5 +1,4 @@
 """Reliability: non-finite values, numerical stability, huge tensors, thread safety."""
-import os
 import threading
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
-from conftest import DEVICES, grads_of, make_input, make_params, reference
+from _helpers import DEVICES, grads_of, make_input, make_params, reference
 
 
 # ---- non-finite values -------------------------------------------------------

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 import gnflex
 
-ACTIVATIONS = ("none", "relu", "silu", "gelu")
+from gnflex.activations import ACTIVATIONS  # noqa: E402
 TOL = {"rtol": 1e-9, "atol": 1e-9}  # float64 throughout: only rounding differs
 
 

@@ -8,7 +8,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
-#include "../gn_types.h"
+#include "../group_norm_types.h"
 #include "../gnflex_ops.h"
 
 namespace gnflex {
@@ -20,17 +20,15 @@ c10::optional<at::Tensor> cast_optional(const c10::optional<at::Tensor>& t) {
 }
 
 TensorTriple group_norm_autocast_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                      const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                      double eps, c10::string_view activation) {
+                                      const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                                      c10::string_view activation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  return group_norm(at::autocast::cached_cast(at::kFloat, input, c10::DeviceType::CUDA),
-                    cast_optional(weight), cast_optional(bias), num_groups, eps, activation);
+  return group_norm(at::autocast::cached_cast(at::kFloat, input, c10::DeviceType::CUDA), cast_optional(weight),
+                    cast_optional(bias), num_groups, eps, activation);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, AutocastCUDA, m) {
-  m.impl("group_norm", &group_norm_autocast_cuda);
-}
+TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, AutocastCUDA, m) { m.impl("group_norm", &group_norm_autocast_cuda); }
 
 }  // namespace gnflex

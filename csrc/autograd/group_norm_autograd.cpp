@@ -31,11 +31,10 @@ c10::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
 // jvp, ...) and forward-mode AD handle every op in it: the fused kernels'
 // C++ autograd Function supports none of these. mean and rstd are
 // non-differentiable, as with the kernels.
-TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& weight,
-                                  const at::Tensor& bias, int64_t num_groups, double eps,
-                                  Activation act) {
-  const GroupNormShape s = check_forward_args(input, optional_if_defined(weight),
-                                              optional_if_defined(bias), num_groups, eps);
+TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                  int64_t num_groups, double eps, Activation act) {
+  const GroupNormShape s =
+      check_forward_args(input, optional_if_defined(weight), optional_if_defined(bias), num_groups, eps);
   const auto acc = acc_dtype_for(input.scalar_type());
   const at::Tensor grouped = input.to(acc).reshape({s.N, s.G, s.channels_per_group() * s.HxW});
   const at::Tensor mean = grouped.mean({-1}, /*keepdim=*/true);
@@ -98,14 +97,12 @@ bool needs_composite(const at::Tensor& input, const c10::optional<at::Tensor>& w
 
 class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                               double eps, c10::string_view activation) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                               c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = group_norm(input, weight, bias, num_groups, eps, activation);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
-                            mean, rstd});
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = std::string(activation);
@@ -121,8 +118,7 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     const at::Tensor& grad_y = grad_outputs[0];
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0),
-                                      weight.defined() && ctx->needs_input_grad(1),
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
                                       bias.defined() && ctx->needs_input_grad(2)};
     variable_list grads(6);
     if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return grads;
@@ -133,9 +129,8 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
       for (int i = 0; i < 3; ++i) {
         if (mask[i]) wrt.push_back(saved[i]);
       }
-      const at::Tensor y = std::get<0>(group_norm_composite(input, weight, bias, num_groups,
-                                                            ctx->saved_data["eps"].toDouble(),
-                                                            parse_activation(activation)));
+      const at::Tensor y = std::get<0>(group_norm_composite(
+          input, weight, bias, num_groups, ctx->saved_data["eps"].toDouble(), parse_activation(activation)));
       const auto computed = torch::autograd::grad({y}, wrt, {grad_y}, /*retain_graph=*/true,
                                                   /*create_graph=*/true, /*allow_unused=*/true);
       for (int i = 0, k = 0; i < 3; ++i) {
@@ -144,9 +139,8 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
       return grads;
     }
 
-    auto [dx, dweight, dbias] = group_norm_backward(
-        grad_y, input, saved[3], saved[4], optional_if_defined(weight), optional_if_defined(bias),
-        num_groups, activation, mask);
+    auto [dx, dweight, dbias] = group_norm_backward(grad_y, input, saved[3], saved[4], optional_if_defined(weight),
+                                                    optional_if_defined(bias), num_groups, activation, mask);
     grads[0] = dx;
     grads[1] = dweight;
     grads[2] = dbias;
@@ -155,11 +149,11 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
 };
 
 TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                 const c10::optional<at::Tensor>& bias, int64_t num_groups,
-                                 double eps, c10::string_view activation) {
+                                 const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                                 c10::string_view activation) {
   if (needs_composite(input, weight, bias)) {
-    return group_norm_composite(input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
-                                num_groups, eps, parse_activation(activation));
+    return group_norm_composite(input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), num_groups, eps,
+                                parse_activation(activation));
   }
   const auto out = GroupNormFunction::apply(input, weight, bias, num_groups, eps, activation);
   return {out[0], out[1], out[2]};
@@ -167,8 +161,6 @@ TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, Autograd, m) {
-  m.impl("group_norm", &group_norm_autograd);
-}
+TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, Autograd, m) { m.impl("group_norm", &group_norm_autograd); }
 
 }  // namespace gnflex

@@ -19,10 +19,17 @@ int64_t parse_size(const std::string& text) {
   const long long value = std::strtoll(text.c_str(), &end, 10);
   if (end == text.c_str() || value <= 0) return 0;
   switch (*end) {
-    case 'K': case 'k': return value * 1024;
-    case 'M': case 'm': return value * 1024 * 1024;
-    case 'G': case 'g': return value * 1024 * 1024 * 1024;
-    default: return value;
+    case 'K':
+    case 'k':
+      return value * 1024;
+    case 'M':
+    case 'm':
+      return value * 1024 * 1024;
+    case 'G':
+    case 'g':
+      return value * 1024 * 1024 * 1024;
+    default:
+      return value;
   }
 }
 
@@ -85,9 +92,12 @@ const CacheSizes& cache_sizes() {
 
 const char* schedule_name(Schedule s) {
   switch (s) {
-    case Schedule::Fused: return "fused";
-    case Schedule::TwoPass: return "two_pass";
-    default: return "auto";
+    case Schedule::Fused:
+      return "fused";
+    case Schedule::TwoPass:
+      return "two_pass";
+    default:
+      return "auto";
   }
 }
 
@@ -118,8 +128,8 @@ CpuTuning cpu_tuning() {
   } else if (schedule == "two_pass") {
     t.schedule = Schedule::TwoPass;
   } else {
-    TORCH_CHECK(schedule.empty() || schedule == "auto",
-                "GNFLEX_CPU_SCHEDULE must be auto, fused or two_pass, got '", schedule, "'");
+    TORCH_CHECK(schedule.empty() || schedule == "auto", "GNFLEX_CPU_SCHEDULE must be auto, fused or two_pass, got '",
+                schedule, "'");
   }
   return t;
 }

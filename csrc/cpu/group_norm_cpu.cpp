@@ -31,8 +31,7 @@ const KernelCopy& kernel_copy() {
     int limit = 2;
     if (env != nullptr && *env != '\0') {
       const auto it = std::find(std::begin(kCopies), std::end(kCopies), std::string(env));
-      TORCH_CHECK(it != std::end(kCopies),
-                  "GNFLEX_CPU_COPY must be default, avx2 or avx512, got '", env, "'");
+      TORCH_CHECK(it != std::end(kCopies), "GNFLEX_CPU_COPY must be default, avx2 or avx512, got '", env, "'");
       limit = static_cast<int>(it - std::begin(kCopies));
     }
 #if defined(GNFLEX_HAVE_AVX2_KERNELS) && defined(GNFLEX_HAVE_AVX512_KERNELS)
@@ -75,13 +74,11 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   return {f.y, f.mean, f.rstd};
 }
 
-TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                     const at::Tensor& mean, const at::Tensor& rstd,
-                                     const c10::optional<at::Tensor>& weight,
+TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                     const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, int64_t num_groups,
                                      c10::string_view activation, std::array<bool, 3> output_mask) {
-  BackwardSetup b = setup_backward(grad_out, input, mean, rstd, weight, bias, num_groups, activation,
-                                   output_mask);
+  BackwardSetup b = setup_backward(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask);
   BackwardParams p;
   p.dtype = b.x.scalar_type();
   p.shape = b.shape;

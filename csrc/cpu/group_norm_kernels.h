@@ -5,7 +5,7 @@
 
 #include <c10/core/ScalarType.h>
 
-#include "../gn_types.h"
+#include "../group_norm_types.h"
 #include "cpu_tuning.h"
 
 namespace gnflex {
@@ -45,10 +45,10 @@ struct BackwardParams {
   CpuTuning tuning;
 };
 
-#define GNFLEX_DECLARE_CPU_KERNELS(capability)                     \
-  namespace capability {                                           \
-  void group_norm_forward_kernel(const ForwardParams& params);     \
-  void group_norm_backward_kernel(const BackwardParams& params);   \
+#define GNFLEX_DECLARE_CPU_KERNELS(capability)                   \
+  namespace capability {                                         \
+  void group_norm_forward_kernel(const ForwardParams& params);   \
+  void group_norm_backward_kernel(const BackwardParams& params); \
   }
 
 GNFLEX_DECLARE_CPU_KERNELS(DEFAULT)

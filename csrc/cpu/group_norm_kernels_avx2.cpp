@@ -9,7 +9,7 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "capability_features.h"
-#include "kernels_impl.h"
+#include "group_norm_kernels_impl.h"
 #pragma GCC pop_options
 
 #endif

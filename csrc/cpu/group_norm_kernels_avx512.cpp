@@ -11,7 +11,7 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "capability_features.h"
-#include "kernels_impl.h"
+#include "group_norm_kernels_impl.h"
 #pragma GCC pop_options
 
 #endif

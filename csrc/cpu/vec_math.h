@@ -1,11 +1,11 @@
 // SIMD glue for the CPU kernels: gn_* primitive overloads for
-// at::vec::Vectorized so the activation templates of gn_math.h run on whole
+// at::vec::Vectorized so the activation templates of group_norm_math.h run on whole
 // vectors, and VecIO, which loads/stores any input dtype as vectors of its
 // accumulate type (fp16/bf16 -> two float vectors per step).
 #pragma once
 
-#ifdef GNFLEX_GN_MATH_H
-#error "include cpu/vec_math.h before gn_math.h so the activation templates see the SIMD overloads"
+#ifdef GNFLEX_GROUP_NORM_MATH_H
+#error "include cpu/vec_math.h before group_norm_math.h so the activation templates see the SIMD overloads"
 #endif
 
 #ifndef CPU_CAPABILITY
@@ -64,7 +64,9 @@ inline at::vec::Vectorized<T> gn_reciprocal(const at::vec::Vectorized<T>& v) {
   return at::vec::Vectorized<T>(T(1)) / v;
 }
 template <typename T>
-inline at::vec::Vectorized<T> gn_erf(const at::vec::Vectorized<T>& v) { return v.erf(); }
+inline at::vec::Vectorized<T> gn_erf(const at::vec::Vectorized<T>& v) {
+  return v.erf();
+}
 template <typename T>
 inline at::vec::Vectorized<T> gn_relu(const at::vec::Vectorized<T>& v) {
   return at::vec::clamp_min(v, at::vec::Vectorized<T>(T(0)));
@@ -83,7 +85,7 @@ inline at::vec::Vectorized<T> gn_min(const at::vec::Vectorized<T>& v, const at::
 }  // namespace math
 }  // namespace gnflex
 
-#include "../gn_math.h"
+#include "../group_norm_math.h"
 
 namespace gnflex {
 namespace cpu {
@@ -151,9 +153,7 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   // ATen's conversion (integer round-to-nearest-even). AVX512-BF16's
   // vcvtne2ps2bf16 was tried as a separate kernel copy: no faster on a
   // Xeon with AMX and AVX512-BF16 (bench/results/cpu_xeon_avx512_vs_avx512_bf16_copy.md).
-  static void store(scalar_t* p, const Vec (&v)[kVecs]) {
-    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
-  }
+  static void store(scalar_t* p, const Vec (&v)[kVecs]) { at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p); }
   static void stream(scalar_t* p, const Vec (&v)[kVecs]) {
     stream_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
   }

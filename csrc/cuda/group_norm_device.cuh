@@ -10,7 +10,7 @@
 // simulator checks exactly what a GPU runs, minus timing and memory-model
 // effects.
 //
-// The numerical scheme is gn_math.h's, as on the CPU:
+// The numerical scheme is group_norm_math.h's, as on the CPU:
 //   forward (3 launches): exact chunk stats (a chunk's mean, then the sums of
 //     d = x - mean and d^2 about it) per block -> per group a Chan merge in a
 //     fixed order: mean P (rounded), rstd, residual mean - P -> every output
@@ -38,7 +38,7 @@
 #include <cstdint>
 #include <initializer_list>
 
-#include "../gn_math.h"
+#include "../group_norm_math.h"
 
 // Launches, and global-memory accesses (gload / gstore below): the simulator
 // test counts both (bash .ci/cuda-sim --traffic), the only evidence of what
@@ -50,10 +50,10 @@
 #else
 #define GNFLEX_COUNT_TRAFFIC(bytes) ((void)0)
 #include <c10/cuda/CUDAException.h>
-#define GNFLEX_LAUNCH(kernel, grid, block, stream, ...)     \
-  do {                                                      \
+#define GNFLEX_LAUNCH(kernel, grid, block, stream, ...)    \
+  do {                                                     \
     kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                         \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                        \
   } while (0)
 #endif
 
@@ -225,7 +225,8 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   }
   p.vec = vec;
   const int64_t vecs = std::max<int64_t>(1, s.C / vec);
-  const int64_t most_vecs = std::min<int64_t>(kThreads, kMaxTileChannels / vec * 4 / static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t most_vecs =
+      std::min<int64_t>(kThreads, kMaxTileChannels / vec * 4 / static_cast<int64_t>(sizeof(acc_t)));
   p.tiles = ceil_div(vecs, most_vecs);
   // More, narrower tiles where the gradient-sum blocks (the largest) would
   // not fill the target grid: a block's costs (coefficient table, partial

@@ -81,8 +81,8 @@ struct TileCoefs {
     return {group_table, affine_table};
   }
 
-  __device__ void fill(const GroupNormShape& s, const RowBlock& b, const GroupSource<acc_t>& src,
-                       const acc_t* weight, const acc_t* bias) const {
+  __device__ void fill(const GroupNormShape& s, const RowBlock& b, const GroupSource<acc_t>& src, const acc_t* weight,
+                       const acc_t* bias) const {
     const TileGroups tg = tile_groups(s, b.c_begin, b.c_end);
     const int64_t n = b.n, Cg = s.channels_per_group();
     for (int64_t g = tg.first + threadIdx.x; g <= tg.last; g += blockDim.x) {
@@ -112,8 +112,8 @@ struct TileCoefs {
 __host__ __device__ __forceinline__ int64_t grad_parts(const Plan& plan) {
   return plan.layout == Layout::ChannelsFirst ? plan.plane.parts : plan.grad_rows.parts;
 }
-__host__ __device__ __forceinline__ int64_t grad_index(const GroupNormShape& s, const Plan& plan, int64_t n,
-                                                       int64_t c, int64_t part) {
+__host__ __device__ __forceinline__ int64_t grad_index(const GroupNormShape& s, const Plan& plan, int64_t n, int64_t c,
+                                                       int64_t part) {
   return plan.layout == Layout::ChannelsFirst ? (n * s.C + c) * plan.plane.parts + part
                                               : (n * plan.grad_rows.parts + part) * s.C + c;
 }
@@ -133,10 +133,9 @@ __device__ Sum2<acc_t> channel_grad_total(const GroupNormShape& s, const Plan& p
 
 // Channels-first: per (plane, part) sums of g * (x - pivot) and g.
 template <typename Op, typename scalar_t, typename acc_t>
-__global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                    GroupNormShape s, Plan plan, GroupSource<acc_t> src,
-                                    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                    Sum2<acc_t>* __restrict__ partial) {
+__global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, GroupNormShape s,
+                                    Plan plan, GroupSource<acc_t> src, const acc_t* __restrict__ weight,
+                                    const acc_t* __restrict__ bias, Sum2<acc_t>* __restrict__ partial) {
   Sum2<acc_t> block_total{acc_t(0), acc_t(0)};
   int64_t block_slot = 0;
   for_each_plane<Op>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
@@ -173,10 +172,10 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
 // Channels-last: per (n, row block, c) sums; each thread owns vec channels,
 // the threads of a channel merge in a fixed tree.
 template <typename Op, int V, typename scalar_t, typename acc_t>
-__global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                    GroupNormShape s, Plan plan, GroupSource<acc_t> src,
-                                    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                    Sum2<acc_t>* __restrict__ partial, Sum2<acc_t>* __restrict__ group_partial) {
+__global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, GroupNormShape s,
+                                    Plan plan, GroupSource<acc_t> src, const acc_t* __restrict__ weight,
+                                    const acc_t* __restrict__ bias, Sum2<acc_t>* __restrict__ partial,
+                                    Sum2<acc_t>* __restrict__ group_partial) {
   __shared__ Sum2<acc_t> sh_sums[kThreads * V];
   const RowBlock b = row_block(s, plan, plan.grad_rows);
   const RowThread t = row_thread(plan, b);

@@ -88,8 +88,8 @@ int64_t max_grid_blocks(const GroupNormShape& s, Layout layout) {
   int64_t most = 0;
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
     const Plan plan = make_plan<scalar_t>(s, layout, vec);
-    most = std::max({most, stats_blocks(s, plan), output_blocks(s, plan) + ceil_div(s.C, 32),
-                     residual_blocks(s, plan), warp_per_group_blocks(s)});
+    most = std::max({most, stats_blocks(s, plan), output_blocks(s, plan) + ceil_div(s.C, 32), residual_blocks(s, plan),
+                     warp_per_group_blocks(s)});
   }
   return most;
 }
@@ -119,8 +119,8 @@ void launch_apply(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Gr
   } else {
     dispatch_width<scalar_t>(plan, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      GNFLEX_LAUNCH((apply_cl_kernel<Op, V>), grid_of(blocks), threads, stream, x, dy, out, s, plan, src,
-                    weight, bias, pg);
+      GNFLEX_LAUNCH((apply_cl_kernel<Op, V>), grid_of(blocks), threads, stream, x, dy, out, s, plan, src, weight, bias,
+                    pg);
     });
   }
 }
@@ -128,9 +128,9 @@ void launch_apply(const scalar_t* x, const scalar_t* dy, scalar_t* out, const Gr
 // y = act(GroupNorm(x)), mean and rstd (N * G). weight / bias may be null
 // (1 / 0). workspace: workspace_bytes().
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias, acc_t eps,
-                    Activation act, const GroupNormShape& s, Layout layout, acc_t* mean, acc_t* rstd,
-                    void* workspace, cudaStream_t stream) {
+void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias, acc_t eps, Activation act,
+                    const GroupNormShape& s, Layout layout, acc_t* mean, acc_t* rstd, void* workspace,
+                    cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
   const Workspace<acc_t> ws(s, plan);
@@ -142,8 +142,8 @@ void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const a
   } else {
     dispatch_width<scalar_t>(plan, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      GNFLEX_LAUNCH((chunk_stats_cl_kernel<V>), grid_of(stats_blocks(s, plan)), plan.block_threads, stream, x, s,
-                    plan, ws.chunk_stats(workspace));
+      GNFLEX_LAUNCH((chunk_stats_cl_kernel<V>), grid_of(stats_blocks(s, plan)), plan.block_threads, stream, x, s, plan,
+                    ws.chunk_stats(workspace));
     });
   }
   GNFLEX_LAUNCH(forward_finalize_kernel, grid_of(warp_per_group_blocks(s)), kThreads, stream, s, plan, eps,
@@ -157,10 +157,9 @@ void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const a
 // dx (when not null), dweight and dbias (when not null). weight / bias may be
 // null (1 / 0). workspace: workspace_bytes().
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
-                     const acc_t* weight, const acc_t* bias, Activation act, const GroupNormShape& s,
-                     Layout layout, scalar_t* dx, acc_t* dweight, acc_t* dbias, void* workspace,
-                     cudaStream_t stream) {
+void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd, const acc_t* weight,
+                     const acc_t* bias, Activation act, const GroupNormShape& s, Layout layout, scalar_t* dx,
+                     acc_t* dweight, acc_t* dbias, void* workspace, cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
   const Workspace<acc_t> ws(s, plan);
@@ -168,24 +167,24 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
     GNFLEX_LAUNCH(residual_sums_kernel<decltype(lanes)::value>, grid_of(residual_blocks(s, plan)), kThreads, stream, x,
                   s, plan, mean, rstd, ws.residual_sums(workspace));
   });
-  const GroupSource<acc_t> summed{mean, rstd, ws.coefs(workspace), ws.residual_sums(workspace), plan.residual_splits,
-                                  s.group_size()};
+  const GroupSource<acc_t> summed{
+      mean, rstd, ws.coefs(workspace), ws.residual_sums(workspace), plan.residual_splits, s.group_size()};
   Sum2<acc_t>* partial = ws.grad_partial(workspace);
   dispatch_activation(act, [&](auto a) {
     using Op = GradSumsOp<decltype(a)::value>;
     if (layout == Layout::ChannelsFirst) {
-      GNFLEX_LAUNCH(grad_sums_cf_kernel<Op>, grid_of(output_blocks(s, plan)), kThreads, stream, x, dy, s, plan,
-                    summed, weight, bias, partial);
+      GNFLEX_LAUNCH(grad_sums_cf_kernel<Op>, grid_of(output_blocks(s, plan)), kThreads, stream, x, dy, s, plan, summed,
+                    weight, bias, partial);
     } else {
       dispatch_width<scalar_t>(plan, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        GNFLEX_LAUNCH((grad_sums_cl_kernel<Op, V>), grid_of(output_blocks(s, plan, true)), plan.block_threads, stream, x,
-                      dy, s, plan, summed, weight, bias, partial, ws.group_grad_partial(workspace));
+        GNFLEX_LAUNCH((grad_sums_cl_kernel<Op, V>), grid_of(output_blocks(s, plan, true)), plan.block_threads, stream,
+                      x, dy, s, plan, summed, weight, bias, partial, ws.group_grad_partial(workspace));
       });
     }
   });
-  GNFLEX_LAUNCH(backward_finalize_kernel, grid_of(warp_per_group_blocks(s)), kThreads, stream, s, plan, summed,
-                weight, partial, ws.group_grad_partial(workspace), ws.coefs(workspace));
+  GNFLEX_LAUNCH(backward_finalize_kernel, grid_of(warp_per_group_blocks(s)), kThreads, stream, s, plan, summed, weight,
+                partial, ws.group_grad_partial(workspace), ws.coefs(workspace));
   const GroupSource<acc_t> src{mean, rstd, ws.coefs(workspace)};
   dispatch_activation(act, [&](auto a) {
     launch_apply<InputGradOp<decltype(a)::value>>(x, dy, dx, s, plan, src, weight, bias,

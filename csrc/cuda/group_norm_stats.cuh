@@ -137,8 +137,10 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     const int64_t other = other_thread * V;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const auto a = welford_of(sh_count[threadIdx.x], ChunkStats<acc_t>{sh_center[slot + i], sh_offset[slot + i], sh_m2[slot + i]});
-      const auto o = welford_of(sh_count[other_thread], ChunkStats<acc_t>{sh_center[other + i], sh_offset[other + i], sh_m2[other + i]});
+      const auto a = welford_of(sh_count[threadIdx.x],
+                                ChunkStats<acc_t>{sh_center[slot + i], sh_offset[slot + i], sh_m2[slot + i]});
+      const auto o = welford_of(sh_count[other_thread],
+                                ChunkStats<acc_t>{sh_center[other + i], sh_offset[other + i], sh_m2[other + i]});
       const auto merged = math::welford_combine(a, o);
       sh_center[slot + i] = merged.center;
       sh_offset[slot + i] = merged.offset;
@@ -191,8 +193,8 @@ __device__ void for_each_group_slot(const GroupNormShape& s, const Plan& plan, c
 // Stats of group ng in lane 0 of its warp: lane l merges the group's chunks
 // l, l + 32, ... in order, then the lanes merge in a fixed tree.
 template <typename acc_t>
-__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan,
-                                           const ChunkStats<acc_t>* partial, int64_t ng, int lane) {
+__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                           int64_t ng, int lane) {
   WelfordStats<acc_t> stats;
   if (plan.layout == Layout::ChannelsFirst) {
     const int64_t run = s.group_size();
@@ -239,8 +241,8 @@ __global__ void residual_sums_kernel(const scalar_t* __restrict__ x, GroupNormSh
   if (team.item >= s.N * s.G * plan.residual_splits) return;  // uniform per team
   const int64_t ng = team.item / plan.residual_splits;
   const int64_t split = team.item % plan.residual_splits;
-  const Sum2<acc_t> group = team.broadcast(
-      team.rank == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)} : Sum2<acc_t>{acc_t(0), acc_t(0)});
+  const Sum2<acc_t> group = team.broadcast(team.rank == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)}
+                                                          : Sum2<acc_t>{acc_t(0), acc_t(0)});
   if (!wants_residual(group.a, group.b)) return;  // uniform per team
   const int64_t run = s.group_size(), Cg = s.channels_per_group();
   const int64_t begin = run * split / plan.residual_splits, end = run * (split + 1) / plan.residual_splits;

@@ -58,23 +58,30 @@ using real = long double;
 
 real act_ref(Activation a, real z) {
   switch (a) {
-    case Activation::ReLU: return z > 0 ? z : 0;
-    case Activation::SiLU: return z / (1 + std::exp(-z));
-    case Activation::GELU: return 0.5L * z * (1 + std::erf(z / std::sqrt(2.0L)));
-    default: return z;
+    case Activation::ReLU:
+      return z > 0 ? z : 0;
+    case Activation::SiLU:
+      return z / (1 + std::exp(-z));
+    case Activation::GELU:
+      return 0.5L * z * (1 + std::erf(z / std::sqrt(2.0L)));
+    default:
+      return z;
   }
 }
 
 real act_grad_ref(Activation a, real z) {
   switch (a) {
-    case Activation::ReLU: return z > 0 ? 1 : 0;
+    case Activation::ReLU:
+      return z > 0 ? 1 : 0;
     case Activation::SiLU: {
       const real sg = 1 / (1 + std::exp(-z));
       return sg * (1 + z * (1 - sg));
     }
     case Activation::GELU:
-      return 0.5L * (1 + std::erf(z / std::sqrt(2.0L))) + z * std::exp(-0.5L * z * z) / std::sqrt(2 * 3.14159265358979323846L);
-    default: return 1;
+      return 0.5L * (1 + std::erf(z / std::sqrt(2.0L))) +
+             z * std::exp(-0.5L * z * z) / std::sqrt(2 * 3.14159265358979323846L);
+    default:
+      return 1;
   }
 }
 
@@ -121,7 +128,7 @@ struct Case {
   int64_t N, C, HxW, G;
   Layout layout;
   Activation act = Activation::None;
-  int x_off = 0, dy_off = 0;  // misalignment in elements
+  int x_off = 0, dy_off = 0;      // misalignment in elements
   double center = 0, spread = 2;  // x = center + spread * randn
   Spike spike = Spike::None;
   double spike_size = 0;  // in units of spread
@@ -155,23 +162,30 @@ void run_case(const Case& k) {
     const int64_t last = Cg * HxW - 1;
     const auto at = [&](int64_t j) { return idx(n, j / HxW, j % HxW); };  // j-th value of group 0
     switch (k.spike) {
-      case Spike::First: x.p[at(0)] = scalar_t(spike); break;
-      case Spike::Middle: x.p[at(last / 2)] = scalar_t(spike); break;
-      case Spike::Last: x.p[at(last)] = scalar_t(spike); break;
+      case Spike::First:
+        x.p[at(0)] = scalar_t(spike);
+        break;
+      case Spike::Middle:
+        x.p[at(last / 2)] = scalar_t(spike);
+        break;
+      case Spike::Last:
+        x.p[at(last)] = scalar_t(spike);
+        break;
       case Spike::Plane:
         for (int64_t r = 0; r < HxW; ++r) x.p[idx(n, 0, r)] = scalar_t(spike + nd(rng) * k.spread);
         break;
-      default: break;
+      default:
+        break;
     }
   }
   const double eps = 1e-5;
 
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<unsigned char> workspace(gnflex::cuda::workspace_bytes<scalar_t>(s, k.layout));
-  gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(eps), k.act, s, k.layout,
-                                         mean.data(), rstd.data(), workspace.data(), nullptr);
-  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), k.act, s,
-                                          k.layout, dx.p, dw.data(), db.data(), workspace.data(), nullptr);
+  gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(eps), k.act, s, k.layout, mean.data(),
+                                         rstd.data(), workspace.data(), nullptr);
+  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), k.act, s, k.layout,
+                                          dx.p, dw.data(), db.data(), workspace.data(), nullptr);
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 
   const double rtol = output_rtol<scalar_t>();
@@ -208,7 +222,8 @@ void run_case(const Case& k) {
           const real xh = (value(c, r) - m) * rs;
           const real z = xh * real(w[c]) + real(b[c]);
           // Rounding of the output is relative to the group's largest output.
-          e_y.add(real(y.p[idx(n, c, r)]), act_ref(k.act, z), rtol * static_cast<double>(std::max<real>(1, y_scale / 8)), rtol);
+          e_y.add(real(y.p[idx(n, c, r)]), act_ref(k.act, z),
+                  rtol * static_cast<double>(std::max<real>(1, y_scale / 8)), rtol);
           // ReLU's derivative is discontinuous at 0: skip values within rounding of the kink.
           if (k.act == Activation::ReLU && std::abs(z) < (low ? 1e-2 : 1e-5)) continue;
           const real gz = real(dy.p[idx(n, c, r)]) * act_grad_ref(k.act, z);
@@ -226,12 +241,13 @@ void run_case(const Case& k) {
   const bool ok = worst <= 1;
   static const char* acts[] = {"none", "relu", "silu", "gelu"};
   static const char* spikes[] = {"none", "first", "middle", "last", "plane"};
-  std::printf("%s %-8s %s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d off=%d/%d x=%g+%g*randn spike=%s*%g: "
-              "err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f (%.0f ms)\n",
-              ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC",
-              long(N), long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), k.x_off, k.dy_off, k.center,
-              k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst,
-              e_dw.worst, e_db.worst, ms);
+  std::printf(
+      "%s %-8s %s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d off=%d/%d x=%g+%g*randn spike=%s*%g: "
+      "err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f (%.0f ms)\n",
+      ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC", long(N),
+      long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), k.x_off, k.dy_off, k.center, k.spread,
+      spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst,
+      ms);
   (ok ? passed : failed)++;
 }
 
@@ -240,16 +256,17 @@ void run_case(const Case& k) {
 std::vector<Case> cases() {
   std::vector<Case> all;
   for (Layout l : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
-    all.push_back({2, 6, 5000, 3, l});                                    // several parts per plane / row block
-    all.push_back({1, 300, 20, 10, l, Activation::SiLU, 0, 0, 3.0});      // C > 256: two channel tiles, odd C
-    all.push_back({2, 608, 45, 32, l, Activation::None, 1, 1, 1.0});      // scalar channels-last: 3 tiles of 203
-    all.push_back({1, 2560, 24, 32, l, Activation::SiLU, 0, 0, 1.0});     // vector tiles, groups across tile edges
-    all.push_back({3, 4, 33, 2, l, Activation::GELU, 1, 3});              // misaligned, odd sizes
+    all.push_back({2, 6, 5000, 3, l});                                 // several parts per plane / row block
+    all.push_back({1, 300, 20, 10, l, Activation::SiLU, 0, 0, 3.0});   // C > 256: two channel tiles, odd C
+    all.push_back({2, 608, 45, 32, l, Activation::None, 1, 1, 1.0});   // scalar channels-last: 3 tiles of 203
+    all.push_back({1, 2560, 24, 32, l, Activation::SiLU, 0, 0, 1.0});  // vector tiles, groups across tile edges
+    all.push_back({3, 4, 33, 2, l, Activation::GELU, 1, 3});           // misaligned, odd sizes
     all.push_back({2, 8, 100, 4, l, Activation::ReLU, 0, 0, 0.5});
-    all.push_back({4, 6, 1, 6, l, Activation::None, 0, 0, 0, 1, Spike::None, 0, false});  // one value per group, 2-D input
-    all.push_back({2, 16, 7, 1, l, Activation::SiLU});                   // one group (LayerNorm-like)
-    all.push_back({2, 12, 60, 12, l, Activation::GELU});                  // InstanceNorm-like
-    all.push_back({2, 4, 6 * 5 * 4, 2, l, Activation::None, 2, 2});       // 3-D spatial, same misalignment
+    all.push_back(
+        {4, 6, 1, 6, l, Activation::None, 0, 0, 0, 1, Spike::None, 0, false});  // one value per group, 2-D input
+    all.push_back({2, 16, 7, 1, l, Activation::SiLU});                          // one group (LayerNorm-like)
+    all.push_back({2, 12, 60, 12, l, Activation::GELU});                        // InstanceNorm-like
+    all.push_back({2, 4, 6 * 5 * 4, 2, l, Activation::None, 2, 2});             // 3-D spatial, same misalignment
   }
   return all;
 }
@@ -305,12 +322,16 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
     const bool big = numel * elem >= (8 << 20);
     std::string per_launch;
     for (int64_t b : g_launch_bytes) per_launch += (per_launch.empty() ? "" : " ") + std::to_string(b);
-    std::printf("traffic %s %ldx%ldx%ld %s %s G=%ld: bytes %ld ideal %ld ratio %.2f launches %ld max_blocks %ld"
-                "  [%s; ratio %s, launches %s, blocks %s; bytes per launch %s]\n",
-                pass, long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl",
-                long(G), long(g_traffic_bytes), long(ideal), ratio, long(g_launches), long(g_max_blocks),
-                label.c_str(), ratio <= ratio_goal ? "ok" : "OVER", g_launches <= launch_goal ? "ok" : "OVER",
-                !big ? "-" : g_max_blocks >= 264 ? "ok" : "UNDER", per_launch.c_str());
+    std::printf(
+        "traffic %s %ldx%ldx%ld %s %s G=%ld: bytes %ld ideal %ld ratio %.2f launches %ld max_blocks %ld"
+        "  [%s; ratio %s, launches %s, blocks %s; bytes per launch %s]\n",
+        pass, long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl", long(G),
+        long(g_traffic_bytes), long(ideal), ratio, long(g_launches), long(g_max_blocks), label.c_str(),
+        ratio <= ratio_goal ? "ok" : "OVER", g_launches <= launch_goal ? "ok" : "OVER",
+        !big                  ? "-"
+        : g_max_blocks >= 264 ? "ok"
+                              : "UNDER",
+        per_launch.c_str());
     g_traffic_bytes = g_launches = g_max_blocks = 0;
     g_launch_bytes.clear();
   };
@@ -319,8 +340,8 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(1e-5), Activation::None, s, layout,
                                          mean.data(), rstd.data(), workspace.data(), nullptr);
   report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 3);
-  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), Activation::None,
-                                          s, layout, dx.p, dw.data(), db.data(), workspace.data(), nullptr);
+  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), Activation::None, s,
+                                          layout, dx.p, dw.data(), db.data(), workspace.data(), nullptr);
   report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 4);
 }
 
@@ -332,19 +353,22 @@ void grid_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int6
                const std::string& dtype) {
   namespace gc = gnflex::cuda;
   const GroupNormShape s{N, C, HxW, G};
-  const int vec = layout == Layout::ChannelsLast && C % gc::PackTraits<scalar_t>::kSize == 0
-                      ? gc::PackTraits<scalar_t>::kSize
-                      : 1;
+  const int vec =
+      layout == Layout::ChannelsLast && C % gc::PackTraits<scalar_t>::kSize == 0 ? gc::PackTraits<scalar_t>::kSize : 1;
   const gc::Plan plan = gc::make_plan<scalar_t>(s, layout, vec);
   const int64_t bytes = N * C * HxW * int64_t(sizeof(scalar_t));
   const int64_t stats = gc::stats_blocks(s, plan), out = gc::output_blocks(s, plan);
   const int64_t grad = gc::output_blocks(s, plan, true);
   const bool big = bytes >= (8 << 20);
   const bool ok = std::min({stats, out, grad}) >= 264;
-  std::printf("grid %ldx%ldx%ld %s %s G=%ld (%.1f MB): stats %ld output %ld grad_sums %ld"
-              "  [%s; %s]\n",
-              long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl", long(G),
-              bytes / 1048576.0, long(stats), long(out), long(grad), label.c_str(), !big ? "-" : ok ? "ok" : "UNDER");
+  std::printf(
+      "grid %ldx%ldx%ld %s %s G=%ld (%.1f MB): stats %ld output %ld grad_sums %ld"
+      "  [%s; %s]\n",
+      long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl", long(G),
+      bytes / 1048576.0, long(stats), long(out), long(grad), label.c_str(),
+      !big ? "-"
+      : ok ? "ok"
+           : "UNDER");
 }
 
 // Reads cases "label N C HxW G dtype layout" from stdin and calls
@@ -355,10 +379,14 @@ int for_each_input_case() {
   int64_t N, C, HxW, G;
   while (std::cin >> label >> N >> C >> HxW >> G >> dtype >> layout) {
     const Layout l = layout == "nchw" ? Layout::ChannelsFirst : Layout::ChannelsLast;
-    if (dtype == "float32") Report<float>::run(label, N, C, HxW, G, l, dtype);
-    else if (dtype == "float16") Report<c10::Half>::run(label, N, C, HxW, G, l, dtype);
-    else if (dtype == "bfloat16") Report<c10::BFloat16>::run(label, N, C, HxW, G, l, dtype);
-    else Report<double>::run(label, N, C, HxW, G, l, dtype);
+    if (dtype == "float32")
+      Report<float>::run(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "float16")
+      Report<c10::Half>::run(label, N, C, HxW, G, l, dtype);
+    else if (dtype == "bfloat16")
+      Report<c10::BFloat16>::run(label, N, C, HxW, G, l, dtype);
+    else
+      Report<double>::run(label, N, C, HxW, G, l, dtype);
   }
   return 0;
 }

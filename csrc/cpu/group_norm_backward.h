@@ -1,5 +1,5 @@
 // CPU GroupNorm kernels, part 5: the backward schedules (fused per group /
-// per sample, two-pass). Part of kernels_impl.h, which includes the parts
+// per sample, two-pass). Part of group_norm_kernels_impl.h, which includes the parts
 // in order inside one translation unit per CPU capability.
 #pragma once
 
@@ -59,21 +59,19 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
       std::fill(pivot, pivot + Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
-        std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) =
-            plane_grad_sums<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, s.HxW, t, c,
-                                         g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
+        std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) = plane_grad_sums<scalar_t, A>(
+            gdy + c * s.HxW, gx + c * s.HxW, s.HxW, t, c, g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
       }
       if (a.dx == nullptr) continue;
-      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.w + c0, Cg, a.mean_shift[ng],
-                             a.rstd[ng], D, g_coef, x_coef, bias_coef);
+      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.w + c0, Cg, a.mean_shift[ng], a.rstd[ng], D,
+                             g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
       for (int64_t c = 0; c < Cg; ++c) {
         const bool more = ng + 1 < end;
-        const RunWrite<scalar_t, 2> w{a.stream, {more ? gx + D + c * s.HxW : nullptr,
-                                                 more ? gdy + D + c * s.HxW : nullptr}};
-        input_grad_run<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, a.dx + ng * D + c * s.HxW,
-                                    s.HxW, run_affine(t, c, PerRun{}),
-                                    run_input_grad(gt, c, PerRun{}), w,
+        const RunWrite<scalar_t, 2> w{a.stream,
+                                      {more ? gx + D + c * s.HxW : nullptr, more ? gdy + D + c * s.HxW : nullptr}};
+        input_grad_run<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, a.dx + ng * D + c * s.HxW, s.HxW,
+                                    run_affine(t, c, PerRun{}), run_input_grad(gt, c, PerRun{}), w,
                                     g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
       }
     }
@@ -99,17 +97,16 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
         a.mean_shift[ng] = a.group_mean_shift(ng);
-        group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + g * Cg, a.b + g * Cg, Cg,
-                              scale + g * Cg, shift + g * Cg);
+        group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + g * Cg, a.b + g * Cg, Cg, scale + g * Cg,
+                              shift + g * Cg);
       }
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* sum_gx = a.sum_gx + n * s.C;
       acc_t* sum_g = a.sum_g + n * s.C;
       PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
       for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
-        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0,
-                                        std::min(block_rows, s.HxW - row0), s.C, t, block_gx, block_g,
-                                        g_out);
+        cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0), s.C, t,
+                                        block_gx, block_g, g_out);
         total.push(block_gx);
       }
       total.result(block_gx);
@@ -118,20 +115,17 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       if (a.dx == nullptr) continue;
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
-        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.w + g * Cg, Cg, a.mean_shift[ng],
-                               a.rstd[ng], s.group_size(), g_coef + g * Cg, x_coef + g * Cg,
-                               bias_coef + g * Cg);
+        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.w + g * Cg, Cg, a.mean_shift[ng], a.rstd[ng],
+                               s.group_size(), g_coef + g * Cg, x_coef + g * Cg, bias_coef + g * Cg);
       }
       const auto row_affine = run_affine(t, 0, PerChannel{});
-      const auto row_input_grad =
-          run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
+      const auto row_input_grad = run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
       for (int64_t r = 0; r < s.HxW; ++r) {
         const int64_t next = offset + (s.HxW + r) * s.C;
-        const RunWrite<scalar_t, 2> w{a.stream, {n + 1 < end ? a.x + next : nullptr,
-                                                 n + 1 < end ? a.dy + next : nullptr}};
-        input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C,
-                                    a.dx + offset + r * s.C, s.C, row_affine, row_input_grad, w,
-                                    g_out ? g_out + r * s.C : nullptr);
+        const RunWrite<scalar_t, 2> w{a.stream,
+                                      {n + 1 < end ? a.x + next : nullptr, n + 1 < end ? a.dy + next : nullptr}};
+        input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C, a.dx + offset + r * s.C, s.C,
+                                    row_affine, row_input_grad, w, g_out ? g_out + r * s.C : nullptr);
       }
     }
     stream_fence();
@@ -148,8 +142,8 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
     a.mean_shift[ng] = a.group_mean_shift(ng);
-    group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + c0, a.b + c0, Cg,
-                          scale.data() + ng * Cg, shift.data() + ng * Cg);
+    group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.w + c0, a.b + c0, Cg, scale.data() + ng * Cg,
+                          shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
 
@@ -162,9 +156,9 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
         planes, chunks, 1, 2 * std::min(kChunk, s.HxW),
         [&](int64_t plane, int64_t k, std::pair<acc_t, acc_t>* out) {
           const int64_t base = plane * s.HxW + k * kChunk;
-          *out = simd_sum2<scalar_t>(std::min(kChunk, s.HxW - k * kChunk),
-                                     grad_sums_body<scalar_t, A>(a.dy + base, a.x + base,
-                                                                 run_affine(t, plane, PerRun{})));
+          *out =
+              simd_sum2<scalar_t>(std::min(kChunk, s.HxW - k * kChunk),
+                                  grad_sums_body<scalar_t, A>(a.dy + base, a.x + base, run_affine(t, plane, PerRun{})));
         },
         [&](int64_t plane, const std::pair<acc_t, acc_t>* parts) {
           for (int64_t k = 0; k < chunks; ++k) {
@@ -181,8 +175,8 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
         [&](int64_t n, int64_t b, acc_t* out) {
           const int64_t offset = n * s.HxW * s.C, row0 = b * block_rows;
           const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};
-          cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0),
-                                          s.C, sample_t, out, out + s.C);
+          cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0), s.C,
+                                          sample_t, out, out + s.C);
         },
         [&](int64_t n, const acc_t* parts) {
           PairwiseArraySum<acc_t>::sum_of(parts, blocks, 2 * s.C, sums.data());
@@ -196,15 +190,13 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   std::vector<acc_t> g_coef(planes), x_coef(planes), bias_coef(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t i = ng * Cg;
-    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.w + ng % s.G * Cg, Cg, a.mean_shift[ng],
-                           a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i,
-                           bias_coef.data() + i);
+    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.w + ng % s.G * Cg, Cg, a.mean_shift[ng], a.rstd[ng],
+                           s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
   }
   const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
   for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
-    input_grad_run<scalar_t, A>(a.dy + base, a.x + base, a.dx + base, len,
-                                run_affine(t, ci, per_channel), run_input_grad(gt, ci, per_channel),
-                                RunWrite<scalar_t, 2>{a.stream, {}});
+    input_grad_run<scalar_t, A>(a.dy + base, a.x + base, a.dx + base, len, run_affine(t, ci, per_channel),
+                                run_input_grad(gt, ci, per_channel), RunWrite<scalar_t, 2>{a.stream, {}});
   });
 }
 

@@ -1,5 +1,5 @@
 // CPU GroupNorm kernels, part 2: schedule choice, pivots and the statistics
-// of chunks, groups and samples. Part of kernels_impl.h, which includes the
+// of chunks, groups and samples. Part of group_norm_kernels_impl.h, which includes the
 // parts in order inside one translation unit per CPU capability.
 #pragma once
 
@@ -50,9 +50,7 @@ int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::ma
 // and of at most 64 rows: a channel's sums run down the rows one add after
 // another, and a long chain after a spike loses its small terms (682 rows:
 // 1e-6 of M2).
-int64_t sum_rows_per_block(int64_t C) {
-  return std::clamp<int64_t>(4 * kChunk / std::max<int64_t>(C, 1), 1, 64);
-}
+int64_t sum_rows_per_block(int64_t C) { return std::clamp<int64_t>(4 * kChunk / std::max<int64_t>(C, 1), 1, 64); }
 
 // ---- pivots -----------------------------------------------------------------
 // Outputs are computed about each group's rounded mean P (the pivot): the
@@ -270,8 +268,8 @@ struct ClBlockSumsOp {
 };
 
 template <typename scalar_t>
-void cl_block_sums(const scalar_t* sample, int64_t row0, int64_t rows, int64_t C,
-                   const acc_type<scalar_t>* center, acc_type<scalar_t>* out) {
+void cl_block_sums(const scalar_t* sample, int64_t row0, int64_t rows, int64_t C, const acc_type<scalar_t>* center,
+                   acc_type<scalar_t>* out) {
   const scalar_t* block = sample + row0 * C;
   if (center == nullptr) {
     simd_for_columns<scalar_t>(C, rows, ClBlockSumsOp<scalar_t, false>{block, C, center, out});
@@ -346,8 +344,7 @@ void sample_stats(const scalar_t* sample, const GroupNormShape& s, SampleStatsSc
 // Two-pass statistics: every chunk / row block in parallel, then merged
 // pairwise in index order (as span_stats / sample_stats do).
 template <typename scalar_t>
-std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
-                                                          const GroupNormShape& s, Layout layout) {
+std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   using Stats = WelfordStats<acc_t>;
   const int64_t groups = s.N * s.G;
@@ -390,8 +387,7 @@ std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x,
   chunked_reduce<acc_t>(
       s.N, plan.blocks, 2 * C, plan.block_rows * C,
       [&](int64_t n, int64_t b, acc_t* out) {
-        cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C, centers.data() + n * C,
-                      out);
+        cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C, centers.data() + n * C, out);
       },
       [&](int64_t n, const acc_t* parts) {
         PairwiseArraySum<acc_t>::sum_of(parts, plan.blocks, 2 * C, sums.data());

@@ -1,5 +1,5 @@
 // CPU GroupNorm kernels, part 3: per-run coefficients and the elementwise
-// passes over runs. Part of kernels_impl.h, which includes the parts in
+// passes over runs. Part of group_norm_kernels_impl.h, which includes the parts in
 // order inside one translation unit per CPU capability.
 #pragma once
 
@@ -29,8 +29,8 @@ struct InputGradTables {
 // (w, b, pivot, scale, shift point at the group's first channel): the pivot
 // is the rounded mean, its residual goes into the shift.
 template <typename T>
-void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const T* b, int64_t Cg,
-                         T* mean, T* rstd, T* pivot, T* scale, T* shift) {
+void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const T* b, int64_t Cg, T* mean, T* rstd,
+                         T* pivot, T* scale, T* shift) {
   *mean = math::rounded_mean(stats);
   *rstd = math::rstd_from_stats(stats, eps);
   const T residual = math::mean_residual(stats, *mean);
@@ -45,8 +45,7 @@ void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const 
 // The backward rebuilds the forward coefficients of one group from the
 // residual mean - pivot (to recompute z for the activation, and for dx).
 template <typename T>
-void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t Cg, T* scale,
-                           T* shift) {
+void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t Cg, T* scale, T* shift) {
   for (int64_t c = 0; c < Cg; ++c) {
     const auto affine = math::fold_affine(mean_shift, rstd, w[c], b[c]);
     scale[c] = affine.scale;
@@ -57,8 +56,8 @@ void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t
 // The dx coefficients of one group's Cg channels, from their sums of
 // g * (x - pivot) and g.
 template <typename T>
-void group_input_grad_coefs(const T* sum_gx, const T* sum_g, const T* w, int64_t Cg, T mean_shift,
-                            T rstd, int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
+void group_input_grad_coefs(const T* sum_gx, const T* sum_g, const T* w, int64_t Cg, T mean_shift, T rstd,
+                            int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
   T sum_gwx = 0, sum_gw = 0;
   for (int64_t c = 0; c < Cg; ++c) {
     sum_gwx += w[c] * sum_gx[c];
@@ -86,14 +85,18 @@ template <typename T>
 struct Broadcast {
   T value;
   template <typename V>
-  V get(int64_t /*j*/) const { return V(value); }
+  V get(int64_t /*j*/) const {
+    return V(value);
+  }
 };
 
 template <typename T>
 struct ChannelArray {
   const T* values;
   template <typename V>
-  V get(int64_t j) const { return load_as<V>(values + j); }
+  V get(int64_t j) const {
+    return load_as<V>(values + j);
+  }
 };
 
 // Entry ci of a table as a run coefficient.
@@ -119,15 +122,13 @@ struct RunInputGrad {
 template <typename T, typename P>
 inline auto run_affine(const AffineTables<T>& t, int64_t ci, P pc) {
   using Coef = decltype(run_coef(t.pivot, ci, pc));
-  return RunAffine<Coef>{run_coef(t.pivot, ci, pc), run_coef(t.scale, ci, pc),
-                         run_coef(t.shift, ci, pc)};
+  return RunAffine<Coef>{run_coef(t.pivot, ci, pc), run_coef(t.scale, ci, pc), run_coef(t.shift, ci, pc)};
 }
 
 template <typename T, typename P>
 inline auto run_input_grad(const InputGradTables<T>& t, int64_t ci, P pc) {
   using Coef = decltype(run_coef(t.g_coef, ci, pc));
-  return RunInputGrad<Coef>{run_coef(t.g_coef, ci, pc), run_coef(t.x_coef, ci, pc),
-                            run_coef(t.bias_coef, ci, pc)};
+  return RunInputGrad<Coef>{run_coef(t.g_coef, ci, pc), run_coef(t.x_coef, ci, pc), run_coef(t.bias_coef, ci, pc)};
 }
 
 // For the values at offset j of a run: x - pivot, and the pre-activation
@@ -222,8 +223,8 @@ struct ForwardColumnsOp {
 };
 
 template <typename scalar_t, Activation A>
-void cl_forward_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C,
-                     const AffineTables<acc_type<scalar_t>>& t, const RunWrite<scalar_t, 1>& w) {
+void cl_forward_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const AffineTables<acc_type<scalar_t>>& t,
+                     const RunWrite<scalar_t, 1>& w) {
   const int64_t block = sum_rows_per_block(C);
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t n = std::min(block, rows - r0);
@@ -267,15 +268,15 @@ inline auto grad_sums_body(const scalar_t* dy, const scalar_t* x, const RunAffin
 
 // Sums of g * (x - pivot) and g over one channels-first plane, chunk by chunk.
 template <typename scalar_t, Activation A>
-std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
-    const scalar_t* dy, const scalar_t* x, int64_t HxW, const AffineTables<acc_type<scalar_t>>& t,
-    int64_t ci, acc_type<scalar_t>* g_out) {
+std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t HxW,
+                                                                  const AffineTables<acc_type<scalar_t>>& t, int64_t ci,
+                                                                  acc_type<scalar_t>* g_out) {
   acc_type<scalar_t> sum_gx = 0, sum_g = 0;
   const auto a = run_affine(t, ci, PerRun{});
   for (int64_t start = 0; start < HxW; start += kChunk) {
-    const auto part = simd_sum2<scalar_t>(std::min(kChunk, HxW - start),
-                                          grad_sums_body<scalar_t, A>(dy + start, x + start, a,
-                                                                      g_out ? g_out + start : nullptr));
+    const auto part =
+        simd_sum2<scalar_t>(std::min(kChunk, HxW - start),
+                            grad_sums_body<scalar_t, A>(dy + start, x + start, a, g_out ? g_out + start : nullptr));
     sum_gx += part.first;
     sum_g += part.second;
   }
@@ -285,10 +286,9 @@ std::pair<acc_type<scalar_t>, acc_type<scalar_t>> plane_grad_sums(
 // Channels-last: per-channel sums of g * (x - pivot) and g over rows
 // [row0, row0 + rows) of one sample into block_gx, block_g (C values each).
 template <typename scalar_t, Activation A>
-void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int64_t rows,
-                        int64_t C, const AffineTables<acc_type<scalar_t>>& t,
-                        acc_type<scalar_t>* block_gx, acc_type<scalar_t>* block_g,
-                        acc_type<scalar_t>* g_out = nullptr) {
+void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int64_t rows, int64_t C,
+                        const AffineTables<acc_type<scalar_t>>& t, acc_type<scalar_t>* block_gx,
+                        acc_type<scalar_t>* block_g, acc_type<scalar_t>* g_out = nullptr) {
   const auto a = run_affine(t, 0, PerChannel{});
   simd_column_sums<scalar_t, 2>(C, rows, block_gx, block_g, [&](int64_t r) {
     const int64_t offset = (row0 + r) * C;
@@ -297,9 +297,8 @@ void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int
 }
 
 template <typename scalar_t, Activation A, typename Coef>
-inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len,
-                           const RunAffine<Coef> a, const RunInputGrad<Coef> ig,
-                           const RunWrite<scalar_t, 2>& w,
+inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, const RunAffine<Coef> a,
+                           const RunInputGrad<Coef> ig, const RunWrite<scalar_t, 2>& w,
                            const acc_type<scalar_t>* g_saved = nullptr) {
   simd_for<scalar_t>(len, [&](int64_t i, auto step) {
     using S = decltype(step);
@@ -310,11 +309,9 @@ inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
     load_values(dy + i, dv);
     for (int k = 0; k < S::count; ++k) {
       const int64_t j = i + k * S::lanes;
-      const auto [d, g] = g_saved != nullptr
-                              ? std::pair<V, V>{centered(xv[k], a, j), load_as<V>(g_saved + j)}
-                              : centered_and_grad<A>(xv[k], dv[k], a, j);
-      dv[k] = ig.g_coef.template get<V>(j) * g + ig.x_coef.template get<V>(j) * d +
-              ig.bias_coef.template get<V>(j);
+      const auto [d, g] = g_saved != nullptr ? std::pair<V, V>{centered(xv[k], a, j), load_as<V>(g_saved + j)}
+                                             : centered_and_grad<A>(xv[k], dv[k], a, j);
+      dv[k] = ig.g_coef.template get<V>(j) * g + ig.x_coef.template get<V>(j) * d + ig.bias_coef.template get<V>(j);
     }
     store_values(dx + i, dv, w.stream);
   });

@@ -1,5 +1,5 @@
 // Plain types shared by the host code and every kernel back end. No code that
-// depends on compiler target flags lives here (see cpu/kernels_impl.h).
+// depends on compiler target flags lives here (see cpu/group_norm_kernels_impl.h).
 #pragma once
 
 #include <cstdint>

@@ -1,12 +1,13 @@
-"""Shared test helpers: devices, per-dtype tolerances and the independent
-reference (torch.nn.functional.group_norm + activation, in float64)."""
+"""Shared test helpers and case lists: devices, per-dtype tolerances and the
+independent reference (torch.nn.functional.group_norm + activation, in
+float64). Test files import it as ``_helpers`` (pyproject's pytest
+``pythonpath`` puts tests/ on the path in every import mode)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gnflex
-
-ACTIVATIONS = ("none", "relu", "silu", "gelu")
+from gnflex.activations import ACTIVATIONS, torch_function  # noqa: F401  (a case list for the tests)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # (rtol, atol) of a result in `dtype` against the float64 reference computed
@@ -35,7 +36,7 @@ DEVICES = [
 
 
 def act_ref(z, activation):
-    return {"none": lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}[activation](z)
+    return torch_function(activation)(z)
 
 
 def reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation="none"):

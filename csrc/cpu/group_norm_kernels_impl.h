@@ -5,7 +5,7 @@
 // (namespace gnflex::cpu::CPU_CAPABILITY) is distinct. group_norm_cpu.cpp picks
 // one at run time from ATen's CPU capability.
 //
-// Data flow (both layouts; the numerical scheme is described in gn_math.h):
+// Data flow (both layouts; the numerical scheme is described in group_norm_math.h):
 //   forward:  exact per-chunk stats (chunk mean, then sums about it), merged
 //             per group -> mean P (rounded), rstd -> per-(n, c) scale/shift
 //             -> y = act((x - P) * scale + shift)
@@ -16,17 +16,17 @@
 // partial results are combined in index order, so every result is bitwise
 // identical whatever at::get_num_threads() is.
 //
-// Parts, in include order: kernels_simd.h (loop helpers), kernels_stats.h
-// (statistics), kernels_runs.h (coefficients, elementwise runs),
-// kernels_forward.h, kernels_backward.h (schedules); this file: the typed
+// Parts, in include order: group_norm_simd.h (loop helpers), group_norm_stats.h
+// (statistics), group_norm_runs.h (coefficients, elementwise runs),
+// group_norm_forward.h, group_norm_backward.h (schedules); this file: the typed
 // drivers and the entry points.
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY before including cpu/kernels_impl.h"
+#error "define CPU_CAPABILITY before including cpu/group_norm_kernels_impl.h"
 #endif
 
-#include "vec_math.h"  // must precede gn_math.h (see there)
+#include "vec_math.h"  // must precede group_norm_math.h (see there)
 
 #include <ATen/Parallel.h>
 
@@ -39,12 +39,11 @@
 #include <vector>
 
 #include "group_norm_kernels.h"
-#include "kernels_simd.h"
-#include "kernels_stats.h"
-#include "kernels_runs.h"
-#include "kernels_forward.h"
-#include "kernels_backward.h"
-
+#include "group_norm_simd.h"
+#include "group_norm_stats.h"
+#include "group_norm_runs.h"
+#include "group_norm_forward.h"
+#include "group_norm_backward.h"
 
 namespace gnflex {
 namespace cpu {
@@ -57,11 +56,11 @@ void forward_typed(const ForwardParams& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
-  const ForwardArgs<scalar_t> args{static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.y),
-                                   static_cast<const acc_t*>(p.weight),
-                                   static_cast<const acc_t*>(p.bias), static_cast<acc_t>(p.eps),
-                                   static_cast<acc_t*>(p.mean), static_cast<acc_t*>(p.rstd),
-                                   stream_output(p.y, s, p.layout, bytes, p.tuning)};
+  const ForwardArgs<scalar_t> args{
+      static_cast<const scalar_t*>(p.x),   static_cast<scalar_t*>(p.y),
+      static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias),
+      static_cast<acc_t>(p.eps),           static_cast<acc_t*>(p.mean),
+      static_cast<acc_t*>(p.rstd),         stream_output(p.y, s, p.layout, bytes, p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (p.layout == Layout::ChannelsFirst) {
@@ -82,9 +81,9 @@ void forward_typed(const ForwardParams& p) {
 // take the exact residual. Typical data never needs it, so it costs nothing
 // there.
 template <typename scalar_t>
-void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
-                       const acc_type<scalar_t>* rstd, const GroupNormShape& s, Layout layout,
-                       std::vector<char>& has_exact, std::vector<acc_type<scalar_t>>& shift) {
+void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd,
+                       const GroupNormShape& s, Layout layout, std::vector<char>& has_exact,
+                       std::vector<acc_type<scalar_t>>& shift) {
   using acc_t = acc_type<scalar_t>;
   using Stats = WelfordStats<acc_t>;
   const int64_t groups = s.N * s.G;
@@ -107,8 +106,7 @@ void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean,
     SampleStatsScratch<acc_t> scratch(s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
-      if (!std::any_of(has_exact.begin() + n * s.G, has_exact.begin() + (n + 1) * s.G,
-                       [](char f) { return f != 0; })) {
+      if (!std::any_of(has_exact.begin() + n * s.G, has_exact.begin() + (n + 1) * s.G, [](char f) { return f != 0; })) {
         continue;
       }
       sample_stats(x + n * s.HxW * s.C, s, scratch, stats.data());
@@ -129,14 +127,19 @@ void backward_typed(const BackwardParams& p) {
   std::vector<acc_t> exact_shift(s.N * s.G);
   exact_mean_shifts(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
                     static_cast<const acc_t*>(p.rstd), s, p.layout, has_exact, exact_shift);
-  const BackwardArgs<scalar_t> args{
-      static_cast<const scalar_t*>(p.dy), static_cast<const scalar_t*>(p.x),
-      static_cast<scalar_t*>(p.dx),       static_cast<const acc_t*>(p.mean),
-      static_cast<const acc_t*>(p.rstd),  static_cast<const acc_t*>(p.weight),
-      static_cast<const acc_t*>(p.bias),  sum_gx.data(),
-      sum_g.data(),                       mean_shift.data(),
-      stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
-      has_exact.data(),                   exact_shift.data()};
+  const BackwardArgs<scalar_t> args{static_cast<const scalar_t*>(p.dy),
+                                    static_cast<const scalar_t*>(p.x),
+                                    static_cast<scalar_t*>(p.dx),
+                                    static_cast<const acc_t*>(p.mean),
+                                    static_cast<const acc_t*>(p.rstd),
+                                    static_cast<const acc_t*>(p.weight),
+                                    static_cast<const acc_t*>(p.bias),
+                                    sum_gx.data(),
+                                    sum_g.data(),
+                                    mean_shift.data(),
+                                    stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
+                                    has_exact.data(),
+                                    exact_shift.data()};
   // x and dy are both read twice.
   const int64_t bytes = 2 * static_cast<int64_t>(sizeof(scalar_t));
   dispatch_activation(p.activation, [&](auto a) {
@@ -159,8 +162,7 @@ void backward_typed(const BackwardParams& p) {
   const int64_t Cg = s.channels_per_group();
   for (int64_t i = 0; i < planes; ++i) {
     const int64_t ng = i / Cg;  // planes of a group are consecutive: i = (n * G + g) * Cg + c % Cg
-    dweight[i % s.C] += math::weight_grad_term(args.sum_gx[i], args.sum_g[i], mean_shift[ng],
-                                               args.rstd[ng]);
+    dweight[i % s.C] += math::weight_grad_term(args.sum_gx[i], args.sum_g[i], mean_shift[ng], args.rstd[ng]);
     dbias[i % s.C] += sum_g[i];
   }
 }

@@ -33,14 +33,14 @@
 // functions never merge at link time (an AVX2 copy must not run on a CPU
 // without AVX2).
 #pragma once
-#define GNFLEX_GN_MATH_H
+#define GNFLEX_GROUP_NORM_MATH_H
 
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
-#include "gn_types.h"
+#include "group_norm_types.h"
 
 #ifdef CPU_CAPABILITY
 #define GNFLEX_MATH_NS CPU_CAPABILITY
@@ -63,7 +63,9 @@ GNFLEX_HD float gn_rsqrt(float v) { return 1.0f / ::sqrtf(v); }
 GNFLEX_HD double gn_rsqrt(double v) { return 1.0 / ::sqrt(v); }
 // min(v, cap); NaN in v stays NaN.
 template <typename T>
-GNFLEX_HD T gn_min(T v, T cap) { return cap < v ? cap : v; }
+GNFLEX_HD T gn_min(T v, T cap) {
+  return cap < v ? cap : v;
+}
 // Largest argument whose exp is finite with room for 1 + exp (float, double).
 GNFLEX_HD float gn_exp_arg_max(float) { return 88.0f; }
 GNFLEX_HD double gn_exp_arg_max(double) { return 709.0; }
@@ -73,9 +75,13 @@ GNFLEX_HD double gn_epsilon(double) { return DBL_EPSILON; }
 // max(v, 0) and its derivative as torch's threshold_backward: 0 where v <= 0,
 // else 1 (so 0 at 0, and 1 at NaN: the gradient passes through).
 template <typename T>
-GNFLEX_HD T gn_relu(T v) { return v < T(0) ? T(0) : v; }  // NaN stays NaN, as torch.relu
+GNFLEX_HD T gn_relu(T v) {
+  return v < T(0) ? T(0) : v;
+}  // NaN stays NaN, as torch.relu
 template <typename T>
-GNFLEX_HD T gn_positive_mask(T v) { return v <= T(0) ? T(0) : T(1); }
+GNFLEX_HD T gn_positive_mask(T v) {
+  return v <= T(0) ? T(0) : T(1);
+}
 
 // The scalar type of a value type: itself, or a vector's element type.
 template <typename V, typename = void>
@@ -175,8 +181,7 @@ GNFLEX_HD WelfordStats<T> welford_from_centered_sums(int64_t count, T center, T 
 // mean taken about c[0]. Each part keeps its own center, so channels at
 // different levels (a dead channel, a plane of spikes) cost no accuracy.
 template <typename T>
-GNFLEX_HD WelfordStats<T> welford_from_equal_parts(int64_t k, int64_t n, const T* c, const T* s1,
-                                                   const T* s2) {
+GNFLEX_HD WelfordStats<T> welford_from_equal_parts(int64_t k, int64_t n, const T* c, const T* s1, const T* s2) {
   WelfordStats<T> s;
   if (k == 0 || n == 0) return s;
   const T inv_n = T(1) / T(n);
@@ -276,8 +281,7 @@ struct InputGradCoefs {
 };
 
 template <typename T>
-GNFLEX_HD InputGradCoefs<T> input_grad_coefs(T sum_gwx, T sum_gw, T mean_shift, T rstd,
-                                             int64_t group_size) {
+GNFLEX_HD InputGradCoefs<T> input_grad_coefs(T sum_gwx, T sum_gw, T mean_shift, T rstd, int64_t group_size) {
   if (group_size == 0) return {T(0), T(0)};
   const T inv_d = T(1) / T(group_size);
   const T k = rstd * rstd * rstd * (sum_gwx - mean_shift * sum_gw) * inv_d;

@@ -1,5 +1,5 @@
 // CPU GroupNorm kernels, part 1: constants and the vectorized loop helpers.
-// Part of kernels_impl.h, which includes the parts in order inside one
+// Part of group_norm_kernels_impl.h, which includes the parts in order inside one
 // translation unit per CPU capability.
 #pragma once
 
@@ -228,8 +228,8 @@ struct ColumnSumsOp {
 };
 
 template <typename scalar_t, int Sums, typename RowBody>
-inline void simd_column_sums(int64_t C, int64_t rows, acc_type<scalar_t>* sum_a,
-                             acc_type<scalar_t>* sum_b, const RowBody& row_body) {
+inline void simd_column_sums(int64_t C, int64_t rows, acc_type<scalar_t>* sum_a, acc_type<scalar_t>* sum_b,
+                             const RowBody& row_body) {
   simd_for_columns<scalar_t>(C, rows, ColumnSumsOp<scalar_t, Sums, RowBody>{sum_a, sum_b, row_body});
 }
 
