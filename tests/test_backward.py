@@ -4,16 +4,8 @@ import pytest
 import torch
 
 import gnflex
-from _helpers import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, grads_of, make_input,
+from _helpers import (ACTIVATIONS, DEVICES, DTYPES, LAYOUT_CASES, assert_close_to_ref, grads_of, make_input,
                       make_params, reference)
-
-SHAPES = [((4, 6), 3), ((2, 12, 17), 4), ((2, 32, 9, 11), 8), ((2, 8, 3, 5, 7), 2),
-          ((1, 8, 70, 70), 2), ((2, 520, 3, 3), 13)]
-
-
-# (layout, shape, groups); an (N, C) input has no channels_last form.
-LAYOUT_CASES = [(layout, shape, groups) for layout in ("contiguous", "channels_last", "strided")
-                for shape, groups in SHAPES if not (layout == "channels_last" and len(shape) < 3)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,26 +3,8 @@ import pytest
 import torch
 
 import gnflex
-from _helpers import (ACTIVATIONS, DEVICES, DTYPES, assert_close_to_ref, make_input, make_params,
+from _helpers import (ACTIVATIONS, DEVICES, DTYPES, LAYOUT_CASES, assert_close_to_ref, make_input, make_params,
                       reference)
-
-# (shape, groups): no spatial dims, 1D, 2D, 3D, odd sizes, multi-chunk groups.
-SHAPES = [
-    ((4, 6), 3),
-    ((2, 12, 17), 4),
-    ((2, 32, 9, 11), 8),
-    ((2, 16, 3, 5, 7), 4),
-    ((3, 3, 5, 5), 1),  # C=3, G=1
-    ((2, 6, 4, 4), 3),  # C=6, G=3
-    ((1, 8, 70, 70), 2),  # group spans several fixed-size chunks
-    ((2, 520, 3, 3), 13),  # wide channels_last rows, C not a multiple of the vector width
-]
-LAYOUTS = ("contiguous", "channels_last", "strided")
-
-
-# (layout, shape, groups); an (N, C) input has no channels_last form.
-LAYOUT_CASES = [(layout, shape, groups) for layout in LAYOUTS for shape, groups in SHAPES
-                if not (layout == "channels_last" and len(shape) < 3)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
