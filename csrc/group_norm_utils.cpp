@@ -118,9 +118,17 @@ bool is_channels_last_dense(const at::Tensor& t) {
   return t.size(0) == 1 || t.stride(0) == expected;
 }
 
-at::Tensor to_native_layout(const at::Tensor& input, Layout* layout) {
+}  // namespace
+
+bool reads_channels_last(const at::Tensor& input) {
   // A tensor that is both (e.g. C == 1 or HxW == 1) is read as channels-first.
-  if (!input.is_contiguous() && is_channels_last_dense(input)) {
+  return !input.is_contiguous() && is_channels_last_dense(input);
+}
+
+namespace {
+
+at::Tensor to_native_layout(const at::Tensor& input, Layout* layout) {
+  if (reads_channels_last(input)) {
     *layout = Layout::ChannelsLast;
     return input;
   }

@@ -29,6 +29,10 @@ at::ScalarType acc_dtype_for(at::ScalarType dtype);
 GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                   const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps);
 
+// Whether the kernels read `input` as channels-last (dense, channel innermost,
+// not also contiguous); their outputs then keep its layout.
+bool reads_channels_last(const at::Tensor& input);
+
 // How a back end takes absent parameters: Materialized gives ones / zeros
 // tensors and zeroed dweight / dbias; Raw leaves absent weight / bias
 // undefined (the kernels read null as 1 / 0) and dweight / dbias

@@ -195,3 +195,16 @@ def test_composite_matches_the_kernels_in_every_dtype_and_layout(dtype, channels
         assert k.dtype == c.dtype and k.shape == c.shape
         torch.testing.assert_close(c, k, rtol=tol, atol=tol)
     assert composite[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert composite[0].stride() == kernel[0].stride()
+
+
+def test_composite_keeps_the_kernels_layout_for_transposed_rank3_input():
+    # (N, L, C) stored channel-innermost: the kernels read it channels-last and
+    # their y keeps that layout; the composite gives the same strides.
+    x = torch.randn(2, 7, 8, dtype=torch.float64).transpose(1, 2)
+    kernel = torch.ops.gnflex.group_norm(x, None, None, 4, 1e-5, "gelu")[0]
+    with fwAD.dual_level():
+        y = torch.ops.gnflex.group_norm(fwAD.make_dual(x, torch.ones_like(x)), None, None, 4, 1e-5, "gelu")[0]
+        y = fwAD.unpack_dual(y).primal
+    assert y.stride() == kernel.stride() == x.stride()
+    torch.testing.assert_close(y, kernel, **TOL)

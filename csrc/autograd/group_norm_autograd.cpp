@@ -60,12 +60,11 @@ TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& wei
       break;
   }
   at::Tensor y = z.to(input.scalar_type());
-  if (!input.is_contiguous()) {
-    if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-      y = y.contiguous(at::MemoryFormat::ChannelsLast);
-    } else if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-      y = y.contiguous(at::MemoryFormat::ChannelsLast3d);
-    }
+  if (reads_channels_last(input)) {  // the kernels' rule: y keeps a channels-last input's layout
+    std::vector<int64_t> to_last(input.dim()), back(input.dim());  // (N, C, *) <-> (N, *, C)
+    for (int64_t d = 0; d < input.dim(); ++d) to_last[d] = d == 0 ? 0 : d == input.dim() - 1 ? 1 : d + 1;
+    for (int64_t d = 0; d < input.dim(); ++d) back[to_last[d]] = d;
+    y = y.permute(to_last).contiguous().permute(back);
   }
   return {y, mean.reshape({s.N, s.G}).detach(), rstd.reshape({s.N, s.G}).detach()};
 }
