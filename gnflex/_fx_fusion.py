@@ -54,8 +54,8 @@ def _activation_of(node: torch.fx.Node, gm_modules, activation_name) -> Optional
     return None
 
 
-def _fuse_graph(gm: torch.fx.GraphModule, activation_name) -> Tuple[List[str], List[str]]:
-    """Fuses in place; returns (what was fused, what was left and why)."""
+def _fuse_graph(gm: torch.fx.GraphModule, activation_name) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Fuses in place; returns (what was fused, [(norm left unfused, why)])."""
     modules = dict(gm.named_modules())
     # nn.Identity placeholders (timm's drop_block when off) between a norm and
     # its activation: their output is their input.
@@ -78,7 +78,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, activation_name) -> Tuple[List[str], L
         users = list(node.users)
         if len(users) != 1:
             if any(_activation_of(u, modules, activation_name) for u in users):
-                left.append(f"{where}: its output has {len(users)} users")
+                left.append((where, f"its output has {len(users)} users"))
             continue
         act_node = users[0]
         activation = _activation_of(act_node, modules, activation_name)
@@ -89,7 +89,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, activation_name) -> Tuple[List[str], L
             if norm.activation != "none":
                 continue
             if calls[node.target] != 1:
-                left.append(f"{where}: called {calls[node.target]} times")
+                left.append((where, f"called {calls[node.target]} times"))
                 continue
             norm.activation = activation
             norm.config = norm.config.replace(activation=activation)
@@ -135,8 +135,7 @@ def fuse_in_forward_code(model: nn.Module, activation_name, report) -> nn.Module
         fused, left = _fuse_graph(gm, activation_name)
         prefix = f"{name}." if name else ""
         report.fused += [f"{prefix}{item}" for item in fused]
-        report.skipped += [(f"{prefix}{item.split(':')[0]}", "activation not fused: " + item.split(": ", 1)[1])
-                           for item in left]
+        report.skipped += [(f"{prefix}{where}", f"activation not fused: {why}") for where, why in left]
         if fused:
             report.traced.append((name or "<model>", f"rewritten by torch.fx ({len(fused)} fused)"))
             return gm
