@@ -99,7 +99,7 @@ def extension():
         define_macros=define_macros,
     )
     if with_cuda:
-        extra_compile_args["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+        extra_compile_args["nvcc"] = opt + list(source_info["NVCC_FLAGS"])
         define_macros.append(("GNFLEX_WITH_CUDA", None))
         kwargs["sources"] = sources + cuda_sources
         return cpp_extension.CUDAExtension(**kwargs)

@@ -19,6 +19,8 @@ CUDA_DIRS = ("cuda",)
 # depend on the schedule, i.e. on the thread count. Explicit fused
 # multiply-adds in the code are unaffected.
 CXX_FLAGS = ("-fopenmp", "-ffp-contract=off")
+# nvcc flags besides optimization and archs (setup.py, gnflex.jit, bench/cuda_sass.py).
+NVCC_FLAGS = ("-lineinfo", "--expt-relaxed-constexpr")
 
 
 def sources(csrc_dir):

@@ -67,7 +67,7 @@ def load(*, namespace=NAMESPACE, build_directory=None, with_cuda=None, verbose=F
         name=f"{namespace}_ops",
         sources=cpp + (cuda if with_cuda else []),
         extra_cflags=flags,
-        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", f"-DGNFLEX_OP_NAMESPACE={namespace}"],
+        extra_cuda_cflags=["-O3", *source_info["NVCC_FLAGS"], f"-DGNFLEX_OP_NAMESPACE={namespace}"],
         extra_ldflags=["-fopenmp"],
         build_directory=build_directory,
         with_cuda=with_cuda,
