@@ -3,18 +3,21 @@
 Compiles csrc/cuda/group_norm_cuda.cu for one architecture (default sm_90) with
 the build's own nvcc flags, disassembles it (cuobjdump / nvdisasm from the
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels, or the toolkit's), and
-prints one line per kernel instantiation:
+prints one line per kernel instantiation and phase (the phase function the
+fused kernel calls, found from the line info of its inlined code):
 
-    sass <kernel> regs <n> spills <bytes> smem <bytes> loop_instr_per_value <x> load_bytes <n>
+    sass <kernel>/<phase> regs <n> spills <bytes> stack <bytes> smem <bytes> loop_instr_per_value <x> load_bytes <n>
 
-loop_instr_per_value: SASS instructions of the kernel's main loop per element it
-consumes (per position: x, or x and dy); load_bytes: the widest global load in
-that loop. The main loop is the loop (a backward branch) with the widest global
-load, the shortest such loop where several have it. Kernels without a loop over
-values (the per-group merges) print "-". Then the budgets of the design
-(docs/design.md): <= 8 instructions per 16-bit value and <= 12 per fp32 value in
-statistics and output loops, <= 64 registers, no spills, 16-byte loads where
-aligned; every kernel over a budget is listed, and --check makes that an error.
+regs, spills (spill stores, from ptxas -v), stack (frame: spills and local
+arrays) and smem are the kernel's. loop_instr_per_value: SASS instructions of
+the phase's main loop per element it consumes (per position: x, or x and dy);
+load_bytes: the widest data load in that loop (the sequencing's volatile and
+L2 loads do not count). The main loop is the loop (a backward branch) with the
+phase's widest load, the shortest such loop where several have it; a phase
+whose loads are all unrolled counts its whole code. Then the budgets of the
+design (docs/design.md): <= 8 instructions per 16-bit value and <= 12 per fp32
+value, <= 64 registers, no spills, 16-byte loads where aligned; every kernel
+over a budget is listed, and --check makes that an error.
 
     python bench/cuda_sass.py [--arch 90] [--check] [--md FILE]
 """
@@ -61,7 +64,7 @@ def nvcc_command(arch, out):
 
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [f"-I{p}" for p in ext.include_paths(device_type="cuda")]
-    return ([os.path.join(cuda_home, "bin", "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3",
+    return ([os.path.join(cuda_home, "bin", "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v",
              *_sources.NVCC_FLAGS, *ext.COMMON_NVCC_FLAGS, "-std=c++20", "-DGNFLEX_PYTHON_MODULE",
              "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", *includes,
              "-o", out, os.path.join(ROOT, "csrc", "cuda", "group_norm_cuda.cu")])
@@ -83,30 +86,37 @@ def short_name(demangled):
     return name
 
 
-def value_info(demangled):
-    """(bytes of the kernel's scalar_t, values read per position) or None for kernels
-    without a value type (the first floating template argument is scalar_t)."""
+def scalar_bytes(demangled):
+    """Bytes of the kernel's scalar_t (its first floating template argument)."""
     args = re.sub(r"\(gnflex::Activation\)", "", demangled).split("(", 1)[0]
     hits = [(args.find(full), size) for full, (_, size) in SCALARS.items() if args.find(full) >= 0]
-    if not hits or "finalize" in args:
-        return None
-    reads_dy = "grad_sums" in args or "InputGradOp" in args
-    return min(hits)[1], 2 if reads_dy else 1
+    return min(hits)[1] if hits else None
+
+
+def values_per_position(kernel, phase):
+    """Tensors a phase reads per position: x and dy for gradient sums and dx, else x."""
+    return 2 if phase.startswith("grad_sums") or (phase.startswith("apply") and "backward" in kernel) else 1
 
 
 def parse_sass(text):
-    """{mangled name: [(address, instruction text)]} and labels per function."""
+    """nvdisasm -g -gi output -> {mangled name: [(address, instruction, phase)]} and
+    {mangled name: {label: address}}. An instruction's phase is the phase function
+    the kernel called it from: the callee named at the innermost call site in
+    group_norm_launch.cuh of its inline chain (None for the kernel's own code)."""
     functions, labels = {}, {}
-    current = None
-    pending = []
+    current, pending, phase = None, [], None
+    chain = []
     for line in text.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
+        m = re.match(r"\.text\.(\S+):", line)
         if m:
             current = m.group(1)
             functions[current], labels[current] = [], {}
-            pending = []
+            pending, phase, chain = [], None, []
             continue
         if current is None:
+            continue
+        if line.lstrip().startswith("//## File"):
+            chain.append(line)
             continue
         m = re.match(r"\s*(\.L_x_\d+):", line)
         if m:
@@ -114,17 +124,43 @@ def parse_sass(text):
             continue
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
+            if chain:
+                phase = phase_of(chain)
+                chain = []
             address = int(m.group(1), 16)
             for label in pending:
                 labels[current][label] = address
             pending = []
-            functions[current].append((address, m.group(2).strip()))
+            functions[current].append((address, m.group(2).strip(), phase))
     return functions, labels
 
 
+_SOURCE_LINES = {}
+
+
+def phase_of(chain):
+    """The phase function named at the first call site in group_norm_launch.cuh."""
+    for entry in chain:
+        m = re.search(r'File "([^"]*group_norm_launch\.cuh)", line (\d+)', entry)
+        if not m:
+            continue
+        path, number = m.group(1), int(m.group(2))
+        if path not in _SOURCE_LINES:
+            try:
+                _SOURCE_LINES[path] = open(path).read().splitlines()
+            except OSError:
+                _SOURCE_LINES[path] = []
+        lines = _SOURCE_LINES[path]
+        text = lines[number - 1] if 0 < number <= len(lines) else ""
+        call = re.search(r"\b(chunk_stats_\w+|residual_sums|grad_sums_\w+|apply_\w+|param_grads\w*)\s*[<(]", text)
+        return call.group(1) if call else None
+    return None
+
+
 def load_bytes(instr):
+    """Width of a global load of data (not the volatile / L2 loads of the sequencing)."""
     m = re.search(r"\bLDG\.E((?:\.[A-Z0-9]+)*)", instr)
-    if not m:
+    if not m or ".STRONG" in m.group(1):
         return 0
     mods = m.group(1)
     for mod, width in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
@@ -133,28 +169,34 @@ def load_bytes(instr):
     return 4
 
 
-def main_loop(body, labels):
-    """(instructions, global-load bytes, widest load) of the main loop, or None."""
-    loops = []
-    for address, instr in body:
+def main_loops(body, labels):
+    """{phase: (instructions, global-load bytes, widest load)} of each phase's main
+    loop: the loop (a backward branch) with the widest data load of the phase, the
+    shortest such loop where several have it; a phase whose loads are all unrolled
+    counts its whole code."""
+    loops = {}
+    for address, instr, _ in body:
         m = re.search(r"\bBRA(?:\.U)?\s+(?:`\((\.L_x_\d+)\)|0x([0-9a-f]+))", instr)
         if not m:
             continue
         target = labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16)
-        if target is None:
+        if target is None or target > address:
             continue
-        if target > address:
+        inside = [(i, ph) for a, i, ph in body if target <= a <= address]
+        widths = [(load_bytes(i), ph) for i, ph in inside]
+        widest = max(widths, key=lambda t: t[0], default=(0, None))
+        if widest[0] == 0 or widest[1] is None:
             continue
-        inside = [i for a, i in body if target <= a <= address]
-        widths = [load_bytes(i) for i in inside]
-        if max(widths, default=0) == 0:
-            continue
-        loops.append((max(widths), -len(inside), sum(widths), len(inside)))
-    if not loops:  # loop-free (values unrolled into registers): the whole body
-        widths = [load_bytes(i) for _, i in body]
-        return (len(body), sum(widths), max(widths)) if max(widths, default=0) else None
-    widest, _, total_bytes, count = max(loops)
-    return count, total_bytes, widest
+        key = (widest[0], -len(inside))
+        if widest[1] not in loops or key > loops[widest[1]][0]:
+            loops[widest[1]] = (key, (len(inside), sum(w for w, _ in widths), widest[0]))
+    result = {ph: v[1] for ph, v in loops.items()}
+    for ph in {ph for _, _, ph in body if ph is not None} - set(result):
+        code = [i for _, i, p in body if p == ph]
+        widths = [load_bytes(i) for i in code]
+        if max(widths, default=0):
+            result[ph] = (len(code), sum(widths), max(widths))
+    return result
 
 
 def resource_usage(text):
@@ -171,29 +213,45 @@ def resource_usage(text):
     return usage
 
 
-def kernel_rows(cubin):
-    cuobjdump = tool("cuobjdump")
-    if cuobjdump is None:
-        sys.exit("cuobjdump not found: install the test extra (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
-    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+def ptxas_spills(log):
+    """{mangled name: spill store bytes} from ptxas -v output."""
+    spills, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and current:
+            spills[current] = int(m.group(1))
+            current = None
+    return spills
+
+
+def kernel_rows(cubin, spills):
+    """A row per (kernel, phase): the kernel's resources and the phase's main loop."""
+    cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        sys.exit("cuobjdump / nvdisasm not found: install the test extra "
+                 "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    sass = subprocess.run([nvdisasm, "-g", "-gi", cubin], capture_output=True, text=True, check=True).stdout
     res = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     functions, labels = parse_sass(sass)
     usage = resource_usage(res)
-    names = sorted(functions)
+    names = sorted(n for n in functions if n.startswith("_Z"))
     rows = []
     for mangled, demangled in zip(names, demangle(names)):
-        info = value_info(demangled)
-        loop = main_loop(functions[mangled], labels[mangled]) if info else None
+        size = scalar_bytes(demangled)
+        kernel = short_name(demangled)
         u = usage.get(mangled, {})
-        row = {"kernel": short_name(demangled), "regs": u.get("REG", 0),
-               "spills": u.get("LOCAL", 0) + u.get("STACK", 0), "smem": u.get("SHARED", 0),
-               "loop_instr_per_value": None, "load_bytes": None, "value_bytes": info[0] if info else None}
-        if loop is not None:
-            count, total_bytes, widest = loop
-            values = total_bytes / info[0] / info[1]
-            row["loop_instr_per_value"] = count / values
-            row["load_bytes"] = widest
-        rows.append(row)
+        base = {"regs": u.get("REG", 0), "spills": spills.get(mangled, u.get("LOCAL", 0)), "stack": u.get("STACK", 0),
+                "smem": u.get("SHARED", 0), "value_bytes": size}
+        loops = main_loops(functions[mangled], labels[mangled]) if size else {}
+        if not loops:
+            rows.append(dict(base, kernel=kernel, loop_instr_per_value=None, load_bytes=None))
+        for phase, (count, total_bytes, widest) in sorted(loops.items()):
+            values = total_bytes / size / values_per_position(kernel, phase)
+            rows.append(dict(base, kernel=f"{kernel}/{phase}", loop_instr_per_value=count / values, load_bytes=widest))
     return rows
 
 
@@ -207,12 +265,11 @@ def over_budget(row):
     ipv, size = row["loop_instr_per_value"], row["value_bytes"]
     if ipv is not None and size in INSTR_BUDGET and ipv > INSTR_BUDGET[size]:
         misses.append(f"{ipv:.1f} instr/value > {INSTR_BUDGET[size]:g}")
-    # Vector widths exist only where the kernel has a vector path: scalar
-    # instantiations (`,1,` width) and double are allowed narrow loads.
-    vector = re.search(r",(\d+),", row["kernel"])
-    if row["load_bytes"] is not None and row["load_bytes"] < 16 and not (vector and vector.group(1) == "1"):
-        if size != 8:
-            misses.append(f"widest load {row['load_bytes']} B")
+    # Scalar channels-last instantiations (`,1,` width: C or the pointers not
+    # 16-byte aligned) are allowed narrow loads.
+    scalar = re.search(r",1,", row["kernel"])
+    if row["load_bytes"] is not None and row["load_bytes"] < 16 and not scalar:
+        misses.append(f"widest load {row['load_bytes']} B")
     return misses
 
 
@@ -224,18 +281,26 @@ def main():
     parser.add_argument("--cubin", help="read this cubin instead of compiling")
     args = parser.parse_args()
     cubin = args.cubin
+    log_path = (cubin or "") + ".ptxas.log"
     if cubin is None:
         os.makedirs(BUILD, exist_ok=True)
         cubin = os.path.join(BUILD, f"group_norm_cuda.sm_{args.arch}.cubin")
+        log_path = cubin + ".ptxas.log"
         t0 = time.time()
-        subprocess.run(nvcc_command(args.arch, cubin), check=True)
+        done = subprocess.run(nvcc_command(args.arch, cubin), capture_output=True, text=True)
+        with open(log_path, "w") as f:
+            f.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            sys.exit(done.stderr[-4000:])
         print(f"compiled for sm_{args.arch} in {time.time() - t0:.0f} s", file=sys.stderr)
-    rows = kernel_rows(cubin)
+    log = open(log_path).read() if os.path.exists(log_path) else ""
+    rows = kernel_rows(cubin, ptxas_spills(log))
     lines, missed = [], []
     for row in rows:
         ipv = "-" if row["loop_instr_per_value"] is None else f"{row['loop_instr_per_value']:.1f}"
         loads = "-" if row["load_bytes"] is None else str(row["load_bytes"])
-        lines.append(f"sass {row['kernel']} regs {row['regs']} spills {row['spills']} smem {row['smem']} "
+        lines.append(f"sass {row['kernel']} regs {row['regs']} spills {row['spills']} stack {row['stack']} "
+                     f"smem {row['smem']} "
                      f"loop_instr_per_value {ipv} load_bytes {loads}")
         misses = over_budget(row)
         if misses:

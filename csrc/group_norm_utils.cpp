@@ -145,7 +145,7 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
 at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C, at::ScalarType acc_dtype, double fill,
                          const at::Device& device, ParamMode mode) {
   if (param.has_value() && param->defined()) {
-    return param->to(acc_dtype).contiguous();
+    return mode == ParamMode::Raw ? param->contiguous() : param->to(acc_dtype).contiguous();
   }
   if (mode == ParamMode::Raw) return at::Tensor();
   return at::full({C}, fill, at::TensorOptions().dtype(acc_dtype).device(device));
@@ -185,8 +185,8 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
   b.bias = channel_param(bias, b.shape.C, acc, 0.0, b.x.device(), params);
   if (output_mask[0]) b.dx = at::empty_like(b.x);
   const auto param_grad = [&] {
-    const auto options = b.x.options().dtype(acc);
-    return params == ParamMode::Raw ? at::empty({b.shape.C}, options) : at::zeros({b.shape.C}, options);
+    if (params == ParamMode::Raw) return at::empty({b.shape.C}, b.x.options().dtype(param_dtype(weight, input)));
+    return at::zeros({b.shape.C}, b.x.options().dtype(acc));
   };
   b.dweight = param_grad();
   b.dbias = param_grad();

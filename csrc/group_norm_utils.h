@@ -33,15 +33,18 @@ GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<a
 // not also contiguous); their outputs then keep its layout.
 bool reads_channels_last(const at::Tensor& input);
 
-// How a back end takes absent parameters: Materialized gives ones / zeros
-// tensors and zeroed dweight / dbias; Raw leaves absent weight / bias
-// undefined (the kernels read null as 1 / 0) and dweight / dbias
-// uninitialized (the kernels write every element), saving the fill launches.
+// How a back end takes parameters: Materialized gives (C,) accumulate-dtype
+// weight / bias (ones / zeros when absent) and zeroed accumulate-dtype dweight
+// / dbias; Raw passes present parameters in their own dtype (no cast), leaves
+// absent ones undefined (the kernels read null as 1 / 0) and dweight / dbias
+// uninitialized in the dtype the op returns (the kernels write every element),
+// saving the cast and fill launches.
 enum class ParamMode { Materialized, Raw };
 
 // What a back end needs for the forward: validated sizes, the input in a
-// native layout, parameters as (C,) accumulate-dtype tensors and the
-// allocated outputs (y in the input's layout, mean/rstd (N, G)).
+// native layout, parameters as (C,) tensors and the
+// allocated outputs (y in the input's layout, mean/rstd (N, G)). See
+// ParamMode for the parameters' dtype.
 struct ForwardSetup {
   GroupNormShape shape;
   Activation activation;
@@ -56,7 +59,7 @@ ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tens
 
 // The same for the backward: grad_out in the input's layout, contiguous
 // statistics, dx allocated when wanted (else undefined), and dweight/dbias
-// as (C,) accumulate-dtype tensors (zeroed with ParamMode::Materialized).
+// as (C,) tensors (see ParamMode).
 struct BackwardSetup {
   GroupNormShape shape;
   Activation activation;

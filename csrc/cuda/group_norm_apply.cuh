@@ -1,6 +1,6 @@
 // CUDA GroupNorm device code, part 4 of 5: the elementwise outputs (y in the
-// forward, dx in the backward, whose launch also runs the dweight / dbias
-// blocks).
+// forward, dx in the backward), each work block after its domains' group
+// values are ready (level 0 forward, level 1 backward).
 #pragma once
 
 #include "group_norm_grad.cuh"
@@ -11,15 +11,13 @@ namespace cuda {
 // Channels-first: planes as for_each_plane hands them out; 16-byte loads and
 // stores where the pointers share their alignment.
 template <typename Op, typename scalar_t, typename acc_t>
-__global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                scalar_t* __restrict__ out, GroupNormShape s, Plan plan, GroupSource<acc_t> src,
-                                const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                ParamGrads<acc_t> pg) {
-  if (blockIdx.x >= pg.first_block) {  // uniform
-    param_grads_block(s, plan, src, pg);
-    return;
-  }
-  for_each_plane<Op>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
+__device__ void apply_cf(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, scalar_t* __restrict__ out,
+                         const GroupNormShape& s, const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
+                         const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias, const SequenceWords& sw,
+                         int level, unsigned epoch) {
+  const DomainRange domains = plane_block_domains(s, plan, block);
+  wait_domains(sw, level, domains.first, domains.last, epoch);
+  for_each_plane<Op>(s, plan, block, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
     const scalar_t* xs = x + w.offset;
     const scalar_t* dys = Op::kUsesGrad ? dy + w.offset : xs;
     scalar_t* os = out + w.offset;
@@ -38,21 +36,18 @@ __global__ void apply_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   });
 }
 
-// Channels-last: one block per (n, row block, tile); each thread owns vec
-// channels (coefficients in registers, from the block's table) and every
-// rows_per_pass-th row.
+// Channels-last: one work block per (n, row block, tile); each thread owns
+// vec channels (coefficients in registers, from the block's table) and every
+// rows_per_pass-th row. The domain is the sample.
 template <typename Op, int V, typename scalar_t, typename acc_t>
-__global__ void apply_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                scalar_t* __restrict__ out, GroupNormShape s, Plan plan, GroupSource<acc_t> src,
-                                const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                ParamGrads<acc_t> pg) {
-  if (blockIdx.x >= pg.first_block) {  // uniform
-    param_grads_block(s, plan, src, pg);
-    return;
-  }
-  const RowBlock b = row_block(s, plan, plan.out_rows);
+__device__ void apply_cl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, scalar_t* __restrict__ out,
+                         const GroupNormShape& s, const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
+                         const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias, const SequenceWords& sw,
+                         int level, unsigned epoch, unsigned char* arena) {
+  const RowBlock b = row_block(s, plan, plan.out_rows, block);
   const RowThread t = row_thread(plan, b);
-  const TileCoefs<Op, acc_t> table = TileCoefs<Op, acc_t>::shared();
+  wait_domains(sw, level, b.n, b.n, epoch);
+  const TileCoefs<Op, acc_t> table = TileCoefs<Op, acc_t>::in(arena);
   table.fill(s, b, src, weight, bias);
   if (!t.active) return;
   ChannelCoefs<acc_t> k[V];

@@ -1,6 +1,6 @@
-// CUDA GroupNorm ops: argument handling and allocation around the launch
-// sequence of group_norm_launch.cuh (kernels in group_norm_*.cuh, which the
-// CPU simulator test in tests/cuda_sim/ runs unchanged).
+// CUDA GroupNorm ops: argument handling and allocation around the launches
+// of group_norm_launch.cuh (kernels in group_norm_*.cuh, which the CPU
+// simulator test in tests/cuda_sim/ runs unchanged).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +9,10 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
 
 #include "../group_norm_utils.h"
 #include "group_norm_launch.cuh"
@@ -19,21 +23,72 @@ namespace {
 
 template <typename scalar_t>
 void check_grid(const GroupNormShape& s, Layout layout) {
-  const int64_t blocks = max_grid_blocks<scalar_t>(s, layout);
+  const int64_t blocks = max_tickets<scalar_t>(s, layout);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "gnflex.group_norm (CUDA): input too large (", blocks,
               " blocks needed)");
 }
 
-// An optional parameter's data, or null (the kernels read null as 1 / 0).
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+ParamType param_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return ParamType::Half;
+    case at::kBFloat16:
+      return ParamType::BFloat16;
+    default:
+      return ParamType::Acc;
+  }
 }
 
-template <typename scalar_t>
-at::Tensor workspace_for(const GroupNormShape& s, Layout layout, const at::Tensor& like) {
-  return at::empty({workspace_bytes<scalar_t>(s, layout)}, like.options().dtype(at::kByte));
+// An optional parameter as the kernels read it (null: 1 / 0), in its own dtype.
+template <typename acc_t>
+ChannelParam<acc_t> channel_param(const at::Tensor& t) {
+  return t.defined() ? ChannelParam<acc_t>{t.const_data_ptr(), param_type(t)} : ChannelParam<acc_t>{};
 }
+
+// Per-stream state of the launches: the sequence words (zeroed once, left
+// zeroed by every launch) and the scratch memory (never needs clearing). A
+// launch queued on a stream runs after the previous one on that stream, so one
+// buffer per (device, stream) serves all of them; a CUDA graph capture gets
+// buffers of its own (per capture and stream) that only its replays use,
+// since a graph may be replayed on any stream, concurrently with eager work.
+// Buffers are kept for the life of the process (a captured graph may still
+// point at a buffer that was outgrown).
+class StreamState {
+ public:
+  struct Buffers {
+    SequenceWords sw;
+    void* scratch;
+  };
+
+  static Buffers get(const at::Tensor& like, int64_t domains, int64_t scratch_bytes, cudaStream_t stream) {
+    static std::mutex mutex;
+    static std::map<std::tuple<int, cudaStream_t, unsigned long long>, Entry> entries;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    unsigned long long capture_id = 0;
+    C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture_id));
+    if (status != cudaStreamCaptureStatusActive) capture_id = 0;
+    std::lock_guard<std::mutex> lock(mutex);
+    Entry& e = entries[{like.get_device(), stream, capture_id}];
+    if (e.capacity < domains) {
+      if (e.words.defined()) e.retired.push_back(e.words);
+      e.capacity = std::max<int64_t>(domains, 2 * e.capacity);
+      e.words = at::zeros({SequenceWords::size(e.capacity)}, like.options().dtype(at::kInt));
+    }
+    if (e.scratch_bytes < scratch_bytes) {
+      if (e.scratch.defined()) e.retired.push_back(e.scratch);
+      e.scratch_bytes = std::max<int64_t>(scratch_bytes, 2 * e.scratch_bytes);
+      e.scratch = at::empty({e.scratch_bytes}, like.options().dtype(at::kByte));
+    }
+    return {SequenceWords{reinterpret_cast<unsigned*>(e.words.data_ptr<int>()), e.capacity}, e.scratch.data_ptr()};
+  }
+
+ private:
+  struct Entry {
+    at::Tensor words, scratch;
+    int64_t capacity = 0, scratch_bytes = 0;
+    std::vector<at::Tensor> retired;
+  };
+};
 
 TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
@@ -46,10 +101,11 @@ TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "gnflex_group_norm_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     check_grid<scalar_t>(s, f.layout);
-    at::Tensor workspace = workspace_for<scalar_t>(s, f.layout, f.x);
-    launch_forward<scalar_t>(f.x.const_data_ptr<scalar_t>(), f.y.data_ptr<scalar_t>(), data_or_null<acc_t>(f.weight),
-                             data_or_null<acc_t>(f.bias), static_cast<acc_t>(eps), f.activation, s, f.layout,
-                             f.mean.data_ptr<acc_t>(), f.rstd.data_ptr<acc_t>(), workspace.data_ptr(), stream);
+    const auto buffers =
+        StreamState::get(f.x, sequence_domains(s), workspace_bytes<scalar_t>(s, f.layout), stream);
+    launch_forward<scalar_t>(f.x.const_data_ptr<scalar_t>(), f.y.data_ptr<scalar_t>(), channel_param<acc_t>(f.weight),
+                             channel_param<acc_t>(f.bias), static_cast<acc_t>(eps), f.activation, s, f.layout,
+                             f.mean.data_ptr<acc_t>(), f.rstd.data_ptr<acc_t>(), buffers.scratch, buffers.sw, stream);
   });
   return {f.y, f.mean, f.rstd};
 }
@@ -72,13 +128,16 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bs.x.scalar_type(), "gnflex_group_norm_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     check_grid<scalar_t>(s, bs.layout);
-    at::Tensor workspace = workspace_for<scalar_t>(s, bs.layout, bs.x);
+    const auto buffers =
+        StreamState::get(bs.x, sequence_domains(s), workspace_bytes<scalar_t>(s, bs.layout), stream);
+    const auto grad = [&](at::Tensor& t) {
+      return param_grads ? ChannelGrad<acc_t>{t.data_ptr(), param_type(t)} : ChannelGrad<acc_t>{};
+    };
     launch_backward<scalar_t>(bs.dy.const_data_ptr<scalar_t>(), bs.x.const_data_ptr<scalar_t>(),
                               bs.mean.const_data_ptr<acc_t>(), bs.rstd.const_data_ptr<acc_t>(),
-                              data_or_null<acc_t>(bs.weight), data_or_null<acc_t>(bs.bias), bs.activation, s, bs.layout,
-                              output_mask[0] ? bs.dx.data_ptr<scalar_t>() : nullptr,
-                              param_grads ? bs.dweight.data_ptr<acc_t>() : nullptr,
-                              param_grads ? bs.dbias.data_ptr<acc_t>() : nullptr, workspace.data_ptr(), stream);
+                              channel_param<acc_t>(bs.weight), channel_param<acc_t>(bs.bias), bs.activation, s,
+                              bs.layout, output_mask[0] ? bs.dx.data_ptr<scalar_t>() : nullptr, grad(bs.dweight),
+                              grad(bs.dbias), buffers.scratch, buffers.sw, stream);
   });
   return backward_result(bs, weight, input, output_mask);
 }

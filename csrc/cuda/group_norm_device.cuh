@@ -1,28 +1,31 @@
 // CUDA GroupNorm device code, part 1 of 5: types, the work plan, block and
-// warp helpers, per-value operations. Then group_norm_stats.cuh (statistics),
+// warp helpers, per-value operations. Then group_norm_sequence.cuh (how one
+// launch orders its phases), group_norm_stats.cuh (statistics),
 // group_norm_grad.cuh (gradient sums), group_norm_apply.cuh (elementwise
-// outputs) and group_norm_launch.cuh (workspace and launch sequence).
+// outputs) and group_norm_launch.cuh (schedules, kernels, launches).
 //
 // nvcc compiles these headers into the op (group_norm_cuda.cu); g++ compiles
 // them into the CPU simulator test (tests/cuda_sim/), which includes its
 // simulator first and defines GNFLEX_CUDA_SIM. Both run the same kernels
-// through the same launch sequence (launch_forward / launch_backward), so the
+// through the same launches (launch_forward / launch_backward), so the
 // simulator checks exactly what a GPU runs, minus timing and memory-model
 // effects.
 //
 // The numerical scheme is group_norm_math.h's, as on the CPU:
-//   forward (3 launches): exact chunk stats (a chunk's mean, then the sums of
-//     d = x - mean and d^2 about it) per block -> per group a Chan merge in a
-//     fixed order: mean P (rounded), rstd, residual mean - P -> every output
-//     block folds its channels' scale/shift from those and weight/bias:
-//     y = act((x - P) * scale + shift).
-//   backward (4 launches): the saved mean is the pivot P; groups with a large
-//     |mean| / std get the exact residual from sums of x - P (launch 1,
-//     blocks of other groups exit at once); sums of g * (x - P) and g per
-//     channel and block, g = dy * act'(z) (2); per group the dx coefficients
-//     (3); dx = scale * g + x_coef * (x - P) + bias_coef, and in extra blocks
-//     of the same launch dweight / dbias (4).
-// Partial results merge in index order: no atomics, bitwise reproducible.
+//   forward (one launch): exact chunk stats (a chunk's mean, then the sums of
+//     d = x - mean and d^2 about it) per work block -> the block completing a
+//     group (channels-first) or sample (channels-last) merges its chunks with
+//     Chan's formula in a fixed order: mean P (rounded), rstd, residual
+//     mean - P -> every output block folds its channels' scale/shift from
+//     those and weight/bias: y = act((x - P) * scale + shift).
+//   backward (one launch): the saved mean is the pivot P; groups with a large
+//     |mean| / std get the exact residual from sums of x - P (other groups'
+//     blocks only count themselves); sums of g * (x - P) and g per channel and
+//     block, g = dy * act'(z); the block completing a domain computes its dx
+//     coefficients; dx = scale * g + x_coef * (x - P) + bias_coef; dweight /
+//     dbias once every group is done.
+// Partial results merge in index order; the only atomics are integer
+// counters: bitwise reproducible.
 //
 // Work split. Channels-first (NCHW): a group is one contiguous run of
 // Cg * HxW values; statistics blocks take kSpan values of it. Output and
@@ -33,6 +36,8 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -161,7 +166,7 @@ struct Plan {
   // across, rows_per_pass rows at a time; stat_rows / out_rows / grad_rows
   // rows per block of the statistics / output / gradient-sum kernels.
   int vec = 1;
-  int64_t tiles = 1, tile_vecs = 1, rows_per_pass = 1, block_threads = kThreads;
+  int64_t tiles = 1, tile_vecs = 1, rows_per_pass = 1;
   RowParts stat_rows, out_rows, grad_rows;
   int64_t group_slots = 1;  // groups a tile touches, at most (per-group partials per block)
   // Backward residual: blocks per group.
@@ -238,7 +243,6 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   p.tiles = std::clamp(ceil_div(kTargetBlocks, row_blocks), p.tiles, most_tiles);
   p.tile_vecs = ceil_div(vecs, p.tiles);
   p.rows_per_pass = std::max<int64_t>(1, kThreads / p.tile_vecs);
-  p.block_threads = (p.tile_vecs * p.rows_per_pass + 31) / 32 * 32;
   const int64_t tile_ch = p.tile_channels();
   // Rows per block: enough blocks for the target grid, within [lo, 4 lo];
   // big tensors: no more than 2 waves allow.
@@ -269,11 +273,64 @@ __device__ __forceinline__ void gstore(T* p, const T& v) {
   *p = v;
 }
 
-// weight[c] or bias[c], or the default when the parameter is absent.
-template <typename acc_t>
-__device__ __forceinline__ acc_t param_at(const acc_t* p, int64_t c, acc_t absent) {
-  return p == nullptr ? absent : gload(p + c);
+// Data other blocks of the same launch wrote (partial results, group
+// coefficients): read from L2 (ld.global.cg), never from an SM's L1, which is
+// not coherent and may hold a line read before the other block wrote it.
+template <typename T>
+__device__ __forceinline__ T gload_l2(const T* p) {
+  static_assert(sizeof(T) % 4 == 0 && alignof(T) >= 4, "whole 4-byte words");
+  GNFLEX_COUNT_TRAFFIC(sizeof(T));
+  T v;
+  const unsigned* from = reinterpret_cast<const unsigned*>(p);
+  unsigned* to = reinterpret_cast<unsigned*>(&v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) to[i] = __ldcg(from + i);
+  return v;
 }
+
+// The dtype a per-channel parameter (weight, bias) or its gradient is stored
+// in: the accumulate type, or the 16-bit input type (read and written as is,
+// so a half-precision model costs no cast launches).
+enum class ParamType : int { Acc, Half, BFloat16 };
+
+// A per-channel parameter in its own dtype; null reads as the default.
+template <typename acc_t>
+struct ChannelParam {
+  const void* data = nullptr;
+  ParamType type = ParamType::Acc;
+
+  __device__ __forceinline__ acc_t at(int64_t c, acc_t absent) const {
+    if (data == nullptr) return absent;
+    switch (type) {
+      case ParamType::Half:
+        return static_cast<acc_t>(gload(static_cast<const c10::Half*>(data) + c));
+      case ParamType::BFloat16:
+        return static_cast<acc_t>(gload(static_cast<const c10::BFloat16*>(data) + c));
+      default:
+        return gload(static_cast<const acc_t*>(data) + c);
+    }
+  }
+};
+
+// A per-channel gradient (dweight, dbias) written in its parameter's dtype.
+template <typename acc_t>
+struct ChannelGrad {
+  void* data = nullptr;
+  ParamType type = ParamType::Acc;
+
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    switch (type) {
+      case ParamType::Half:
+        gstore(static_cast<c10::Half*>(data) + c, static_cast<c10::Half>(v));
+        break;
+      case ParamType::BFloat16:
+        gstore(static_cast<c10::BFloat16*>(data) + c, static_cast<c10::BFloat16>(v));
+        break;
+      default:
+        gstore(static_cast<acc_t*>(data) + c, v);
+    }
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -381,22 +438,25 @@ __device__ void for_each_in_span(int64_t len, const scalar_t* first, bool same_a
   }
 }
 
-// The threads that reduce one work item: a block (kLanes = kThreads; item
-// blockIdx.x) or a warp (kLanes = 32; item = the warp's index in the grid).
+// The threads that reduce one work item: a block (kLanes = kThreads; item =
+// the work block) or a warp (kLanes = 32; item = the warp's index over all
+// work blocks).
 // Sums are valid in rank 0; broadcast hands rank 0's value to all.
 template <int kLanes>
 struct Team {
   static_assert(kLanes == 32 || kLanes == kThreads, "a warp or a block");
   // Values a team holds in registers (SpanValues).
+  static constexpr int kSize = kLanes;
   static constexpr int64_t kSpanValues = kLanes == 32 ? kWarpSpan : kSpan;
   int64_t item;
   int rank;
 
-  __device__ static Team here() {
+  // The team of this thread in work block `block` (of kThreads threads).
+  __device__ static Team in_block(int64_t block) {
     if constexpr (kLanes == 32) {
-      return {(blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32, static_cast<int>(threadIdx.x % 32)};
+      return {block * (kThreads / 32) + threadIdx.x / 32, static_cast<int>(threadIdx.x % 32)};
     } else {
-      return {static_cast<int64_t>(blockIdx.x), static_cast<int>(threadIdx.x)};
+      return {block, static_cast<int>(threadIdx.x)};
     }
   }
   // Blocks of kThreads threads for `items` items.
@@ -476,7 +536,7 @@ struct SpanValues {
 };
 
 // ---- channels-last blocks ------------------------------------------------------
-// Block `blockIdx.x` of a channels-last kernel: rows [row_begin, row_end) of
+// Work block `block` of a channels-last phase: rows [row_begin, row_end) of
 // sample n, channels [c_begin, c_end) (one tile).
 struct RowBlock {
   int64_t n, part, tile;
@@ -484,11 +544,12 @@ struct RowBlock {
   int64_t c_begin, c_end;
 };
 
-__device__ __forceinline__ RowBlock row_block(const GroupNormShape& s, const Plan& plan, const RowParts& rows) {
+__device__ __forceinline__ RowBlock row_block(const GroupNormShape& s, const Plan& plan, const RowParts& rows,
+                                              int64_t block) {
   RowBlock b;
-  b.tile = blockIdx.x % plan.tiles;
-  b.part = blockIdx.x / plan.tiles % rows.parts;
-  b.n = blockIdx.x / plan.tiles / rows.parts;
+  b.tile = block % plan.tiles;
+  b.part = block / plan.tiles % rows.parts;
+  b.n = block / plan.tiles / rows.parts;
   b.row_begin = b.part * rows.rows;
   b.row_end = b.row_begin + rows.count(b.part, s.HxW);
   b.c_begin = b.tile * plan.tile_channels();
@@ -542,19 +603,13 @@ struct GroupSource {
   int64_t group_size = 1;
 };
 
-// Whether the backward recomputes group ng's residual.
-template <typename acc_t>
-__device__ __forceinline__ bool wants_residual(acc_t mean, acc_t rstd) {
-  return math::needs_exact_residual(mean, rstd);
-}
-
 // mean - pivot of group ng from the residual partial sums: their total over
 // the group size where it matters, else 0 (fixed order).
 template <typename acc_t>
 __device__ acc_t summed_residual(const GroupSource<acc_t>& src, int64_t ng, acc_t mean, acc_t rstd) {
-  if (!wants_residual(mean, rstd)) return acc_t(0);
+  if (!math::needs_exact_residual(mean, rstd)) return acc_t(0);
   acc_t total = acc_t(0);
-  for (int64_t k = 0; k < src.splits; ++k) total += gload(src.residual_sums + ng * src.splits + k);
+  for (int64_t k = 0; k < src.splits; ++k) total += gload_l2(src.residual_sums + ng * src.splits + k);
   return total / static_cast<acc_t>(src.group_size);
 }
 
@@ -562,15 +617,15 @@ __device__ acc_t summed_residual(const GroupSource<acc_t>& src, int64_t ng, acc_
 // (channel_coefs folds in a channel's weight and bias).
 template <bool kInputGrad, typename acc_t>
 __device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64_t ng) {
-  ChannelCoefs<acc_t> v{gload(src.mean + ng), gload(src.rstd + ng), acc_t(0), acc_t(0), acc_t(0)};
+  ChannelCoefs<acc_t> v{gload_l2(src.mean + ng), gload_l2(src.rstd + ng), acc_t(0), acc_t(0), acc_t(0)};
   if (src.residual_sums != nullptr) {
     v.shift = summed_residual(src, ng, v.pivot, v.scale);
   } else {
-    v.shift = gload(&src.coefs[ng].residual);
+    v.shift = gload_l2(&src.coefs[ng].residual);
   }
   if constexpr (kInputGrad) {
-    v.x_coef = gload(&src.coefs[ng].x_coef);
-    v.bias_coef = gload(&src.coefs[ng].bias_coef);
+    v.x_coef = gload_l2(&src.coefs[ng].x_coef);
+    v.bias_coef = gload_l2(&src.coefs[ng].bias_coef);
   }
   return v;
 }
@@ -578,10 +633,11 @@ __device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64
 // Channel c's coefficients from its group's values (group_values) and its
 // weight and bias, loaded only where the operation Op reads them.
 template <typename Op, typename acc_t>
-__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group, const acc_t* weight,
-                                                             const acc_t* bias, int64_t c) {
-  const acc_t w = Op::kUsesWeight ? param_at(weight, c, acc_t(1)) : acc_t(1);
-  const acc_t b = Op::kUsesBias ? param_at(bias, c, acc_t(0)) : acc_t(0);
+__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group,
+                                                             const ChannelParam<acc_t>& weight,
+                                                             const ChannelParam<acc_t>& bias, int64_t c) {
+  const acc_t w = Op::kUsesWeight ? weight.at(c, acc_t(1)) : acc_t(1);
+  const acc_t b = Op::kUsesBias ? bias.at(c, acc_t(0)) : acc_t(0);
   const auto affine = math::fold_affine(group.shift, group.scale, w, b);
   group.scale = affine.scale;
   group.shift = affine.shift;

@@ -1,7 +1,8 @@
 // CUDA GroupNorm device code, part 3 of 5: the backward's gradient sums per
-// (n, c, part), the per-group dx coefficients, and dweight / dbias. Also the
-// channels-first plane walk and the channels-last coefficient tables the
-// output kernels (group_norm_apply.cuh) share.
+// (n, c, part); the block that completes a domain computes its groups' dx
+// coefficients; dweight / dbias. Also the channels-first plane walk and the
+// channels-last coefficient tables the output phases (group_norm_apply.cuh)
+// share.
 #pragma once
 
 #include "group_norm_stats.cuh"
@@ -18,13 +19,13 @@ struct PlaneWork {
   bool warp;
 };
 
-// Calls f(work, coefs) for the current block's planes: one (plane, part) for
+// Calls f(work, coefs) for work block `block`'s planes: one (plane, part) for
 // the block, or, with small planes, a run of whole planes per warp. The
 // team's leader loads the group values (kept while the group stays the same)
 // and the channel's weight and bias, and broadcasts the coefficients.
 template <typename Op, typename acc_t, typename F>
-__device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, const GroupSource<acc_t>& src,
-                               const acc_t* weight, const acc_t* bias, F&& f) {
+__device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
+                               const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias, F&& f) {
   constexpr bool kInputGrad = Op::kInputGrad;
   const int64_t Cg = s.channels_per_group();
   const auto coefs_of = [&](int64_t plane, ChannelCoefs<acc_t> group) {
@@ -32,7 +33,7 @@ __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, const 
   };
   const auto ng_of = [&](int64_t plane) { return plane / s.C * s.G + plane % s.C / Cg; };
   if (plan.planes_per_block == 0) {
-    const int64_t plane = blockIdx.x / plan.plane.parts, part = blockIdx.x % plan.plane.parts;
+    const int64_t plane = block / plan.plane.parts, part = block % plan.plane.parts;
     ChannelCoefs<acc_t> k{};
     if (threadIdx.x == 0) k = coefs_of(plane, group_values<kInputGrad>(src, ng_of(plane)));
     k = block_broadcast(k);
@@ -43,8 +44,8 @@ __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, const 
   }
   const int64_t warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int64_t per_warp = (plan.planes_per_block + warps - 1) / warps;
-  const int64_t first = blockIdx.x * plan.planes_per_block + threadIdx.x / 32 * per_warp;
-  const int64_t last = std::min({first + per_warp, (blockIdx.x + 1) * plan.planes_per_block, s.N * s.C});
+  const int64_t first = block * plan.planes_per_block + threadIdx.x / 32 * per_warp;
+  const int64_t last = std::min({first + per_warp, (block + 1) * plan.planes_per_block, s.N * s.C});
   int64_t cached_ng = -1;
   ChannelCoefs<acc_t> group{};
   for (int64_t plane = first; plane < last; ++plane) {  // uniform per warp
@@ -58,6 +59,38 @@ __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, const 
     }
     f(PlaneWork{plane, 0, plane * s.HxW, s.HxW, static_cast<int>(lane), 32, true}, warp_broadcast(k));
   }
+}
+
+// The groups (domains) channels-first work block `block` of a plane phase
+// touches: [first, last].
+struct DomainRange {
+  int64_t first, last;
+};
+__device__ __forceinline__ DomainRange plane_block_domains(const GroupNormShape& s, const Plan& plan, int64_t block) {
+  const int64_t Cg = s.channels_per_group();
+  if (plan.planes_per_block == 0) {
+    const int64_t ng = block / plan.plane.parts / Cg;
+    return {ng, ng};
+  }
+  const int64_t first = block * plan.planes_per_block;
+  const int64_t last = std::min((block + 1) * plan.planes_per_block, s.N * s.C) - 1;
+  return {first / Cg, last / Cg};
+}
+// The work blocks of a plane phase that touch group ng.
+__device__ __forceinline__ int64_t plane_blocks_of_group(const GroupNormShape& s, const Plan& plan, int64_t ng) {
+  const int64_t Cg = s.channels_per_group();
+  if (plan.planes_per_block == 0) return Cg * plan.plane.parts;
+  return ((ng + 1) * Cg - 1) / plan.planes_per_block - ng * Cg / plan.planes_per_block + 1;
+}
+
+// Thread 0 waits until domains [first, last] are ready at `level`; then the
+// whole block goes on.
+__device__ __forceinline__ void wait_domains(const SequenceWords& sw, int level, int64_t first, int64_t last,
+                                             unsigned epoch) {
+  if (threadIdx.x == 0) {
+    for (int64_t d = first; d <= last; ++d) wait_ready(sw.ready(level, d), epoch);
+  }
+  __syncthreads();
 }
 
 // ---- channels-last coefficient tables ------------------------------------------
@@ -75,14 +108,15 @@ struct TileCoefs {
   ChannelCoefs<acc_t>* groups;  // [g - first group]
   Sum2<acc_t>* affine;          // [c - c_begin]: scale, shift
 
-  __device__ static TileCoefs shared() {
-    __shared__ ChannelCoefs<acc_t> group_table[kTileSlots<acc_t>];
-    __shared__ Sum2<acc_t> affine_table[kTileSlots<acc_t>];
-    return {group_table, affine_table};
+  static constexpr int64_t kArenaBytes = kTileSlots<acc_t> * (sizeof(ChannelCoefs<acc_t>) + sizeof(Sum2<acc_t>));
+  // The tables in a block's shared arena of at least kArenaBytes.
+  __device__ static TileCoefs in(unsigned char* arena) {
+    ChannelCoefs<acc_t>* groups = reinterpret_cast<ChannelCoefs<acc_t>*>(arena);
+    return {groups, reinterpret_cast<Sum2<acc_t>*>(groups + kTileSlots<acc_t>)};
   }
 
-  __device__ void fill(const GroupNormShape& s, const RowBlock& b, const GroupSource<acc_t>& src, const acc_t* weight,
-                       const acc_t* bias) const {
+  __device__ void fill(const GroupNormShape& s, const RowBlock& b, const GroupSource<acc_t>& src,
+                       const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias) const {
     const TileGroups tg = tile_groups(s, b.c_begin, b.c_end);
     const int64_t n = b.n, Cg = s.channels_per_group();
     for (int64_t g = tg.first + threadIdx.x; g <= tg.last; g += blockDim.x) {
@@ -124,21 +158,72 @@ __device__ Sum2<acc_t> channel_grad_total(const GroupNormShape& s, const Plan& p
                                           int64_t n, int64_t c) {
   Sum2<acc_t> total{acc_t(0), acc_t(0)};
   for (int64_t part = 0; part < grad_parts(plan); ++part) {
-    const Sum2<acc_t> p = gload(partial + grad_index(s, plan, n, c, part));
+    const Sum2<acc_t> p = gload_l2(partial + grad_index(s, plan, n, c, part));
     total.a += p.a;
     total.b += p.b;
   }
   return total;
 }
 
-// Channels-first: per (plane, part) sums of g * (x - pivot) and g.
+// Where the backward's gradient sums go: per-channel partials (and, channels-
+// last, per-group partials), the dx coefficients, and the sequence words that
+// say when a domain's coefficients are ready (level 1).
+template <typename acc_t>
+struct GradOut {
+  Sum2<acc_t>* partial;
+  Sum2<acc_t>* group_partial;
+  GroupCoefs<acc_t>* coefs;
+  SequenceWords sw;
+  unsigned epoch;
+};
+
+// Group ng's dx coefficients from its gradient sums, by one warp (lane 0
+// writes): the sums of weight * g * (x - pivot) and weight * g
+// (channels-first: the lanes sum their channels' parts; channels-last: the
+// per-group partials), then the coefficients (and the residual dx uses).
+template <typename acc_t>
+__device__ void finalize_grad_group(const GroupNormShape& s, const Plan& plan, const GroupSource<acc_t>& src,
+                                    const ChannelParam<acc_t>& weight, const GradOut<acc_t>& out, int64_t ng,
+                                    int lane) {
+  const int64_t n = ng / s.G, Cg = s.channels_per_group(), c_begin = ng % s.G * Cg;
+  acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);
+  if (plan.layout == Layout::ChannelsFirst) {
+    for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
+      const Sum2<acc_t> total = channel_grad_total(s, plan, out.partial, n, c);
+      const acc_t w = weight.at(c, acc_t(1));
+      sum_gwx += w * total.a;
+      sum_gw += w * total.b;
+    }
+  } else {
+    for_each_group_slot(s, plan, plan.grad_rows, ng, lane, [&](int64_t index, int64_t, int64_t) {
+      const Sum2<acc_t> p = gload_l2(out.group_partial + index);
+      sum_gwx += p.a;
+      sum_gw += p.b;
+    });
+  }
+  sum_gwx = warp_sum(sum_gwx);
+  sum_gw = warp_sum(sum_gw);
+  if (lane == 0) {
+    const acc_t mean = gload(src.mean + ng), rstd = gload(src.rstd + ng);
+    const acc_t residual = summed_residual(src, ng, mean, rstd);
+    const auto dx = math::input_grad_coefs(sum_gwx, sum_gw, residual, rstd, s.group_size());
+    gstore(out.coefs + ng, GroupCoefs<acc_t>{residual, dx.x_coef, dx.bias_coef});
+  }
+}
+
+// Channels-first: per (plane, part) sums of g * (x - pivot) and g. Waits for
+// the residuals of its groups (level 0); each warp then counts the block's
+// arrival at some of them, and a warp that completes a group finalizes it.
 template <typename Op, typename scalar_t, typename acc_t>
-__global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, GroupNormShape s,
-                                    Plan plan, GroupSource<acc_t> src, const acc_t* __restrict__ weight,
-                                    const acc_t* __restrict__ bias, Sum2<acc_t>* __restrict__ partial) {
+__device__ void grad_sums_cf(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const GroupNormShape& s,
+                             const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
+                             const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias,
+                             const GradOut<acc_t>& out) {
+  const DomainRange domains = plane_block_domains(s, plan, block);
+  wait_domains(out.sw, 0, domains.first, domains.last, out.epoch);
   Sum2<acc_t> block_total{acc_t(0), acc_t(0)};
   int64_t block_slot = 0;
-  for_each_plane<Op>(s, plan, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
+  for_each_plane<Op>(s, plan, block, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
     const scalar_t* xs = x + w.offset;
     const scalar_t* dys = dy + w.offset;
     Sum2<acc_t> sum{acc_t(0), acc_t(0)};
@@ -157,7 +242,7 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
     if (w.warp) {
       sum.a = warp_sum(sum.a);
       sum.b = warp_sum(sum.b);
-      if (w.tid == 0) gstore(partial + w.plane, sum);
+      if (w.tid == 0) gstore(out.partial + w.plane, sum);
     } else {
       block_total = sum;
       block_slot = w.plane * plan.plane.parts + w.part;
@@ -165,21 +250,39 @@ __global__ void grad_sums_cf_kernel(const scalar_t* __restrict__ x, const scalar
   });
   if (plan.planes_per_block == 0) {
     block_total = block_sum2(block_total);
-    if (threadIdx.x == 0) gstore(partial + block_slot, block_total);
+    if (threadIdx.x == 0) gstore(out.partial + block_slot, block_total);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  for (int64_t ng = domains.first + threadIdx.x / 32; ng <= domains.last; ng += blockDim.x / 32) {  // per warp
+    bool last = false;
+    if (lane == 0) last = arrive(out.sw.arrivals(1, ng), plane_blocks_of_group(s, plan, ng));
+    if (!warp_broadcast(last)) continue;
+    finalize_grad_group(s, plan, src, weight, out, ng, lane);
+    if (lane == 0) {
+      publish(out.sw.ready(1, ng), out.epoch);
+      atomicAdd(out.sw.finished(), 1u);
+    }
   }
 }
 
+template <int V, typename acc_t>
+constexpr int64_t kGradClArena = kThreads * V * sizeof(Sum2<acc_t>) + TileCoefs<GradSumsOp<Activation::None>, acc_t>::kArenaBytes;
+
 // Channels-last: per (n, row block, c) sums; each thread owns vec channels,
-// the threads of a channel merge in a fixed tree.
+// the threads of a channel merge in a fixed tree. Waits for the residuals of
+// the tile's groups; the block that completes sample n finalizes its groups.
 template <typename Op, int V, typename scalar_t, typename acc_t>
-__global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, GroupNormShape s,
-                                    Plan plan, GroupSource<acc_t> src, const acc_t* __restrict__ weight,
-                                    const acc_t* __restrict__ bias, Sum2<acc_t>* __restrict__ partial,
-                                    Sum2<acc_t>* __restrict__ group_partial) {
-  __shared__ Sum2<acc_t> sh_sums[kThreads * V];
-  const RowBlock b = row_block(s, plan, plan.grad_rows);
+__device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const GroupNormShape& s,
+                             const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
+                             const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias,
+                             const GradOut<acc_t>& out, unsigned char* arena) {
+  Sum2<acc_t>* sh_sums = reinterpret_cast<Sum2<acc_t>*>(arena);
+  const RowBlock b = row_block(s, plan, plan.grad_rows, block);
   const RowThread t = row_thread(plan, b);
-  const TileCoefs<Op, acc_t> table = TileCoefs<Op, acc_t>::shared();
+  const TileGroups tg = tile_groups(s, b.c_begin, b.c_end);
+  wait_domains(out.sw, 0, b.n * s.G + tg.first, b.n * s.G + tg.last, out.epoch);
+  const TileCoefs<Op, acc_t> table = TileCoefs<Op, acc_t>::in(arena + kThreads * V * sizeof(Sum2<acc_t>));
   table.fill(s, b, src, weight, bias);
   Sum2<acc_t> sum[V];
 #pragma unroll
@@ -213,88 +316,63 @@ __global__ void grad_sums_cl_kernel(const scalar_t* __restrict__ x, const scalar
   });
   if (t.active && t.ty == 0) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) gstore(partial + grad_index(s, plan, b.n, t.c + i, b.part), sh_sums[slot + i]);
+    for (int i = 0; i < V; ++i) gstore(out.partial + grad_index(s, plan, b.n, t.c + i, b.part), sh_sums[slot + i]);
   }
   // Per group in the tile, a warp per group slot: sums of weight * the
   // channel totals (channel c's at slot c - c_begin), for the dx coefficients.
-  const TileGroups tg = tile_groups(s, b.c_begin, b.c_end);
   const int64_t Cg = s.channels_per_group();
   const int lane = threadIdx.x % 32;
   for (int64_t g = tg.first + threadIdx.x / 32; g <= tg.last; g += blockDim.x / 32) {  // uniform per warp
     Sum2<acc_t> total{acc_t(0), acc_t(0)};
     for (int64_t c = std::max(b.c_begin, g * Cg) + lane; c < std::min(b.c_end, (g + 1) * Cg); c += 32) {
-      const acc_t w = param_at(weight, c, acc_t(1));
+      const acc_t w = weight.at(c, acc_t(1));
       total.a += w * sh_sums[c - b.c_begin].a;
       total.b += w * sh_sums[c - b.c_begin].b;
     }
     total.a = warp_sum(total.a);
     total.b = warp_sum(total.b);
     if (lane == 0) {
-      gstore(group_partial + group_slot_index(plan, plan.grad_rows, b.n, b.part, b.tile, g - tg.first), total);
+      gstore(out.group_partial + group_slot_index(plan, plan.grad_rows, b.n, b.part, b.tile, g - tg.first), total);
     }
+  }
+  __syncthreads();
+  bool last = false;
+  if (threadIdx.x == 0) last = arrive(out.sw.arrivals(1, b.n), plan.grad_rows.parts * plan.tiles);
+  if (!block_broadcast(last)) return;  // uniform
+  for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {
+    finalize_grad_group(s, plan, src, weight, out, b.n * s.G + g, lane);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    publish(out.sw.ready(1, b.n), out.epoch);
+    atomicAdd(out.sw.finished(), static_cast<unsigned>(s.G));
   }
 }
 
-// Backward: one warp per (n, g): the group's sums of weight * g * (x - pivot)
-// and weight * g (channels-first: the lanes sum their channels' parts;
-// channels-last: the per-group partials), then the dx coefficients (and the
-// residual the output uses).
-template <typename acc_t>
-__global__ void backward_finalize_kernel(GroupNormShape s, Plan plan, GroupSource<acc_t> src,
-                                         const acc_t* __restrict__ weight, const Sum2<acc_t>* __restrict__ partial,
-                                         const Sum2<acc_t>* __restrict__ group_partial,
-                                         GroupCoefs<acc_t>* __restrict__ coefs) {
-  const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (ng >= s.N * s.G) return;  // uniform per warp
-  const int64_t n = ng / s.G, Cg = s.channels_per_group(), c_begin = ng % s.G * Cg;
-  acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);
-  if (plan.layout == Layout::ChannelsFirst) {
-    for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-      const Sum2<acc_t> total = channel_grad_total(s, plan, partial, n, c);
-      const acc_t w = param_at(weight, c, acc_t(1));
-      sum_gwx += w * total.a;
-      sum_gw += w * total.b;
-    }
-  } else {
-    for_each_group_slot(s, plan, plan.grad_rows, ng, lane, [&](int64_t index, int64_t, int64_t) {
-      const Sum2<acc_t> p = gload(group_partial + index);
-      sum_gwx += p.a;
-      sum_gw += p.b;
-    });
-  }
-  sum_gwx = warp_sum(sum_gwx);
-  sum_gw = warp_sum(sum_gw);
-  if (lane == 0) {
-    const acc_t mean = gload(src.mean + ng), rstd = gload(src.rstd + ng);
-    const acc_t residual = summed_residual(src, ng, mean, rstd);
-    const auto dx = math::input_grad_coefs(sum_gwx, sum_gw, residual, rstd, s.group_size());
-    gstore(coefs + ng, GroupCoefs<acc_t>{residual, dx.x_coef, dx.bias_coef});
-  }
-}
-
-// dweight[c], dbias[c]: a block per 32 channels (a lane each); warp k sums
-// samples k, k + warps, ... in order, then warp 0 adds the warps' sums in
-// order (a fixed order: deterministic). Sample slices keep the serial chain
-// short for large N (a thread per channel looping over every sample made
-// this tail the longest part of the backward at N = 1024). Runs as the
-// blocks from `first_block` on of the dx launch.
+// dweight[c], dbias[c]: a block per 32 channels (a lane each), once every
+// group's dx coefficients are done; warp k sums samples k, k + warps, ... in
+// order, then warp 0 adds the warps' sums in order (a fixed order:
+// deterministic). Sample slices keep the serial chain short for large N.
 constexpr int kParamChannels = 32;
 
 template <typename acc_t>
 struct ParamGrads {
   const Sum2<acc_t>* partial = nullptr;
-  acc_t* dweight = nullptr;  // null: no parameter gradients
-  acc_t* dbias = nullptr;
-  int64_t first_block = 0;
+  ChannelGrad<acc_t> dweight;  // data null: no parameter gradients
+  ChannelGrad<acc_t> dbias;
 };
 
 template <typename acc_t>
-__device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, const GroupSource<acc_t>& src,
-                                  const ParamGrads<acc_t>& pg) {
+__device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int64_t block,
+                                  const GroupSource<acc_t>& src, const ParamGrads<acc_t>& pg, const SequenceWords& sw) {
   __shared__ Sum2<acc_t> sh_slice[kThreads / 32][kParamChannels];
+  if (threadIdx.x == 0) {
+    GNFLEX_SPIN_UNTIL(static_cast<int64_t>(load_word(sw.finished())) == s.N * s.G);
+    __threadfence();
+  }
+  __syncthreads();
   const int lane = threadIdx.x % 32, slice = threadIdx.x / 32, slices = blockDim.x / 32;
-  const int64_t c_first = (blockIdx.x - pg.first_block) * kParamChannels;
+  const int64_t c_first = block * kParamChannels;
   const int64_t c = c_first + lane < s.C ? c_first + lane : s.C - 1;  // lanes past C repeat the last channel
   const int64_t Cg = s.channels_per_group(), g = c / Cg;
   // The lane that loads channel c's group values: its group's first lane.
@@ -304,7 +382,7 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, con
   for (int64_t n = slice; n < s.N; n += slices) {  // uniform per warp
     const int64_t ng = n * s.G + g;
     Sum2<acc_t> group{acc_t(0), acc_t(0)};
-    if (lane == group_lane) group = Sum2<acc_t>{gload(&src.coefs[ng].residual), gload(src.rstd + ng)};
+    if (lane == group_lane) group = Sum2<acc_t>{gload_l2(&src.coefs[ng].residual), gload(src.rstd + ng)};
     group.a = __shfl_sync(0xffffffffu, group.a, group_lane);
     group.b = __shfl_sync(0xffffffffu, group.b, group_lane);
     const Sum2<acc_t> total = channel_grad_total(s, plan, pg.partial, n, c);
@@ -318,8 +396,8 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, con
       dw += sh_slice[k][lane].a;
       db += sh_slice[k][lane].b;
     }
-    gstore(pg.dweight + c, dw);
-    gstore(pg.dbias + c, db);
+    pg.dweight.store(c, dw);
+    pg.dbias.store(c, db);
   }
 }
 

@@ -1,6 +1,7 @@
-// CUDA GroupNorm device code, part 5 of 5: the workspace and the launch
-// sequence of the forward and backward ops on raw pointers (the op in
-// group_norm_cuda.cu and the simulator test both call it).
+// CUDA GroupNorm device code, part 5 of 5: the forward and backward kernels
+// (one launch each), their schedules and workspace, and their launches on
+// raw pointers (the op in group_norm_cuda.cu and the simulator test both
+// call them).
 #pragma once
 
 #include "group_norm_apply.cuh"
@@ -55,44 +56,119 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
   return bytes;
 }
 
-inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
-inline int64_t warp_per_group_blocks(const GroupNormShape& s) { return ceil_div(s.N * s.G * 32, kThreads); }
-// Blocks for `items` team work items with the plan's team (warp or block).
-inline int64_t team_blocks(const Plan& plan, int64_t items) {
-  return plan.warp_runs ? Team<32>::blocks(items) : Team<kThreads>::blocks(items);
-}
-inline int64_t stats_blocks(const GroupNormShape& s, const Plan& plan) {
-  if (plan.layout == Layout::ChannelsLast) return s.N * plan.stat_rows.parts * plan.tiles;
-  return team_blocks(plan, s.N * s.G * plan.run_parts);
-}
-inline int64_t residual_blocks(const GroupNormShape& s, const Plan& plan) {
-  return team_blocks(plan, s.N * s.G * plan.residual_splits);
-}
-// Calls f(std::integral_constant<int, lanes>) for the plan's team size.
-template <typename F>
-void dispatch_team(const Plan& plan, F&& f) {
-  if (plan.warp_runs) {
-    f(std::integral_constant<int, 32>{});
-  } else {
-    f(std::integral_constant<int, kThreads>{});
-  }
-}
-inline int64_t output_blocks(const GroupNormShape& s, const Plan& plan, bool grad_sums = false) {
-  if (plan.layout == Layout::ChannelsLast) return s.N * (grad_sums ? plan.grad_rows : plan.out_rows).parts * plan.tiles;
-  return plan.planes_per_block > 0 ? ceil_div(s.N * s.C, plan.planes_per_block) : s.N * s.C * plan.plane.parts;
+// Domains a pass signals about (the sequence words' capacity it needs).
+inline int64_t sequence_domains(const GroupNormShape& s) { return std::max<int64_t>(1, s.N * s.G); }
+
+// ---- schedules -------------------------------------------------------------------
+// A round covers about kRoundBytes of x; a stage starts kLagRounds rounds
+// after the one it depends on, so its blocks rarely wait and x read by the
+// first is still in L2 (lag x round well below an A100 / H100 L2) when the
+// second reads it again.
+constexpr int64_t kRoundBytes = 4 << 20;
+constexpr int64_t kLagRounds = 2;
+#ifdef GNFLEX_CUDA_SIM
+// The simulator test also runs every case in rounds of this many bytes (> 0),
+// so its small shapes take the many-round schedules of large tensors.
+inline int64_t gnflex_sim_round_bytes = 0;
+#endif
+inline int64_t round_bytes() {
+#ifdef GNFLEX_CUDA_SIM
+  if (gnflex_sim_round_bytes > 0) return gnflex_sim_round_bytes;
+#endif
+  return kRoundBytes;
 }
 
-// The most blocks one launch uses (1-D grids allow up to 2^31 - 1).
+// A stage's work items per domain and per work block.
+struct StageItems {
+  int64_t per_domain, per_block;
+};
+
+inline int64_t gcd64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+// Stages over `domains` domains of domain_bytes each, in rounds of whole
+// blocks of every stage (so a round's blocks cover exactly its domains).
+inline Schedule make_schedule(int64_t domains, int64_t domain_bytes, std::initializer_list<StageItems> stages) {
+  int64_t align = 1;
+  for (const StageItems& st : stages) {
+    const int64_t a = st.per_block / gcd64(st.per_block, st.per_domain);
+    align = align / gcd64(align, a) * a;
+  }
+  const int64_t round_domains = align * std::max<int64_t>(1, round_bytes() / std::max<int64_t>(1, align * domain_bytes));
+  const bool one_round = round_domains >= domains;
+  Schedule sc;
+  for (const StageItems& st : stages) {
+    Stage& stage = sc.stage[sc.stages];
+    stage.blocks = ceil_div(domains * st.per_domain, st.per_block);
+    stage.per_round = one_round ? std::max<int64_t>(1, stage.blocks) : round_domains * st.per_domain / st.per_block;
+    stage.first_round = sc.stages * (one_round ? 1 : kLagRounds);
+    ++sc.stages;
+  }
+  return sc;
+}
+
+inline StageItems stats_items_cf(const Plan& plan) { return {plan.run_parts, plan.warp_runs ? kThreads / 32 : 1}; }
+inline StageItems plane_items(const GroupNormShape& s, const Plan& plan) {
+  const int64_t Cg = s.channels_per_group();
+  return plan.planes_per_block > 0 ? StageItems{Cg, plan.planes_per_block} : StageItems{Cg * plan.plane.parts, 1};
+}
+
+// Forward: statistics (stage 0), output (stage 1).
 template <typename scalar_t>
-int64_t max_grid_blocks(const GroupNormShape& s, Layout layout) {
+Schedule forward_schedule(const GroupNormShape& s, const Plan& plan) {
+  const int64_t elem = sizeof(scalar_t);
+  Schedule sc = plan.layout == Layout::ChannelsFirst
+                    ? make_schedule(s.N * s.G, s.group_size() * elem, {stats_items_cf(plan), plane_items(s, plan)})
+                    : make_schedule(s.N, s.C * s.HxW * elem,
+                                    {{plan.stat_rows.parts * plan.tiles, 1}, {plan.out_rows.parts * plan.tiles, 1}});
+  finish_schedule(sc);
+  return sc;
+}
+
+// Backward: residual sums (stage 0), gradient sums (1), dx (2, when wanted),
+// dweight / dbias (3, when wanted; after every gradient-sum block).
+template <typename scalar_t>
+Schedule backward_schedule(const GroupNormShape& s, const Plan& plan, bool input_grad, bool param_grads) {
+  const int64_t elem = sizeof(scalar_t);
+  const int64_t per_block = plan.warp_runs ? kThreads / 32 : 1;
+  Schedule sc;
+  if (plan.layout == Layout::ChannelsFirst) {
+    const StageItems planes = plane_items(s, plan);
+    sc = make_schedule(s.N * s.G, s.group_size() * elem, {{plan.residual_splits, per_block}, planes, planes});
+  } else {
+    sc = make_schedule(s.N, s.C * s.HxW * elem,
+                       {{s.G * plan.residual_splits, per_block},
+                        {plan.grad_rows.parts * plan.tiles, 1},
+                        {plan.out_rows.parts * plan.tiles, 1}});
+  }
+  if (!input_grad) sc.stage[2].blocks = 0;
+  Stage& params = sc.stage[sc.stages++];
+  params.blocks = param_grads ? ceil_div(s.C, kParamChannels) : 0;
+  params.per_round = std::max<int64_t>(1, params.blocks);
+  params.first_round = sc.stage[1].end_round();
+  finish_schedule(sc);
+  return sc;
+}
+
+// The most tickets (blocks) one launch uses (1-D grids allow up to 2^31 - 1).
+template <typename scalar_t>
+int64_t max_tickets(const GroupNormShape& s, Layout layout) {
   int64_t most = 0;
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
     const Plan plan = make_plan<scalar_t>(s, layout, vec);
-    most = std::max({most, stats_blocks(s, plan), output_blocks(s, plan) + ceil_div(s.C, 32), residual_blocks(s, plan),
-                     warp_per_group_blocks(s)});
+    most = std::max({most, forward_schedule<scalar_t>(s, plan).tickets,
+                     backward_schedule<scalar_t>(s, plan, true, true).tickets});
   }
   return most;
 }
+
+inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
 
 // Calls f(Width<V>) for the plan's channels-last vector width.
 template <typename scalar_t, typename F>
@@ -105,90 +181,175 @@ void dispatch_width(const Plan& plan, F&& f) {
   }
 }
 
-// The output launch: y or dx (when out != null) and the parameter gradients.
-template <typename Op, typename scalar_t, typename acc_t>
-void launch_apply(const scalar_t* x, const scalar_t* dy, scalar_t* out, const GroupNormShape& s, const Plan& plan,
-                  const GroupSource<acc_t>& src, const acc_t* weight, const acc_t* bias, ParamGrads<acc_t> pg,
-                  cudaStream_t stream) {
-  const int64_t threads = plan.layout == Layout::ChannelsFirst ? kThreads : plan.block_threads;
-  pg.first_block = out != nullptr ? output_blocks(s, plan) : 0;
-  const int64_t blocks = pg.first_block + (pg.dweight != nullptr ? ceil_div(s.C, kParamChannels) : 0);
-  if (blocks == 0) return;
-  if (plan.layout == Layout::ChannelsFirst) {
-    GNFLEX_LAUNCH(apply_cf_kernel<Op>, grid_of(blocks), threads, stream, x, dy, out, s, plan, src, weight, bias, pg);
-  } else {
-    dispatch_width<scalar_t>(plan, [&](auto width) {
-      constexpr int V = decltype(width)::value;
-      GNFLEX_LAUNCH((apply_cl_kernel<Op, V>), grid_of(blocks), threads, stream, x, dy, out, s, plan, src, weight, bias,
-                    pg);
-    });
+// ---- the kernels -----------------------------------------------------------------
+// Shared memory the phases of one kernel share (a block runs one phase).
+template <int64_t kBytes>
+struct alignas(16) SharedArena {
+  unsigned char bytes[kBytes];
+};
+
+// Forward, channels-first: chunk statistics (the completing team merges its
+// group), then y.
+template <Activation A, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_cf_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
+                      ChannelParam<acc_t> bias, GroupNormShape s, Plan plan, Schedule sc, StatsOut<acc_t> out) {
+  const Ticket ticket = take_ticket(out.sw);
+  out.epoch = ticket.epoch;
+  const Work w = locate(sc, ticket.value);
+  if (w.stage == 0) {
+    if (plan.warp_runs) {
+      chunk_stats_cf<32>(x, s, plan, w.block, out);
+    } else {
+      chunk_stats_cf<kThreads>(x, s, plan, w.block, out);
+    }
+  } else if (w.stage == 1) {
+    const GroupSource<acc_t> src{out.mean, out.rstd, out.coefs};
+    apply_cf<ForwardOp<A>>(x, x, y, s, plan, w.block, src, weight, bias, out.sw, 0, ticket.epoch);
+  }
+  finish_block(out.sw, sc.tickets, ticket.epoch);
+}
+
+// Forward, channels-last: chunk statistics (the completing block merges its
+// sample's groups), then y.
+template <Activation A, int V, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
+                      ChannelParam<acc_t> bias, GroupNormShape s, Plan plan, Schedule sc, StatsOut<acc_t> out) {
+  using Table = TileCoefs<ForwardOp<A>, acc_t>;
+  __shared__ SharedArena<std::max<int64_t>(kStatsClArena<V, acc_t>, Table::kArenaBytes)> arena;
+  const Ticket ticket = take_ticket(out.sw);
+  out.epoch = ticket.epoch;
+  const Work w = locate(sc, ticket.value);
+  if (w.stage == 0) {
+    chunk_stats_cl<V>(x, s, plan, w.block, out, arena.bytes);
+  } else if (w.stage == 1) {
+    const GroupSource<acc_t> src{out.mean, out.rstd, out.coefs};
+    apply_cl<ForwardOp<A>, V>(x, x, y, s, plan, w.block, src, weight, bias, out.sw, 0, ticket.epoch, arena.bytes);
+  }
+  finish_block(out.sw, sc.tickets, ticket.epoch);
+}
+
+// What the backward reads and writes besides x, dy and dx.
+template <typename acc_t>
+struct BackwardArgs {
+  const acc_t* mean;
+  const acc_t* rstd;
+  ChannelParam<acc_t> weight, bias;
+  acc_t* residual_sums;
+  GradOut<acc_t> out;
+  ParamGrads<acc_t> pg;
+};
+
+// The stages of the backward in either layout; kChannelsLast picks the
+// gradient-sum and dx phases.
+template <bool kChannelsLast, Activation A, int V, typename scalar_t, typename acc_t>
+__device__ void backward_work(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                              scalar_t* __restrict__ dx, const GroupNormShape& s, const Plan& plan, const Work& w,
+                              const BackwardArgs<acc_t>& a, unsigned char* arena) {
+  const GradOut<acc_t>& out = a.out;
+  const GroupSource<acc_t> coefs{a.mean, a.rstd, out.coefs};
+  if (w.stage == 0) {
+    if (plan.warp_runs) {
+      residual_sums<32>(x, s, plan, w.block, a.mean, a.rstd, a.residual_sums, out.sw, out.epoch);
+    } else {
+      residual_sums<kThreads>(x, s, plan, w.block, a.mean, a.rstd, a.residual_sums, out.sw, out.epoch);
+    }
+  } else if (w.stage == 1) {
+    const GroupSource<acc_t> summed{a.mean, a.rstd, out.coefs, a.residual_sums, plan.residual_splits, s.group_size()};
+    if constexpr (kChannelsLast) {
+      grad_sums_cl<GradSumsOp<A>, V>(x, dy, s, plan, w.block, summed, a.weight, a.bias, out, arena);
+    } else {
+      grad_sums_cf<GradSumsOp<A>>(x, dy, s, plan, w.block, summed, a.weight, a.bias, out);
+    }
+  } else if (w.stage == 2) {
+    if constexpr (kChannelsLast) {
+      apply_cl<InputGradOp<A>, V>(x, dy, dx, s, plan, w.block, coefs, a.weight, a.bias, out.sw, 1, out.epoch, arena);
+    } else {
+      apply_cf<InputGradOp<A>>(x, dy, dx, s, plan, w.block, coefs, a.weight, a.bias, out.sw, 1, out.epoch);
+    }
+  } else if (w.stage == 3) {
+    param_grads_block(s, plan, w.block, coefs, a.pg, out.sw);
   }
 }
 
+template <Activation A, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_cf_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                       GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
+  const Ticket ticket = take_ticket(a.out.sw);
+  a.out.epoch = ticket.epoch;
+  backward_work<false, A, 1>(dy, x, dx, s, plan, locate(sc, ticket.value), a, nullptr);
+  finish_block(a.out.sw, sc.tickets, ticket.epoch);
+}
+
+template <Activation A, int V, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                       GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
+  __shared__ SharedArena<kGradClArena<V, acc_t>> arena;
+  const Ticket ticket = take_ticket(a.out.sw);
+  a.out.epoch = ticket.epoch;
+  backward_work<true, A, V>(dy, x, dx, s, plan, locate(sc, ticket.value), a, arena.bytes);
+  finish_block(a.out.sw, sc.tickets, ticket.epoch);
+}
+
+// ---- launches --------------------------------------------------------------------
 // y = act(GroupNorm(x)), mean and rstd (N * G). weight / bias may be null
-// (1 / 0). workspace: workspace_bytes().
+// (1 / 0). workspace: workspace_bytes(); sw: sequence words of the stream,
+// capacity >= sequence_domains(s).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void launch_forward(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias, acc_t eps, Activation act,
-                    const GroupNormShape& s, Layout layout, acc_t* mean, acc_t* rstd, void* workspace,
-                    cudaStream_t stream) {
+void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, ChannelParam<acc_t> bias, acc_t eps,
+                    Activation act, const GroupNormShape& s, Layout layout, acc_t* mean, acc_t* rstd, void* workspace,
+                    SequenceWords sw, cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
   const Workspace<acc_t> ws(s, plan);
-  if (layout == Layout::ChannelsFirst) {
-    dispatch_team(plan, [&](auto lanes) {
-      GNFLEX_LAUNCH(chunk_stats_cf_kernel<decltype(lanes)::value>, grid_of(stats_blocks(s, plan)), kThreads, stream, x,
-                    s, plan, ws.chunk_stats(workspace));
-    });
-  } else {
-    dispatch_width<scalar_t>(plan, [&](auto width) {
-      constexpr int V = decltype(width)::value;
-      GNFLEX_LAUNCH((chunk_stats_cl_kernel<V>), grid_of(stats_blocks(s, plan)), plan.block_threads, stream, x, s, plan,
-                    ws.chunk_stats(workspace));
-    });
-  }
-  GNFLEX_LAUNCH(forward_finalize_kernel, grid_of(warp_per_group_blocks(s)), kThreads, stream, s, plan, eps,
-                ws.chunk_stats(workspace), mean, rstd, ws.coefs(workspace));
-  const GroupSource<acc_t> src{mean, rstd, ws.coefs(workspace)};
+  const Schedule sc = forward_schedule<scalar_t>(s, plan);
+  const StatsOut<acc_t> out{ws.chunk_stats(workspace), mean, rstd, ws.coefs(workspace), eps, sw, 0};
   dispatch_activation(act, [&](auto a) {
-    launch_apply<ForwardOp<decltype(a)::value>>(x, x, y, s, plan, src, weight, bias, ParamGrads<acc_t>{}, stream);
-  });
-}
-
-// dx (when not null), dweight and dbias (when not null). weight / bias may be
-// null (1 / 0). workspace: workspace_bytes().
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd, const acc_t* weight,
-                     const acc_t* bias, Activation act, const GroupNormShape& s, Layout layout, scalar_t* dx,
-                     acc_t* dweight, acc_t* dbias, void* workspace, cudaStream_t stream) {
-  if (s.N * s.C == 0 || s.HxW == 0) return;
-  const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
-  const Workspace<acc_t> ws(s, plan);
-  dispatch_team(plan, [&](auto lanes) {
-    GNFLEX_LAUNCH(residual_sums_kernel<decltype(lanes)::value>, grid_of(residual_blocks(s, plan)), kThreads, stream, x,
-                  s, plan, mean, rstd, ws.residual_sums(workspace));
-  });
-  const GroupSource<acc_t> summed{
-      mean, rstd, ws.coefs(workspace), ws.residual_sums(workspace), plan.residual_splits, s.group_size()};
-  Sum2<acc_t>* partial = ws.grad_partial(workspace);
-  dispatch_activation(act, [&](auto a) {
-    using Op = GradSumsOp<decltype(a)::value>;
+    constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {
-      GNFLEX_LAUNCH(grad_sums_cf_kernel<Op>, grid_of(output_blocks(s, plan)), kThreads, stream, x, dy, s, plan, summed,
-                    weight, bias, partial);
+      GNFLEX_LAUNCH((forward_cf_kernel<A, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, x, y, weight,
+                    bias, s, plan, sc, out);
     } else {
       dispatch_width<scalar_t>(plan, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        GNFLEX_LAUNCH((grad_sums_cl_kernel<Op, V>), grid_of(output_blocks(s, plan, true)), plan.block_threads, stream,
-                      x, dy, s, plan, summed, weight, bias, partial, ws.group_grad_partial(workspace));
+        GNFLEX_LAUNCH((forward_cl_kernel<A, V, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, x,
+                      y, weight, bias, s, plan, sc, out);
       });
     }
   });
-  GNFLEX_LAUNCH(backward_finalize_kernel, grid_of(warp_per_group_blocks(s)), kThreads, stream, s, plan, summed, weight,
-                partial, ws.group_grad_partial(workspace), ws.coefs(workspace));
-  const GroupSource<acc_t> src{mean, rstd, ws.coefs(workspace)};
+}
+
+// dx (when not null), dweight and dbias (when dweight.data is not null).
+// weight / bias may be null (1 / 0). workspace: workspace_bytes(); sw as for
+// launch_forward.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
+                     ChannelParam<acc_t> weight, ChannelParam<acc_t> bias, Activation act, const GroupNormShape& s,
+                     Layout layout, scalar_t* dx, ChannelGrad<acc_t> dweight, ChannelGrad<acc_t> dbias,
+                     void* workspace, SequenceWords sw, cudaStream_t stream) {
+  if (s.N * s.C == 0 || s.HxW == 0) return;
+  const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
+  const Workspace<acc_t> ws(s, plan);
+  const Schedule sc = backward_schedule<scalar_t>(s, plan, dx != nullptr, dweight.data != nullptr);
+  Sum2<acc_t>* partial = ws.grad_partial(workspace);
+  const GradOut<acc_t> out{partial, ws.group_grad_partial(workspace), ws.coefs(workspace), sw, 0};
+  const BackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out,
+                                 ParamGrads<acc_t>{partial, dweight, dbias}};
   dispatch_activation(act, [&](auto a) {
-    launch_apply<InputGradOp<decltype(a)::value>>(x, dy, dx, s, plan, src, weight, bias,
-                                                  ParamGrads<acc_t>{partial, dweight, dbias}, stream);
+    constexpr Activation A = decltype(a)::value;
+    if (layout == Layout::ChannelsFirst) {
+      GNFLEX_LAUNCH((backward_cf_kernel<A, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, dy, x, dx, s,
+                    plan, sc, args);
+    } else {
+      dispatch_width<scalar_t>(plan, [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        GNFLEX_LAUNCH((backward_cl_kernel<A, V, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream,
+                      dy, x, dx, s, plan, sc, args);
+      });
+    }
   });
 }
 

@@ -1,26 +1,59 @@
 // CUDA GroupNorm device code, part 2 of 5: statistics. Exact chunk stats per
-// block, the per-group merge (forward finalize), and the backward's residual
-// sums.
+// work block; the block that completes a domain merges its chunks (mean,
+// rstd, residual) and marks it ready; the backward's residual sums.
 #pragma once
 
-#include "group_norm_device.cuh"
+#include "group_norm_sequence.cuh"
 
 namespace gnflex {
 namespace cuda {
 
+// Where the forward's statistics go: chunk partials, then per group the
+// mean (pivot), rstd and residual, and the sequence words that say when a
+// group (level 0, domain ng or n) is ready.
+template <typename acc_t>
+struct StatsOut {
+  ChunkStats<acc_t>* partial;
+  acc_t* mean;
+  acc_t* rstd;
+  GroupCoefs<acc_t>* coefs;
+  acc_t eps;
+  SequenceWords sw;
+  unsigned epoch;
+};
+
+template <typename acc_t>
+__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                           int64_t ng, int lane);
+
+// Group ng's mean (the pivot), rstd and residual from its chunk partials, by
+// one warp (lane 0 writes).
+template <typename acc_t>
+__device__ void finalize_group(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
+                               int lane) {
+  const WelfordStats<acc_t> stats = group_stats(s, plan, out.partial, ng, lane);
+  if (lane == 0) {
+    const acc_t pivot = math::rounded_mean(stats);
+    gstore(out.mean + ng, pivot);
+    gstore(out.rstd + ng, math::rstd_from_stats(stats, out.eps));
+    gstore(&out.coefs[ng].residual, math::mean_residual(stats, pivot));
+  }
+}
+
 // Channels-first chunk stats: a team (block, or warp for short runs) per
 // (n, g, part) of plan.stat_span() values of the group's contiguous run, two
-// passes over them (the second from registers).
+// passes over them (the second from registers). The team that completes a
+// group finalizes it and marks it ready.
 template <int kLanes, typename scalar_t, typename acc_t>
-__global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
-                                      ChunkStats<acc_t>* __restrict__ partial) {
+__device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
+                               int64_t block, const StatsOut<acc_t>& out) {
   using T = Team<kLanes>;
-  const T team = T::here();
+  const T team = T::in_block(block);
   if (team.item >= s.N * s.G * plan.run_parts) return;  // uniform per team
   const int64_t ng = team.item / plan.run_parts;
   const int64_t part = team.item % plan.run_parts;
   const int64_t run = s.group_size();
-  const int64_t len = plan.stat_part_len(run, part);  // <= T::kSpanValues: dispatch_team picks T from the plan
+  const int64_t len = plan.stat_part_len(run, part);  // <= T::kSpanValues: the kernel picks T from the plan
   SpanValues<kLanes, scalar_t, acc_t> values;
   values.load(x + ng * run + part * plan.stat_span(), len, team.rank);
   const acc_t sum = team.sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
@@ -29,10 +62,15 @@ __global__ void chunk_stats_cf_kernel(const scalar_t* __restrict__ x, GroupNormS
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   }));
+  bool last = false;
   if (team.rank == 0) {
     const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
-    gstore(partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    gstore(out.partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    last = arrive(out.sw.arrivals(0, ng), plan.run_parts);
   }
+  if (!team.broadcast(last) || team.rank >= 32) return;  // uniform per team, then per warp
+  finalize_group(s, plan, out, ng, team.rank);
+  if (team.rank == 0) publish(out.sw.ready(0, ng), out.epoch);
 }
 
 // Merges the Welford stats of the 32 lanes in a fixed tree; the result is
@@ -83,15 +121,18 @@ __device__ __forceinline__ int64_t group_slot_index(const Plan& plan, const RowP
 // about it) and merges them into its running stats (Chan). The threads of a
 // channel then merge in a fixed tree, and the channels of each group in the
 // tile in a warp: one partial per (n, part, tile, group slot).
+template <int V, typename acc_t>
+constexpr int64_t kStatsClArena = 3 * kThreads * V * sizeof(acc_t) + kThreads * sizeof(int64_t);
+
 template <int V, typename scalar_t, typename acc_t>
-__global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
-                                      ChunkStats<acc_t>* __restrict__ partial) {
+__device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
+                               int64_t block, const StatsOut<acc_t>& out, unsigned char* arena) {
   constexpr int kRows = 32 / V > 1 ? 32 / V : 1;  // 32 values in registers
-  __shared__ acc_t sh_center[kThreads * V];
-  __shared__ acc_t sh_offset[kThreads * V];
-  __shared__ acc_t sh_m2[kThreads * V];
-  __shared__ int64_t sh_count[kThreads];
-  const RowBlock b = row_block(s, plan, plan.stat_rows);
+  acc_t* sh_center = reinterpret_cast<acc_t*>(arena);
+  acc_t* sh_offset = sh_center + kThreads * V;
+  acc_t* sh_m2 = sh_offset + kThreads * V;
+  int64_t* sh_count = reinterpret_cast<int64_t*>(sh_m2 + kThreads * V);
+  const RowBlock b = row_block(s, plan, plan.stat_rows, block);
   const RowThread t = row_thread(plan, b);
   const int64_t step = plan.rows_per_pass;
   WelfordStats<acc_t> run[V];
@@ -164,10 +205,18 @@ __global__ void chunk_stats_cl_kernel(const scalar_t* __restrict__ x, GroupNormS
     }
     st = warp_welford_merge(st);
     if (lane == 0) {
-      gstore(partial + group_slot_index(plan, plan.stat_rows, b.n, b.part, b.tile, g - tg.first),
+      gstore(out.partial + group_slot_index(plan, plan.stat_rows, b.n, b.part, b.tile, g - tg.first),
              ChunkStats<acc_t>{st.center, st.offset, st.m2});
     }
   }
+  // The block that completes sample n merges its groups, a warp per group.
+  __syncthreads();
+  bool last = false;
+  if (threadIdx.x == 0) last = arrive(out.sw.arrivals(0, b.n), plan.stat_rows.parts * plan.tiles);
+  if (!block_broadcast(last)) return;  // uniform
+  for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) finalize_group(s, plan, out, b.n * s.G + g, lane);
+  __syncthreads();
+  if (threadIdx.x == 0) publish(out.sw.ready(0, b.n), out.epoch);
 }
 
 // Calls f(index, channels, part) for the channels-last per-group partial
@@ -200,50 +249,22 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& 
     const int64_t run = s.group_size();
     for (int64_t part = lane; part < plan.run_parts; part += 32) {
       const int64_t count = plan.stat_part_len(run, part);
-      stats = math::welford_combine(stats, welford_of(count, gload(partial + ng * plan.run_parts + part)));
+      stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + ng * plan.run_parts + part)));
     }
   } else {
     for_each_group_slot(s, plan, plan.stat_rows, ng, lane, [&](int64_t index, int64_t channels, int64_t part) {
       const int64_t count = plan.stat_rows.count(part, s.HxW) * channels;
-      stats = math::welford_combine(stats, welford_of(count, gload(partial + index)));
+      stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + index)));
     });
   }
   return warp_welford_merge(stats);
 }
 
-// Forward: one warp per (n, g): mean (the pivot), rstd and the residual.
-template <typename acc_t>
-__global__ void forward_finalize_kernel(GroupNormShape s, Plan plan, acc_t eps,
-                                        const ChunkStats<acc_t>* __restrict__ partial, acc_t* __restrict__ mean,
-                                        acc_t* __restrict__ rstd, GroupCoefs<acc_t>* __restrict__ coefs) {
-  const int64_t ng = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (ng >= s.N * s.G) return;  // uniform per warp
-  const WelfordStats<acc_t> stats = group_stats(s, plan, partial, ng, lane);
-  if (lane == 0) {
-    const acc_t pivot = math::rounded_mean(stats);
-    gstore(mean + ng, pivot);
-    gstore(rstd + ng, math::rstd_from_stats(stats, eps));
-    gstore(&coefs[ng].residual, math::mean_residual(stats, pivot));
-  }
-}
-
-// Backward, groups whose residual mean - pivot matters (|mean| >> std): sums
-// of x - pivot over a split of the group, a team (block, or warp for short
-// runs) per (n, g, split); the other groups' teams exit. x - pivot is exact
-// for values near the mean, so the sum's rounding stays ~epsilon * std.
-template <int kLanes, typename scalar_t, typename acc_t>
-__global__ void residual_sums_kernel(const scalar_t* __restrict__ x, GroupNormShape s, Plan plan,
-                                     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
-                                     acc_t* __restrict__ sums) {
-  using T = Team<kLanes>;
-  const T team = T::here();
-  if (team.item >= s.N * s.G * plan.residual_splits) return;  // uniform per team
-  const int64_t ng = team.item / plan.residual_splits;
-  const int64_t split = team.item % plan.residual_splits;
-  const Sum2<acc_t> group = team.broadcast(team.rank == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)}
-                                                          : Sum2<acc_t>{acc_t(0), acc_t(0)});
-  if (!wants_residual(group.a, group.b)) return;  // uniform per team
+// The sum of x - pivot over split `split` of group ng (stored by rank 0).
+template <typename T, typename scalar_t, typename acc_t>
+__device__ void residual_split_sum(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
+                                   const T& team, int64_t ng, int64_t split, acc_t pivot, acc_t* __restrict__ sums) {
+  constexpr int kLanes = T::kSize;
   const int64_t run = s.group_size(), Cg = s.channels_per_group();
   const int64_t begin = run * split / plan.residual_splits, end = run * (split + 1) / plan.residual_splits;
   const int64_t n = ng / s.G, c0 = ng % s.G * Cg;
@@ -251,10 +272,30 @@ __global__ void residual_sums_kernel(const scalar_t* __restrict__ x, GroupNormSh
   for (int64_t j = begin + team.rank; j < end; j += kLanes) {
     // The j-th value of the group in either layout.
     const int64_t idx = plan.layout == Layout::ChannelsFirst ? ng * run + j : (n * s.HxW + j / Cg) * s.C + c0 + j % Cg;
-    sum += static_cast<acc_t>(gload(x + idx)) - group.a;
+    sum += static_cast<acc_t>(gload(x + idx)) - pivot;
   }
   sum = team.sum2(Sum2<acc_t>{sum, acc_t(0)}).a;
   if (team.rank == 0) gstore(sums + team.item, sum);
+}
+
+// Backward, groups whose residual mean - pivot matters (|mean| >> std): sums
+// of x - pivot over a split of the group, a team (block, or warp for short
+// runs) per (n, g, split); the other groups' teams only count their arrival.
+// x - pivot is exact for values near the mean, so the sum's rounding stays
+// ~epsilon * std. The arrival that completes a group marks it ready (level 0).
+template <int kLanes, typename scalar_t, typename acc_t>
+__device__ void residual_sums(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
+                              const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, acc_t* __restrict__ sums,
+                              const SequenceWords& sw, unsigned epoch) {
+  using T = Team<kLanes>;
+  const T team = T::in_block(block);
+  if (team.item >= s.N * s.G * plan.residual_splits) return;  // uniform per team
+  const int64_t ng = team.item / plan.residual_splits;
+  const int64_t split = team.item % plan.residual_splits;
+  const Sum2<acc_t> group = team.broadcast(team.rank == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)}
+                                                          : Sum2<acc_t>{acc_t(0), acc_t(0)});
+  if (math::needs_exact_residual(group.a, group.b)) residual_split_sum(x, s, plan, team, ng, split, group.a, sums);
+  if (team.rank == 0 && arrive(sw.arrivals(0, ng), plan.residual_splits)) publish(sw.ready(0, ng), epoch);
 }
 
 }  // namespace cuda

@@ -111,18 +111,73 @@ double output_rtol() {
   return 1.6e-2;
 }
 
-// 16-byte aligned storage plus `offset` elements (misaligned when offset > 0).
+// n elements at a 16-byte aligned address plus `offset` elements
+// (misaligned when offset > 0), with guard bytes around them: intact() says
+// whether a kernel wrote outside [p, p + n).
 template <typename T>
 struct Buf {
+  static constexpr size_t kGuard = 64;
+  static constexpr unsigned char kPattern = 0xa5;
   std::vector<unsigned char> raw;
   T* p;
-  Buf(size_t n, int offset) : raw((n + offset) * sizeof(T) + 64) {
-    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + 15) / 16 * 16;
+  size_t n;
+  Buf(size_t count, int offset = 0) : raw(kGuard + 16 + (count + offset) * sizeof(T) + kGuard, kPattern), n(count) {
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(raw.data()) + kGuard + 15) / 16 * 16;
     p = reinterpret_cast<T*>(a) + offset;
+  }
+  T* data() { return p; }
+  T& operator[](size_t i) { return p[i]; }
+  bool intact() const {
+    const unsigned char* lo = reinterpret_cast<const unsigned char*>(p);
+    const unsigned char* hi = reinterpret_cast<const unsigned char*>(p + n);
+    for (const unsigned char* q = raw.data(); q < raw.data() + raw.size(); ++q) {
+      if ((q < lo || q >= hi) && *q != kPattern) return false;
+    }
+    return true;
   }
 };
 
+// The sequence words every launch shares (per stream on a GPU), zeroed once;
+// check_words() says whether the last launch left them as a launch must: every
+// counter back at 0, the epoch one higher.
+struct Words {
+  Buf<unsigned> buf{1};
+  int64_t capacity = 0;
+  unsigned epoch = 0;
+  gnflex::cuda::SequenceWords get(int64_t domains) {
+    if (capacity < domains) {
+      capacity = std::max<int64_t>(domains, 2 * capacity);
+      buf = Buf<unsigned>(gnflex::cuda::SequenceWords::size(capacity));
+      std::fill(buf.p, buf.p + buf.n, 0u);
+      epoch = 0;
+    }
+    return {buf.p, capacity};
+  }
+  bool check_words() {
+    using SW = gnflex::cuda::SequenceWords;
+    ++epoch;
+    bool ok = buf.intact() && buf[0] == 0 && buf[1] == 0 && buf[2] == epoch && buf[3] == 0;
+    for (int level = 0; level < SW::kLevels; ++level) {
+      for (int64_t d = 0; d < capacity; ++d) ok = ok && buf[SW::kHeader + 2 * level * capacity + d] == 0;
+    }
+    return ok;
+  }
+};
+Words g_words;
+
+template <typename T>
+gnflex::cuda::ParamType param_type_of() {
+  if (std::is_same<T, c10::Half>::value) return gnflex::cuda::ParamType::Half;
+  if (std::is_same<T, c10::BFloat16>::value) return gnflex::cuda::ParamType::BFloat16;
+  return gnflex::cuda::ParamType::Acc;
+}
+
 enum class Spike { None, First, Middle, Last, Plane };
+// Parameters: in the accumulate type, in the input's dtype (16-bit inputs),
+// or absent (null weight and bias).
+enum class Params { Acc, Input, None };
+// Which gradients the backward computes: all, dx only, or dweight / dbias only.
+enum class Grads { All, InputOnly, ParamsOnly };
 
 struct Case {
   int64_t N, C, HxW, G;
@@ -132,7 +187,10 @@ struct Case {
   double center = 0, spread = 2;  // x = center + spread * randn
   Spike spike = Spike::None;
   double spike_size = 0;  // in units of spread
-  bool affine = true;
+  bool affine = true;     // random weight / bias (else 1 / 0)
+  Params params = Params::Acc;
+  Grads grads = Grads::All;
+  double eps = 1e-5;
 };
 
 int passed = 0, failed = 0;
@@ -149,12 +207,33 @@ void run_case(const Case& k) {
   std::mt19937 rng(static_cast<unsigned>(N * 1000003 + C * 1009 + HxW * 7 + G));
   std::normal_distribution<double> nd(0, 1);
   Buf<scalar_t> x(numel, k.x_off), dy(numel, k.dy_off), y(numel, k.x_off), dx(numel, k.x_off);
-  std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0)), mean(N * G), rstd(N * G), dw(C), db(C);
+  Buf<acc_t> mean(N * G), rstd(N * G);
+  std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0));
   for (int64_t i = 0; i < numel; ++i) x.p[i] = scalar_t(k.center + k.spread * nd(rng));
   for (int64_t i = 0; i < numel; ++i) dy.p[i] = scalar_t(nd(rng));
-  if (k.affine) {
+  if (k.affine && k.params != Params::None) {
     for (int64_t c = 0; c < C; ++c) w[c] = acc_t(1 + 0.3 * nd(rng)), b[c] = acc_t(0.2 * nd(rng));
   }
+  // The parameters as the kernels get them, and their gradients' storage.
+  namespace gc = gnflex::cuda;
+  const bool narrow = k.params == Params::Input && sizeof(scalar_t) == 2;
+  const gc::ParamType ptype = narrow ? param_type_of<scalar_t>() : gc::ParamType::Acc;
+  Buf<acc_t> w_acc(C), b_acc(C), dw_acc(C), db_acc(C);
+  Buf<scalar_t> w_in(C), b_in(C), dw_in(C), db_in(C);
+  for (int64_t c = 0; c < C; ++c) {
+    w_in[c] = scalar_t(w[c]), b_in[c] = scalar_t(b[c]);
+    if (narrow) w[c] = acc_t(w_in[c]), b[c] = acc_t(b_in[c]);  // the reference uses the rounded values
+    w_acc[c] = w[c], b_acc[c] = b[c];
+  }
+  const void* w_data = k.params == Params::None ? nullptr : narrow ? static_cast<void*>(w_in.p) : w_acc.p;
+  const void* b_data = k.params == Params::None ? nullptr : narrow ? static_cast<void*>(b_in.p) : b_acc.p;
+  const gc::ChannelParam<acc_t> wp{w_data, ptype}, bp{b_data, ptype};
+  const bool want_dx = k.grads != Grads::ParamsOnly, want_params = k.grads != Grads::InputOnly;
+  void* dw_data = !want_params ? nullptr : narrow ? static_cast<void*>(dw_in.p) : dw_acc.p;
+  void* db_data = !want_params ? nullptr : narrow ? static_cast<void*>(db_in.p) : db_acc.p;
+  const auto grad_at = [&](void* data, int64_t c) {
+    return narrow ? acc_t(static_cast<scalar_t*>(data)[c]) : static_cast<acc_t*>(data)[c];
+  };
   // Spikes in the first group of every sample: at its first, middle or last
   // value (in the layout's group order), or a whole plane (channel).
   const double spike = k.center + k.spike_size * k.spread;
@@ -178,15 +257,22 @@ void run_case(const Case& k) {
         break;
     }
   }
-  const double eps = 1e-5;
+  const double eps = k.eps;
 
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<unsigned char> workspace(gnflex::cuda::workspace_bytes<scalar_t>(s, k.layout));
-  gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(eps), k.act, s, k.layout, mean.data(),
-                                         rstd.data(), workspace.data(), nullptr);
-  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), k.act, s, k.layout,
-                                          dx.p, dw.data(), db.data(), workspace.data(), nullptr);
+  Buf<unsigned char> workspace(gc::workspace_bytes<scalar_t>(s, k.layout));
+  const int64_t domains = gc::sequence_domains(s);
+  gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(eps), k.act, s, k.layout, mean.p, rstd.p, workspace.p,
+                               g_words.get(domains), nullptr);
+  bool words_ok = g_words.check_words();
+  gc::launch_backward<scalar_t>(dy.p, x.p, mean.p, rstd.p, wp, bp, k.act, s, k.layout, want_dx ? dx.p : nullptr,
+                                gc::ChannelGrad<acc_t>{dw_data, ptype}, gc::ChannelGrad<acc_t>{db_data, ptype},
+                                workspace.p, g_words.get(domains), nullptr);
+  words_ok = g_words.check_words() && words_ok;
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const bool guards_ok = x.intact() && dy.intact() && y.intact() && dx.intact() && mean.intact() && rstd.intact() &&
+                         workspace.intact() && w_acc.intact() && b_acc.intact() && dw_acc.intact() &&
+                         db_acc.intact() && w_in.intact() && b_in.intact() && dw_in.intact() && db_in.intact();
 
   const double rtol = output_rtol<scalar_t>();
   const bool low = sizeof(scalar_t) == 2;
@@ -228,26 +314,32 @@ void run_case(const Case& k) {
           if (k.act == Activation::ReLU && std::abs(z) < (low ? 1e-2 : 1e-5)) continue;
           const real gz = real(dy.p[idx(n, c, r)]) * act_grad_ref(k.act, z);
           const real rdx = rs * (gz * real(w[c]) - s_gw / D - xh * s_gwxh / D);
-          e_dx.add(real(dx.p[idx(n, c, r)]), rdx, rtol * 4 * static_cast<double>(std::max<real>(1, rs)), rtol * 4);
+          if (want_dx) {
+            e_dx.add(real(dx.p[idx(n, c, r)]), rdx, rtol * 4 * static_cast<double>(std::max<real>(1, rs)), rtol * 4);
+          }
         }
     }
   }
-  const double par_rtol = std::is_same<scalar_t, double>::value ? 1e-9 : low ? 2e-3 : 1e-4;
-  for (int64_t c = 0; c < C; ++c) {
-    e_dw.add(dw[c], rdw[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
-    e_db.add(db[c], rdb[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
+  // Gradients stored in a 16-bit parameter dtype are rounded to it.
+  const double par_rtol = std::is_same<scalar_t, double>::value ? 1e-9 : narrow ? output_rtol<scalar_t>() : low ? 2e-3 : 1e-4;
+  for (int64_t c = 0; c < C && want_params; ++c) {
+    e_dw.add(grad_at(dw_data, c), rdw[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
+    e_db.add(grad_at(db_data, c), rdb[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
   }
   const double worst = std::max({e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst});
-  const bool ok = worst <= 1;
+  const bool ok = worst <= 1 && guards_ok && words_ok;
   static const char* acts[] = {"none", "relu", "silu", "gelu"};
   static const char* spikes[] = {"none", "first", "middle", "last", "plane"};
+  static const char* params[] = {"acc", "input", "none"};
+  static const char* grads[] = {"all", "dx", "params"};
   std::printf(
-      "%s %-8s %s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d off=%d/%d x=%g+%g*randn spike=%s*%g: "
-      "err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f (%.0f ms)\n",
+      "%s %-8s %s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d params=%s grads=%s eps=%g off=%d/%d x=%g+%g*randn "
+      "spike=%s*%g: err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f%s%s (%.0f ms)\n",
       ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC", long(N),
-      long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), k.x_off, k.dy_off, k.center, k.spread,
-      spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst,
-      ms);
+      long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), params[int(k.params)], grads[int(k.grads)], k.eps,
+      k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst,
+      e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst, guards_ok ? "" : " GUARD BYTES OVERWRITTEN",
+      words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
   (ok ? passed : failed)++;
 }
 
@@ -267,6 +359,23 @@ std::vector<Case> cases() {
     all.push_back({2, 16, 7, 1, l, Activation::SiLU});                          // one group (LayerNorm-like)
     all.push_back({2, 12, 60, 12, l, Activation::GELU});                        // InstanceNorm-like
     all.push_back({2, 4, 6 * 5 * 4, 2, l, Activation::None, 2, 2});             // 3-D spatial, same misalignment
+    all.push_back({3, 32, 50, 8, l, Activation::SiLU, 0, 1});                   // aligned x, misaligned dy
+    all.push_back({2, 16, 30, 4, l, Activation::None, 0, 0, 0, 0.05});          // eps 1e-1 >> variance
+    all.back().eps = 0.1;
+    all.push_back({2, 16, 30, 4, l, Activation::GELU, 0, 0, 0.5, 1});           // eps 0
+    all.back().eps = 0;
+    all.push_back({2, 64, 36, 8, l, Activation::GELU});                         // parameters in the input dtype
+    all.back().params = Params::Input;
+    all.push_back({3, 48, 20, 6, l, Activation::SiLU, 1, 1});                   // ... misaligned
+    all.back().params = Params::Input;
+    all.push_back({2, 8, 50, 4, l, Activation::ReLU});                          // no weight, no bias
+    all.back().params = Params::None;
+    all.push_back({2, 24, 40, 3, l, Activation::SiLU});                         // dx only
+    all.back().grads = Grads::InputOnly;
+    all.push_back({2, 24, 40, 3, l, Activation::GELU});                         // dweight / dbias only
+    all.back().grads = Grads::ParamsOnly;
+    all.push_back({5, 40, 49, 8, l, Activation::SiLU});                         // 7x7 planes, planes per block
+    all.push_back({1, 1024, 4, 32, l, Activation::None});                       // tiny planes, many groups
   }
   return all;
 }
@@ -288,6 +397,10 @@ std::vector<Case> numerics_cases() {
   return all;
 }
 
+// Every case runs with the op's round size and with rounds of kSmallRounds
+// bytes (many rounds, stages interleaved and waiting on earlier rounds).
+constexpr int64_t kSmallRounds = 600;
+
 template <typename scalar_t>
 void run_matrix(bool numerics) {
   for (const Case& k : numerics ? numerics_cases() : cases()) {
@@ -295,15 +408,19 @@ void run_matrix(bool numerics) {
     // of 1e4 is 8 in fp16): scale them into range.
     Case c = k;
     if (sizeof(scalar_t) == 2 && std::abs(c.center) > 100) c.center = c.center > 0 ? 100 : -100, c.spread = 1;
-    run_case<scalar_t>(c);
+    for (int64_t rounds : {int64_t(0), kSmallRounds}) {
+      gnflex::cuda::gnflex_sim_round_bytes = rounds;
+      std::printf("rounds=%s ", rounds == 0 ? "op" : "small");
+      run_case<scalar_t>(c);
+    }
   }
+  gnflex::cuda::gnflex_sim_round_bytes = 0;
 }
 
 // ---- traffic model ---------------------------------------------------------------
 // Goals: forward <= 1.55 x the ideal bytes (each input read once, each output
-// written once, statistics and parameters included), backward <= 1.7 x; at
-// most 3 launches forward and 4 backward; >= 264 blocks (2 waves on 132 SMs)
-// on cases of 8 MB or more.
+// written once, statistics and parameters included), backward <= 1.7 x; one
+// launch per pass; >= 264 blocks (2 waves on 132 SMs) on cases of 8 MB or more.
 template <typename scalar_t>
 void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int64_t G, Layout layout,
                   const std::string& dtype) {
@@ -312,10 +429,12 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   const int64_t numel = N * C * HxW;
   std::mt19937 rng(1);
   std::normal_distribution<double> nd(0, 1);
+  namespace gc = gnflex::cuda;
   Buf<scalar_t> x(numel, 0), dy(numel, 0), y(numel, 0), dx(numel, 0);
   for (int64_t i = 0; i < numel; ++i) x.p[i] = scalar_t(nd(rng)), dy.p[i] = scalar_t(nd(rng));
   std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0)), mean(N * G), rstd(N * G), dw(C), db(C);
-  std::vector<unsigned char> workspace(gnflex::cuda::workspace_bytes<scalar_t>(s, layout));
+  std::vector<unsigned char> workspace(gc::workspace_bytes<scalar_t>(s, layout));
+  const gc::ChannelParam<acc_t> wp{w.data()}, bp{b.data()};
   const int64_t elem = sizeof(scalar_t), acc = sizeof(acc_t);
   const auto report = [&](const char* pass, int64_t ideal, double ratio_goal, int64_t launch_goal) {
     const double ratio = double(g_traffic_bytes) / double(ideal);
@@ -337,12 +456,13 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   };
   g_traffic_bytes = g_launches = g_max_blocks = 0;
   g_launch_bytes.clear();
-  gnflex::cuda::launch_forward<scalar_t>(x.p, y.p, w.data(), b.data(), acc_t(1e-5), Activation::None, s, layout,
-                                         mean.data(), rstd.data(), workspace.data(), nullptr);
-  report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 3);
-  gnflex::cuda::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), w.data(), b.data(), Activation::None, s,
-                                          layout, dx.p, dw.data(), db.data(), workspace.data(), nullptr);
-  report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 4);
+  gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(1e-5), Activation::None, s, layout, mean.data(), rstd.data(),
+                               workspace.data(), g_words.get(gc::sequence_domains(s)), nullptr);
+  report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 1);
+  gc::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), wp, bp, Activation::None, s, layout, dx.p,
+                                gc::ChannelGrad<acc_t>{dw.data()}, gc::ChannelGrad<acc_t>{db.data()}, workspace.data(),
+                                g_words.get(gc::sequence_domains(s)), nullptr);
+  report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 1);
 }
 
 // Grid report: per launch of the forward and backward, the blocks the plan
@@ -357,15 +477,18 @@ void grid_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int6
       layout == Layout::ChannelsLast && C % gc::PackTraits<scalar_t>::kSize == 0 ? gc::PackTraits<scalar_t>::kSize : 1;
   const gc::Plan plan = gc::make_plan<scalar_t>(s, layout, vec);
   const int64_t bytes = N * C * HxW * int64_t(sizeof(scalar_t));
-  const int64_t stats = gc::stats_blocks(s, plan), out = gc::output_blocks(s, plan);
-  const int64_t grad = gc::output_blocks(s, plan, true);
+  const gc::Schedule fwd = gc::forward_schedule<scalar_t>(s, plan);
+  const gc::Schedule bwd = gc::backward_schedule<scalar_t>(s, plan, true, true);
+  const int64_t stats = fwd.stage[0].blocks, out = fwd.stage[1].blocks, grad = bwd.stage[1].blocks;
   const bool big = bytes >= (8 << 20);
   const bool ok = std::min({stats, out, grad}) >= 264;
   std::printf(
-      "grid %ldx%ldx%ld %s %s G=%ld (%.1f MB): stats %ld output %ld grad_sums %ld"
+      "grid %ldx%ldx%ld %s %s G=%ld (%.1f MB): stats %ld output %ld grad_sums %ld; tickets fwd %ld bwd %ld, "
+      "rounds fwd %ld"
       "  [%s; %s]\n",
       long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl", long(G),
-      bytes / 1048576.0, long(stats), long(out), long(grad), label.c_str(),
+      bytes / 1048576.0, long(stats), long(out), long(grad), long(fwd.tickets), long(bwd.tickets),
+      long(fwd.stage[0].rounds()), label.c_str(),
       !big ? "-"
       : ok ? "ok"
            : "UNDER");
