@@ -38,9 +38,13 @@ def kernel_times(fn, iters=10):
     out = {}
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0:
-            out[e.key[:70]] = us / iters
+        if us > 0:  # full names as keys: kernels that share a prefix stay apart
+            out[e.key] = out.get(e.key, 0.0) + us / iters
     return out
+
+
+def short(name, width=110):
+    return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def host_us(fn, iters=200):
@@ -55,10 +59,24 @@ def host_us(fn, iters=200):
     return host
 
 
+def ncu_run():
+    """One forward and one forward+backward of the first, third and fifth case
+    (for ncu, which profiles every kernel launched)."""
+    for shape, groups, dtype, layout in CASES[0:5:2]:
+        x, w, b, dy = make_inputs(shape, dtype, layout, device="cuda", requires_grad=True)
+        y = gnflex.group_norm(x, groups, w, b)
+        torch.autograd.grad(y, (x, w, b), dy)
+        torch.cuda.synchronize()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--md")
+    p.add_argument("--ncu", action="store_true", help="only run three shapes once (under ncu)")
     args = p.parse_args()
+    if args.ncu:
+        ncu_run()
+        return
     lines = [f"# Kernel times on {torch.cuda.get_device_name()} (torch {torch.__version__})", ""]
     for shape, groups, dtype, layout in CASES:
         x, w, b, dy = make_inputs(shape, dtype, layout, device="cuda", requires_grad=True)
@@ -72,9 +90,9 @@ def main():
                 fwd_host = host_us(f)
             bwd = kernel_times(lambda f=f, x=x, w=w, b=b, dy=dy: torch.autograd.grad(f(), (x, w, b), dy))
             lines.append(f"- {name} forward: {sum(fwd.values()):.1f} us GPU, {fwd_host:.1f} us host per call")
-            lines += [f"  - {us:8.1f} us  {k}" for k, us in sorted(fwd.items(), key=lambda kv: -kv[1])]
+            lines += [f"  - {us:8.1f} us  {short(k)}" for k, us in sorted(fwd.items(), key=lambda kv: -kv[1])]
             lines.append(f"- {name} forward+backward: {sum(bwd.values()):.1f} us GPU")
-            lines += [f"  - {us:8.1f} us  {k}" for k, us in sorted(bwd.items(), key=lambda kv: -kv[1])]
+            lines += [f"  - {us:8.1f} us  {short(k)}" for k, us in sorted(bwd.items(), key=lambda kv: -kv[1])]
         lines.append("")
         del x, w, b, dy
         torch.cuda.empty_cache()

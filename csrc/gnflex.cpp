@@ -57,6 +57,9 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
 #include <Python.h>
 
 #include "cpu/cpu_tuning.h"
+#ifdef GNFLEX_WITH_CUDA
+#include "cuda/group_norm_cuda_plan.h"
+#endif
 #include "cpu/group_norm_kernels.h"
 #include "group_norm_utils.h"
 
@@ -101,10 +104,33 @@ PyObject* activation_names_list(PyObject*, PyObject*) {
   return list;
 }
 
+#ifdef GNFLEX_WITH_CUDA
+// gnflex._C.cuda_plan(N, C, HxW, G, element_size, channels_last): what the CUDA
+// kernels do with that shape (the CUDA bench reports it).
+PyObject* cuda_plan(PyObject*, PyObject* args) {
+  long long N, C, HxW, G, element_size;
+  int channels_last;
+  if (!PyArg_ParseTuple(args, "LLLLLp", &N, &C, &HxW, &G, &element_size, &channels_last)) return nullptr;
+  try {
+    const auto p = gnflex::cuda::plan_info(N, C, HxW, G, element_size, channels_last != 0);
+    return Py_BuildValue("{s:s,s:L,s:L,s:L,s:L}", "path", p.path.c_str(), "forward_tickets",
+                         static_cast<long long>(p.forward_tickets), "backward_tickets",
+                         static_cast<long long>(p.backward_tickets), "rounds", static_cast<long long>(p.rounds),
+                         "reuse_bytes", static_cast<long long>(p.reuse_bytes));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+#endif
+
 PyMethodDef methods[] = {
     {"activation_names", activation_names_list, METH_NOARGS, "The activation names the op accepts, aliases included."},
     {"cpu_tuning", cpu_tuning_info, METH_NOARGS,
      "Cache sizes, budgets, schedule and the kernel copy (CPU capability) of the CPU kernels."},
+#ifdef GNFLEX_WITH_CUDA
+    {"cuda_plan", cuda_plan, METH_VARARGS, "Path, tickets and rounds of the CUDA kernels for a shape."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -216,6 +216,39 @@ def test_cuda_bench_cases_are_valid_inputs():
     assert all(n * c * hxw <= 1 << 23 and c % g == 0 for _, n, c, hxw, g, _, _ in traffic)
 
 
+def test_cuda_bench_rows_carry_every_measure():
+    # The bench's rows from measurements, without a GPU: every field the JSON
+    # promises, ratios of graph times, the backward's copy fraction scaled to
+    # its three tensors, and the planner's path where the library has CUDA.
+    from gnflex.bench import cuda as bench
+
+    assert bench.percentiles([5.0, 1.0, 3.0, 2.0, 4.0]) == (1.0, 3.0, 5.0)
+    fake = {k: {"graph": (0.9 * v, v, 1.1 * v), "cold": (2 * v, 2 * v, 2 * v), "host_us": 10 * v, "eager_ms": 3 * v}
+            for k, v in {"gnflex": 1.0, "torch": 2.0, "compile": 1.5, "copy": 0.8}.items()}
+    rows = [bench.row_for("vae", (1, 128, 64, 64), 32, torch.float16, layout, "silu", backward, fake)
+            for layout in ("nchw", "channels_last") for backward in (False, True)]
+    for row in rows:
+        for key in ("gnflex_graph_ms", "torch_graph_ms", "copy_graph_ms", "compile_graph_ms", "gnflex_cold_ms",
+                    "torch_cold_ms", "copy_cold_ms", "gnflex_host_us", "torch_host_us", "gnflex_eager_ms",
+                    "torch_eager_ms", "mb", "path", "case", "dtype", "layout", "act", "pass", "shape", "groups"):
+            assert key in row, key
+        assert row["vs_torch"] == 2.0 and row["vs_compile"] == 1.5 and row["mb"] == 1.0
+        assert row["copy_fraction"] == pytest.approx(0.8 * (1.5 if row["pass"] == "fwd+bwd" else 1.0))
+        if gnflex.built_with_cuda():
+            assert row["path"] == "l2", row  # 1 MB: re-read from L2
+    summary = bench.summarize(rows)
+    assert summary["vs torch (graph), all rows"] == pytest.approx(2.0)
+    if gnflex.built_with_cuda():
+        from gnflex import _C
+
+        big = _C.cuda_plan(1, 512, 16 * 180 * 320, 32, 2, True)  # 943 MB batch-1 video, one domain
+        assert big["path"] == "dram" and big["rounds"] == 1, big
+        many = _C.cuda_plan(64, 256, 64 * 64, 32, 2, False)  # 128 MB in groups of 64 KB: many rounds
+        assert many["path"] == "l2" and many["rounds"] > 1 and many["forward_tickets"] < 2 ** 31, many
+        with pytest.raises(ValueError, match="element_size"):
+            _C.cuda_plan(1, 8, 4, 2, 3, False)
+
+
 def test_build_fingerprint_tracks_sources_and_settings(tmp_path, monkeypatch):
     # .ci/setup.sh skips the build when the installed package's fingerprint
     # (recorded by setup.py) equals the checkout's: it must change with any

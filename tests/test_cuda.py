@@ -112,6 +112,97 @@ def test_cuda_graph_capture_and_replay():
 
 
 @needs_cuda
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_cuda_graph_capture_of_forward_and_backward(layout):
+    # Forward and backward in one graph, half precision with half parameters,
+    # replayed on new data: bitwise equal to eager calls (the same kernels and
+    # schedule; a capture gets sequence words and scratch of its own).
+    shape = (4, 32, 16, 16)
+    w, b = (t.requires_grad_() for t in make_params(32, torch.float16, "cuda"))
+    static_x = make_input(shape, torch.float16, "cuda", layout).requires_grad_()
+    static_dy = torch.randn_like(static_x)
+
+    def step(x, dy):
+        y = gnflex.group_norm(x, 8, w, b, activation="silu")
+        return (y,) + torch.autograd.grad(y, (x, w, b), dy)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(static_x, static_dy)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(static_x, static_dy)
+    for seed in (7, 8):
+        new_x = make_input(shape, torch.float16, "cuda", layout, seed=seed)
+        new_dy = torch.randn_like(new_x)
+        with torch.no_grad():
+            static_x.copy_(new_x)
+            static_dy.copy_(new_dy)
+        graph.replay()
+        eager = step(new_x.requires_grad_(), new_dy)
+        torch.cuda.synchronize()
+        for got, want in zip(outs, eager):
+            assert torch.equal(got, want)
+
+
+def cuda_kernels_of(fn):
+    """Names of the GPU kernels (memsets and copies included) fn runs."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_one_launch_per_pass(layout, dtype):
+    # Forward and backward are one kernel each, parameters in their own dtype
+    # included (no cast kernels) and dweight / dbias written by the same kernel.
+    x = make_input((2, 64, 40, 40), dtype, "cuda", layout)
+    w, b = make_params(64, dtype, "cuda")
+    y, mean, rstd = torch.ops.gnflex.group_norm(x, w, b, 8, 1e-5, "silu")  # allocates the stream's buffers
+    dy = torch.randn_like(y)
+    torch.ops.gnflex.group_norm_backward(dy, x, mean, rstd, w, b, 8, "silu", [True, True, True])
+    forward = cuda_kernels_of(lambda: torch.ops.gnflex.group_norm(x, w, b, 8, 1e-5, "silu"))
+    backward = cuda_kernels_of(
+        lambda: torch.ops.gnflex.group_norm_backward(dy, x, mean, rstd, w, b, 8, "silu", [True, True, True]))
+    assert len(forward) == 1 and "forward" in forward[0], forward
+    assert len(backward) == 1 and "backward" in backward[0], backward
+
+
+@needs_cuda
+def test_shapes_in_turn_share_the_stream_state():
+    # Calls of other shapes in between (fewer and more domains, the sequence
+    # words growing) leave every result as a first call gives it.
+    shapes = [((2, 64, 20, 20), 8), ((16, 32, 8, 8), 32), ((1, 16, 64, 64), 4), ((64, 64, 4, 4), 32)]
+    first = {}
+    for rounds in range(2):
+        for shape, groups in shapes:
+            for layout in ("contiguous", "channels_last"):
+                x = make_input(shape, torch.float32, "cuda", layout)
+                y = gnflex.group_norm(x, groups, activation="gelu")
+                key = (shape, layout)
+                if rounds == 0:
+                    first[key] = y
+                    assert_close_to_ref(y, reference(x, groups, activation="gelu"), torch.float32)
+                else:
+                    assert torch.equal(y, first[key])
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_many_rounds(layout):
+    # 16 MB in samples of 1 MB: the statistics and output stages interleave
+    # over several rounds in both layouts.
+    x = make_input((16, 64, 64, 64), torch.float32, "cuda", layout)
+    check_against_reference(x, 16)
+
+
+@needs_cuda
 def test_non_default_stream():
     x = make_input((2, 32, 24, 24), torch.float32, "cuda")
     w, b = make_params(32, torch.float32, "cuda")

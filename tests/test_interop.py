@@ -43,6 +43,7 @@ def test_autocast_kernel_registered_for_cuda():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("gnflex::group_norm", "AutocastCUDA")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_cuda_autocast_matches_torch_policy(dtype):

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../group_norm_utils.h"
+#include "group_norm_cuda_plan.h"
 #include "group_norm_launch.cuh"
 
 namespace gnflex {
@@ -142,7 +143,33 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
   return backward_result(bs, weight, input, output_mask);
 }
 
+template <typename scalar_t>
+PlanInfo plan_info_for(const GroupNormShape& s, Layout layout) {
+  const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {}));
+  const Schedule fwd = forward_schedule<scalar_t>(s, plan);
+  const Schedule bwd = backward_schedule<scalar_t>(s, plan, true, true);
+  const int64_t bytes = s.numel() * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t reuse = reuse_bytes(fwd, bytes);
+  return {reuse <= kL2ReuseBytes ? "l2" : "dram", fwd.tickets, bwd.tickets, fwd.stage[0].rounds(), reuse};
+}
+
 }  // namespace
+
+PlanInfo plan_info(int64_t N, int64_t C, int64_t HxW, int64_t G, int64_t element_size, bool channels_last) {
+  const GroupNormShape s{N, C, HxW, G};
+  const Layout layout = channels_last ? Layout::ChannelsLast : Layout::ChannelsFirst;
+  TORCH_CHECK(N >= 0 && C > 0 && HxW > 0 && G > 0 && C % G == 0, "gnflex.cuda_plan: invalid shape");
+  switch (element_size) {
+    case 2:
+      return plan_info_for<c10::Half>(s, layout);
+    case 4:
+      return plan_info_for<float>(s, layout);
+    case 8:
+      return plan_info_for<double>(s, layout);
+    default:
+      TORCH_CHECK(false, "gnflex.cuda_plan: element_size must be 2, 4 or 8, got ", element_size);
+  }
+}
 
 TORCH_LIBRARY_IMPL(GNFLEX_OP_NAMESPACE, CUDA, m) {
   m.impl("group_norm", &group_norm_cuda);

@@ -78,6 +78,17 @@ inline int64_t round_bytes() {
   return kRoundBytes;
 }
 
+// Bytes of x read between a domain's statistics and its output pass: the
+// lag's rounds when there are several, the whole tensor when one round holds
+// it. The bench calls the path "l2" up to kL2ReuseBytes (well inside an A100 /
+// H100 L2), else "dram".
+constexpr int64_t kL2ReuseBytes = 16 << 20;
+inline int64_t reuse_bytes(const Schedule& forward, int64_t tensor_bytes) {
+  const Stage& stats = forward.stage[0];
+  if (stats.rounds() <= 1) return tensor_bytes;
+  return kLagRounds * (tensor_bytes / stats.rounds() + 1);
+}
+
 // A stage's work items per domain and per work block.
 struct StageItems {
   int64_t per_domain, per_block;
