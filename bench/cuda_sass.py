@@ -138,23 +138,40 @@ def parse_sass(text):
 _SOURCE_LINES = {}
 
 
+PHASE_CALL = re.compile(
+    r"\b(chunk_stats_\w+|residual_sums|grad_sums_\w+|apply_\w+|param_grads\w*)\s*(<(32|kThreads)>)?")
+
+
 def phase_of(chain):
-    """The phase function named at the first call site in group_norm_launch.cuh."""
+    """The phase function named at the first call site in group_norm_launch.cuh
+    (with its team, warp or block, where it has one); "/merge" marks the
+    once-per-domain merge inside it."""
     for entry in chain:
-        m = re.search(r'File "([^"]*group_norm_launch\.cuh)", line (\d+)', entry)
-        if not m:
+        own_file = re.search(r'File "([^"]+)"', entry)
+        if not own_file or not own_file.group(1).endswith("group_norm_launch.cuh"):
             continue
-        path, number = m.group(1), int(m.group(2))
-        if path not in _SOURCE_LINES:
-            try:
-                _SOURCE_LINES[path] = open(path).read().splitlines()
-            except OSError:
-                _SOURCE_LINES[path] = []
-        lines = _SOURCE_LINES[path]
-        text = lines[number - 1] if 0 < number <= len(lines) else ""
-        call = re.search(r"\b(chunk_stats_\w+|residual_sums|grad_sums_\w+|apply_\w+|param_grads\w*)\s*[<(]", text)
-        return call.group(1) if call else None
+        call = PHASE_CALL.search(_line_of(entry))
+        if not call:
+            return None
+        team = {"32": "<warp>", "kThreads": "<block>"}.get(call.group(3), "")
+        merge = any(re.search(r"finalize_\w*group\(", _line_of(e)) for e in chain)
+        return call.group(1) + team + ("/merge" if merge else "")
     return None
+
+
+def _line_of(entry):
+    """The source line a '//## File "...", line N' entry names."""
+    m = re.search(r'File "([^"]+)", line (\d+)', entry)
+    if not m:
+        return ""
+    path, number = m.group(1), int(m.group(2))
+    if path not in _SOURCE_LINES:
+        try:
+            _SOURCE_LINES[path] = open(path).read().splitlines()
+        except OSError:
+            _SOURCE_LINES[path] = []
+    lines = _SOURCE_LINES[path]
+    return lines[number - 1] if 0 < number <= len(lines) else ""
 
 
 def load_bytes(instr):
@@ -250,6 +267,8 @@ def kernel_rows(cubin, spills):
         if not loops:
             rows.append(dict(base, kernel=kernel, loop_instr_per_value=None, load_bytes=None))
         for phase, (count, total_bytes, widest) in sorted(loops.items()):
+            if phase.endswith("/merge") or phase.startswith("param_grads"):  # per domain / channel, not per value
+                continue
             values = total_bytes / size / values_per_position(kernel, phase)
             rows.append(dict(base, kernel=f"{kernel}/{phase}", loop_instr_per_value=count / values, load_bytes=widest))
     return rows

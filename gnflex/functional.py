@@ -23,10 +23,27 @@ def keep_op_in_onnx_export():
         _own_onnx_translation[0] = saved
 
 
+def _onnx_export_flags():
+    """A reader of the flags ``torch.onnx.is_in_onnx_export()`` reads: that
+    function imports two modules per call (~1 us of every module call); where
+    torch has moved them, the function itself."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_onnx_exporting = []  # the reader, made on first use (no torch.onnx import with gnflex)
+
+
 def in_onnx_export() -> bool:
     """True while ``torch.onnx.export`` traces a model (either exporter), which
     knows torch's group_norm but not gnflex's op."""
-    return torch.onnx.is_in_onnx_export() and not _own_onnx_translation[0]
+    if not _onnx_exporting:
+        _onnx_exporting.append(_onnx_export_flags())
+    return _onnx_exporting[0]() and not _own_onnx_translation[0]
 
 
 def torch_group_norm_with_stats(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -202,7 +202,7 @@ struct alignas(16) SharedArena {
 // Forward, channels-first: chunk statistics (the completing team merges its
 // group), then y.
 template <Activation A, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     forward_cf_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
                       ChannelParam<acc_t> bias, GroupNormShape s, Plan plan, Schedule sc, StatsOut<acc_t> out) {
   const Ticket ticket = take_ticket(out.sw);
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
 // Forward, channels-last: chunk statistics (the completing block merges its
 // sample's groups), then y.
 template <Activation A, int V, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
                       ChannelParam<acc_t> bias, GroupNormShape s, Plan plan, Schedule sc, StatsOut<acc_t> out) {
   using Table = TileCoefs<ForwardOp<A>, acc_t>;
@@ -285,7 +285,7 @@ __device__ void backward_work(const scalar_t* __restrict__ dy, const scalar_t* _
 }
 
 template <Activation A, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     backward_cf_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                        GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
   const Ticket ticket = take_ticket(a.out.sw);
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <Activation A, int V, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     backward_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                        GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
   __shared__ SharedArena<kGradClArena<V, acc_t>> arena;

@@ -115,19 +115,76 @@ __device__ __forceinline__ int64_t group_slot_index(const Plan& plan, const RowP
   return ((n * rows.parts + part) * plan.tiles + tile) * plan.group_slots + slot;
 }
 
+// A thread's exact statistics of its V channels over the rows it has seen,
+// taken in register tiles: per tile and channel a center (the tile's mean),
+// the sums about it, then Chan's merge into the running stats. The V channels
+// share their counts, so a tile costs two divisions for all of them, and the
+// counts stay in acc_t (exact: a thread sees far fewer than 2^24 rows).
+template <int V, typename acc_t>
+struct ThreadStats {
+  acc_t count = acc_t(0);
+  acc_t center[V] = {}, offset[V] = {}, m2[V] = {};
+
+  // Adds a tile of m rows: v[j][i] for rows j < m (kFull: m is every row).
+  template <bool kFull, int kRows>
+  __device__ __forceinline__ void add(const acc_t (&v)[kRows][V], int m) {
+    const acc_t tile = static_cast<acc_t>(m);
+    const acc_t inv_m = acc_t(1) / tile;
+    const acc_t b_frac = tile / (count + tile);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      acc_t sum = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) sum += v[j][i];  // rows past m hold 0
+      const acc_t c = sum * inv_m;
+      acc_t sd = acc_t(0), sd2 = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        const acc_t d = kFull || j < m ? v[j][i] - c : acc_t(0);
+        sd += d;
+        sd2 += d * d;
+      }
+      const acc_t off = sd * inv_m;
+      const acc_t tile_m2 = sd2 - sd * off;
+      const acc_t tm2 = tile_m2 < acc_t(0) ? acc_t(0) : tile_m2;  // NaN stays NaN
+      if (count == acc_t(0)) {
+        center[i] = c;
+        offset[i] = off;
+        m2[i] = tm2;
+      } else {
+        const acc_t delta = (c - center[i]) + (off - offset[i]);
+        offset[i] += delta * b_frac;
+        m2[i] += tm2 + delta * delta * count * b_frac;
+      }
+    }
+    count += tile;
+  }
+
+  __device__ __forceinline__ WelfordStats<acc_t> stats(int i) const {
+    WelfordStats<acc_t> w;
+    if (count > acc_t(0)) {
+      w.count = static_cast<int64_t>(count);
+      w.center = center[i];
+      w.offset = offset[i];
+      w.m2 = m2[i];
+    }
+    return w;
+  }
+};
+
 // Channels-last chunk stats: one block per (n, part, tile). Each thread owns
-// vec channels and a share of the rows; it takes kRows of its rows at a time
-// into registers, gets their exact stats per channel (mean, then the sums
-// about it) and merges them into its running stats (Chan). The threads of a
-// channel then merge in a fixed tree, and the channels of each group in the
-// tile in a warp: one partial per (n, part, tile, group slot).
+// vec channels and a share of the rows, taken a register tile at a time
+// (ThreadStats). The threads of a channel then merge in a fixed tree, and the
+// channels of each group in the tile in a warp: one partial per (n, part,
+// tile, group slot).
 template <int V, typename acc_t>
 constexpr int64_t kStatsClArena = 3 * kThreads * V * sizeof(acc_t) + kThreads * sizeof(int64_t);
 
 template <int V, typename scalar_t, typename acc_t>
 __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
                                int64_t block, const StatsOut<acc_t>& out, unsigned char* arena) {
-  constexpr int kRows = 32 / V > 1 ? 32 / V : 1;  // 32 values in registers
+  // Rows of a register tile: 64 values for 16-byte packs, 32 for scalars.
+  constexpr int kRows = (V >= 4 ? 64 : 32) / V;
   acc_t* sh_center = reinterpret_cast<acc_t*>(arena);
   acc_t* sh_offset = sh_center + kThreads * V;
   acc_t* sh_m2 = sh_offset + kThreads * V;
@@ -135,37 +192,34 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
   const RowBlock b = row_block(s, plan, plan.stat_rows, block);
   const RowThread t = row_thread(plan, b);
   const int64_t step = plan.rows_per_pass;
-  WelfordStats<acc_t> run[V];
+  ThreadStats<V, acc_t> mine;
   if (t.active) {
+    const int64_t row_stride = step * s.C;  // elements between a thread's rows
     for (int64_t r0 = b.row_begin + t.ty; r0 < b.row_end; r0 += kRows * step) {
-      const int64_t m = std::min<int64_t>(kRows, (b.row_end - r0 + step - 1) / step);
+      const int m = static_cast<int>(std::min<int64_t>(kRows, (b.row_end - r0 + step - 1) / step));
+      const scalar_t* p = x + (b.n * s.HxW + r0) * s.C + t.c;
       acc_t v[kRows][V];
+      if (m == kRows) {
 #pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        if (j < m) {
-          load_values<V>(x + (b.n * s.HxW + r0 + j * step) * s.C + t.c, v[j]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < V; ++i) v[j][i] = acc_t(0);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        acc_t sum = acc_t(0);
-#pragma unroll
-        for (int j = 0; j < kRows; ++j) sum += v[j][i];
-        const acc_t center = math::chunk_center(m, sum);
-        acc_t sd = acc_t(0), sd2 = acc_t(0);
+        for (int j = 0; j < kRows; ++j) load_values<V>(p + j * row_stride, v[j]);
+        mine.template add<true>(v, m);
+      } else {
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
-          const acc_t d = j < m ? v[j][i] - center : acc_t(0);
-          sd += d;
-          sd2 += d * d;
+          if (j < m) {
+            load_values<V>(p + j * row_stride, v[j]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) v[j][i] = acc_t(0);
+          }
         }
-        run[i] = math::welford_combine(run[i], math::welford_from_centered_sums(m, center, sd, sd2));
+        mine.template add<false>(v, m);
       }
     }
   }
+  WelfordStats<acc_t> run[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) run[i] = mine.stats(i);
   const int64_t slot = threadIdx.x * V;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
