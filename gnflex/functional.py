@@ -41,6 +41,8 @@ _onnx_exporting = []  # the reader, made on first use (no torch.onnx import with
 def in_onnx_export() -> bool:
     """True while ``torch.onnx.export`` traces a model (either exporter), which
     knows torch's group_norm but not gnflex's op."""
+    if torch.compiler.is_compiling():  # dynamo knows torch's function, not the flags' modules
+        return torch.onnx.is_in_onnx_export() and not _own_onnx_translation[0]
     if not _onnx_exporting:
         _onnx_exporting.append(_onnx_export_flags())
     return _onnx_exporting[0]() and not _own_onnx_translation[0]

@@ -194,6 +194,16 @@ def test_shapes_in_turn_share_the_stream_state():
 
 
 @needs_cuda
+@pytest.mark.parametrize("eps", (0.0, 1e-3, 0.5))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_eps_values(eps, layout):
+    x = make_input((2, 32, 12, 12), torch.float32, "cuda", layout)
+    w, b = make_params(32, torch.float32, "cuda")
+    y = gnflex.group_norm(x, 8, w, b, eps=eps, activation="silu")
+    assert_close_to_ref(y, reference(x, 8, w, b, eps=eps, activation="silu"), torch.float32)
+
+
+@needs_cuda
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 def test_many_rounds(layout):
     # 16 MB in samples of 1 MB: the statistics and output stages interleave

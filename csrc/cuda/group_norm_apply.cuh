@@ -53,16 +53,29 @@ __device__ void apply_cl(const scalar_t* __restrict__ x, const scalar_t* __restr
   ChannelCoefs<acc_t> k[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) k[i] = table.at(s, b, t.c + i);
-  for (int64_t r = b.row_begin + t.ty; r < b.row_end; r += plan.rows_per_pass) {
+  // kUnroll rows at a time: their loads are in flight together.
+  constexpr int kUnroll = Op::kUsesGrad ? 2 : 4;
+  const int64_t step = plan.rows_per_pass, row_stride = step * s.C;
+  for (int64_t r = b.row_begin + t.ty; r < b.row_end; r += kUnroll * step) {
     const int64_t idx = (b.n * s.HxW + r) * s.C + t.c;
-    acc_t xv[V], dv[V];
-    load_values<V>(x + idx, xv);
-    if constexpr (Op::kUsesGrad) {
-      load_values<V>(dy + idx, dv);
+    acc_t xv[kUnroll][V], dv[kUnroll][V];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (r + u * step < b.row_end) {
+        load_values<V>(x + idx + u * row_stride, xv[u]);
+        if constexpr (Op::kUsesGrad) {
+          load_values<V>(dy + idx + u * row_stride, dv[u]);
+        }
+      }
     }
 #pragma unroll
-    for (int i = 0; i < V; ++i) xv[i] = Op::apply(xv[i], Op::kUsesGrad ? dv[i] : acc_t(0), k[i]);
-    store_values<V>(out + idx, xv);
+    for (int u = 0; u < kUnroll; ++u) {
+      if (r + u * step < b.row_end) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) xv[u][i] = Op::apply(xv[u][i], Op::kUsesGrad ? dv[u][i] : acc_t(0), k[i]);
+        store_values<V>(out + idx + u * row_stride, xv[u]);
+      }
+    }
   }
 }
 

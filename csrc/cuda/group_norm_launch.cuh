@@ -193,6 +193,10 @@ void dispatch_width(const Plan& plan, F&& f) {
 }
 
 // ---- the kernels -----------------------------------------------------------------
+// At least two blocks of kThreads per SM: ptxas keeps a kernel within 128
+// registers (without a bound it chose 64 for some and spilled).
+constexpr int kMinBlocksPerSm = 2;
+
 // Shared memory the phases of one kernel share (a block runs one phase).
 template <int64_t kBytes>
 struct alignas(16) SharedArena {
@@ -202,7 +206,7 @@ struct alignas(16) SharedArena {
 // Forward, channels-first: chunk statistics (the completing team merges its
 // group), then y.
 template <Activation A, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     forward_cf_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
                       ChannelParam<acc_t> bias, GroupNormShape s, Plan plan, Schedule sc, StatsOut<acc_t> out) {
   const Ticket ticket = take_ticket(out.sw);
@@ -224,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Forward, channels-last: chunk statistics (the completing block merges its
 // sample's groups), then y.
 template <Activation A, int V, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
                       ChannelParam<acc_t> bias, GroupNormShape s, Plan plan, Schedule sc, StatsOut<acc_t> out) {
   using Table = TileCoefs<ForwardOp<A>, acc_t>;
@@ -285,7 +289,7 @@ __device__ void backward_work(const scalar_t* __restrict__ dy, const scalar_t* _
 }
 
 template <Activation A, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_cf_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                        GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
   const Ticket ticket = take_ticket(a.out.sw);
@@ -295,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <Activation A, int V, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                        GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
   __shared__ SharedArena<kGradClArena<V, acc_t>> arena;

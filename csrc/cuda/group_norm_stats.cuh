@@ -183,8 +183,8 @@ constexpr int64_t kStatsClArena = 3 * kThreads * V * sizeof(acc_t) + kThreads * 
 template <int V, typename scalar_t, typename acc_t>
 __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
                                int64_t block, const StatsOut<acc_t>& out, unsigned char* arena) {
-  // Rows of a register tile: 64 values for 16-byte packs, 32 for scalars.
-  constexpr int kRows = (V >= 4 ? 64 : 32) / V;
+  // Rows of a register tile of 32 values (the registers of two blocks per SM).
+  constexpr int kRows = 32 / V;
   acc_t* sh_center = reinterpret_cast<acc_t*>(arena);
   acc_t* sh_offset = sh_center + kThreads * V;
   acc_t* sh_m2 = sh_offset + kThreads * V;

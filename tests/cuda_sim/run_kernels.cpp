@@ -376,6 +376,13 @@ std::vector<Case> cases() {
     all.back().grads = Grads::ParamsOnly;
     all.push_back({5, 40, 49, 8, l, Activation::SiLU});                         // 7x7 planes, planes per block
     all.push_back({1, 1024, 4, 32, l, Activation::None});                       // tiny planes, many groups
+    // The plan's thresholds: groups of kWarpSpan values (a warp each) and one
+    // more (a block); planes of kSmallPlane - 1 values (planes per block) and
+    // kSmallPlane (parts of a plane).
+    all.push_back({2, 4, 256, 1, l, Activation::SiLU});
+    all.push_back({2, 4, 257, 1, l, Activation::SiLU});
+    all.push_back({2, 6, 1023, 3, l, Activation::GELU});
+    all.push_back({2, 6, 1024, 3, l, Activation::GELU});
   }
   return all;
 }
