@@ -267,7 +267,8 @@ __device__ void grad_sums_cf(const scalar_t* __restrict__ x, const scalar_t* __r
 }
 
 template <int V, typename acc_t>
-constexpr int64_t kGradClArena = kThreads * V * sizeof(Sum2<acc_t>) + TileCoefs<GradSumsOp<Activation::None>, acc_t>::kArenaBytes;
+constexpr int64_t kGradClArena =
+    kThreads * V * sizeof(Sum2<acc_t>) + TileCoefs<GradSumsOp<Activation::None>, acc_t>::kArenaBytes;
 
 // Channels-last: per (n, row block, c) sums; each thread owns vec channels,
 // the threads of a channel merge in a fixed tree. Waits for the residuals of

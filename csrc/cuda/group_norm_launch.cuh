@@ -111,7 +111,8 @@ inline Schedule make_schedule(int64_t domains, int64_t domain_bytes, std::initia
     const int64_t a = st.per_block / gcd64(st.per_block, st.per_domain);
     align = align / gcd64(align, a) * a;
   }
-  const int64_t round_domains = align * std::max<int64_t>(1, round_bytes() / std::max<int64_t>(1, align * domain_bytes));
+  const int64_t round_domains =
+      align * std::max<int64_t>(1, round_bytes() / std::max<int64_t>(1, align * domain_bytes));
   const bool one_round = round_domains >= domains;
   Schedule sc;
   for (const StageItems& st : stages) {
@@ -173,8 +174,8 @@ int64_t max_tickets(const GroupNormShape& s, Layout layout) {
   int64_t most = 0;
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
     const Plan plan = make_plan<scalar_t>(s, layout, vec);
-    most = std::max({most, forward_schedule<scalar_t>(s, plan).tickets,
-                     backward_schedule<scalar_t>(s, plan, true, true).tickets});
+    most = std::max(
+        {most, forward_schedule<scalar_t>(s, plan).tickets, backward_schedule<scalar_t>(s, plan, true, true).tickets});
   }
   return most;
 }
@@ -325,13 +326,13 @@ void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, 
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {
-      GNFLEX_LAUNCH((forward_cf_kernel<A, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, x, y, weight,
-                    bias, s, plan, sc, out);
+      GNFLEX_LAUNCH((forward_cf_kernel<A, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, x, y, weight, bias,
+                    s, plan, sc, out);
     } else {
       dispatch_width<scalar_t>(plan, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        GNFLEX_LAUNCH((forward_cl_kernel<A, V, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, x,
-                      y, weight, bias, s, plan, sc, out);
+        GNFLEX_LAUNCH((forward_cl_kernel<A, V, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, x, y, weight,
+                      bias, s, plan, sc, out);
       });
     }
   });
@@ -343,26 +344,26 @@ void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
                      ChannelParam<acc_t> weight, ChannelParam<acc_t> bias, Activation act, const GroupNormShape& s,
-                     Layout layout, scalar_t* dx, ChannelGrad<acc_t> dweight, ChannelGrad<acc_t> dbias,
-                     void* workspace, SequenceWords sw, cudaStream_t stream) {
+                     Layout layout, scalar_t* dx, ChannelGrad<acc_t> dweight, ChannelGrad<acc_t> dbias, void* workspace,
+                     SequenceWords sw, cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = backward_schedule<scalar_t>(s, plan, dx != nullptr, dweight.data != nullptr);
   Sum2<acc_t>* partial = ws.grad_partial(workspace);
   const GradOut<acc_t> out{partial, ws.group_grad_partial(workspace), ws.coefs(workspace), sw, 0};
-  const BackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out,
-                                 ParamGrads<acc_t>{partial, dweight, dbias}};
+  const BackwardArgs<acc_t> args{
+      mean, rstd, weight, bias, ws.residual_sums(workspace), out, ParamGrads<acc_t>{partial, dweight, dbias}};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {
-      GNFLEX_LAUNCH((backward_cf_kernel<A, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, dy, x, dx, s,
-                    plan, sc, args);
+      GNFLEX_LAUNCH((backward_cf_kernel<A, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, dy, x, dx, s, plan,
+                    sc, args);
     } else {
       dispatch_width<scalar_t>(plan, [&](auto width) {
         constexpr int V = decltype(width)::value;
-        GNFLEX_LAUNCH((backward_cl_kernel<A, V, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream,
-                      dy, x, dx, s, plan, sc, args);
+        GNFLEX_LAUNCH((backward_cl_kernel<A, V, scalar_t, acc_t>), grid_of(sc.tickets), kThreads, stream, dy, x, dx, s,
+                      plan, sc, args);
       });
     }
   });

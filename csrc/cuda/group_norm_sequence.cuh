@@ -26,11 +26,12 @@
 // The simulator runs blocks one after another in ticket order: a wait that
 // is not satisfied at once is a block waiting on a later ticket, a deadlock
 // on a GPU.
-#define GNFLEX_SPIN_UNTIL(condition)                                                                        \
-  do {                                                                                                      \
-    if (!(condition))                                                                                       \
-      throw ::cudasim::KernelError("gnflex: a block waits on a later ticket at " __FILE__ ":" GNFLEX_STRINGIFY( \
-          __LINE__) " (block " + std::to_string(blockIdx.x) + ")");                                         \
+#define GNFLEX_SPIN_UNTIL(condition)                                                      \
+  do {                                                                                    \
+    if (!(condition))                                                                     \
+      throw ::cudasim::KernelError("gnflex: a block waits on a later ticket at " __FILE__ \
+                                   ":" GNFLEX_STRINGIFY(__LINE__) " (block " +            \
+                                   std::to_string(blockIdx.x) + ")");                     \
   } while (0)
 #else
 #define GNFLEX_SPIN_UNTIL(condition) \

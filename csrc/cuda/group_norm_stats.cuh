@@ -4,6 +4,7 @@
 #pragma once
 
 #include "group_norm_sequence.cuh"
+#include "group_norm_values.cuh"
 
 namespace gnflex {
 namespace cuda {
@@ -45,8 +46,8 @@ __device__ void finalize_group(const GroupNormShape& s, const Plan& plan, const 
 // passes over them (the second from registers). The team that completes a
 // group finalizes it and marks it ready.
 template <int kLanes, typename scalar_t, typename acc_t>
-__device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
-                               int64_t block, const StatsOut<acc_t>& out) {
+__device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
+                               const StatsOut<acc_t>& out) {
   using T = Team<kLanes>;
   const T team = T::in_block(block);
   if (team.item >= s.N * s.G * plan.run_parts) return;  // uniform per team
@@ -181,8 +182,8 @@ template <int V, typename acc_t>
 constexpr int64_t kStatsClArena = 3 * kThreads * V * sizeof(acc_t) + kThreads * sizeof(int64_t);
 
 template <int V, typename scalar_t, typename acc_t>
-__device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan,
-                               int64_t block, const StatsOut<acc_t>& out, unsigned char* arena) {
+__device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
+                               const StatsOut<acc_t>& out, unsigned char* arena) {
   // Rows of a register tile of 32 values (the registers of two blocks per SM).
   constexpr int kRows = 32 / V;
   acc_t* sh_center = reinterpret_cast<acc_t*>(arena);

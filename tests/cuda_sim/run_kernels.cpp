@@ -271,8 +271,8 @@ void run_case(const Case& k) {
   words_ok = g_words.check_words() && words_ok;
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const bool guards_ok = x.intact() && dy.intact() && y.intact() && dx.intact() && mean.intact() && rstd.intact() &&
-                         workspace.intact() && w_acc.intact() && b_acc.intact() && dw_acc.intact() &&
-                         db_acc.intact() && w_in.intact() && b_in.intact() && dw_in.intact() && db_in.intact();
+                         workspace.intact() && w_acc.intact() && b_acc.intact() && dw_acc.intact() && db_acc.intact() &&
+                         w_in.intact() && b_in.intact() && dw_in.intact() && db_in.intact();
 
   const double rtol = output_rtol<scalar_t>();
   const bool low = sizeof(scalar_t) == 2;
@@ -321,7 +321,10 @@ void run_case(const Case& k) {
     }
   }
   // Gradients stored in a 16-bit parameter dtype are rounded to it.
-  const double par_rtol = std::is_same<scalar_t, double>::value ? 1e-9 : narrow ? output_rtol<scalar_t>() : low ? 2e-3 : 1e-4;
+  const double par_rtol = std::is_same<scalar_t, double>::value ? 1e-9
+                          : narrow                              ? output_rtol<scalar_t>()
+                          : low                                 ? 2e-3
+                                                                : 1e-4;
   for (int64_t c = 0; c < C && want_params; ++c) {
     e_dw.add(grad_at(dw_data, c), rdw[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
     e_db.add(grad_at(db_data, c), rdb[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
@@ -337,8 +340,8 @@ void run_case(const Case& k) {
       "spike=%s*%g: err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f%s%s (%.0f ms)\n",
       ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC", long(N),
       long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), params[int(k.params)], grads[int(k.grads)], k.eps,
-      k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst,
-      e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst, guards_ok ? "" : " GUARD BYTES OVERWRITTEN",
+      k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst,
+      e_dx.worst, e_dw.worst, e_db.worst, guards_ok ? "" : " GUARD BYTES OVERWRITTEN",
       words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
   (ok ? passed : failed)++;
 }
@@ -362,20 +365,20 @@ std::vector<Case> cases() {
     all.push_back({3, 32, 50, 8, l, Activation::SiLU, 0, 1});                   // aligned x, misaligned dy
     all.push_back({2, 16, 30, 4, l, Activation::None, 0, 0, 0, 0.05});          // eps 1e-1 >> variance
     all.back().eps = 0.1;
-    all.push_back({2, 16, 30, 4, l, Activation::GELU, 0, 0, 0.5, 1});           // eps 0
+    all.push_back({2, 16, 30, 4, l, Activation::GELU, 0, 0, 0.5, 1});  // eps 0
     all.back().eps = 0;
-    all.push_back({2, 64, 36, 8, l, Activation::GELU});                         // parameters in the input dtype
+    all.push_back({2, 64, 36, 8, l, Activation::GELU});  // parameters in the input dtype
     all.back().params = Params::Input;
-    all.push_back({3, 48, 20, 6, l, Activation::SiLU, 1, 1});                   // ... misaligned
+    all.push_back({3, 48, 20, 6, l, Activation::SiLU, 1, 1});  // ... misaligned
     all.back().params = Params::Input;
-    all.push_back({2, 8, 50, 4, l, Activation::ReLU});                          // no weight, no bias
+    all.push_back({2, 8, 50, 4, l, Activation::ReLU});  // no weight, no bias
     all.back().params = Params::None;
-    all.push_back({2, 24, 40, 3, l, Activation::SiLU});                         // dx only
+    all.push_back({2, 24, 40, 3, l, Activation::SiLU});  // dx only
     all.back().grads = Grads::InputOnly;
-    all.push_back({2, 24, 40, 3, l, Activation::GELU});                         // dweight / dbias only
+    all.push_back({2, 24, 40, 3, l, Activation::GELU});  // dweight / dbias only
     all.back().grads = Grads::ParamsOnly;
-    all.push_back({5, 40, 49, 8, l, Activation::SiLU});                         // 7x7 planes, planes per block
-    all.push_back({1, 1024, 4, 32, l, Activation::None});                       // tiny planes, many groups
+    all.push_back({5, 40, 49, 8, l, Activation::SiLU});    // 7x7 planes, planes per block
+    all.push_back({1, 1024, 4, 32, l, Activation::None});  // tiny planes, many groups
     // The plan's thresholds: groups of kWarpSpan values (a warp each) and one
     // more (a block); planes of kSmallPlane - 1 values (planes per block) and
     // kSmallPlane (parts of a plane).
