@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gnflex
-from gnflex.bench.common import make_inputs, native_group_norm
+from gnflex.bench.common import make_inputs, native_group_norm, print_and_save
 
 CASES = [  # (shape, groups, dtype, layout)
     ((1024, 256, 7, 7), 32, torch.float32, "nchw"),
@@ -96,11 +96,7 @@ def main():
         lines.append("")
         del x, w, b, dy
         torch.cuda.empty_cache()
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text + "\n")
+    print_and_save(lines, args.md)
 
 
 if __name__ == "__main__":

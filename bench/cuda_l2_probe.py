@@ -11,14 +11,8 @@ import statistics
 
 import torch
 
-
-def event_ms(fn):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
+from gnflex.bench.common import print_and_save
+from gnflex.bench.cuda import event_ms
 
 
 def main():
@@ -41,11 +35,7 @@ def main():
         gbps = lambda ms: (mb << 20) / ms / 1e6  # noqa: E731
         lines.append(f"| {mb} | {gbps(c):.0f} | {gbps(w):.0f} | {c / w:.2f} |")
         del x
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text + "\n")
+    print_and_save(lines, args.md)
 
 
 if __name__ == "__main__":

@@ -216,33 +216,33 @@ def main_loops(body, labels):
     return result
 
 
-def resource_usage(text):
-    """{mangled name: dict(REG=, STACK=, SHARED=, LOCAL=)} from cuobjdump -res-usage."""
-    usage, current = {}, None
+def per_function(text, header, value):
+    """{function: value(m)} for the first line matching `value` after each line
+    matching `header` (whose group 1 names the function)."""
+    found, current = {}, None
     for line in text.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
+        m = re.search(header, line)
         if m:
             current = m.group(1)
             continue
-        if current and "REG:" in line:
-            usage[current] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+        m = re.search(value, line) if current else None
+        if m:
+            found[current] = m
             current = None
-    return usage
+    return found
+
+
+def resource_usage(text):
+    """{mangled name: dict(REG=, STACK=, SHARED=, LOCAL=)} from cuobjdump -res-usage."""
+    rows = per_function(text, r"^\s*Function (\S+):", r"REG:\d+.*")
+    return {name: {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", m.group(0))}
+            for name, m in rows.items()}
 
 
 def ptxas_spills(log):
     """{mangled name: spill store bytes} from ptxas -v output."""
-    spills, current = {}, None
-    for line in log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            current = m.group(1)
-            continue
-        m = re.search(r"(\d+) bytes spill stores", line)
-        if m and current:
-            spills[current] = int(m.group(1))
-            current = None
-    return spills
+    rows = per_function(log, r"Function properties for (\S+)", r"(\d+) bytes spill stores")
+    return {name: int(m.group(1)) for name, m in rows.items()}
 
 
 def kernel_rows(cubin, spills):
@@ -297,7 +297,7 @@ def main():
     parser.add_argument("--arch", default="90")
     parser.add_argument("--check", action="store_true", help="exit 1 when a kernel misses a budget")
     parser.add_argument("--md", help="also write the table as markdown")
-    parser.add_argument("--cubin", help="read this cubin instead of compiling")
+    parser.add_argument("--cubin", help="read this cubin (compiled from the current sources) instead of compiling")
     args = parser.parse_args()
     cubin = args.cubin
     log_path = (cubin or "") + ".ptxas.log"

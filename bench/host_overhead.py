@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gnflex
+from gnflex.bench.common import print_and_save
 
 
 def main():
@@ -46,11 +47,7 @@ def main():
              "| call | us | over the op |", "|---|---|---|"]
     for name, us in best.items():
         lines.append(f"| {name} | {us:.2f} | {us - best['op']:+.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(text + "\n")
+    print_and_save(lines, args.md)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def markdown_table(records, columns):
     return "\n".join(lines) + "\n"
 
 
+def print_and_save(lines, md_path=None):
+    """Prints a report's lines and writes them to md_path when given."""
+    text = "\n".join(lines)
+    print(text)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(text + "\n")
+
+
 def write_results(args, title, machine, notes, rows, summary, row_columns, summary_columns, extra_tables=()):
     if args.json:
         with open(args.json, "w") as f:
