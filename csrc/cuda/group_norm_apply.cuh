@@ -14,7 +14,7 @@ template <typename Op, typename scalar_t, typename acc_t>
 __device__ void apply_cf(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, scalar_t* __restrict__ out,
                          const GroupNormShape& s, const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
                          const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias, const SequenceWords& sw,
-                         int level, unsigned epoch) {
+                         int level, Epoch epoch) {
   const DomainRange domains = plane_block_domains(s, plan, block);
   wait_domains(sw, level, domains.first, domains.last, epoch);
   for_each_plane<Op>(s, plan, block, src, weight, bias, [&](const PlaneWork& w, const ChannelCoefs<acc_t>& k) {
@@ -43,7 +43,7 @@ template <typename Op, int V, typename scalar_t, typename acc_t>
 __device__ void apply_cl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, scalar_t* __restrict__ out,
                          const GroupNormShape& s, const Plan& plan, int64_t block, const GroupSource<acc_t>& src,
                          const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias, const SequenceWords& sw,
-                         int level, unsigned epoch, unsigned char* arena) {
+                         int level, Epoch epoch, unsigned char* arena) {
   const RowBlock b = row_block(s, plan, plan.out_rows, block);
   const RowThread t = row_thread(plan, b);
   wait_domains(sw, level, b.n, b.n, epoch);

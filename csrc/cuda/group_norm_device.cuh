@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "../group_norm_math.h"
 
@@ -279,13 +280,15 @@ __device__ __forceinline__ void gstore(T* p, const T& v) {
 // not coherent and may hold a line read before the other block wrote it.
 template <typename T>
 __device__ __forceinline__ T gload_l2(const T* p) {
-  static_assert(sizeof(T) % 4 == 0 && alignof(T) >= 4, "whole 4-byte words");
+  // In 8-byte words where T's alignment allows (double data), else 4-byte.
+  using Word = std::conditional_t<alignof(T) >= 8 && sizeof(T) % 8 == 0, unsigned long long, unsigned>;
+  static_assert(sizeof(T) % sizeof(Word) == 0 && alignof(T) >= 4, "whole words");
   GNFLEX_COUNT_TRAFFIC(sizeof(T));
   T v;
-  const unsigned* from = reinterpret_cast<const unsigned*>(p);
-  unsigned* to = reinterpret_cast<unsigned*>(&v);
+  const Word* from = reinterpret_cast<const Word*>(p);
+  Word* to = reinterpret_cast<Word*>(&v);
 #pragma unroll
-  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) to[i] = __ldcg(from + i);
+  for (int i = 0; i < static_cast<int>(sizeof(T) / sizeof(Word)); ++i) to[i] = __ldcg(from + i);
   return v;
 }
 

@@ -86,7 +86,7 @@ __device__ __forceinline__ int64_t plane_blocks_of_group(const GroupNormShape& s
 // Thread 0 waits until domains [first, last] are ready at `level`; then the
 // whole block goes on.
 __device__ __forceinline__ void wait_domains(const SequenceWords& sw, int level, int64_t first, int64_t last,
-                                             unsigned epoch) {
+                                             Epoch epoch) {
   if (threadIdx.x == 0) {
     for (int64_t d = first; d <= last; ++d) wait_ready(sw.ready(level, d), epoch);
   }
@@ -174,7 +174,7 @@ struct GradOut {
   Sum2<acc_t>* group_partial;
   GroupCoefs<acc_t>* coefs;
   SequenceWords sw;
-  unsigned epoch;
+  Epoch epoch;
 };
 
 // Group ng's dx coefficients from its gradient sums, by one warp (lane 0
@@ -258,6 +258,7 @@ __device__ void grad_sums_cf(const scalar_t* __restrict__ x, const scalar_t* __r
     bool last = false;
     if (lane == 0) last = arrive(out.sw.arrivals(1, ng), plane_blocks_of_group(s, plan, ng));
     if (!warp_broadcast(last)) continue;
+    __syncwarp();  // orders lane 0's acquire before the other lanes' reads (a shuffle does not)
     finalize_grad_group(s, plan, src, weight, out, ng, lane);
     if (lane == 0) {
       publish(out.sw.ready(1, ng), out.epoch);
@@ -368,7 +369,7 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int
                                   const GroupSource<acc_t>& src, const ParamGrads<acc_t>& pg, const SequenceWords& sw) {
   __shared__ Sum2<acc_t> sh_slice[kThreads / 32][kParamChannels];
   if (threadIdx.x == 0) {
-    GNFLEX_SPIN_UNTIL(static_cast<int64_t>(load_word(sw.finished())) == s.N * s.G);
+    GNFLEX_SPIN_UNTIL(static_cast<int64_t>(load_volatile(sw.finished())) == s.N * s.G);
     __threadfence();
   }
   __syncthreads();

@@ -34,10 +34,15 @@
                                    std::to_string(blockIdx.x) + ")");                     \
   } while (0)
 #else
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#define GNFLEX_BACK_OFF() ((void)0)
+#else
+#define GNFLEX_BACK_OFF() __nanosleep(64)
+#endif
 #define GNFLEX_SPIN_UNTIL(condition) \
   do {                               \
     while (!(condition)) {           \
-      __nanosleep(64);               \
+      GNFLEX_BACK_OFF();             \
     }                                \
   } while (0)
 #endif
@@ -130,38 +135,48 @@ __host__ __device__ inline Work locate(const Schedule& sc, int64_t ticket) {
   return Work{-1, 0};
 }
 
-// The persistent word buffer: ticket, done, epoch and a count of domains
-// finished, then per level (the forward uses one, the backward two) an
-// arrival counter and a ready flag per domain. The places depend on the
-// buffer's capacity only (a counter must never land where an earlier launch
-// of another shape left a flag); a buffer is zeroed once, when allocated.
+// The persistent word buffer (32-bit words): ticket, done, a count of
+// domains finished, the epoch (64 bits: it never wraps, so a flag left by an
+// old launch never reads as ready), then per level (the forward uses one, the
+// backward two) an arrival counter per domain, then the 64-bit ready flags.
+// The places depend on the buffer's capacity only (a counter must never land
+// where an earlier launch of another shape left a flag); a buffer is zeroed
+// once, when allocated.
+using Epoch = unsigned long long;
+
 struct SequenceWords {
-  static constexpr int64_t kHeader = 4;
+  static constexpr int64_t kHeader = 6;  // ticket, done, finished, padding, epoch (2 words)
   static constexpr int kLevels = 2;
   unsigned* words;
   int64_t capacity;  // domains per level
 
-  static int64_t size(int64_t capacity) { return kHeader + 2 * kLevels * capacity; }
-  __device__ unsigned* ticket() const { return words; }
-  __device__ unsigned* done() const { return words + 1; }
-  __device__ unsigned* epoch() const { return words + 2; }
-  __device__ unsigned* finished() const { return words + 3; }
-  __device__ unsigned* arrivals(int level, int64_t d) const { return words + kHeader + (2 * level) * capacity + d; }
-  __device__ unsigned* ready(int level, int64_t d) const { return words + kHeader + (2 * level + 1) * capacity + d; }
+  static int64_t size(int64_t capacity) { return kHeader + 3 * kLevels * capacity; }
+  __host__ __device__ unsigned* ticket() const { return words; }
+  __host__ __device__ unsigned* done() const { return words + 1; }
+  __host__ __device__ unsigned* finished() const { return words + 2; }
+  __host__ __device__ Epoch* epoch() const { return reinterpret_cast<Epoch*>(words + 4); }
+  __host__ __device__ unsigned* arrivals(int level, int64_t d) const { return words + kHeader + level * capacity + d; }
+  __host__ __device__ Epoch* ready(int level, int64_t d) const {
+    return reinterpret_cast<Epoch*>(words + kHeader + kLevels * capacity) + level * capacity + d;
+  }
 };
 
-__device__ __forceinline__ unsigned load_word(const unsigned* p) { return *static_cast<const volatile unsigned*>(p); }
+template <typename T>
+__device__ __forceinline__ T load_volatile(const T* p) {
+  return *static_cast<const volatile T*>(p);
+}
 
 // This block's ticket and the launch's epoch, in every thread.
 struct Ticket {
   int64_t value;
-  unsigned epoch;
+  Epoch epoch;
 };
 __device__ inline Ticket take_ticket(const SequenceWords& sw) {
-  __shared__ unsigned sh_ticket, sh_epoch;
+  __shared__ unsigned sh_ticket;
+  __shared__ Epoch sh_epoch;
   if (threadIdx.x == 0) {
     sh_ticket = atomicAdd(sw.ticket(), 1u);
-    sh_epoch = load_word(sw.epoch());
+    sh_epoch = load_volatile(sw.epoch());
   }
   __syncthreads();
   const Ticket t{static_cast<int64_t>(sh_ticket), sh_epoch};
@@ -184,20 +199,20 @@ __device__ inline bool arrive(unsigned* counter, int64_t expected) {
 }
 
 // One thread, after the domain's results are written: marks it ready.
-__device__ inline void publish(unsigned* flag, unsigned epoch) {
+__device__ inline void publish(Epoch* flag, Epoch epoch) {
   __threadfence();
   atomicExch(flag, epoch + 1);
 }
 
 // One thread: waits until the domain is ready; its results may be read
 // (through gload_l2) after this.
-__device__ inline void wait_ready(const unsigned* flag, unsigned epoch) {
-  GNFLEX_SPIN_UNTIL(load_word(flag) == epoch + 1);
+__device__ inline void wait_ready(const Epoch* flag, Epoch epoch) {
+  GNFLEX_SPIN_UNTIL(load_volatile(flag) == epoch + 1);
   __threadfence();
 }
 
 // Every block at its end: the last one resets the buffer for the next launch.
-__device__ inline void finish_block(const SequenceWords& sw, int64_t tickets, unsigned epoch) {
+__device__ inline void finish_block(const SequenceWords& sw, int64_t tickets, Epoch epoch) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -206,7 +221,7 @@ __device__ inline void finish_block(const SequenceWords& sw, int64_t tickets, un
       atomicExch(sw.done(), 0u);
       atomicExch(sw.finished(), 0u);
       __threadfence();
-      atomicExch(sw.epoch(), epoch + 1);
+      atomicExch(sw.epoch(), epoch + 1);  // 64 bits: no wrap
     }
   }
 }

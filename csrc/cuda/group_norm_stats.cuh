@@ -20,7 +20,7 @@ struct StatsOut {
   GroupCoefs<acc_t>* coefs;
   acc_t eps;
   SequenceWords sw;
-  unsigned epoch;
+  Epoch epoch;
 };
 
 template <typename acc_t>
@@ -70,6 +70,7 @@ __device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormSh
     last = arrive(out.sw.arrivals(0, ng), plan.run_parts);
   }
   if (!team.broadcast(last) || team.rank >= 32) return;  // uniform per team, then per warp
+  __syncwarp();  // orders lane 0's acquire before the other lanes' reads (a shuffle does not)
   finalize_group(s, plan, out, ng, team.rank);
   if (team.rank == 0) publish(out.sw.ready(0, ng), out.epoch);
 }
@@ -341,7 +342,7 @@ __device__ void residual_split_sum(const scalar_t* __restrict__ x, const GroupNo
 template <int kLanes, typename scalar_t, typename acc_t>
 __device__ void residual_sums(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
                               const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, acc_t* __restrict__ sums,
-                              const SequenceWords& sw, unsigned epoch) {
+                              const SequenceWords& sw, Epoch epoch) {
   using T = Team<kLanes>;
   const T team = T::in_block(block);
   if (team.item >= s.N * s.G * plan.residual_splits) return;  // uniform per team

@@ -143,7 +143,7 @@ struct Buf {
 struct Words {
   Buf<unsigned> buf{1};
   int64_t capacity = 0;
-  unsigned epoch = 0;
+  gnflex::cuda::Epoch epoch = 0;
   gnflex::cuda::SequenceWords get(int64_t domains) {
     if (capacity < domains) {
       capacity = std::max<int64_t>(domains, 2 * capacity);
@@ -154,11 +154,11 @@ struct Words {
     return {buf.p, capacity};
   }
   bool check_words() {
-    using SW = gnflex::cuda::SequenceWords;
+    const gnflex::cuda::SequenceWords sw{buf.p, capacity};
     ++epoch;
-    bool ok = buf.intact() && buf[0] == 0 && buf[1] == 0 && buf[2] == epoch && buf[3] == 0;
-    for (int level = 0; level < SW::kLevels; ++level) {
-      for (int64_t d = 0; d < capacity; ++d) ok = ok && buf[SW::kHeader + 2 * level * capacity + d] == 0;
+    bool ok = buf.intact() && *sw.ticket() == 0 && *sw.done() == 0 && *sw.finished() == 0 && *sw.epoch() == epoch;
+    for (int level = 0; level < gnflex::cuda::SequenceWords::kLevels; ++level) {
+      for (int64_t d = 0; d < capacity; ++d) ok = ok && *sw.arrivals(level, d) == 0 && *sw.ready(level, d) <= epoch;
     }
     return ok;
   }
