@@ -23,16 +23,10 @@
 #include "group_norm_device.cuh"
 
 #ifdef GNFLEX_CUDA_SIM
-// The simulator runs blocks one after another in ticket order: a wait that
-// is not satisfied at once is a block waiting on a later ticket, a deadlock
-// on a GPU.
-#define GNFLEX_SPIN_UNTIL(condition)                                                      \
-  do {                                                                                    \
-    if (!(condition))                                                                     \
-      throw ::cudasim::KernelError("gnflex: a block waits on a later ticket at " __FILE__ \
-                                   ":" GNFLEX_STRINGIFY(__LINE__) " (block " +            \
-                                   std::to_string(blockIdx.x) + ")");                     \
-  } while (0)
+// The simulator: a wait that cannot be satisfied is reported (a block waiting
+// on a later ticket, a deadlock on a GPU) instead of hanging.
+#define GNFLEX_SPIN_UNTIL(condition) \
+  ::cudasim::spin_until([&] { return static_cast<bool>(condition); }, __FILE__ ":" GNFLEX_STRINGIFY(__LINE__))
 #else
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
 #define GNFLEX_BACK_OFF() ((void)0)
