@@ -21,9 +21,13 @@
 
 // What the kernels report (gload / gstore, GNFLEX_LAUNCH) for --traffic:
 // bytes in total and per launch (a launch's bytes are counted until the next).
+// Counted only in --traffic mode, which runs one block at a time (the counters
+// are plain integers).
+inline bool g_count_traffic = false;
 inline int64_t g_traffic_bytes = 0, g_launches = 0, g_max_blocks = 0;
 inline std::vector<int64_t> g_launch_bytes;
 inline void gnflex_sim_count_traffic(size_t bytes) {
+  if (!g_count_traffic) return;
   g_traffic_bytes += static_cast<int64_t>(bytes);
   if (!g_launch_bytes.empty()) g_launch_bytes.back() += static_cast<int64_t>(bytes);
 }
@@ -542,7 +546,14 @@ struct TrafficReport {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--traffic") return for_each_input_case<TrafficReport>();
+  if (argc > 1 && std::string(argv[1]) == "--traffic") {
+    if (cudasim::concurrent_blocks() > 1) {
+      std::fprintf(stderr, "--traffic counts one block at a time: unset CUDASIM_BLOCKS\n");
+      return 2;
+    }
+    g_count_traffic = true;
+    return for_each_input_case<TrafficReport>();
+  }
   if (argc > 1 && std::string(argv[1]) == "--grids") return for_each_input_case<GridReport>();
   const auto t0 = std::chrono::steady_clock::now();
   try {
