@@ -1,4 +1,4 @@
-// CUDA GroupNorm device code, part 4 of 5: the elementwise outputs (y in the
+// CUDA GroupNorm device code: the elementwise outputs (y in the
 // forward, dx in the backward), each work block after its domains' group
 // values are ready (level 0 forward, level 1 backward).
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA GroupNorm device code, part 3 of 5: the backward's gradient sums per
+// CUDA GroupNorm device code: the backward's gradient sums per
 // (n, c, part); the block that completes a domain computes its groups' dx
 // coefficients; dweight / dbias. Also the channels-first plane walk and the
 // channels-last coefficient tables the output phases (group_norm_apply.cuh)

@@ -1,4 +1,4 @@
-// CUDA GroupNorm device code, part 5 of 5: the forward and backward kernels
+// CUDA GroupNorm device code, last part: the forward and backward kernels
 // (one launch each), their schedules and workspace, and their launches on
 // raw pointers (the op in group_norm_cuda.cu and the simulator test both
 // call them).

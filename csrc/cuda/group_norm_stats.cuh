@@ -1,4 +1,4 @@
-// CUDA GroupNorm device code, part 2 of 5: statistics. Exact chunk stats per
+// CUDA GroupNorm device code: statistics. Exact chunk stats per
 // work block; the block that completes a domain merges its chunks (mean,
 // rstd, residual) and marks it ready; the backward's residual sums.
 #pragma once
