@@ -4,6 +4,8 @@
 // call them).
 #pragma once
 
+#include <numeric>
+
 #include "group_norm_apply.cuh"
 
 namespace gnflex {
@@ -94,22 +96,13 @@ struct StageItems {
   int64_t per_domain, per_block;
 };
 
-inline int64_t gcd64(int64_t a, int64_t b) {
-  while (b != 0) {
-    const int64_t t = a % b;
-    a = b;
-    b = t;
-  }
-  return a;
-}
-
 // Stages over `domains` domains of domain_bytes each, in rounds of whole
 // blocks of every stage (so a round's blocks cover exactly its domains).
 inline Schedule make_schedule(int64_t domains, int64_t domain_bytes, std::initializer_list<StageItems> stages) {
   int64_t align = 1;
   for (const StageItems& st : stages) {
-    const int64_t a = st.per_block / gcd64(st.per_block, st.per_domain);
-    align = align / gcd64(align, a) * a;
+    const int64_t a = st.per_block / std::gcd(st.per_block, st.per_domain);
+    align = std::lcm(align, a);
   }
   const int64_t round_domains =
       align * std::max<int64_t>(1, round_bytes() / std::max<int64_t>(1, align * domain_bytes));
