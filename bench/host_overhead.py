@@ -7,7 +7,6 @@ contenders; each round's median per contender, then the minimum over rounds.
     python bench/host_overhead.py [--rounds 7] [--md out.md]
 """
 import argparse
-import platform
 import statistics
 import timeit
 
@@ -16,18 +15,7 @@ import torch.nn.functional as F
 
 import gnflex
 from gnflex.bench.common import print_and_save
-
-
-def cpu_model():
-    """The CPU's model name (what lscpu shows), or the platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from gnflex.bench.cpu import cpu_model
 
 
 def main():
