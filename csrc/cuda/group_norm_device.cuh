@@ -463,8 +463,6 @@ struct Team {
       return {block, static_cast<int>(threadIdx.x)};
     }
   }
-  // Blocks of kThreads threads for `items` items.
-  static int64_t blocks(int64_t items) { return kLanes == 32 ? ceil_div(items * 32, kThreads) : items; }
 
   template <typename T>
   __device__ Sum2<T> sum2(Sum2<T> v) const {

@@ -255,10 +255,7 @@ __device__ void grad_sums_cf(const scalar_t* __restrict__ x, const scalar_t* __r
   __syncthreads();
   const int lane = threadIdx.x % 32;
   for (int64_t ng = domains.first + threadIdx.x / 32; ng <= domains.last; ng += blockDim.x / 32) {  // per warp
-    bool last = false;
-    if (lane == 0) last = arrive(out.sw.arrivals(1, ng), plane_blocks_of_group(s, plan, ng));
-    if (!warp_broadcast(last)) continue;
-    __syncwarp();  // orders lane 0's acquire before the other lanes' reads (a shuffle does not)
+    if (!warp_arrive(out.sw.arrivals(1, ng), plane_blocks_of_group(s, plan, ng))) continue;
     finalize_grad_group(s, plan, src, weight, out, ng, lane);
     if (lane == 0) {
       publish(out.sw.ready(1, ng), out.epoch);
@@ -337,6 +334,8 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
       gstore(out.group_partial + group_slot_index(plan, plan.grad_rows, b.n, b.part, b.tile, g - tg.first), total);
     }
   }
+  // block_arrive() written out: called here, it cost 2-8 more registers in
+  // some backward kernels (ptxas -v).
   __syncthreads();
   bool last = false;
   if (threadIdx.x == 0) last = arrive(out.sw.arrivals(1, b.n), plan.grad_rows.parts * plan.tiles);

@@ -192,6 +192,26 @@ __device__ inline bool arrive(unsigned* counter, int64_t expected) {
   return last;
 }
 
+// A warp's arrival, counted by lane 0; true in every lane for the warp that
+// completes the domain, lane 0's acquire then ordered before the other lanes'
+// reads (a shuffle orders no memory).
+__device__ __forceinline__ bool warp_arrive(unsigned* counter, int64_t expected) {
+  bool last = false;
+  if (threadIdx.x % 32 == 0) last = arrive(counter, expected);
+  last = warp_broadcast(last);
+  if (last) __syncwarp();
+  return last;
+}
+
+// A block's arrival once all its threads' results are written, counted by
+// thread 0; true in every thread for the block that completes the domain.
+__device__ __forceinline__ bool block_arrive(unsigned* counter, int64_t expected) {
+  __syncthreads();
+  bool last = false;
+  if (threadIdx.x == 0) last = arrive(counter, expected);
+  return block_broadcast(last);
+}
+
 // One thread, after the domain's results are written: marks it ready.
 __device__ inline void publish(Epoch* flag, Epoch epoch) {
   __threadfence();

@@ -266,10 +266,7 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
     }
   }
   // The block that completes sample n merges its groups, a warp per group.
-  __syncthreads();
-  bool last = false;
-  if (threadIdx.x == 0) last = arrive(out.sw.arrivals(0, b.n), plan.stat_rows.parts * plan.tiles);
-  if (!block_broadcast(last)) return;  // uniform
+  if (!block_arrive(out.sw.arrivals(0, b.n), plan.stat_rows.parts * plan.tiles)) return;  // uniform
   for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) finalize_group(s, plan, out, b.n * s.G + g, lane);
   __syncthreads();
   if (threadIdx.x == 0) publish(out.sw.ready(0, b.n), out.epoch);
