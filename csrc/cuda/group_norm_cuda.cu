@@ -102,7 +102,8 @@ TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "gnflex_group_norm_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     check_grid<scalar_t>(s, f.layout);
-    const auto buffers = StreamState::get(f.x, sequence_domains(s), workspace_bytes<scalar_t>(s, f.layout), stream);
+    const auto buffers =
+        StreamState::get(f.x, sequence_domains<scalar_t>(s, f.layout), workspace_bytes<scalar_t>(s, f.layout), stream);
     launch_forward<scalar_t>(f.x.const_data_ptr<scalar_t>(), f.y.data_ptr<scalar_t>(), channel_param<acc_t>(f.weight),
                              channel_param<acc_t>(f.bias), static_cast<acc_t>(eps), f.activation, s, f.layout,
                              f.mean.data_ptr<acc_t>(), f.rstd.data_ptr<acc_t>(), buffers.scratch, buffers.sw, stream);
@@ -128,7 +129,8 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bs.x.scalar_type(), "gnflex_group_norm_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     check_grid<scalar_t>(s, bs.layout);
-    const auto buffers = StreamState::get(bs.x, sequence_domains(s), workspace_bytes<scalar_t>(s, bs.layout), stream);
+    const auto buffers = StreamState::get(bs.x, sequence_domains<scalar_t>(s, bs.layout),
+                                          workspace_bytes<scalar_t>(s, bs.layout), stream);
     const auto grad = [&](at::Tensor& t) {
       return param_grads ? ChannelGrad<acc_t>{t.data_ptr(), param_type(t)} : ChannelGrad<acc_t>{};
     };

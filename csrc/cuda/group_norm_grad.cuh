@@ -141,41 +141,75 @@ struct TileCoefs {
 };
 
 // ---- gradient sums ---------------------------------------------------------------
-// Partial sums live at grad_index(n, c, part): per plane and part
-// (channels-first), per row block and channel (channels-last).
+// Per-channel partial sums, `parts` per (n, c): at (n * C + c) * parts + part
+// channels-first, (n * parts + part) * C + c channels-last.
+template <typename acc_t>
+struct ChannelSums {
+  Sum2<acc_t>* data;
+  int64_t parts;
+  Layout layout;
+  __host__ __device__ int64_t index(const GroupNormShape& s, int64_t n, int64_t c, int64_t part) const {
+    return layout == Layout::ChannelsFirst ? (n * s.C + c) * parts + part : (n * parts + part) * s.C + c;
+  }
+};
+
+// Parts of the gradient-sum blocks' per-channel sums: planes' parts
+// (channels-first), row blocks (channels-last).
 __host__ __device__ __forceinline__ int64_t grad_parts(const Plan& plan) {
   return plan.layout == Layout::ChannelsFirst ? plan.plane.parts : plan.grad_rows.parts;
 }
-__host__ __device__ __forceinline__ int64_t grad_index(const GroupNormShape& s, const Plan& plan, int64_t n, int64_t c,
-                                                       int64_t part) {
-  return plan.layout == Layout::ChannelsFirst ? (n * s.C + c) * plan.plane.parts + part
-                                              : (n * plan.grad_rows.parts + part) * s.C + c;
-}
-
-// Channel c's gradient sums of sample n over all parts, in part order.
-template <typename acc_t>
-__device__ Sum2<acc_t> channel_grad_total(const GroupNormShape& s, const Plan& plan, const Sum2<acc_t>* partial,
-                                          int64_t n, int64_t c) {
-  Sum2<acc_t> total{acc_t(0), acc_t(0)};
-  for (int64_t part = 0; part < grad_parts(plan); ++part) {
-    const Sum2<acc_t> p = gload_l2(partial + grad_index(s, plan, n, c, part));
-    total.a += p.a;
-    total.b += p.b;
-  }
-  return total;
-}
 
 // Where the backward's gradient sums go: per-channel partials (and, channels-
-// last, per-group partials), the dx coefficients, and the sequence words that
-// say when a domain's coefficients are ready (level 1).
+// last, per-group partials, per work block and per chunk of them), the dx
+// coefficients, and the sequence words that say when a domain's
+// coefficients are ready (level 1).
 template <typename acc_t>
 struct GradOut {
-  Sum2<acc_t>* partial;
-  Sum2<acc_t>* group_partial;
+  ChannelSums<acc_t> partial;  // per work block
+  Sum2<acc_t>* group_partial;  // channels-last: per (n, part, tile, group slot)
+  ChannelSums<acc_t> chunk;    // channels-last two-level merges: per (n, chunk, c)
+  Sum2<acc_t>* chunk_group;    // and per (n, chunk, g)
   GroupCoefs<acc_t>* coefs;
   SequenceWords sw;
   Epoch epoch;
 };
+
+// Lane-partial sums (lane l: items l, l + 32, ... in order) of channels-
+// last group ng's per-group partials over row parts `parts`.
+template <typename acc_t>
+__device__ Sum2<acc_t> slot_sums(const GroupNormShape& s, const Plan& plan, const Sum2<acc_t>* group_partial,
+                                 const PartRange& parts, int64_t ng, int lane) {
+  Sum2<acc_t> t{acc_t(0), acc_t(0)};
+  for_each_group_slot(s, plan, plan.grad_rows, parts, ng, lane, [&](int64_t index, int64_t, int64_t) {
+    const Sum2<acc_t> p = gload_l2(group_partial + index);
+    t.a += p.a;
+    t.b += p.b;
+  });
+  return t;
+}
+
+// Chunk k of sample n: each group's and each channel's partial sums of the
+// chunk's row parts added into one, in part order.
+template <typename acc_t>
+__device__ void merge_grad_chunk(const GroupNormShape& s, const Plan& plan, const GradOut<acc_t>& out, int64_t n,
+                                 int64_t k, int lane) {
+  const PartRange parts = chunk_part_range(plan.grad_rows, plan.grad_chunks, k);
+  for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {  // uniform per warp
+    Sum2<acc_t> t = slot_sums(s, plan, out.group_partial, parts, n * s.G + g, lane);
+    t.a = warp_sum(t.a);
+    t.b = warp_sum(t.b);
+    if (lane == 0) gstore(out.chunk_group + chunk_index<Layout::ChannelsLast>(s, plan.grad_chunks, n * s.G + g, k), t);
+  }
+  for (int64_t c = threadIdx.x; c < s.C; c += blockDim.x) {
+    Sum2<acc_t> t{acc_t(0), acc_t(0)};
+    for (int64_t part = parts.first; part < parts.first + parts.count; ++part) {
+      const Sum2<acc_t> p = gload_l2(out.partial.data + out.partial.index(s, n, c, part));
+      t.a += p.a;
+      t.b += p.b;
+    }
+    gstore(out.chunk.data + out.chunk.index(s, n, c, k), t);
+  }
+}
 
 // Group ng's dx coefficients from its gradient sums, by one warp (lane 0
 // writes): the sums of weight * g * (x - pivot) and weight * g
@@ -188,18 +222,26 @@ __device__ void finalize_grad_group(const GroupNormShape& s, const Plan& plan, c
   const int64_t n = ng / s.G, Cg = s.channels_per_group(), c_begin = ng % s.G * Cg;
   acc_t sum_gwx = acc_t(0), sum_gw = acc_t(0);
   if (plan.layout == Layout::ChannelsFirst) {
-    for (int64_t c = c_begin + lane; c < c_begin + Cg; c += 32) {
-      const Sum2<acc_t> total = channel_grad_total(s, plan, out.partial, n, c);
-      const acc_t w = weight.at(c, acc_t(1));
-      sum_gwx += w * total.a;
-      sum_gw += w * total.b;
+    // The group's (channel, part) sums are contiguous: lanes take every
+    // 32nd, so no lane adds a channel's parts in a serial chain.
+    const int64_t parts = out.partial.parts;
+    const Sum2<acc_t>* sums = out.partial.data + out.partial.index(s, n, c_begin, 0);
+    for (int64_t item = lane; item < Cg * parts; item += 32) {
+      const Sum2<acc_t> p = gload_l2(sums + item);
+      const acc_t w = weight.at(c_begin + item / parts, acc_t(1));
+      sum_gwx += w * p.a;
+      sum_gw += w * p.b;
     }
+  } else if (plan.grad_chunks.parts == 1) {
+    const Sum2<acc_t> t = slot_sums(s, plan, out.group_partial, PartRange{0, plan.grad_rows.parts}, ng, lane);
+    sum_gwx = t.a;
+    sum_gw = t.b;
   } else {
-    for_each_group_slot(s, plan, plan.grad_rows, ng, lane, [&](int64_t index, int64_t, int64_t) {
-      const Sum2<acc_t> p = gload_l2(out.group_partial + index);
+    for (int64_t k = lane; k < plan.grad_chunks.parts; k += 32) {
+      const Sum2<acc_t> p = gload_l2(out.chunk_group + chunk_index<Layout::ChannelsLast>(s, plan.grad_chunks, ng, k));
       sum_gwx += p.a;
       sum_gw += p.b;
-    });
+    }
   }
   sum_gwx = warp_sum(sum_gwx);
   sum_gw = warp_sum(sum_gw);
@@ -242,7 +284,7 @@ __device__ void grad_sums_cf(const scalar_t* __restrict__ x, const scalar_t* __r
     if (w.warp) {
       sum.a = warp_sum(sum.a);
       sum.b = warp_sum(sum.b);
-      if (w.tid == 0) gstore(out.partial + w.plane, sum);
+      if (w.tid == 0) gstore(out.partial.data + w.plane, sum);
     } else {
       block_total = sum;
       block_slot = w.plane * plan.plane.parts + w.part;
@@ -250,7 +292,7 @@ __device__ void grad_sums_cf(const scalar_t* __restrict__ x, const scalar_t* __r
   });
   if (plan.planes_per_block == 0) {
     block_total = block_sum2(block_total);
-    if (threadIdx.x == 0) gstore(out.partial + block_slot, block_total);
+    if (threadIdx.x == 0) gstore(out.partial.data + block_slot, block_total);
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;
@@ -315,7 +357,8 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
   });
   if (t.active && t.ty == 0) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) gstore(out.partial + grad_index(s, plan, b.n, t.c + i, b.part), sh_sums[slot + i]);
+    for (int i = 0; i < V; ++i)
+      gstore(out.partial.data + out.partial.index(s, b.n, t.c + i, b.part), sh_sums[slot + i]);
   }
   // Per group in the tile, a warp per group slot: sums of weight * the
   // channel totals (channel c's at slot c - c_begin), for the dx coefficients.
@@ -334,12 +377,17 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
       gstore(out.group_partial + group_slot_index(plan, plan.grad_rows, b.n, b.part, b.tile, g - tg.first), total);
     }
   }
-  // block_arrive() written out: called here, it cost 2-8 more registers in
-  // some backward kernels (ptxas -v).
-  __syncthreads();
-  bool last = false;
-  if (threadIdx.x == 0) last = arrive(out.sw.arrivals(1, b.n), plan.grad_rows.parts * plan.tiles);
-  if (!block_broadcast(last)) return;  // uniform
+  // Two-level merges: the block that completes a chunk merges it.
+  const RowParts& chunks = plan.grad_chunks;
+  if (chunks.parts > 1) {
+    const int64_t k = b.part / chunks.rows;
+    const int64_t arrivals = chunks.count(k, plan.grad_rows.parts) * plan.tiles;
+    if (!block_arrive(out.sw.arrivals(kChunkLevel, b.n * chunks.parts + k), arrivals)) return;  // uniform
+    merge_grad_chunk(s, plan, out, b.n, k, lane);
+  }
+  // The block that completes sample n finalizes its groups.
+  const int64_t arrivals = chunks.parts > 1 ? chunks.parts : plan.grad_rows.parts * plan.tiles;
+  if (!block_arrive(out.sw.arrivals(1, b.n), arrivals)) return;  // uniform
   for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {
     finalize_grad_group(s, plan, src, weight, out, b.n * s.G + g, lane);
   }
@@ -351,14 +399,15 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
 }
 
 // dweight[c], dbias[c]: a block per 32 channels (a lane each), once every
-// group's dx coefficients are done; warp k sums samples k, k + warps, ... in
-// order, then warp 0 adds the warps' sums in order (a fixed order:
-// deterministic). Sample slices keep the serial chain short for large N.
+// group's dx coefficients are done. Each channel's sums are per (sample,
+// part) item; warp k takes items k, k + warps, ... in order, then warp 0
+// adds the warps' results in order (a fixed order: deterministic). The terms
+// are linear in the sums, so a sample's parts need no total first.
 constexpr int kParamChannels = 32;
 
 template <typename acc_t>
 struct ParamGrads {
-  const Sum2<acc_t>* partial = nullptr;
+  ChannelSums<acc_t> sums{};   // the per-channel sums, per chunk where there are chunks
   ChannelGrad<acc_t> dweight;  // data null: no parameter gradients
   ChannelGrad<acc_t> dbias;
 };
@@ -379,16 +428,17 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int
   // The lane that loads channel c's group values: its group's first lane.
   const int group_lane = static_cast<int>(std::max<int64_t>(0, g * Cg - c_first));
   acc_t dw = acc_t(0), db = acc_t(0);
+  const int64_t parts = pg.sums.parts;
 #pragma unroll 4
-  for (int64_t n = slice; n < s.N; n += slices) {  // uniform per warp
-    const int64_t ng = n * s.G + g;
+  for (int64_t item = slice; item < s.N * parts; item += slices) {  // uniform per warp
+    const int64_t n = item / parts, ng = n * s.G + g;
     Sum2<acc_t> group{acc_t(0), acc_t(0)};
     if (lane == group_lane) group = Sum2<acc_t>{gload_l2(&src.coefs[ng].residual), gload(src.rstd + ng)};
     group.a = __shfl_sync(0xffffffffu, group.a, group_lane);
     group.b = __shfl_sync(0xffffffffu, group.b, group_lane);
-    const Sum2<acc_t> total = channel_grad_total(s, plan, pg.partial, n, c);
-    dw += math::weight_grad_term(total.a, total.b, group.a, group.b);
-    db += total.b;
+    const Sum2<acc_t> p = gload_l2(pg.sums.data + pg.sums.index(s, n, c, item - n * parts));
+    dw += math::weight_grad_term(p.a, p.b, group.a, group.b);
+    db += p.b;
   }
   sh_slice[slice][lane] = Sum2<acc_t>{dw, db};
   __syncthreads();

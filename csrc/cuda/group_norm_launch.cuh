@@ -13,26 +13,33 @@ namespace cuda {
 
 // Scratch memory of one call, carved from one buffer the caller allocates:
 // per-(n, g) coefficients, the forward's chunk stats, the backward's
-// residual sums and gradient partial sums (each its own region).
+// residual sums and gradient partial sums, and the channels-last two-level
+// merges' per-chunk results (each its own region).
 template <typename acc_t>
 struct Workspace {
   static constexpr int64_t kAlign = 256;
-  int64_t coefs_at = 0, stats_at = 0, residual_at = 0, grad_at = 0, group_grad_at = 0, bytes = 0;
+  int64_t coefs_at = 0, stats_at = 0, chunk_stats_at = 0, residual_at = 0, grad_at = 0, group_grad_at = 0,
+          chunk_grad_at = 0, chunk_group_grad_at = 0, bytes = 0;
 
   Workspace(const GroupNormShape& s, const Plan& plan) {
-    const auto rounded = [](int64_t items, int64_t size) {
-      return (std::max<int64_t>(1, items) * size + kAlign - 1) / kAlign * kAlign;
+    const bool cf = plan.layout == Layout::ChannelsFirst;
+    // Places the next region of `items` items of `size` bytes.
+    const auto region = [this](int64_t items, int64_t size) {
+      const int64_t at = bytes;
+      bytes += (std::max<int64_t>(1, items) * size + kAlign - 1) / kAlign * kAlign;
+      return at;
     };
-    const int64_t chunks = plan.layout == Layout::ChannelsFirst
-                               ? s.N * s.G * plan.run_parts
-                               : s.N * plan.stat_rows.parts * plan.tiles * plan.group_slots;
-    stats_at = rounded(s.N * s.G, sizeof(GroupCoefs<acc_t>));
-    residual_at = stats_at + rounded(chunks, sizeof(ChunkStats<acc_t>));
-    grad_at = residual_at + rounded(s.N * s.G * plan.residual_splits, sizeof(acc_t));
-    group_grad_at = grad_at + rounded(s.N * s.C * grad_parts(plan), sizeof(Sum2<acc_t>));
-    const int64_t group_grads =
-        plan.layout == Layout::ChannelsFirst ? 0 : s.N * plan.grad_rows.parts * plan.tiles * plan.group_slots;
-    bytes = group_grad_at + rounded(group_grads, sizeof(Sum2<acc_t>));
+    const int64_t slots = cf ? 0 : plan.tiles * plan.group_slots;
+    const int64_t stat_chunks = plan.stat_chunks.parts <= 1 ? 0 : plan.stat_chunks.parts;
+    const int64_t grad_chunks = cf || plan.grad_chunks.parts == 1 ? 0 : plan.grad_chunks.parts;
+    coefs_at = region(s.N * s.G, sizeof(GroupCoefs<acc_t>));
+    stats_at = region(cf ? s.N * s.G * plan.run_parts : s.N * plan.stat_rows.parts * slots, sizeof(ChunkStats<acc_t>));
+    chunk_stats_at = region(s.N * stat_chunks * s.G, sizeof(ChunkStats<acc_t>));
+    residual_at = region(s.N * s.G * plan.residual_splits, sizeof(acc_t));
+    grad_at = region(s.N * s.C * grad_parts(plan), sizeof(Sum2<acc_t>));
+    group_grad_at = region(s.N * plan.grad_rows.parts * slots, sizeof(Sum2<acc_t>));
+    chunk_grad_at = region(s.N * grad_chunks * s.C, sizeof(Sum2<acc_t>));
+    chunk_group_grad_at = region(s.N * grad_chunks * s.G, sizeof(Sum2<acc_t>));
   }
   template <typename T>
   static T* at(void* base, int64_t offset) {
@@ -40,9 +47,18 @@ struct Workspace {
   }
   GroupCoefs<acc_t>* coefs(void* base) const { return at<GroupCoefs<acc_t>>(base, coefs_at); }
   ChunkStats<acc_t>* chunk_stats(void* base) const { return at<ChunkStats<acc_t>>(base, stats_at); }
+  ChunkStats<acc_t>* sample_chunk_stats(void* base) const { return at<ChunkStats<acc_t>>(base, chunk_stats_at); }
   acc_t* residual_sums(void* base) const { return at<acc_t>(base, residual_at); }
-  Sum2<acc_t>* grad_partial(void* base) const { return at<Sum2<acc_t>>(base, grad_at); }
-  Sum2<acc_t>* group_grad_partial(void* base) const { return at<Sum2<acc_t>>(base, group_grad_at); }
+  // The backward's gradient sums, where they go.
+  GradOut<acc_t> grad_out(void* base, const Plan& plan, const SequenceWords& sw) const {
+    return {ChannelSums<acc_t>{at<Sum2<acc_t>>(base, grad_at), grad_parts(plan), plan.layout},
+            at<Sum2<acc_t>>(base, group_grad_at),
+            ChannelSums<acc_t>{at<Sum2<acc_t>>(base, chunk_grad_at), plan.grad_chunks.parts, Layout::ChannelsLast},
+            at<Sum2<acc_t>>(base, chunk_group_grad_at),
+            coefs(base),
+            sw,
+            0};
+  }
 };
 
 // Channels-last picks its vector width from the pointers, so the workspace
@@ -58,8 +74,18 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
   return bytes;
 }
 
-// Domains a pass signals about (the sequence words' capacity it needs).
-inline int64_t sequence_domains(const GroupNormShape& s) { return std::max<int64_t>(1, s.N * s.G); }
+// Domains a pass signals about (the sequence words' capacity it needs):
+// groups, and the chunks of two-level merges.
+template <typename scalar_t>
+int64_t sequence_domains(const GroupNormShape& s, Layout layout) {
+  int64_t domains = std::max<int64_t>(1, s.N * s.G);
+  for (int vec : {1, PackTraits<scalar_t>::kSize}) {
+    const Plan plan = make_plan<scalar_t>(s, layout, vec);
+    const int64_t stat_domains = layout == Layout::ChannelsFirst ? s.N * s.G : s.N;
+    domains = std::max({domains, stat_domains * plan.stat_chunks.parts, s.N * plan.grad_chunks.parts});
+  }
+  return domains;
+}
 
 // ---- schedules -------------------------------------------------------------------
 // A round covers about kRoundBytes of x; a stage starts kLagRounds rounds
@@ -68,14 +94,9 @@ inline int64_t sequence_domains(const GroupNormShape& s) { return std::max<int64
 // second reads it again.
 constexpr int64_t kRoundBytes = 4 << 20;
 constexpr int64_t kLagRounds = 2;
-#ifdef GNFLEX_CUDA_SIM
-// The simulator test also runs every case in rounds of this many bytes (> 0),
-// so its small shapes take the many-round schedules of large tensors.
-inline int64_t gnflex_sim_round_bytes = 0;
-#endif
 inline int64_t round_bytes() {
 #ifdef GNFLEX_CUDA_SIM
-  if (gnflex_sim_round_bytes > 0) return gnflex_sim_round_bytes;
+  if (gnflex_sim_plan.round_bytes > 0) return gnflex_sim_plan.round_bytes;
 #endif
   return kRoundBytes;
 }
@@ -315,7 +336,8 @@ void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, 
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = forward_schedule<scalar_t>(s, plan);
-  const StatsOut<acc_t> out{ws.chunk_stats(workspace), mean, rstd, ws.coefs(workspace), eps, sw, 0};
+  const StatsOut<acc_t> out{
+      ws.chunk_stats(workspace), ws.sample_chunk_stats(workspace), mean, rstd, ws.coefs(workspace), eps, sw, 0};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {
@@ -343,10 +365,11 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, dy, dx}));
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = backward_schedule<scalar_t>(s, plan, dx != nullptr, dweight.data != nullptr);
-  Sum2<acc_t>* partial = ws.grad_partial(workspace);
-  const GradOut<acc_t> out{partial, ws.group_grad_partial(workspace), ws.coefs(workspace), sw, 0};
-  const BackwardArgs<acc_t> args{
-      mean, rstd, weight, bias, ws.residual_sums(workspace), out, ParamGrads<acc_t>{partial, dweight, dbias}};
+  const GradOut<acc_t> out = ws.grad_out(workspace, plan, sw);
+  // dweight / dbias from the per-chunk channel sums where there are chunks.
+  const bool chunked = layout == Layout::ChannelsLast && plan.grad_chunks.parts > 1;
+  const ParamGrads<acc_t> pg{chunked ? out.chunk : out.partial, dweight, dbias};
+  const BackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out, pg};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {

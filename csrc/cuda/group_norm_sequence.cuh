@@ -131,27 +131,32 @@ __host__ __device__ inline Work locate(const Schedule& sc, int64_t ticket) {
 
 // The persistent word buffer (32-bit words): ticket, done, a count of
 // domains finished, the epoch (64 bits: it never wraps, so a flag left by an
-// old launch never reads as ready), then per level (the forward uses one, the
-// backward two) an arrival counter per domain, then the 64-bit ready flags.
+// old launch never reads as ready), then per level an arrival counter per
+// domain, then the 64-bit ready flags. The forward signals at level 0, the
+// backward at levels 0 and 1; kChunkLevel counts the arrivals at chunks of
+// a channels-last sample (two-level merges; no ready flags).
 // The places depend on the buffer's capacity only (a counter must never land
 // where an earlier launch of another shape left a flag); a buffer is zeroed
 // once, when allocated.
 using Epoch = unsigned long long;
+constexpr int kChunkLevel = 2;
 
 struct SequenceWords {
   static constexpr int64_t kHeader = 6;  // ticket, done, finished, padding, epoch (2 words)
-  static constexpr int kLevels = 2;
+  static constexpr int kLevels = 3;
   unsigned* words;
   int64_t capacity;  // domains per level
 
-  static int64_t size(int64_t capacity) { return kHeader + 3 * kLevels * capacity; }
+  // Words of the arrival counters, even so that the 64-bit flags align.
+  __host__ __device__ static int64_t arrival_words(int64_t capacity) { return (kLevels * capacity + 1) / 2 * 2; }
+  static int64_t size(int64_t capacity) { return kHeader + arrival_words(capacity) + 2 * kLevels * capacity; }
   __host__ __device__ unsigned* ticket() const { return words; }
   __host__ __device__ unsigned* done() const { return words + 1; }
   __host__ __device__ unsigned* finished() const { return words + 2; }
   __host__ __device__ Epoch* epoch() const { return reinterpret_cast<Epoch*>(words + 4); }
   __host__ __device__ unsigned* arrivals(int level, int64_t d) const { return words + kHeader + level * capacity + d; }
   __host__ __device__ Epoch* ready(int level, int64_t d) const {
-    return reinterpret_cast<Epoch*>(words + kHeader + kLevels * capacity) + level * capacity + d;
+    return reinterpret_cast<Epoch*>(words + kHeader + arrival_words(capacity)) + level * capacity + d;
   }
 };
 

@@ -9,12 +9,14 @@
 namespace gnflex {
 namespace cuda {
 
-// Where the forward's statistics go: chunk partials, then per group the
-// mean (pivot), rstd and residual, and the sequence words that say when a
-// group (level 0, domain ng or n) is ready.
+// Where the forward's statistics go: partials per work block (and per
+// chunk of them), then per group the mean (pivot), rstd and residual, and
+// the sequence words that say when a group (level 0, domain ng or n) is
+// ready.
 template <typename acc_t>
 struct StatsOut {
   ChunkStats<acc_t>* partial;
+  ChunkStats<acc_t>* chunk;  // channels-last two-level merges: per (n, chunk, g)
   acc_t* mean;
   acc_t* rstd;
   GroupCoefs<acc_t>* coefs;
@@ -22,58 +24,6 @@ struct StatsOut {
   SequenceWords sw;
   Epoch epoch;
 };
-
-template <typename acc_t>
-__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
-                                           int64_t ng, int lane);
-
-// Group ng's mean (the pivot), rstd and residual from its chunk partials, by
-// one warp (lane 0 writes).
-template <typename acc_t>
-__device__ void finalize_group(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
-                               int lane) {
-  const WelfordStats<acc_t> stats = group_stats(s, plan, out.partial, ng, lane);
-  if (lane == 0) {
-    const acc_t pivot = math::rounded_mean(stats);
-    gstore(out.mean + ng, pivot);
-    gstore(out.rstd + ng, math::rstd_from_stats(stats, out.eps));
-    gstore(&out.coefs[ng].residual, math::mean_residual(stats, pivot));
-  }
-}
-
-// Channels-first chunk stats: a team (block, or warp for short runs) per
-// (n, g, part) of plan.stat_span() values of the group's contiguous run, two
-// passes over them (the second from registers). The team that completes a
-// group finalizes it and marks it ready.
-template <int kLanes, typename scalar_t, typename acc_t>
-__device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
-                               const StatsOut<acc_t>& out) {
-  using T = Team<kLanes>;
-  const T team = T::in_block(block);
-  if (team.item >= s.N * s.G * plan.run_parts) return;  // uniform per team
-  const int64_t ng = team.item / plan.run_parts;
-  const int64_t part = team.item % plan.run_parts;
-  const int64_t run = s.group_size();
-  const int64_t len = plan.stat_part_len(run, part);  // <= T::kSpanValues: the kernel picks T from the plan
-  SpanValues<kLanes, scalar_t, acc_t> values;
-  values.load(x + ng * run + part * plan.stat_span(), len, team.rank);
-  const acc_t sum = team.sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
-  const acc_t center = team.broadcast(math::chunk_center(len, sum));
-  const Sum2<acc_t> d = team.sum2(values.sums([center](acc_t v) {
-    const acc_t dv = v - center;
-    return Sum2<acc_t>{dv, dv * dv};
-  }));
-  bool last = false;
-  if (team.rank == 0) {
-    const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
-    gstore(out.partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
-    last = arrive(out.sw.arrivals(0, ng), plan.run_parts);
-  }
-  if (!team.broadcast(last) || team.rank >= 32) return;  // uniform per team, then per warp
-  __syncwarp();  // orders lane 0's acquire before the other lanes' reads (a shuffle does not)
-  finalize_group(s, plan, out, ng, team.rank);
-  if (team.rank == 0) publish(out.sw.ready(0, ng), out.epoch);
-}
 
 // Merges the Welford stats of the 32 lanes in a fixed tree; the result is
 // valid in lane 0.
@@ -115,6 +65,166 @@ __device__ __forceinline__ TileGroups tile_groups(const GroupNormShape& s, int64
 __device__ __forceinline__ int64_t group_slot_index(const Plan& plan, const RowParts& rows, int64_t n, int64_t part,
                                                     int64_t tile, int64_t slot) {
   return ((n * rows.parts + part) * plan.tiles + tile) * plan.group_slots + slot;
+}
+
+// Calls f(index, channels, part) for the channels-last per-group partial
+// results of group ng in row parts `parts` of `rows` (per part, tile and
+// group slot), lane l taking items l, l + 32, ...: index into the partial
+// array, the group's channels in that tile, the row part.
+template <typename F>
+__device__ void for_each_group_slot(const GroupNormShape& s, const Plan& plan, const RowParts& rows,
+                                    const PartRange& parts, int64_t ng, int lane, F&& f) {
+  const int64_t n = ng / s.G, g = ng % s.G, Cg = s.channels_per_group();
+  const int64_t tile_ch = plan.tile_channels();
+  const int64_t t_first = g * Cg / tile_ch, t_last = ((g + 1) * Cg - 1) / tile_ch;
+  const int64_t nt = t_last - t_first + 1;
+  for (int64_t item = lane; item < parts.count * nt; item += 32) {
+    const int64_t part = parts.first + item / nt, tile = t_first + item % nt;
+    const int64_t c_begin = tile * tile_ch;
+    const int64_t c_end = std::min(s.C, c_begin + tile_ch);
+    const int64_t channels = std::min(c_end, (g + 1) * Cg) - std::max(c_begin, g * Cg);
+    f(group_slot_index(plan, rows, n, part, tile, g - c_begin / Cg), channels, part);
+  }
+}
+
+// Where group ng's partial result of chunk k (of `chunks` per domain) lives:
+// per (n, g, chunk) channels-first, per (n, chunk, g) channels-last.
+template <Layout L>
+__host__ __device__ __forceinline__ int64_t chunk_index(const GroupNormShape& s, const RowParts& chunks, int64_t ng,
+                                                        int64_t k) {
+  if constexpr (L == Layout::ChannelsFirst) return ng * chunks.parts + k;
+  return (ng / s.G * chunks.parts + k) * s.G + ng % s.G;
+}
+
+// Stats of channels-last group ng over row parts `parts`, in lane 0 of its
+// warp: lane l merges the group's partials l, l + 32, ... in order, then the
+// lanes merge in a fixed tree.
+template <typename acc_t>
+__device__ WelfordStats<acc_t> slot_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                          const PartRange& parts, int64_t ng, int lane) {
+  WelfordStats<acc_t> stats;
+  for_each_group_slot(s, plan, plan.stat_rows, parts, ng, lane, [&](int64_t index, int64_t channels, int64_t part) {
+    const int64_t count = plan.stat_rows.count(part, s.HxW) * channels;
+    stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + index)));
+  });
+  return warp_welford_merge(stats);
+}
+
+// Channels-first stats of group ng over parts `parts` of its run, in lane 0
+// of its warp (lanes over the parts, then a fixed tree).
+template <typename acc_t>
+__device__ WelfordStats<acc_t> run_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                         const PartRange& parts, int64_t ng, int lane) {
+  WelfordStats<acc_t> stats;
+  for (int64_t part = parts.first + lane; part < parts.first + parts.count; part += 32) {
+    const int64_t count = plan.stat_part_len(s.group_size(), part);
+    stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + ng * plan.run_parts + part)));
+  }
+  return warp_welford_merge(stats);
+}
+
+// The statistics parts of a domain: row blocks of a sample (channels-last),
+// spans of a group's run (channels-first).
+template <Layout L>
+__host__ __device__ __forceinline__ RowParts stat_parts(const Plan& plan) {
+  if constexpr (L == Layout::ChannelsFirst) return RowParts{plan.stat_span(), plan.run_parts};
+  return plan.stat_rows;
+}
+
+// Stats of group ng over its statistics parts `parts`, in lane 0.
+template <Layout L, typename acc_t>
+__device__ WelfordStats<acc_t> part_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                          const PartRange& parts, int64_t ng, int lane) {
+  if constexpr (L == Layout::ChannelsFirst) return run_stats(s, plan, partial, parts, ng, lane);
+  return slot_stats(s, plan, partial, parts, ng, lane);
+}
+
+// Two-level merges: group ng's partials of chunk k merged into one (lane 0
+// stores it).
+template <Layout L, typename acc_t>
+__device__ void merge_stats_chunk(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
+                                  int64_t k, int lane) {
+  const PartRange parts = chunk_part_range(stat_parts<L>(plan), plan.stat_chunks, k);
+  const WelfordStats<acc_t> st = part_stats<L>(s, plan, out.partial, parts, ng, lane);
+  if (lane == 0)
+    gstore(out.chunk + chunk_index<L>(s, plan.stat_chunks, ng, k), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+}
+
+// Stats of group ng in lane 0 of its warp: from its chunk partials in order
+// (two-level merges), else from its parts' partials.
+template <Layout L, typename acc_t>
+__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out,
+                                           int64_t ng, int lane) {
+  const RowParts& chunks = plan.stat_chunks;
+  const RowParts parts = stat_parts<L>(plan);
+  if (chunks.parts <= 1) return part_stats<L>(s, plan, out.partial, PartRange{0, parts.parts}, ng, lane);
+  const int64_t per_value = L == Layout::ChannelsFirst ? 1 : s.channels_per_group();
+  const int64_t total = L == Layout::ChannelsFirst ? s.group_size() : s.HxW;
+  WelfordStats<acc_t> stats;
+  for (int64_t k = lane; k < chunks.parts; k += 32) {
+    const int64_t count = chunk_span(parts, chunks, k, total) * per_value;
+    const ChunkStats<acc_t> c = gload_l2(out.chunk + chunk_index<L>(s, chunks, ng, k));
+    stats = math::welford_combine(stats, welford_of(count, c));
+  }
+  return warp_welford_merge(stats);
+}
+
+// Group ng's mean (the pivot), rstd and residual from its chunk partials, by
+// one warp (lane 0 writes).
+template <Layout L, typename acc_t>
+__device__ void finalize_group(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
+                               int lane) {
+  const WelfordStats<acc_t> stats = group_stats<L>(s, plan, out, ng, lane);
+  if (lane == 0) {
+    const acc_t pivot = math::rounded_mean(stats);
+    gstore(out.mean + ng, pivot);
+    gstore(out.rstd + ng, math::rstd_from_stats(stats, out.eps));
+    gstore(&out.coefs[ng].residual, math::mean_residual(stats, pivot));
+  }
+}
+
+// Channels-first chunk stats: a team (block, or warp for short runs) per
+// (n, g, part) of plan.stat_span() values of the group's contiguous run, two
+// passes over them (the second from registers). The team that completes a
+// group finalizes it and marks it ready.
+template <int kLanes, typename scalar_t, typename acc_t>
+__device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
+                               const StatsOut<acc_t>& out) {
+  using T = Team<kLanes>;
+  const T team = T::in_block(block);
+  if (team.item >= s.N * s.G * plan.run_parts) return;  // uniform per team
+  const int64_t ng = team.item / plan.run_parts;
+  const int64_t part = team.item % plan.run_parts;
+  const int64_t run = s.group_size();
+  const int64_t len = plan.stat_part_len(run, part);  // <= T::kSpanValues: the kernel picks T from the plan
+  SpanValues<kLanes, scalar_t, acc_t> values;
+  values.load(x + ng * run + part * plan.stat_span(), len, team.rank);
+  const acc_t sum = team.sum2(values.sums([](acc_t v) { return Sum2<acc_t>{v, acc_t(0)}; })).a;
+  const acc_t center = team.broadcast(math::chunk_center(len, sum));
+  const Sum2<acc_t> d = team.sum2(values.sums([center](acc_t v) {
+    const acc_t dv = v - center;
+    return Sum2<acc_t>{dv, dv * dv};
+  }));
+  // Two-level merges: the team completing a chunk merges it, then arrives
+  // at the group.
+  const RowParts& chunks = plan.stat_chunks;
+  const int64_t k = part / chunks.rows;
+  bool last = false;
+  if (team.rank == 0) {
+    const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
+    gstore(out.partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    last = chunks.parts > 1
+               ? arrive(out.sw.arrivals(kChunkLevel, ng * chunks.parts + k), chunks.count(k, plan.run_parts))
+               : arrive(out.sw.arrivals(0, ng), plan.run_parts);
+  }
+  if (!team.broadcast(last) || team.rank >= 32) return;  // uniform per team, then per warp
+  __syncwarp();  // orders lane 0's acquire before the other lanes' reads (a shuffle does not)
+  if (chunks.parts > 1) {
+    merge_stats_chunk<Layout::ChannelsFirst>(s, plan, out, ng, k, team.rank);
+    if (!warp_arrive(out.sw.arrivals(0, ng), chunks.parts)) return;  // uniform per warp
+  }
+  finalize_group<Layout::ChannelsFirst>(s, plan, out, ng, team.rank);
+  if (team.rank == 0) publish(out.sw.ready(0, ng), out.epoch);
 }
 
 // A thread's exact statistics of its V channels over the rows it has seen,
@@ -265,52 +375,23 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
              ChunkStats<acc_t>{st.center, st.offset, st.m2});
     }
   }
+  // Two-level merges: the block that completes a chunk merges its groups.
+  const RowParts& chunks = plan.stat_chunks;
+  if (chunks.parts > 1) {
+    const int64_t k = b.part / chunks.rows;
+    const int64_t arrivals = chunks.count(k, plan.stat_rows.parts) * plan.tiles;
+    if (!block_arrive(out.sw.arrivals(kChunkLevel, b.n * chunks.parts + k), arrivals)) return;  // uniform
+    for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {                         // uniform per warp
+      merge_stats_chunk<Layout::ChannelsLast>(s, plan, out, b.n * s.G + g, k, lane);
+    }
+  }
   // The block that completes sample n merges its groups, a warp per group.
-  if (!block_arrive(out.sw.arrivals(0, b.n), plan.stat_rows.parts * plan.tiles)) return;  // uniform
-  for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) finalize_group(s, plan, out, b.n * s.G + g, lane);
+  const int64_t arrivals = chunks.parts > 1 ? chunks.parts : plan.stat_rows.parts * plan.tiles;
+  if (!block_arrive(out.sw.arrivals(0, b.n), arrivals)) return;  // uniform
+  for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32)
+    finalize_group<Layout::ChannelsLast>(s, plan, out, b.n * s.G + g, lane);
   __syncthreads();
   if (threadIdx.x == 0) publish(out.sw.ready(0, b.n), out.epoch);
-}
-
-// Calls f(index, channels, part) for the channels-last per-group partial
-// results of group ng (per block of `rows`, tile and group slot), lane l
-// taking items l, l + 32, ...: index into the partial array, the group's
-// channels in that tile, the row part.
-template <typename F>
-__device__ void for_each_group_slot(const GroupNormShape& s, const Plan& plan, const RowParts& rows, int64_t ng,
-                                    int lane, F&& f) {
-  const int64_t n = ng / s.G, g = ng % s.G, Cg = s.channels_per_group();
-  const int64_t tile_ch = plan.tile_channels();
-  const int64_t t_first = g * Cg / tile_ch, t_last = ((g + 1) * Cg - 1) / tile_ch;
-  const int64_t nt = t_last - t_first + 1;
-  for (int64_t item = lane; item < rows.parts * nt; item += 32) {
-    const int64_t part = item / nt, tile = t_first + item % nt;
-    const int64_t c_begin = tile * tile_ch;
-    const int64_t c_end = std::min(s.C, c_begin + tile_ch);
-    const int64_t channels = std::min(c_end, (g + 1) * Cg) - std::max(c_begin, g * Cg);
-    f(group_slot_index(plan, rows, n, part, tile, g - c_begin / Cg), channels, part);
-  }
-}
-
-// Stats of group ng in lane 0 of its warp: lane l merges the group's chunks
-// l, l + 32, ... in order, then the lanes merge in a fixed tree.
-template <typename acc_t>
-__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
-                                           int64_t ng, int lane) {
-  WelfordStats<acc_t> stats;
-  if (plan.layout == Layout::ChannelsFirst) {
-    const int64_t run = s.group_size();
-    for (int64_t part = lane; part < plan.run_parts; part += 32) {
-      const int64_t count = plan.stat_part_len(run, part);
-      stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + ng * plan.run_parts + part)));
-    }
-  } else {
-    for_each_group_slot(s, plan, plan.stat_rows, ng, lane, [&](int64_t index, int64_t channels, int64_t part) {
-      const int64_t count = plan.stat_rows.count(part, s.HxW) * channels;
-      stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + index)));
-    });
-  }
-  return warp_welford_merge(stats);
 }
 
 // The sum of x - pivot over split `split` of group ng (stored by rank 0).

@@ -265,7 +265,7 @@ void run_case(const Case& k) {
 
   const auto t0 = std::chrono::steady_clock::now();
   Buf<unsigned char> workspace(gc::workspace_bytes<scalar_t>(s, k.layout));
-  const int64_t domains = gc::sequence_domains(s);
+  const int64_t domains = gc::sequence_domains<scalar_t>(s, k.layout);
   gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(eps), k.act, s, k.layout, mean.p, rstd.p, workspace.p,
                                g_words.get(domains), nullptr);
   bool words_ok = g_words.check_words();
@@ -411,9 +411,11 @@ std::vector<Case> numerics_cases() {
   return all;
 }
 
-// Every case runs with the op's round size and with rounds of kSmallRounds
-// bytes (many rounds, stages interleaved and waiting on earlier rounds).
-constexpr int64_t kSmallRounds = 600;
+// Every case runs on the op's plan and on a scaled-down one: rounds of 600
+// bytes (many rounds, stages interleaved and waiting on earlier rounds),
+// channels-last blocks of one pass of rows merged 2 row parts at a time
+// (two-level merges).
+constexpr gnflex::cuda::SimPlanScale kSmallPlan{600, 2, true};
 
 template <typename scalar_t>
 void run_matrix(bool numerics) {
@@ -422,13 +424,13 @@ void run_matrix(bool numerics) {
     // of 1e4 is 8 in fp16): scale them into range.
     Case c = k;
     if (sizeof(scalar_t) == 2 && std::abs(c.center) > 100) c.center = c.center > 0 ? 100 : -100, c.spread = 1;
-    for (int64_t rounds : {int64_t(0), kSmallRounds}) {
-      gnflex::cuda::gnflex_sim_round_bytes = rounds;
-      std::printf("rounds=%s ", rounds == 0 ? "op" : "small");
+    for (bool small : {false, true}) {
+      gnflex::cuda::gnflex_sim_plan = small ? kSmallPlan : gnflex::cuda::SimPlanScale{};
+      std::printf("rounds=%s ", small ? "small" : "op");
       run_case<scalar_t>(c);
     }
   }
-  gnflex::cuda::gnflex_sim_round_bytes = 0;
+  gnflex::cuda::gnflex_sim_plan = {};
 }
 
 // ---- traffic model ---------------------------------------------------------------
@@ -471,11 +473,11 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   g_traffic_bytes = g_launches = g_max_blocks = 0;
   g_launch_bytes.clear();
   gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(1e-5), Activation::None, s, layout, mean.data(), rstd.data(),
-                               workspace.data(), g_words.get(gc::sequence_domains(s)), nullptr);
+                               workspace.data(), g_words.get(gc::sequence_domains<scalar_t>(s, layout)), nullptr);
   report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 1);
   gc::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), wp, bp, Activation::None, s, layout, dx.p,
                                 gc::ChannelGrad<acc_t>{dw.data()}, gc::ChannelGrad<acc_t>{db.data()}, workspace.data(),
-                                g_words.get(gc::sequence_domains(s)), nullptr);
+                                g_words.get(gc::sequence_domains<scalar_t>(s, layout)), nullptr);
   report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 1);
 }
 
