@@ -211,8 +211,12 @@ GNFLEX_HD WelfordStats<T> welford_combine(const WelfordStats<T>& a, const Welfor
   // Centers of one group's chunks are close when |mean| >> std: exact difference.
   const T delta = (b.center - a.center) + (b.offset - a.offset);
   const T b_frac = T(b.count) / T(r.count);
-  r.center = a.center;
-  r.offset = a.offset + delta * b_frac;
+  const T offset = a.offset + delta * b_frac;
+  // Re-centered on the merged mean: a part whose center is far from the
+  // group's (one value, a spike) would otherwise put its distance into the
+  // delta of every later merge.
+  r.center = a.center + offset;
+  r.offset = (a.center - r.center) + offset;
   r.m2 = a.m2 + b.m2 + delta * delta * T(a.count) * b_frac;
   return r;
 }
@@ -245,13 +249,13 @@ GNFLEX_HD T rstd_from_stats(const WelfordStats<T>& s, T eps) {
 // The backward's coefficients use the saved mean P; its residual mean - P is
 // below half an ulp of P and only matters when |P| * rstd is large. Groups
 // beyond this bound recompute the residual from x (the forward's statistics,
-// bitwise equal to what the forward used): |P| * rstd * epsilon > 2^-20, i.e.
-// |mean| > 8 std in fp32, where dropping it would move xhat by more than
-// 8 * 2^-24 ~ 5e-7.
+// bitwise equal to what the forward used): |P| * rstd > 8, i.e. |mean| > 8
+// std in any type, where dropping it would move xhat by more than
+// 8 * epsilon / 2, four units of the accumulate type.
 template <typename T>
 GNFLEX_HD bool needs_exact_residual(T mean, T rstd) {
   const T a = mean < T(0) ? -mean : mean;
-  return a * rstd * gn_epsilon(T(0)) > T(1.0 / 1048576);
+  return a * rstd > T(8);
 }
 
 // ---- coefficient folding -------------------------------------------------

@@ -228,43 +228,57 @@ __device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormSh
 }
 
 // A thread's exact statistics of its V channels over the rows it has seen,
-// taken in register tiles: per tile and channel a center (the tile's mean),
-// the sums about it, then Chan's merge into the running stats. The V channels
-// share their counts, so a tile costs two divisions for all of them, and the
-// counts stay in acc_t (exact: a thread sees far fewer than 2^24 rows).
+// in tiles of up to kTileRows of its rows: per tile and channel a center
+// (the tile's first value), the sums of d = x - center and d^2 as the rows
+// stream in, then Chan's merge into the running stats. A center that is one
+// of the tile's m values bounds the relative rounding error of the tile's M2
+// by about 1 + m units whatever the data (math::chunk_center). Rows pass
+// through registers one at a time, so a tile can be long and its merge (two
+// divisions for all V channels) is paid once per kTileRows rows. The counts
+// stay in acc_t (exact: a thread sees far fewer than 2^24 rows).
 template <int V, typename acc_t>
 struct ThreadStats {
+  static constexpr int kTileRows = 16;
   acc_t count = acc_t(0);
   acc_t center[V] = {}, offset[V] = {}, m2[V] = {};
+  acc_t tile_center[V], sum_d[V], sum_d2[V];
 
-  // Adds a tile of m rows: v[j][i] for rows j < m (kFull: m is every row).
-  template <bool kFull, int kRows>
-  __device__ __forceinline__ void add(const acc_t (&v)[kRows][V], int m) {
+  __device__ __forceinline__ void start_tile(const acc_t (&v)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      tile_center[i] = v[i];
+      sum_d[i] = acc_t(0);
+      sum_d2[i] = acc_t(0);
+    }
+  }
+  __device__ __forceinline__ void add_row(const acc_t (&v)[V]) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc_t d = v[i] - tile_center[i];
+      sum_d[i] += d;
+      sum_d2[i] += d * d;
+    }
+  }
+  // Folds the tile of m rows into the running stats.
+  __device__ __forceinline__ void end_tile(int m) {
     const acc_t tile = static_cast<acc_t>(m);
     const acc_t inv_m = acc_t(1) / tile;
     const acc_t b_frac = tile / (count + tile);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      acc_t sum = acc_t(0);
-#pragma unroll
-      for (int j = 0; j < kRows; ++j) sum += v[j][i];  // rows past m hold 0
-      const acc_t c = sum * inv_m;
-      acc_t sd = acc_t(0), sd2 = acc_t(0);
-#pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        const acc_t d = kFull || j < m ? v[j][i] - c : acc_t(0);
-        sd += d;
-        sd2 += d * d;
-      }
-      const acc_t off = sd * inv_m;
-      const acc_t tile_m2 = sd2 - sd * off;
+      const acc_t off = sum_d[i] * inv_m;
+      const acc_t tile_m2 = sum_d2[i] - sum_d[i] * off;
       const acc_t tm2 = tile_m2 < acc_t(0) ? acc_t(0) : tile_m2;  // NaN stays NaN
+      // The tile's mean as a center and a remainder: a first value far from
+      // the mean (a spike) then enters no later merge's delta.
+      const acc_t mean = tile_center[i] + off;
+      const acc_t rest = (tile_center[i] - mean) + off;
       if (count == acc_t(0)) {
-        center[i] = c;
-        offset[i] = off;
+        center[i] = mean;
+        offset[i] = rest;
         m2[i] = tm2;
       } else {
-        const acc_t delta = (c - center[i]) + (off - offset[i]);
+        const acc_t delta = (mean - center[i]) + (rest - offset[i]);
         offset[i] += delta * b_frac;
         m2[i] += tm2 + delta * delta * count * b_frac;
       }
@@ -285,7 +299,7 @@ struct ThreadStats {
 };
 
 // Channels-last chunk stats: one block per (n, part, tile). Each thread owns
-// vec channels and a share of the rows, taken a register tile at a time
+// vec channels and a share of the rows, taken kTileRows rows at a time
 // (ThreadStats). The threads of a channel then merge in a fixed tree, and the
 // channels of each group in the tile in a warp: one partial per (n, part,
 // tile, group slot).
@@ -295,8 +309,7 @@ constexpr int64_t kStatsClArena = 3 * kThreads * V * sizeof(acc_t) + kThreads * 
 template <int V, typename scalar_t, typename acc_t>
 __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormShape& s, const Plan& plan, int64_t block,
                                const StatsOut<acc_t>& out, unsigned char* arena) {
-  // Rows of a register tile of 32 values (the registers of two blocks per SM).
-  constexpr int kRows = 32 / V;
+  constexpr int kTileRows = ThreadStats<V, acc_t>::kTileRows;
   acc_t* sh_center = reinterpret_cast<acc_t*>(arena);
   acc_t* sh_offset = sh_center + kThreads * V;
   acc_t* sh_m2 = sh_offset + kThreads * V;
@@ -307,26 +320,26 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
   ThreadStats<V, acc_t> mine;
   if (t.active) {
     const int64_t row_stride = step * s.C;  // elements between a thread's rows
-    for (int64_t r0 = b.row_begin + t.ty; r0 < b.row_end; r0 += kRows * step) {
-      const int m = static_cast<int>(std::min<int64_t>(kRows, (b.row_end - r0 + step - 1) / step));
-      const scalar_t* p = x + (b.n * s.HxW + r0) * s.C + t.c;
-      acc_t v[kRows][V];
-      if (m == kRows) {
+    const scalar_t* p = x + (b.n * s.HxW + b.row_begin + t.ty) * s.C + t.c;
+    const int rows = static_cast<int>((b.row_end - b.row_begin - t.ty + step - 1) / step);  // this thread's
+    for (int r = 0; r < rows; r += kTileRows, p += kTileRows * row_stride) {
+      acc_t v[V];
+      load_values<V>(p, v);
+      mine.start_tile(v);
+      const int m = std::min(kTileRows, rows - r);
+      if (m == kTileRows) {
 #pragma unroll
-        for (int j = 0; j < kRows; ++j) load_values<V>(p + j * row_stride, v[j]);
-        mine.template add<true>(v, m);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kRows; ++j) {
-          if (j < m) {
-            load_values<V>(p + j * row_stride, v[j]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < V; ++i) v[j][i] = acc_t(0);
-          }
+        for (int j = 1; j < kTileRows; ++j) {
+          load_values<V>(p + j * row_stride, v);
+          mine.add_row(v);
         }
-        mine.template add<false>(v, m);
+      } else {
+        for (int j = 1; j < m; ++j) {
+          load_values<V>(p + j * row_stride, v);
+          mine.add_row(v);
+        }
       }
+      mine.end_tile(m);
     }
   }
   WelfordStats<acc_t> run[V];

@@ -89,11 +89,11 @@ real act_grad_ref(Activation a, real z) {
   }
 }
 
-// Worst |actual - ref| / (atol + rtol * |ref|) of a quantity.
+// Worst |actual - ref| / tolerance of a quantity.
 struct Err {
   double worst = 0;
-  void add(real a, real r, double atol, double rtol) {
-    const double e = static_cast<double>(std::abs(a - r) / (atol + rtol * std::abs(r)));
+  void add(real a, real r, double tol) {
+    const double e = static_cast<double>(std::abs(a - r) / tol);
     if (!(e <= worst)) worst = std::isnan(e) ? INFINITY : e;
   }
 };
@@ -106,13 +106,31 @@ const char* type_name() {
   return "bfloat16";
 }
 
-// Relative tolerance of an output rounded to T (the reference uses the same inputs).
+// Tolerances tied to the reference's own magnitudes: a value the kernels
+// compute in the accumulate type from terms whose magnitudes add up to M is
+// off by about u * M times a small factor (kUnits units), plus one ulp of the
+// type it is stored in (2 u |value|). The reference computes M beside each
+// value, so every check sits a few times above what a correct kernel does on
+// that case's data, and far below what a wrong one does.
 template <typename T>
-double output_rtol() {
-  if (std::is_same<T, double>::value) return 1e-10;
-  if (std::is_same<T, float>::value) return 2e-5;
-  if (std::is_same<T, c10::Half>::value) return 2e-3;
-  return 1.6e-2;
+double unit_roundoff() {
+  if (std::is_same<T, double>::value) return 0x1p-53;
+  if (std::is_same<T, float>::value) return 0x1p-24;
+  if (std::is_same<T, c10::Half>::value) return 0x1p-11;
+  return 0x1p-8;  // bfloat16
+}
+// Smallest normal value of T: below it, an ulp is this size times 2u.
+template <typename T>
+double min_normal() {
+  return std::is_same<T, c10::Half>::value ? 0x1p-14 : std::is_same<T, double>::value ? 0x1p-1022 : 0x1p-126;
+}
+constexpr double kUnits = 64;
+
+// Tolerance of a value v stored in T and computed from terms of magnitude m.
+template <typename T>
+real stored_tol(real v, real m, double u_acc) {
+  const double u = unit_roundoff<T>();
+  return real(2 * u) * std::max<real>(std::abs(v), real(min_normal<T>())) + real(kUnits * u_acc) * m;
 }
 
 // n elements at a 16-byte aligned address plus `offset` elements
@@ -278,60 +296,88 @@ void run_case(const Case& k) {
                          workspace.intact() && w_acc.intact() && b_acc.intact() && dw_acc.intact() && db_acc.intact() &&
                          w_in.intact() && b_in.intact() && dw_in.intact() && db_in.intact();
 
-  const double rtol = output_rtol<scalar_t>();
-  const bool low = sizeof(scalar_t) == 2;
-  const double stat_rtol = std::is_same<scalar_t, double>::value ? 1e-10 : 2e-5;
+  const double u = unit_roundoff<acc_t>();
+  const bool act = k.act != Activation::None;
   Err e_y, e_mean, e_rstd, e_dx, e_dw, e_db;
-  std::vector<real> rdw(C, 0), rdb(C, 0);
+  std::vector<real> rdw(C, 0), rdb(C, 0), mag_dw(C, 0), mag_db(C, 0), kink_dw(C, 0), kink_db(C, 0);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       const auto value = [&](int64_t c, int64_t r) { return real(x.p[idx(n, c, r)]); };
-      real m = 0, v = 0;
+      // The mean as m0 + m1: m0 a plain mean, m1 the mean of x - m0 (exact
+      // in long double near the mean). float64 data with |mean| / std ~ 1e6
+      // need both: a plain sum's rounding and even long double's half ulp of
+      // the mean are more than the kernels' error there.
+      real m0 = 0, m1 = 0, v = 0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
-        for (int64_t r = 0; r < HxW; ++r) m += value(c, r);
-      m /= D;
+        for (int64_t r = 0; r < HxW; ++r) m0 += value(c, r);
+      m0 /= D;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
-        for (int64_t r = 0; r < HxW; ++r) v += (value(c, r) - m) * (value(c, r) - m);
+        for (int64_t r = 0; r < HxW; ++r) m1 += value(c, r) - m0;
+      m1 /= D;
+      const real m = m0 + m1;
+      const auto centered = [&](int64_t c, int64_t r) { return (value(c, r) - m0) - m1; };  // x - mean
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t r = 0; r < HxW; ++r) v += centered(c, r) * centered(c, r);
       const real rs = 1 / std::sqrt(v / D + eps);
-      e_mean.add(mean[n * G + g], m, stat_rtol * static_cast<double>(std::sqrt(v / D + eps)), stat_rtol);
-      e_rstd.add(rstd[n * G + g], rs, 0, stat_rtol);
-      real s_gw = 0, s_gwxh = 0, y_scale = 0;
+      // The mean: one ulp of itself plus units of the spread (the rounding
+      // of the statistics, not of |mean|: they are exact for any mean).
+      e_mean.add(mean[n * G + g], m, static_cast<double>(stored_tol<acc_t>(m, std::sqrt(v / D + eps), u)));
+      e_rstd.add(rstd[n * G + g], rs, static_cast<double>(kUnits * u * rs));
+      // Per value: z = xhat * w + b has terms of magnitude zmag (xhat's own
+      // error is ~units of |xhat| + 1); an activation's derivative moves with
+      // z, by about 1 + zmag units.
+      const auto zmag = [&](int64_t c, real xh) {
+        return std::abs(real(w[c])) * (std::abs(xh) + 1) + std::abs(real(b[c]));
+      };
+      real s_gw = 0, s_gwxh = 0, a_gw = 0, a_gwxh = 0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
         for (int64_t r = 0; r < HxW; ++r) {
-          const real xh = (value(c, r) - m) * rs;
+          const real xh = centered(c, r) * rs;
           const real z = xh * real(w[c]) + real(b[c]);
-          y_scale = std::max(y_scale, std::abs(act_ref(k.act, z)));
-          const real gz = real(dy.p[idx(n, c, r)]) * act_grad_ref(k.act, z);
+          const real dyv = real(dy.p[idx(n, c, r)]);
+          const real gz = dyv * act_grad_ref(k.act, z);
+          const real gmag = std::abs(dyv) * (act ? 1 + zmag(c, xh) : 1);
           rdw[c] += gz * xh;
           rdb[c] += gz;
+          mag_dw[c] += gmag * (std::abs(xh) + 1);
+          mag_db[c] += gmag;
+          // ReLU's derivative jumps at 0: a z within rounding of it may take
+          // either side, moving the sums by that value's whole term.
+          if (k.act == Activation::ReLU && std::abs(z) <= kUnits * u * zmag(c, xh)) {
+            kink_dw[c] += std::abs(dyv * xh);
+            kink_db[c] += std::abs(dyv);
+          }
           s_gw += gz * real(w[c]);
           s_gwxh += gz * real(w[c]) * xh;
+          a_gw += gmag * std::abs(real(w[c]));
+          a_gwxh += gmag * std::abs(real(w[c])) * (std::abs(xh) + 1);
         }
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
         for (int64_t r = 0; r < HxW; ++r) {
-          const real xh = (value(c, r) - m) * rs;
+          const real xh = centered(c, r) * rs;
           const real z = xh * real(w[c]) + real(b[c]);
-          // Rounding of the output is relative to the group's largest output.
-          e_y.add(real(y.p[idx(n, c, r)]), act_ref(k.act, z),
-                  rtol * static_cast<double>(std::max<real>(1, y_scale / 8)), rtol);
-          // ReLU's derivative is discontinuous at 0: skip values within rounding of the kink.
-          if (k.act == Activation::ReLU && std::abs(z) < (low ? 1e-2 : 1e-5)) continue;
-          const real gz = real(dy.p[idx(n, c, r)]) * act_grad_ref(k.act, z);
+          const real ry = act_ref(k.act, z);
+          e_y.add(real(y.p[idx(n, c, r)]), ry,
+                  static_cast<double>(stored_tol<scalar_t>(ry, zmag(c, xh) + std::abs(ry), u)));
+          if (!want_dx) continue;
+          // ReLU's derivative jumps at 0: skip values within rounding of it.
+          if (k.act == Activation::ReLU && std::abs(z) <= kUnits * u * zmag(c, xh)) continue;
+          const real dyv = real(dy.p[idx(n, c, r)]);
+          const real gz = dyv * act_grad_ref(k.act, z);
           const real rdx = rs * (gz * real(w[c]) - s_gw / D - xh * s_gwxh / D);
-          if (want_dx) {
-            e_dx.add(real(dx.p[idx(n, c, r)]), rdx, rtol * 4 * static_cast<double>(std::max<real>(1, rs)), rtol * 4);
-          }
+          const real gmag = std::abs(dyv) * (act ? 1 + zmag(c, xh) : 1);
+          const real dx_mag = rs * (gmag * std::abs(real(w[c])) + (a_gw + (std::abs(xh) + 1) * a_gwxh) / D);
+          e_dx.add(real(dx.p[idx(n, c, r)]), rdx, static_cast<double>(stored_tol<scalar_t>(rdx, dx_mag, u)));
         }
     }
   }
-  // Gradients stored in a 16-bit parameter dtype are rounded to it.
-  const double par_rtol = std::is_same<scalar_t, double>::value ? 1e-9
-                          : narrow                              ? output_rtol<scalar_t>()
-                          : low                                 ? 2e-3
-                                                                : 1e-4;
+  // dweight / dbias are stored in the parameters' dtype.
   for (int64_t c = 0; c < C && want_params; ++c) {
-    e_dw.add(grad_at(dw_data, c), rdw[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
-    e_db.add(grad_at(db_data, c), rdb[c], par_rtol * std::sqrt(double(N * HxW)), par_rtol);
+    const auto tol = [&](real v, real mag, real kink) {
+      return static_cast<double>(kink + (narrow ? stored_tol<scalar_t>(v, mag, u) : stored_tol<acc_t>(v, mag, u)));
+    };
+    e_dw.add(grad_at(dw_data, c), rdw[c], tol(rdw[c], mag_dw[c], kink_dw[c]));
+    e_db.add(grad_at(db_data, c), rdb[c], tol(rdb[c], mag_db[c], kink_db[c]));
   }
   const double worst = std::max({e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst});
   const bool ok = worst <= 1 && guards_ok && words_ok;
