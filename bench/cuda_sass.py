@@ -145,7 +145,7 @@ PHASE_CALL = re.compile(
 def phase_of(chain):
     """The phase function named at the first call site in group_norm_launch.cuh
     (with its team, warp or block, where it has one); "/merge" marks the
-    once-per-domain (or chunk) merge inside it."""
+    once-per-domain (or band) merge inside it."""
     for entry in chain:
         own_file = re.search(r'File "([^"]+)"', entry)
         if not own_file or not own_file.group(1).endswith("group_norm_launch.cuh"):
@@ -154,7 +154,7 @@ def phase_of(chain):
         if not call:
             return None
         team = {"32": "<warp>", "kThreads": "<block>"}.get(call.group(3), "")
-        merge = any(re.search(r"(finalize_\w*group|merge_\w*chunk)\s*(<[^>]*>)?\(", _line_of(e)) for e in chain)
+        merge = any(re.search(r"(finalize_\w*group|merge_\w*band)\s*(<[^>]*>)?\(", _line_of(e)) for e in chain)
         return call.group(1) + team + ("/merge" if merge else "")
     return None
 

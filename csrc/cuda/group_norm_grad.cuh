@@ -160,15 +160,15 @@ __host__ __device__ __forceinline__ int64_t grad_parts(const Plan& plan) {
 }
 
 // Where the backward's gradient sums go: per-channel partials (and, channels-
-// last, per-group partials, per work block and per chunk of them), the dx
+// last, per-group partials, per work block and per band of them), the dx
 // coefficients, and the sequence words that say when a domain's
 // coefficients are ready (level 1).
 template <typename acc_t>
 struct GradOut {
   ChannelSums<acc_t> partial;  // per work block
   Sum2<acc_t>* group_partial;  // channels-last: per (n, part, tile, group slot)
-  ChannelSums<acc_t> chunk;    // channels-last two-level merges: per (n, chunk, c)
-  Sum2<acc_t>* chunk_group;    // and per (n, chunk, g)
+  ChannelSums<acc_t> band;     // channels-last two-level merges: per (n, band, c)
+  Sum2<acc_t>* band_group;     // and per (n, band, g)
   GroupCoefs<acc_t>* coefs;
   SequenceWords sw;
   Epoch epoch;
@@ -189,16 +189,16 @@ __device__ Sum2<acc_t> slot_sums(const GroupNormShape& s, const Plan& plan, cons
 }
 
 // Chunk k of sample n: each group's and each channel's partial sums of the
-// chunk's row parts added into one, in part order.
+// band's row parts added into one, in part order.
 template <typename acc_t>
-__device__ void merge_grad_chunk(const GroupNormShape& s, const Plan& plan, const GradOut<acc_t>& out, int64_t n,
-                                 int64_t k, int lane) {
-  const PartRange parts = chunk_part_range(plan.grad_rows, plan.grad_chunks, k);
+__device__ void merge_grad_band(const GroupNormShape& s, const Plan& plan, const GradOut<acc_t>& out, int64_t n,
+                                int64_t k, int lane) {
+  const PartRange parts = band_part_range(plan.grad_rows, plan.grad_bands, k);
   for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {  // uniform per warp
     Sum2<acc_t> t = slot_sums(s, plan, out.group_partial, parts, n * s.G + g, lane);
     t.a = warp_sum(t.a);
     t.b = warp_sum(t.b);
-    if (lane == 0) gstore(out.chunk_group + chunk_index<Layout::ChannelsLast>(s, plan.grad_chunks, n * s.G + g, k), t);
+    if (lane == 0) gstore(out.band_group + band_index<Layout::ChannelsLast>(s, plan.grad_bands, n * s.G + g, k), t);
   }
   for (int64_t c = threadIdx.x; c < s.C; c += blockDim.x) {
     Sum2<acc_t> t{acc_t(0), acc_t(0)};
@@ -207,7 +207,7 @@ __device__ void merge_grad_chunk(const GroupNormShape& s, const Plan& plan, cons
       t.a += p.a;
       t.b += p.b;
     }
-    gstore(out.chunk.data + out.chunk.index(s, n, c, k), t);
+    gstore(out.band.data + out.band.index(s, n, c, k), t);
   }
 }
 
@@ -232,13 +232,13 @@ __device__ void finalize_grad_group(const GroupNormShape& s, const Plan& plan, c
       sum_gwx += w * p.a;
       sum_gw += w * p.b;
     }
-  } else if (plan.grad_chunks.parts == 1) {
+  } else if (plan.grad_bands.parts == 1) {
     const Sum2<acc_t> t = slot_sums(s, plan, out.group_partial, PartRange{0, plan.grad_rows.parts}, ng, lane);
     sum_gwx = t.a;
     sum_gw = t.b;
   } else {
-    for (int64_t k = lane; k < plan.grad_chunks.parts; k += 32) {
-      const Sum2<acc_t> p = gload_l2(out.chunk_group + chunk_index<Layout::ChannelsLast>(s, plan.grad_chunks, ng, k));
+    for (int64_t k = lane; k < plan.grad_bands.parts; k += 32) {
+      const Sum2<acc_t> p = gload_l2(out.band_group + band_index<Layout::ChannelsLast>(s, plan.grad_bands, ng, k));
       sum_gwx += p.a;
       sum_gw += p.b;
     }
@@ -377,16 +377,16 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
       gstore(out.group_partial + group_slot_index(plan, plan.grad_rows, b.n, b.part, b.tile, g - tg.first), total);
     }
   }
-  // Two-level merges: the block that completes a chunk merges it.
-  const RowParts& chunks = plan.grad_chunks;
-  if (chunks.parts > 1) {
-    const int64_t k = b.part / chunks.rows;
-    const int64_t arrivals = chunks.count(k, plan.grad_rows.parts) * plan.tiles;
-    if (!block_arrive(out.sw.arrivals(kChunkLevel, b.n * chunks.parts + k), arrivals)) return;  // uniform
-    merge_grad_chunk(s, plan, out, b.n, k, lane);
+  // Two-level merges: the block that completes a band merges it.
+  const RowParts& bands = plan.grad_bands;
+  if (bands.parts > 1) {
+    const int64_t k = b.part / bands.rows;
+    const int64_t arrivals = bands.count(k, plan.grad_rows.parts) * plan.tiles;
+    if (!block_arrive(out.sw.arrivals(kBandLevel, b.n * bands.parts + k), arrivals)) return;  // uniform
+    merge_grad_band(s, plan, out, b.n, k, lane);
   }
   // The block that completes sample n finalizes its groups.
-  const int64_t arrivals = chunks.parts > 1 ? chunks.parts : plan.grad_rows.parts * plan.tiles;
+  const int64_t arrivals = bands.parts > 1 ? bands.parts : plan.grad_rows.parts * plan.tiles;
   if (!block_arrive(out.sw.arrivals(1, b.n), arrivals)) return;  // uniform
   for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {
     finalize_grad_group(s, plan, src, weight, out, b.n * s.G + g, lane);
@@ -407,7 +407,7 @@ constexpr int kParamChannels = 32;
 
 template <typename acc_t>
 struct ParamGrads {
-  ChannelSums<acc_t> sums{};   // the per-channel sums, per chunk where there are chunks
+  ChannelSums<acc_t> sums{};   // the per-channel sums, per band where there are bands
   ChannelGrad<acc_t> dweight;  // data null: no parameter gradients
   ChannelGrad<acc_t> dbias;
 };

@@ -14,12 +14,12 @@ namespace cuda {
 // Scratch memory of one call, carved from one buffer the caller allocates:
 // per-(n, g) coefficients, the forward's chunk stats, the backward's
 // residual sums and gradient partial sums, and the channels-last two-level
-// merges' per-chunk results (each its own region).
+// merges' per-band results (each its own region).
 template <typename acc_t>
 struct Workspace {
   static constexpr int64_t kAlign = 256;
-  int64_t coefs_at = 0, stats_at = 0, chunk_stats_at = 0, residual_at = 0, grad_at = 0, group_grad_at = 0,
-          chunk_grad_at = 0, chunk_group_grad_at = 0, bytes = 0;
+  int64_t coefs_at = 0, stats_at = 0, band_stats_at = 0, residual_at = 0, grad_at = 0, group_grad_at = 0,
+          band_grad_at = 0, band_group_grad_at = 0, bytes = 0;
 
   Workspace(const GroupNormShape& s, const Plan& plan) {
     const bool cf = plan.layout == Layout::ChannelsFirst;
@@ -30,16 +30,16 @@ struct Workspace {
       return at;
     };
     const int64_t slots = cf ? 0 : plan.tiles * plan.group_slots;
-    const int64_t stat_chunks = plan.stat_chunks.parts <= 1 ? 0 : plan.stat_chunks.parts;
-    const int64_t grad_chunks = cf || plan.grad_chunks.parts == 1 ? 0 : plan.grad_chunks.parts;
+    const int64_t stat_bands = plan.stat_bands.parts <= 1 ? 0 : plan.stat_bands.parts;
+    const int64_t grad_bands = cf || plan.grad_bands.parts == 1 ? 0 : plan.grad_bands.parts;
     coefs_at = region(s.N * s.G, sizeof(GroupCoefs<acc_t>));
     stats_at = region(cf ? s.N * s.G * plan.run_parts : s.N * plan.stat_rows.parts * slots, sizeof(ChunkStats<acc_t>));
-    chunk_stats_at = region(s.N * stat_chunks * s.G, sizeof(ChunkStats<acc_t>));
+    band_stats_at = region(s.N * stat_bands * s.G, sizeof(ChunkStats<acc_t>));
     residual_at = region(s.N * s.G * plan.residual_splits, sizeof(acc_t));
     grad_at = region(s.N * s.C * grad_parts(plan), sizeof(Sum2<acc_t>));
     group_grad_at = region(s.N * plan.grad_rows.parts * slots, sizeof(Sum2<acc_t>));
-    chunk_grad_at = region(s.N * grad_chunks * s.C, sizeof(Sum2<acc_t>));
-    chunk_group_grad_at = region(s.N * grad_chunks * s.G, sizeof(Sum2<acc_t>));
+    band_grad_at = region(s.N * grad_bands * s.C, sizeof(Sum2<acc_t>));
+    band_group_grad_at = region(s.N * grad_bands * s.G, sizeof(Sum2<acc_t>));
   }
   template <typename T>
   static T* at(void* base, int64_t offset) {
@@ -47,14 +47,14 @@ struct Workspace {
   }
   GroupCoefs<acc_t>* coefs(void* base) const { return at<GroupCoefs<acc_t>>(base, coefs_at); }
   ChunkStats<acc_t>* chunk_stats(void* base) const { return at<ChunkStats<acc_t>>(base, stats_at); }
-  ChunkStats<acc_t>* sample_chunk_stats(void* base) const { return at<ChunkStats<acc_t>>(base, chunk_stats_at); }
+  ChunkStats<acc_t>* band_stats(void* base) const { return at<ChunkStats<acc_t>>(base, band_stats_at); }
   acc_t* residual_sums(void* base) const { return at<acc_t>(base, residual_at); }
   // The backward's gradient sums, where they go.
   GradOut<acc_t> grad_out(void* base, const Plan& plan, const SequenceWords& sw) const {
     return {ChannelSums<acc_t>{at<Sum2<acc_t>>(base, grad_at), grad_parts(plan), plan.layout},
             at<Sum2<acc_t>>(base, group_grad_at),
-            ChannelSums<acc_t>{at<Sum2<acc_t>>(base, chunk_grad_at), plan.grad_chunks.parts, Layout::ChannelsLast},
-            at<Sum2<acc_t>>(base, chunk_group_grad_at),
+            ChannelSums<acc_t>{at<Sum2<acc_t>>(base, band_grad_at), plan.grad_bands.parts, Layout::ChannelsLast},
+            at<Sum2<acc_t>>(base, band_group_grad_at),
             coefs(base),
             sw,
             0};
@@ -75,14 +75,14 @@ int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
 }
 
 // Domains a pass signals about (the sequence words' capacity it needs):
-// groups, and the chunks of two-level merges.
+// groups, and the bands of two-level merges.
 template <typename scalar_t>
 int64_t sequence_domains(const GroupNormShape& s, Layout layout) {
   int64_t domains = std::max<int64_t>(1, s.N * s.G);
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
     const Plan plan = make_plan<scalar_t>(s, layout, vec);
     const int64_t stat_domains = layout == Layout::ChannelsFirst ? s.N * s.G : s.N;
-    domains = std::max({domains, stat_domains * plan.stat_chunks.parts, s.N * plan.grad_chunks.parts});
+    domains = std::max({domains, stat_domains * plan.stat_bands.parts, s.N * plan.grad_bands.parts});
   }
   return domains;
 }
@@ -337,7 +337,7 @@ void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, 
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = forward_schedule<scalar_t>(s, plan);
   const StatsOut<acc_t> out{
-      ws.chunk_stats(workspace), ws.sample_chunk_stats(workspace), mean, rstd, ws.coefs(workspace), eps, sw, 0};
+      ws.chunk_stats(workspace), ws.band_stats(workspace), mean, rstd, ws.coefs(workspace), eps, sw, 0};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {
@@ -366,9 +366,9 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = backward_schedule<scalar_t>(s, plan, dx != nullptr, dweight.data != nullptr);
   const GradOut<acc_t> out = ws.grad_out(workspace, plan, sw);
-  // dweight / dbias from the per-chunk channel sums where there are chunks.
-  const bool chunked = layout == Layout::ChannelsLast && plan.grad_chunks.parts > 1;
-  const ParamGrads<acc_t> pg{chunked ? out.chunk : out.partial, dweight, dbias};
+  // dweight / dbias from the per-band channel sums where there are bands.
+  const bool banded = layout == Layout::ChannelsLast && plan.grad_bands.parts > 1;
+  const ParamGrads<acc_t> pg{banded ? out.band : out.partial, dweight, dbias};
   const BackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out, pg};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;

@@ -50,8 +50,8 @@ constexpr int64_t kMaxTileChannels = 1024;
 constexpr int64_t kMinTileBytes = 256;
 // Partial results of a domain (a group's run channels-first, a sample
 // channels-last) merge in two levels where it has more than kMergeFanIn
-// parts: the team completing a chunk of kMergeFanIn consecutive parts merges
-// them, the one completing the domain merges the chunks. A one-level merge
+// parts: the team completing a band of kMergeFanIn consecutive parts merges
+// them, the one completing the domain merges the bands. A one-level merge
 // of thousands of parts (batch-1 VAE and video) is a serial chain per lane
 // that the output blocks wait for.
 constexpr int64_t kMergeFanIn = 64;
@@ -117,9 +117,9 @@ struct Plan {
   RowParts stat_rows, out_rows, grad_rows;
   // Chunks of the statistics parts of a domain (channels-first: of a run,
   // channels-last: of a sample) and of the gradient-sum blocks' row parts
-  // (`rows` parts a chunk, `parts` chunks); one chunk: the parts merge at
+  // (`rows` parts a band, `parts` bands); one band: the parts merge at
   // once.
-  RowParts stat_chunks, grad_chunks;
+  RowParts stat_bands, grad_bands;
   int64_t group_slots = 1;  // groups a tile touches, at most (per-group partials per block)
   // Backward residual: blocks per group.
   int64_t residual_splits = 1;
@@ -140,17 +140,17 @@ inline RowParts row_parts(int64_t total, int64_t rows) {
   return {rows, total == 0 ? 0 : ceil_div(total, rows)};
 }
 
-// Chunk k of the parts of `parts` (cut into `chunks`): its first part and
+// Band k of the parts of `parts` (cut into `bands`): its first part and
 // part count, and the items (rows of a sample, values of a group's run) it
 // covers of `total`.
 struct PartRange {
   int64_t first, count;
 };
-__host__ __device__ inline PartRange chunk_part_range(const RowParts& parts, const RowParts& chunks, int64_t k) {
-  return {k * chunks.rows, chunks.count(k, parts.parts)};
+__host__ __device__ inline PartRange band_part_range(const RowParts& parts, const RowParts& bands, int64_t k) {
+  return {k * bands.rows, bands.count(k, parts.parts)};
 }
-__host__ __device__ inline int64_t chunk_span(const RowParts& parts, const RowParts& chunks, int64_t k, int64_t total) {
-  return RowParts{parts.rows * chunks.rows, chunks.parts}.count(k, total);
+__host__ __device__ inline int64_t band_span(const RowParts& parts, const RowParts& bands, int64_t k, int64_t total) {
+  return RowParts{parts.rows * bands.rows, bands.parts}.count(k, total);
 }
 
 // Channels-last vector width: whole packs when every row starts 16-byte
@@ -177,7 +177,7 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
       p.warp_runs ? 1 : std::clamp<int64_t>(ceil_div(2 * kTargetBlocks, std::max<int64_t>(1, s.N * s.G)), 1, 32);
   if (layout == Layout::ChannelsFirst) {
     p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, p.stat_span());
-    p.stat_chunks = row_parts(p.run_parts, merge_fan_in());
+    p.stat_bands = row_parts(p.run_parts, merge_fan_in());
     const int64_t planes = s.N * s.C;
     if (s.HxW < kSmallPlane) {
       // At least kSpan values a block (group values are loaded per warp and
@@ -224,8 +224,8 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   p.stat_rows = rows_for(kMinBlockRows);
   p.out_rows = rows_for(kMinBlockRows);
   p.grad_rows = rows_for(kMinGradBlockRows);
-  p.stat_chunks = row_parts(p.stat_rows.parts, merge_fan_in());
-  p.grad_chunks = row_parts(p.grad_rows.parts, merge_fan_in());
+  p.stat_bands = row_parts(p.stat_rows.parts, merge_fan_in());
+  p.grad_bands = row_parts(p.grad_rows.parts, merge_fan_in());
   // Groups a tile of tile_ch channels starting anywhere can touch.
   p.group_slots = std::min<int64_t>(s.G, ceil_div(tile_ch, std::max<int64_t>(1, Cg)) + 1);
   return p;

@@ -10,7 +10,7 @@ namespace gnflex {
 namespace cuda {
 
 // Where the forward's statistics go: partials per work block (and per
-// chunk of them), then per group the mean (pivot), rstd and residual, and
+// band of them), then per group the mean (pivot), rstd and residual, and
 // the sequence words that say when a group (level 0, domain ng or n) is
 // ready.
 template <typename acc_t>
@@ -87,13 +87,13 @@ __device__ void for_each_group_slot(const GroupNormShape& s, const Plan& plan, c
   }
 }
 
-// Where group ng's partial result of chunk k (of `chunks` per domain) lives:
-// per (n, g, chunk) channels-first, per (n, chunk, g) channels-last.
+// Where group ng's partial result of band k (of `bands` per domain) lives:
+// per (n, g, band) channels-first, per (n, band, g) channels-last.
 template <Layout L>
-__host__ __device__ __forceinline__ int64_t chunk_index(const GroupNormShape& s, const RowParts& chunks, int64_t ng,
-                                                        int64_t k) {
-  if constexpr (L == Layout::ChannelsFirst) return ng * chunks.parts + k;
-  return (ng / s.G * chunks.parts + k) * s.G + ng % s.G;
+__host__ __device__ __forceinline__ int64_t band_index(const GroupNormShape& s, const RowParts& bands, int64_t ng,
+                                                       int64_t k) {
+  if constexpr (L == Layout::ChannelsFirst) return ng * bands.parts + k;
+  return (ng / s.G * bands.parts + k) * s.G + ng % s.G;
 }
 
 // Stats of channels-last group ng over row parts `parts`, in lane 0 of its
@@ -139,31 +139,31 @@ __device__ WelfordStats<acc_t> part_stats(const GroupNormShape& s, const Plan& p
   return slot_stats(s, plan, partial, parts, ng, lane);
 }
 
-// Two-level merges: group ng's partials of chunk k merged into one (lane 0
+// Two-level merges: group ng's partials of band k merged into one (lane 0
 // stores it).
 template <Layout L, typename acc_t>
-__device__ void merge_stats_chunk(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
-                                  int64_t k, int lane) {
-  const PartRange parts = chunk_part_range(stat_parts<L>(plan), plan.stat_chunks, k);
+__device__ void merge_stats_band(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
+                                 int64_t k, int lane) {
+  const PartRange parts = band_part_range(stat_parts<L>(plan), plan.stat_bands, k);
   const WelfordStats<acc_t> st = part_stats<L>(s, plan, out.partial, parts, ng, lane);
   if (lane == 0)
-    gstore(out.chunk + chunk_index<L>(s, plan.stat_chunks, ng, k), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+    gstore(out.chunk + band_index<L>(s, plan.stat_bands, ng, k), ChunkStats<acc_t>{st.center, st.offset, st.m2});
 }
 
-// Stats of group ng in lane 0 of its warp: from its chunk partials in order
+// Stats of group ng in lane 0 of its warp: from its band partials in order
 // (two-level merges), else from its parts' partials.
 template <Layout L, typename acc_t>
 __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out,
                                            int64_t ng, int lane) {
-  const RowParts& chunks = plan.stat_chunks;
+  const RowParts& bands = plan.stat_bands;
   const RowParts parts = stat_parts<L>(plan);
-  if (chunks.parts <= 1) return part_stats<L>(s, plan, out.partial, PartRange{0, parts.parts}, ng, lane);
+  if (bands.parts <= 1) return part_stats<L>(s, plan, out.partial, PartRange{0, parts.parts}, ng, lane);
   const int64_t per_value = L == Layout::ChannelsFirst ? 1 : s.channels_per_group();
   const int64_t total = L == Layout::ChannelsFirst ? s.group_size() : s.HxW;
   WelfordStats<acc_t> stats;
-  for (int64_t k = lane; k < chunks.parts; k += 32) {
-    const int64_t count = chunk_span(parts, chunks, k, total) * per_value;
-    const ChunkStats<acc_t> c = gload_l2(out.chunk + chunk_index<L>(s, chunks, ng, k));
+  for (int64_t k = lane; k < bands.parts; k += 32) {
+    const int64_t count = band_span(parts, bands, k, total) * per_value;
+    const ChunkStats<acc_t> c = gload_l2(out.chunk + band_index<L>(s, bands, ng, k));
     stats = math::welford_combine(stats, welford_of(count, c));
   }
   return warp_welford_merge(stats);
@@ -205,23 +205,22 @@ __device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormSh
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   }));
-  // Two-level merges: the team completing a chunk merges it, then arrives
+  // Two-level merges: the team completing a band merges it, then arrives
   // at the group.
-  const RowParts& chunks = plan.stat_chunks;
-  const int64_t k = part / chunks.rows;
+  const RowParts& bands = plan.stat_bands;
+  const int64_t k = part / bands.rows;
   bool last = false;
   if (team.rank == 0) {
     const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
     gstore(out.partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
-    last = chunks.parts > 1
-               ? arrive(out.sw.arrivals(kChunkLevel, ng * chunks.parts + k), chunks.count(k, plan.run_parts))
-               : arrive(out.sw.arrivals(0, ng), plan.run_parts);
+    last = bands.parts > 1 ? arrive(out.sw.arrivals(kBandLevel, ng * bands.parts + k), bands.count(k, plan.run_parts))
+                           : arrive(out.sw.arrivals(0, ng), plan.run_parts);
   }
   if (!team.broadcast(last) || team.rank >= 32) return;  // uniform per team, then per warp
   __syncwarp();  // orders lane 0's acquire before the other lanes' reads (a shuffle does not)
-  if (chunks.parts > 1) {
-    merge_stats_chunk<Layout::ChannelsFirst>(s, plan, out, ng, k, team.rank);
-    if (!warp_arrive(out.sw.arrivals(0, ng), chunks.parts)) return;  // uniform per warp
+  if (bands.parts > 1) {
+    merge_stats_band<Layout::ChannelsFirst>(s, plan, out, ng, k, team.rank);
+    if (!warp_arrive(out.sw.arrivals(0, ng), bands.parts)) return;  // uniform per warp
   }
   finalize_group<Layout::ChannelsFirst>(s, plan, out, ng, team.rank);
   if (team.rank == 0) publish(out.sw.ready(0, ng), out.epoch);
@@ -388,18 +387,18 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
              ChunkStats<acc_t>{st.center, st.offset, st.m2});
     }
   }
-  // Two-level merges: the block that completes a chunk merges its groups.
-  const RowParts& chunks = plan.stat_chunks;
-  if (chunks.parts > 1) {
-    const int64_t k = b.part / chunks.rows;
-    const int64_t arrivals = chunks.count(k, plan.stat_rows.parts) * plan.tiles;
-    if (!block_arrive(out.sw.arrivals(kChunkLevel, b.n * chunks.parts + k), arrivals)) return;  // uniform
-    for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {                         // uniform per warp
-      merge_stats_chunk<Layout::ChannelsLast>(s, plan, out, b.n * s.G + g, k, lane);
+  // Two-level merges: the block that completes a band merges its groups.
+  const RowParts& bands = plan.stat_bands;
+  if (bands.parts > 1) {
+    const int64_t k = b.part / bands.rows;
+    const int64_t arrivals = bands.count(k, plan.stat_rows.parts) * plan.tiles;
+    if (!block_arrive(out.sw.arrivals(kBandLevel, b.n * bands.parts + k), arrivals)) return;  // uniform
+    for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32) {                       // uniform per warp
+      merge_stats_band<Layout::ChannelsLast>(s, plan, out, b.n * s.G + g, k, lane);
     }
   }
   // The block that completes sample n merges its groups, a warp per group.
-  const int64_t arrivals = chunks.parts > 1 ? chunks.parts : plan.stat_rows.parts * plan.tiles;
+  const int64_t arrivals = bands.parts > 1 ? bands.parts : plan.stat_rows.parts * plan.tiles;
   if (!block_arrive(out.sw.arrivals(0, b.n), arrivals)) return;  // uniform
   for (int64_t g = threadIdx.x / 32; g < s.G; g += blockDim.x / 32)
     finalize_group<Layout::ChannelsLast>(s, plan, out, b.n * s.G + g, lane);
