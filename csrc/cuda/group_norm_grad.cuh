@@ -188,7 +188,7 @@ __device__ Sum2<acc_t> slot_sums(const GroupNormShape& s, const Plan& plan, cons
   return t;
 }
 
-// Chunk k of sample n: each group's and each channel's partial sums of the
+// Band k of sample n: each group's and each channel's partial sums of the
 // band's row parts added into one, in part order.
 template <typename acc_t>
 __device__ void merge_grad_band(const GroupNormShape& s, const Plan& plan, const GradOut<acc_t>& out, int64_t n,

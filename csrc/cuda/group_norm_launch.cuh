@@ -13,7 +13,7 @@ namespace cuda {
 
 // Scratch memory of one call, carved from one buffer the caller allocates:
 // per-(n, g) coefficients, the forward's chunk stats, the backward's
-// residual sums and gradient partial sums, and the channels-last two-level
+// residual sums and gradient partial sums, and the two-level
 // merges' per-band results (each its own region).
 template <typename acc_t>
 struct Workspace {

@@ -16,7 +16,7 @@ namespace cuda {
 template <typename acc_t>
 struct StatsOut {
   ChunkStats<acc_t>* partial;
-  ChunkStats<acc_t>* chunk;  // channels-last two-level merges: per (n, chunk, g)
+  ChunkStats<acc_t>* band;  // two-level merges: per (n, g, band) channels-first, (n, band, g) channels-last
   acc_t* mean;
   acc_t* rstd;
   GroupCoefs<acc_t>* coefs;
@@ -146,8 +146,9 @@ __device__ void merge_stats_band(const GroupNormShape& s, const Plan& plan, cons
                                  int64_t k, int lane) {
   const PartRange parts = band_part_range(stat_parts<L>(plan), plan.stat_bands, k);
   const WelfordStats<acc_t> st = part_stats<L>(s, plan, out.partial, parts, ng, lane);
-  if (lane == 0)
-    gstore(out.chunk + band_index<L>(s, plan.stat_bands, ng, k), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+  if (lane == 0) {
+    gstore(out.band + band_index<L>(s, plan.stat_bands, ng, k), ChunkStats<acc_t>{st.center, st.offset, st.m2});
+  }
 }
 
 // Stats of group ng in lane 0 of its warp: from its band partials in order
@@ -163,7 +164,7 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& 
   WelfordStats<acc_t> stats;
   for (int64_t k = lane; k < bands.parts; k += 32) {
     const int64_t count = band_span(parts, bands, k, total) * per_value;
-    const ChunkStats<acc_t> c = gload_l2(out.chunk + band_index<L>(s, bands, ng, k));
+    const ChunkStats<acc_t> c = gload_l2(out.band + band_index<L>(s, bands, ng, k));
     stats = math::welford_combine(stats, welford_of(count, c));
   }
   return warp_welford_merge(stats);
