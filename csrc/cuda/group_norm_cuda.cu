@@ -22,11 +22,9 @@ namespace gnflex {
 namespace cuda {
 namespace {
 
-template <typename scalar_t>
-void check_grid(const GroupNormShape& s, Layout layout) {
-  const int64_t blocks = max_tickets<scalar_t>(s, layout);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "gnflex.group_norm (CUDA): input too large (", blocks,
-              " blocks needed)");
+void check_grid(const LaunchNeeds& needs) {
+  TORCH_CHECK(needs.tickets <= std::numeric_limits<int32_t>::max(), "gnflex.group_norm (CUDA): input too large (",
+              needs.tickets, " blocks needed)");
 }
 
 ParamType param_type(const at::Tensor& t) {
@@ -101,9 +99,9 @@ TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Te
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "gnflex_group_norm_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    check_grid<scalar_t>(s, f.layout);
-    const auto buffers =
-        StreamState::get(f.x, sequence_domains<scalar_t>(s, f.layout), workspace_bytes<scalar_t>(s, f.layout), stream);
+    const LaunchNeeds needs = launch_needs<scalar_t>(s, f.layout);
+    check_grid(needs);
+    const auto buffers = StreamState::get(f.x, needs.domains, needs.workspace_bytes, stream);
     launch_forward<scalar_t>(f.x.const_data_ptr<scalar_t>(), f.y.data_ptr<scalar_t>(), channel_param<acc_t>(f.weight),
                              channel_param<acc_t>(f.bias), static_cast<acc_t>(eps), f.activation, s, f.layout,
                              f.mean.data_ptr<acc_t>(), f.rstd.data_ptr<acc_t>(), buffers.scratch, buffers.sw, stream);
@@ -128,9 +126,9 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
   const bool param_grads = output_mask[1] || output_mask[2];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bs.x.scalar_type(), "gnflex_group_norm_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    check_grid<scalar_t>(s, bs.layout);
-    const auto buffers = StreamState::get(bs.x, sequence_domains<scalar_t>(s, bs.layout),
-                                          workspace_bytes<scalar_t>(s, bs.layout), stream);
+    const LaunchNeeds needs = launch_needs<scalar_t>(s, bs.layout);
+    check_grid(needs);
+    const auto buffers = StreamState::get(bs.x, needs.domains, needs.workspace_bytes, stream);
     const auto grad = [&](at::Tensor& t) {
       return param_grads ? ChannelGrad<acc_t>{t.data_ptr(), param_type(t)} : ChannelGrad<acc_t>{};
     };

@@ -61,32 +61,6 @@ struct Workspace {
   }
 };
 
-// Channels-last picks its vector width from the pointers, so the workspace
-// and the grid check cover both widths.
-// Bytes of scratch memory launch_forward / launch_backward need.
-template <typename scalar_t>
-int64_t workspace_bytes(const GroupNormShape& s, Layout layout) {
-  using acc_t = acc_type<scalar_t>;
-  int64_t bytes = 0;
-  for (int vec : {1, PackTraits<scalar_t>::kSize}) {
-    bytes = std::max(bytes, Workspace<acc_t>(s, make_plan<scalar_t>(s, layout, vec)).bytes);
-  }
-  return bytes;
-}
-
-// Domains a pass signals about (the sequence words' capacity it needs):
-// groups, and the bands of two-level merges.
-template <typename scalar_t>
-int64_t sequence_domains(const GroupNormShape& s, Layout layout) {
-  int64_t domains = std::max<int64_t>(1, s.N * s.G);
-  for (int vec : {1, PackTraits<scalar_t>::kSize}) {
-    const Plan plan = make_plan<scalar_t>(s, layout, vec);
-    const int64_t stat_domains = layout == Layout::ChannelsFirst ? s.N * s.G : s.N;
-    domains = std::max({domains, stat_domains * plan.stat_bands.parts, s.N * plan.grad_bands.parts});
-  }
-  return domains;
-}
-
 // ---- schedules -------------------------------------------------------------------
 // A round covers about kRoundBytes of x; a stage starts kLagRounds rounds
 // after the one it depends on, so its blocks rarely wait and x read by the
@@ -182,16 +156,28 @@ Schedule backward_schedule(const GroupNormShape& s, const Plan& plan, bool input
   return sc;
 }
 
-// The most tickets (blocks) one launch uses (1-D grids allow up to 2^31 - 1).
+// What launch_forward / launch_backward need of their caller, over both
+// channels-last vector widths (the width follows the pointers): bytes of
+// scratch memory, the sequence words' capacity (groups, and the bands of
+// two-level merges), and the most tickets (blocks) one launch takes (1-D
+// grids allow up to 2^31 - 1).
+struct LaunchNeeds {
+  int64_t workspace_bytes = 0, domains = 1, tickets = 0;
+};
+
 template <typename scalar_t>
-int64_t max_tickets(const GroupNormShape& s, Layout layout) {
-  int64_t most = 0;
+LaunchNeeds launch_needs(const GroupNormShape& s, Layout layout) {
+  LaunchNeeds needs;
+  needs.domains = std::max<int64_t>(1, s.N * s.G);
+  const int64_t stat_domains = layout == Layout::ChannelsFirst ? s.N * s.G : s.N;
   for (int vec : {1, PackTraits<scalar_t>::kSize}) {
     const Plan plan = make_plan<scalar_t>(s, layout, vec);
-    most = std::max(
-        {most, forward_schedule<scalar_t>(s, plan).tickets, backward_schedule<scalar_t>(s, plan, true, true).tickets});
+    needs.workspace_bytes = std::max(needs.workspace_bytes, Workspace<acc_type<scalar_t>>(s, plan).bytes);
+    needs.domains = std::max({needs.domains, stat_domains * plan.stat_bands.parts, s.N * plan.grad_bands.parts});
+    needs.tickets = std::max({needs.tickets, forward_schedule<scalar_t>(s, plan).tickets,
+                              backward_schedule<scalar_t>(s, plan, true, true).tickets});
   }
-  return most;
+  return needs;
 }
 
 inline dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
@@ -326,8 +312,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 // ---- launches --------------------------------------------------------------------
 // y = act(GroupNorm(x)), mean and rstd (N * G). weight / bias may be null
-// (1 / 0). workspace: workspace_bytes(); sw: sequence words of the stream,
-// capacity >= sequence_domains(s).
+// (1 / 0). workspace: launch_needs().workspace_bytes; sw: sequence words of
+// the stream, capacity >= launch_needs().domains.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, ChannelParam<acc_t> bias, acc_t eps,
                     Activation act, const GroupNormShape& s, Layout layout, acc_t* mean, acc_t* rstd, void* workspace,
@@ -354,8 +340,7 @@ void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, 
 }
 
 // dx (when not null), dweight and dbias (when dweight.data is not null).
-// weight / bias may be null (1 / 0). workspace: workspace_bytes(); sw as for
-// launch_forward.
+// weight / bias may be null (1 / 0). workspace and sw as for launch_forward.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
                      ChannelParam<acc_t> weight, ChannelParam<acc_t> bias, Activation act, const GroupNormShape& s,

@@ -282,14 +282,14 @@ void run_case(const Case& k) {
   const double eps = k.eps;
 
   const auto t0 = std::chrono::steady_clock::now();
-  Buf<unsigned char> workspace(gc::workspace_bytes<scalar_t>(s, k.layout));
-  const int64_t domains = gc::sequence_domains<scalar_t>(s, k.layout);
+  const gc::LaunchNeeds needs = gc::launch_needs<scalar_t>(s, k.layout);
+  Buf<unsigned char> workspace(needs.workspace_bytes);
   gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(eps), k.act, s, k.layout, mean.p, rstd.p, workspace.p,
-                               g_words.get(domains), nullptr);
+                               g_words.get(needs.domains), nullptr);
   bool words_ok = g_words.check_words();
   gc::launch_backward<scalar_t>(dy.p, x.p, mean.p, rstd.p, wp, bp, k.act, s, k.layout, want_dx ? dx.p : nullptr,
                                 gc::ChannelGrad<acc_t>{dw_data, ptype}, gc::ChannelGrad<acc_t>{db_data, ptype},
-                                workspace.p, g_words.get(domains), nullptr);
+                                workspace.p, g_words.get(needs.domains), nullptr);
   words_ok = g_words.check_words() && words_ok;
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const bool guards_ok = x.intact() && dy.intact() && y.intact() && dx.intact() && mean.intact() && rstd.intact() &&
@@ -495,7 +495,8 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   Buf<scalar_t> x(numel, 0), dy(numel, 0), y(numel, 0), dx(numel, 0);
   for (int64_t i = 0; i < numel; ++i) x.p[i] = scalar_t(nd(rng)), dy.p[i] = scalar_t(nd(rng));
   std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0)), mean(N * G), rstd(N * G), dw(C), db(C);
-  std::vector<unsigned char> workspace(gc::workspace_bytes<scalar_t>(s, layout));
+  const gc::LaunchNeeds needs = gc::launch_needs<scalar_t>(s, layout);
+  std::vector<unsigned char> workspace(needs.workspace_bytes);
   const gc::ChannelParam<acc_t> wp{w.data()}, bp{b.data()};
   const int64_t elem = sizeof(scalar_t), acc = sizeof(acc_t);
   const auto report = [&](const char* pass, int64_t ideal, double ratio_goal, int64_t launch_goal) {
@@ -519,11 +520,11 @@ void traffic_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, i
   g_traffic_bytes = g_launches = g_max_blocks = 0;
   g_launch_bytes.clear();
   gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(1e-5), Activation::None, s, layout, mean.data(), rstd.data(),
-                               workspace.data(), g_words.get(gc::sequence_domains<scalar_t>(s, layout)), nullptr);
+                               workspace.data(), g_words.get(needs.domains), nullptr);
   report("fwd", 2 * numel * elem + 2 * C * acc + 2 * N * G * acc, 1.55, 1);
   gc::launch_backward<scalar_t>(dy.p, x.p, mean.data(), rstd.data(), wp, bp, Activation::None, s, layout, dx.p,
                                 gc::ChannelGrad<acc_t>{dw.data()}, gc::ChannelGrad<acc_t>{db.data()}, workspace.data(),
-                                g_words.get(gc::sequence_domains<scalar_t>(s, layout)), nullptr);
+                                g_words.get(needs.domains), nullptr);
   report("bwd", 3 * numel * elem + 2 * N * G * acc + 4 * C * acc, 1.7, 1);
 }
 
