@@ -1,7 +1,7 @@
 // CUDA GroupNorm device code: types, block and warp helpers, after the
-// work plan (group_norm_plan.cuh). Then group_norm_values.cuh (group and channel coefficients, per-value
-// operations), group_norm_sequence.cuh (how one launch orders its phases),
-// group_norm_stats.cuh (statistics),
+// work plan (group_norm_plan.cuh). Then group_norm_values.cuh (group and
+// channel coefficients, per-value operations), group_norm_sequence.cuh (how
+// one launch orders its phases), group_norm_stats.cuh (statistics),
 // group_norm_grad.cuh (gradient sums), group_norm_apply.cuh (elementwise
 // outputs) and group_norm_launch.cuh (schedules, kernels, launches).
 //

@@ -30,8 +30,8 @@ struct Workspace {
       return at;
     };
     const int64_t slots = cf ? 0 : plan.tiles * plan.group_slots;
-    const int64_t stat_bands = plan.stat_bands.parts <= 1 ? 0 : plan.stat_bands.parts;
-    const int64_t grad_bands = cf || plan.grad_bands.parts == 1 ? 0 : plan.grad_bands.parts;
+    const int64_t stat_bands = plan.stat_bands.parts > 1 ? plan.stat_bands.parts : 0;
+    const int64_t grad_bands = plan.grad_bands.parts > 1 ? plan.grad_bands.parts : 0;
     coefs_at = region(s.N * s.G, sizeof(GroupCoefs<acc_t>));
     stats_at = region(cf ? s.N * s.G * plan.run_parts : s.N * plan.stat_rows.parts * slots, sizeof(ChunkStats<acc_t>));
     band_stats_at = region(s.N * stat_bands * s.G, sizeof(ChunkStats<acc_t>));
@@ -351,9 +351,9 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = backward_schedule<scalar_t>(s, plan, dx != nullptr, dweight.data != nullptr);
   const GradOut<acc_t> out = ws.grad_out(workspace, plan, sw);
-  // dweight / dbias from the per-band channel sums where there are bands.
-  const bool banded = layout == Layout::ChannelsLast && plan.grad_bands.parts > 1;
-  const ParamGrads<acc_t> pg{banded ? out.band : out.partial, dweight, dbias};
+  // dweight / dbias from the per-band channel sums where there are bands
+  // (channels-last only).
+  const ParamGrads<acc_t> pg{plan.grad_bands.parts > 1 ? out.band : out.partial, dweight, dbias};
   const BackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out, pg};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;

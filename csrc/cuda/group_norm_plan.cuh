@@ -57,7 +57,7 @@ constexpr int64_t kMinTileBytes = 256;
 constexpr int64_t kMergeFanIn = 64;
 #ifdef GNFLEX_CUDA_SIM
 // The simulator test also runs every case on a scaled-down plan (fields > 0 /
-// true): rounds of round_bytes, merges of merge_fan_in row parts,
+// true): rounds of round_bytes, merges of merge_fan_in parts,
 // channels-last blocks of one pass of rows. Its small shapes then take the
 // many-round schedules, many row blocks and two-level merges of large
 // tensors.
@@ -115,10 +115,10 @@ struct Plan {
   int vec = 1;
   int64_t tiles = 1, tile_vecs = 1, rows_per_pass = 1;
   RowParts stat_rows, out_rows, grad_rows;
-  // Chunks of the statistics parts of a domain (channels-first: of a run,
-  // channels-last: of a sample) and of the gradient-sum blocks' row parts
-  // (`rows` parts a band, `parts` bands); one band: the parts merge at
-  // once.
+  // Bands of the statistics parts of a domain (channels-first: of a run,
+  // channels-last: of a sample) and, channels-last only, of the gradient-sum
+  // blocks' row parts (`rows` parts a band, `parts` bands); at most one
+  // band: the parts merge at once.
   RowParts stat_bands, grad_bands;
   int64_t group_slots = 1;  // groups a tile touches, at most (per-group partials per block)
   // Backward residual: blocks per group.

@@ -133,8 +133,8 @@ __host__ __device__ inline Work locate(const Schedule& sc, int64_t ticket) {
 // domains finished, the epoch (64 bits: it never wraps, so a flag left by an
 // old launch never reads as ready), then per level an arrival counter per
 // domain, then the 64-bit ready flags. The forward signals at level 0, the
-// backward at levels 0 and 1; kBandLevel counts the arrivals at bands of
-// a channels-last sample (two-level merges; no ready flags).
+// backward at levels 0 and 1; kBandLevel counts the arrivals at the bands
+// of a domain (two-level merges; no ready flags).
 // The places depend on the buffer's capacity only (a counter must never land
 // where an earlier launch of another shape left a flag); a buffer is zeroed
 // once, when allocated.
