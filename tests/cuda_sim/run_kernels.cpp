@@ -329,6 +329,12 @@ void run_case(const Case& k) {
       const auto zmag = [&](int64_t c, real xh) {
         return std::abs(real(w[c])) * (std::abs(xh) + 1) + std::abs(real(b[c]));
       };
+      // Magnitude of g = dy * act'(z), and whether z is within rounding of
+      // ReLU's kink at 0 (where act' may take either side).
+      const auto grad_mag = [&](int64_t c, real xh, real dyv) { return std::abs(dyv) * (act ? 1 + zmag(c, xh) : 1); };
+      const auto near_kink = [&](int64_t c, real xh, real z) {
+        return k.act == Activation::ReLU && std::abs(z) <= kUnits * u * zmag(c, xh);
+      };
       real s_gw = 0, s_gwxh = 0, a_gw = 0, a_gwxh = 0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
         for (int64_t r = 0; r < HxW; ++r) {
@@ -336,14 +342,13 @@ void run_case(const Case& k) {
           const real z = xh * real(w[c]) + real(b[c]);
           const real dyv = real(dy.p[idx(n, c, r)]);
           const real gz = dyv * act_grad_ref(k.act, z);
-          const real gmag = std::abs(dyv) * (act ? 1 + zmag(c, xh) : 1);
+          const real gmag = grad_mag(c, xh, dyv);
           rdw[c] += gz * xh;
           rdb[c] += gz;
           mag_dw[c] += gmag * (std::abs(xh) + 1);
           mag_db[c] += gmag;
-          // ReLU's derivative jumps at 0: a z within rounding of it may take
-          // either side, moving the sums by that value's whole term.
-          if (k.act == Activation::ReLU && std::abs(z) <= kUnits * u * zmag(c, xh)) {
+          // Near the kink, the sums may move by that value's whole term.
+          if (near_kink(c, xh, z)) {
             kink_dw[c] += std::abs(dyv * xh);
             kink_db[c] += std::abs(dyv);
           }
@@ -360,12 +365,11 @@ void run_case(const Case& k) {
           e_y.add(real(y.p[idx(n, c, r)]), ry,
                   static_cast<double>(stored_tol<scalar_t>(ry, zmag(c, xh) + std::abs(ry), u)));
           if (!want_dx) continue;
-          // ReLU's derivative jumps at 0: skip values within rounding of it.
-          if (k.act == Activation::ReLU && std::abs(z) <= kUnits * u * zmag(c, xh)) continue;
+          if (near_kink(c, xh, z)) continue;  // either side of the kink is right
           const real dyv = real(dy.p[idx(n, c, r)]);
           const real gz = dyv * act_grad_ref(k.act, z);
           const real rdx = rs * (gz * real(w[c]) - s_gw / D - xh * s_gwxh / D);
-          const real gmag = std::abs(dyv) * (act ? 1 + zmag(c, xh) : 1);
+          const real gmag = grad_mag(c, xh, dyv);
           const real dx_mag = rs * (gmag * std::abs(real(w[c])) + (a_gw + (std::abs(xh) + 1) * a_gwxh) / D);
           e_dx.add(real(dx.p[idx(n, c, r)]), rdx, static_cast<double>(stored_tol<scalar_t>(rdx, dx_mag, u)));
         }
