@@ -14,7 +14,7 @@ the phase's main loop per element it consumes (per position: x, or x and dy);
 load_bytes: the widest data load in that loop (the sequencing's volatile and
 L2 loads do not count). The main loop is the loop (a backward branch) with the
 phase's widest load, the shortest such loop where several have it; a phase
-whose loads are all unrolled counts its whole code. Then the budgets of the
+whose widest loads are all unrolled counts its whole code. Then the budgets of the
 design (docs/design.md): <= 8 instructions per 16-bit value and <= 12 per fp32
 value, <= 64 registers, no spills, 16-byte loads where aligned; every kernel
 over a budget is listed, and --check makes that an error.
@@ -139,7 +139,7 @@ _SOURCE_LINES = {}
 
 
 PHASE_CALL = re.compile(
-    r"\b(chunk_stats_\w+|residual_sums|grad_sums_\w+|apply_\w+|param_grads\w*)\s*(<(32|kThreads)>)?")
+    r"\b(chunk_stats_\w+|resident_\w+|residual_sums|grad_sums_\w+|apply_\w+|param_grads\w*)\s*(<(32|kThreads)>)?")
 
 
 def phase_of(chain):
@@ -189,8 +189,11 @@ def load_bytes(instr):
 def main_loops(body, labels):
     """{phase: (instructions, global-load bytes, widest load)} of each phase's main
     loop: the loop (a backward branch) with the widest data load of the phase, the
-    shortest such loop where several have it; a phase whose loads are all unrolled
-    counts its whole code."""
+    shortest such loop where several have it; a phase whose widest loads are all
+    unrolled counts its whole code."""
+    phase_widest = {}
+    for _, instr, ph in body:
+        phase_widest[ph] = max(phase_widest.get(ph, 0), load_bytes(instr))
     loops = {}
     for address, instr, _ in body:
         m = re.search(r"\bBRA(?:\.U)?\s+(?:`\((\.L_x_\d+)\)|0x([0-9a-f]+))", instr)
@@ -202,7 +205,7 @@ def main_loops(body, labels):
         inside = [(i, ph) for a, i, ph in body if target <= a <= address]
         widths = [(load_bytes(i), ph) for i, ph in inside]
         widest = max(widths, key=lambda t: t[0], default=(0, None))
-        if widest[0] == 0 or widest[1] is None:
+        if widest[0] == 0 or widest[1] is None or widest[0] < phase_widest[widest[1]]:
             continue
         key = (widest[0], -len(inside))
         if widest[1] not in loops or key > loops[widest[1]][0]:

@@ -15,6 +15,15 @@ def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
     return config.replace(**overrides) if overrides else config
 
 
+def _own_parameter(module: nn.Module, name: str):
+    """module.<name> without nn.Module.__getattr__ (a Python call per attribute,
+    a large part of the layer's host time: bench/host_overhead.py) where the
+    parameter is registered; otherwise (a parametrization, weight_norm's plain
+    attribute) the attribute as usual."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 class GroupNormFlex(nn.GroupNorm):
     """GroupNorm (+ fused activation) over an (N, C, *) input, on gnflex's kernels.
 
@@ -62,9 +71,10 @@ class GroupNormFlex(nn.GroupNorm):
             if in_onnx_export():  # torch.onnx.export knows torch's group_norm, not our op
                 return torch_group_norm_with_stats(input, self.num_groups, self.weight, self.bias,
                                                    self.eps, self.activation)[0]
-        return torch.ops.gnflex.group_norm(
-            input, self.weight, self.bias, self.num_groups, self.eps, self.activation
-        )[0]
+            weight, bias = _own_parameter(self, "weight"), _own_parameter(self, "bias")
+        else:
+            weight, bias = self.weight, self.bias
+        return torch.ops.gnflex.group_norm(input, weight, bias, self.num_groups, self.eps, self.activation)[0]
 
     def extra_repr(self) -> str:
         return (

@@ -245,6 +245,10 @@ def test_cuda_bench_rows_carry_every_measure():
         assert big["path"] == "dram" and big["rounds"] == 1, big
         many = _C.cuda_plan(64, 256, 64 * 64, 32, 2, False)  # 128 MB in groups of 64 KB: many rounds
         assert many["path"] == "l2" and many["rounds"] > 1 and many["forward_tickets"] < 2 ** 31, many
+        heads = _C.cuda_plan(1024, 256, 7 * 7, 32, 2, False)  # groups of 392 values: a warp each, one pass
+        assert heads["path"] == "block" and heads["forward_tickets"] == 1024 * 32 // 8, heads
+        assert _C.cuda_plan(1024, 256, 7 * 7, 32, 2, True)["path"] == "l2"  # channels-last: a sample per domain
+        assert _C.cuda_plan(8, 64, 64 * 64, 32, 2, False)["path"] != "block"  # groups of 8192 values: two passes
         with pytest.raises(ValueError, match="element_size"):
             _C.cuda_plan(1, 8, 4, 2, 3, False)
 

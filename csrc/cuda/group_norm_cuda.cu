@@ -144,9 +144,10 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
 template <typename scalar_t>
 PlanInfo plan_info_for(const GroupNormShape& s, Layout layout) {
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {}));
-  const Schedule fwd = forward_schedule<scalar_t>(s, plan);
-  const Schedule bwd = backward_schedule<scalar_t>(s, plan, true, true);
   const int64_t bytes = s.numel() * static_cast<int64_t>(sizeof(scalar_t));
+  const Schedule bwd = backward_schedule<scalar_t>(s, plan, true, true);
+  if (plan.resident) return {"block", resident_blocks(s, plan), bwd.tickets, 1, 0};
+  const Schedule fwd = forward_schedule<scalar_t>(s, plan);
   const int64_t reuse = reuse_bytes(fwd, bytes);
   return {reuse <= kL2ReuseBytes ? "l2" : "dram", fwd.tickets, bwd.tickets, fwd.stage[0].rounds(), reuse};
 }

@@ -9,8 +9,10 @@ namespace gnflex {
 namespace cuda {
 
 struct PlanInfo {
-  std::string path;  // "l2": x is re-read from L2 by the output pass; "dram": from memory
-  int64_t forward_tickets, backward_tickets, rounds, reuse_bytes;
+  // "block": the forward reads x once (a group per warp or block); "l2": its
+  // output pass re-reads x from L2; "dram": from memory.
+  std::string path;
+  int64_t forward_tickets, backward_tickets, rounds, reuse_bytes;  // forward_tickets: blocks where "block"
 };
 
 // element_size 2 (float16 / bfloat16), 4 or 8.

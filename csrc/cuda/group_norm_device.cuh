@@ -315,6 +315,14 @@ struct Team {
       return block_broadcast(v);
     }
   }
+  // Orders the team's shared-memory writes before its reads.
+  __device__ void sync() const {
+    if constexpr (kLanes == 32) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
+  }
 };
 
 // A span of at most Team<kLanes>::kSpanValues values held in registers by a
@@ -330,12 +338,12 @@ struct SpanValues {
   acc_t v[kPacks][kW];
   acc_t head_value = acc_t(0), tail_value = acc_t(0);
   bool has_head = false, has_tail = false;
-  int64_t packs = 0;
+  int64_t head = 0, packs = 0;
   int rank = 0;
 
   __device__ void load(const scalar_t* p, int64_t len, int team_rank) {
     rank = team_rank;
-    int64_t head = ((16 - misalignment(p)) % 16) / static_cast<int64_t>(sizeof(scalar_t));
+    head = ((16 - misalignment(p)) % 16) / static_cast<int64_t>(sizeof(scalar_t));
     head = head < len ? head : len;
     packs = (len - head) / kW;
     const int64_t tail = len - head - packs * kW;
@@ -350,24 +358,33 @@ struct SpanValues {
     }
   }
 
+  // Calls f(i, Width<W>, values) for this thread's values: the head and the
+  // tail value (W = 1) and each pack (W = kW), i the span index of the first.
+  template <typename F>
+  __device__ __forceinline__ void for_each_held(F&& f) const {
+    if (has_head) f(static_cast<int64_t>(rank), Width<1>{}, reinterpret_cast<const acc_t(&)[1]>(head_value));
+#pragma unroll
+    for (int it = 0; it < kPacks; ++it) {
+      const int64_t k = rank + static_cast<int64_t>(it) * kLanes;
+      if (k < packs) f(head + k * kW, Width<kW>{}, v[it]);
+    }
+    if (has_tail) {
+      f(head + packs * kW + rank, Width<1>{}, reinterpret_cast<const acc_t(&)[1]>(tail_value));
+    }
+  }
+
   // This thread's sum of f(value).
   template <typename F>
   __device__ Sum2<acc_t> sums(F&& f) const {
     Sum2<acc_t> s{acc_t(0), acc_t(0)};
-    const auto add = [&](acc_t value) {
-      const Sum2<acc_t> t = f(value);
-      s.a += t.a;
-      s.b += t.b;
-    };
-    if (has_head) add(head_value);
+    for_each_held([&](int64_t, auto width, const auto& values) {
 #pragma unroll
-    for (int it = 0; it < kPacks; ++it) {
-      if (rank + static_cast<int64_t>(it) * kLanes < packs) {
-#pragma unroll
-        for (int j = 0; j < kW; ++j) add(v[it][j]);
+      for (int j = 0; j < decltype(width)::value; ++j) {
+        const Sum2<acc_t> t = f(values[j]);
+        s.a += t.a;
+        s.b += t.b;
       }
-    }
-    if (has_tail) add(tail_value);
+    });
     return s;
   }
 };

@@ -6,7 +6,7 @@
 
 #include <numeric>
 
-#include "group_norm_apply.cuh"
+#include "group_norm_resident.cuh"
 
 namespace gnflex {
 namespace cuda {
@@ -226,6 +226,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   finish_block(out.sw, sc.tickets, ticket.epoch);
 }
 
+// Forward, channels-first, groups resident in a team's registers (one pass,
+// no tickets).
+template <Activation A, int kLanes, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    forward_cf_resident_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParam<acc_t> weight,
+                               ChannelParam<acc_t> bias, GroupNormShape s, acc_t eps, acc_t* __restrict__ mean,
+                               acc_t* __restrict__ rstd) {
+  __shared__ SharedArena<kResidentArena<acc_t>> arena;
+  ScaleShift<acc_t>* table = reinterpret_cast<ScaleShift<acc_t>*>(arena.bytes);
+  resident_cf<A, kLanes>(x, y, s, blockIdx.x, weight, bias, eps, mean, rstd, table);
+}
+
 // Forward, channels-last: chunk statistics (the completing block merges its
 // sample's groups), then y.
 template <Activation A, int V, typename scalar_t, typename acc_t>
@@ -320,6 +332,20 @@ void launch_forward(const scalar_t* x, scalar_t* y, ChannelParam<acc_t> weight, 
                     SequenceWords sw, cudaStream_t stream) {
   if (s.N * s.C == 0 || s.HxW == 0) return;
   const Plan plan = make_plan<scalar_t>(s, layout, channels_last_vec<scalar_t>(s, {x, y}));
+  if (plan.resident) {
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      const dim3 grid = grid_of(resident_blocks(s, plan));
+      if (plan.warp_runs) {
+        GNFLEX_LAUNCH((forward_cf_resident_kernel<A, 32, scalar_t, acc_t>), grid, kThreads, stream, x, y, weight, bias,
+                      s, eps, mean, rstd);
+      } else {
+        GNFLEX_LAUNCH((forward_cf_resident_kernel<A, kThreads, scalar_t, acc_t>), grid, kThreads, stream, x, y, weight,
+                      bias, s, eps, mean, rstd);
+      }
+    });
+    return;
+  }
   const Workspace<acc_t> ws(s, plan);
   const Schedule sc = forward_schedule<scalar_t>(s, plan);
   const StatsOut<acc_t> out{

@@ -29,6 +29,10 @@ constexpr int64_t kSpan = 4096;
 // the statistics and residual kernels (a block of 256 threads per few
 // hundred values spends its time on barriers and scheduling).
 constexpr int64_t kWarpSpan = 1024;
+// A channels-first group that fits its statistics team's registers (one
+// part) is normalized in one pass from them where the block's channels fit a
+// shared-memory table of this many: the resident path.
+constexpr int64_t kResidentChannels = 1024;
 // Target values of an output / gradient block, and the smallest plane that
 // gets blocks of its own (smaller planes: a warp per plane).
 constexpr int64_t kBlockValues = 16384;
@@ -58,13 +62,14 @@ constexpr int64_t kMergeFanIn = 64;
 #ifdef GNFLEX_CUDA_SIM
 // The simulator test also runs every case on a scaled-down plan (fields > 0 /
 // true): rounds of round_bytes, merges of merge_fan_in parts,
-// channels-last blocks of one pass of rows. Its small shapes then take the
-// many-round schedules, many row blocks and two-level merges of large
-// tensors.
+// channels-last blocks of one pass of rows, the two-pass path only. Its
+// small shapes then take the many-round schedules, many row blocks and
+// two-level merges of large tensors.
 struct SimPlanScale {
   int64_t round_bytes = 0;
   int64_t merge_fan_in = 0;
   bool short_row_blocks = false;
+  bool two_pass = false;  // no resident path
 };
 inline SimPlanScale gnflex_sim_plan;
 #endif
@@ -102,6 +107,8 @@ struct Plan {
   // Group runs of at most kWarpSpan values: a warp per run (or residual
   // split) in the statistics and residual kernels, else a block.
   bool warp_runs = false;
+  // Channels-first forward in one pass, a team per group (resident_cf).
+  bool resident = false;
   // Statistics: channels-first, parts of stat_span() values of a group's run.
   int64_t run_parts = 0;
   // Channels-first outputs / gradient sums: planes_per_block > 0 gives
@@ -178,6 +185,11 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   if (layout == Layout::ChannelsFirst) {
     p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, p.stat_span());
     p.stat_bands = row_parts(p.run_parts, merge_fan_in());
+    const int64_t teams = p.warp_runs ? kThreads / 32 : 1;
+    p.resident = p.run_parts == 1 && teams * Cg <= kResidentChannels;
+#ifdef GNFLEX_CUDA_SIM
+    if (gnflex_sim_plan.two_pass) p.resident = false;
+#endif
     const int64_t planes = s.N * s.C;
     if (s.HxW < kSmallPlane) {
       // At least kSpan values a block (group values are loaded per warp and

@@ -22,7 +22,9 @@ What is measured, per contender (p10 / median / p90 over the repetitions):
 Ratios use graph times: vs_torch = torch / gnflex, vs_compile = compile /
 gnflex, copy_fraction = copy / gnflex (forward; fwd+bwd: 1.5 x copy / gnflex,
 the backward moving three tensors to the copy's two). path: the planner's
-choice (gnflex._C.cuda_plan: "l2" when the output pass re-reads x from L2).
+choice for the forward (gnflex._C.cuda_plan): "block" when each group is
+normalized in one pass by one warp or block, "l2" when the output pass
+re-reads x from L2, "dram" when from memory.
 
 --budget-s stops starting new rows after that many seconds and still writes
 what was measured (the one-command GPU check, .ci/gpu, runs it).

@@ -160,8 +160,9 @@ struct Buf {
 };
 
 // The sequence words every launch shares (per stream on a GPU), zeroed once;
-// check_words() says whether the last launch left them as a launch must: every
-// counter back at 0, the epoch one higher.
+// check_words(sequenced) says whether the last launch left them as a launch
+// must: every counter back at 0, the epoch one higher after a launch that
+// takes tickets (sequenced), else unchanged.
 struct Words {
   Buf<unsigned> buf{1};
   int64_t capacity = 0;
@@ -175,9 +176,9 @@ struct Words {
     }
     return {buf.p, capacity};
   }
-  bool check_words() {
+  bool check_words(bool sequenced) {
     const gnflex::cuda::SequenceWords sw{buf.p, capacity};
-    ++epoch;
+    if (sequenced) ++epoch;
     bool ok = buf.intact() && *sw.ticket() == 0 && *sw.done() == 0 && *sw.finished() == 0 && *sw.epoch() == epoch;
     for (int level = 0; level < gnflex::cuda::SequenceWords::kLevels; ++level) {
       for (int64_t d = 0; d < capacity; ++d) ok = ok && *sw.arrivals(level, d) == 0 && *sw.ready(level, d) <= epoch;
@@ -286,11 +287,13 @@ void run_case(const Case& k) {
   Buf<unsigned char> workspace(needs.workspace_bytes);
   gc::launch_forward<scalar_t>(x.p, y.p, wp, bp, acc_t(eps), k.act, s, k.layout, mean.p, rstd.p, workspace.p,
                                g_words.get(needs.domains), nullptr);
-  bool words_ok = g_words.check_words();
+  // The resident forward (channels-first groups that fit a team) takes no tickets.
+  const bool resident = gc::make_plan<scalar_t>(s, k.layout, 1).resident;
+  bool words_ok = g_words.check_words(!resident);
   gc::launch_backward<scalar_t>(dy.p, x.p, mean.p, rstd.p, wp, bp, k.act, s, k.layout, want_dx ? dx.p : nullptr,
                                 gc::ChannelGrad<acc_t>{dw_data, ptype}, gc::ChannelGrad<acc_t>{db_data, ptype},
                                 workspace.p, g_words.get(needs.domains), nullptr);
-  words_ok = g_words.check_words() && words_ok;
+  words_ok = g_words.check_words(true) && words_ok;
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const bool guards_ok = x.intact() && dy.intact() && y.intact() && dx.intact() && mean.intact() && rstd.intact() &&
                          workspace.intact() && w_acc.intact() && b_acc.intact() && dw_acc.intact() && db_acc.intact() &&
@@ -390,13 +393,13 @@ void run_case(const Case& k) {
   static const char* params[] = {"acc", "input", "none"};
   static const char* grads[] = {"all", "dx", "params"};
   std::printf(
-      "%s %-8s %s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d params=%s grads=%s eps=%g off=%d/%d x=%g+%g*randn "
+      "%s %-8s %s%s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d params=%s grads=%s eps=%g off=%d/%d x=%g+%g*randn "
       "spike=%s*%g: err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f%s%s (%.0f ms)\n",
-      ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC", long(N),
-      long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine), params[int(k.params)], grads[int(k.grads)], k.eps,
-      k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst,
-      e_dx.worst, e_dw.worst, e_db.worst, guards_ok ? "" : " GUARD BYTES OVERWRITTEN",
-      words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
+      ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC",
+      resident ? " resident" : "", long(N), long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine),
+      params[int(k.params)], grads[int(k.grads)], k.eps, k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)],
+      k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst,
+      guards_ok ? "" : " GUARD BYTES OVERWRITTEN", words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
   (ok ? passed : failed)++;
 }
 
@@ -440,6 +443,13 @@ std::vector<Case> cases() {
     all.push_back({2, 4, 257, 1, l, Activation::SiLU});
     all.push_back({2, 6, 1023, 3, l, Activation::GELU});
     all.push_back({2, 6, 1024, 3, l, Activation::GELU});
+    // Resident groups: kSpan values (a block's registers) and one more (two
+    // passes); a warp's kResidentChannels / 8 channels and one more (its
+    // block's table is full: two passes).
+    all.push_back({2, 4, 2048, 2, l, Activation::SiLU, 1, 1});
+    all.push_back({2, 1, 4097, 1, l, Activation::ReLU});
+    all.push_back({3, 256, 3, 2, l, Activation::GELU, 0, 1});
+    all.push_back({3, 258, 3, 2, l, Activation::None});
   }
   return all;
 }
@@ -464,8 +474,9 @@ std::vector<Case> numerics_cases() {
 // Every case runs on the op's plan and on a scaled-down one: rounds of 600
 // bytes (many rounds, stages interleaved and waiting on earlier rounds),
 // channels-last blocks of one pass of rows merged 2 row parts at a time
-// (two-level merges).
-constexpr gnflex::cuda::SimPlanScale kSmallPlan{600, 2, true};
+// (two-level merges), channels-first groups on the two-pass path even where
+// they fit a team (the op's plan takes the resident path there).
+constexpr gnflex::cuda::SimPlanScale kSmallPlan{600, 2, true, true};
 
 template <typename scalar_t>
 void run_matrix(bool numerics) {
