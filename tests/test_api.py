@@ -252,3 +252,42 @@ def test_functional_mirrors_torch():
                                nn.functional.group_norm(x, 4, w, b, 1e-3), rtol=1e-5, atol=1e-5)
     y, mean, rstd = gnflex.functional.group_norm_with_stats(x, 4)
     assert mean.shape == rstd.shape == (2, 4)
+
+
+def test_module_sees_parameters_however_they_are_held():
+    """The module reads registered parameters without nn.Module.__getattr__;
+    parametrizations, the old weight_norm's plain attribute and
+    torch.func.functional_call's substitutes must still be what it uses."""
+    import torch.nn.functional as F
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    x = make_input((2, 8, 4, 4), torch.float32)
+    m = GroupNormFlex(8, GNConfig(groups=4))
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    w, b = m.weight.detach().clone(), m.bias.detach().clone()
+    torch.testing.assert_close(m(x), F.group_norm(x, 4, w, b))
+
+    new_w, new_b = torch.rand(8) + 0.5, torch.randn(8)
+    out = torch.func.functional_call(m, {"weight": new_w, "bias": new_b}, (x,))
+    torch.testing.assert_close(out, F.group_norm(x, 4, new_w, new_b))
+
+    parametrize.register_parametrization(m, "weight", Doubled())
+    torch.testing.assert_close(m(x), F.group_norm(x, 4, 2 * w, b))
+    parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is deprecated, still used
+        old = nn.utils.weight_norm(GroupNormFlex(8, GNConfig(groups=4)), dim=None)
+    with torch.no_grad():
+        old.weight_g.fill_(3.0)
+    effective = 3.0 * old.weight_v / old.weight_v.norm()
+    torch.testing.assert_close(old(x), F.group_norm(x, 4, effective.detach(), old.bias.detach()))

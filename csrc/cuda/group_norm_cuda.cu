@@ -149,7 +149,7 @@ PlanInfo plan_info_for(const GroupNormShape& s, Layout layout) {
   if (plan.resident) return {"block", resident_blocks(s, plan), bwd.tickets, 1, 0};
   const Schedule fwd = forward_schedule<scalar_t>(s, plan);
   const int64_t reuse = reuse_bytes(fwd, bytes);
-  return {reuse <= kL2ReuseBytes ? "l2" : "dram", fwd.tickets, bwd.tickets, fwd.stage[0].rounds(), reuse};
+  return {rereads_from_dram(fwd, bytes) ? "dram" : "l2", fwd.tickets, bwd.tickets, fwd.stage[0].rounds(), reuse};
 }
 
 }  // namespace

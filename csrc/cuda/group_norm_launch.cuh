@@ -80,10 +80,21 @@ inline int64_t round_bytes() {
 // it. The bench calls the path "l2" up to kL2ReuseBytes (well inside an A100 /
 // H100 L2), else "dram".
 constexpr int64_t kL2ReuseBytes = 16 << 20;
-inline int64_t reuse_bytes(const Schedule& forward, int64_t tensor_bytes) {
-  const Stage& stats = forward.stage[0];
+inline int64_t l2_reuse_bytes() {
+#ifdef GNFLEX_CUDA_SIM
+  if (gnflex_sim_plan.l2_reuse_bytes > 0) return gnflex_sim_plan.l2_reuse_bytes;
+#endif
+  return kL2ReuseBytes;
+}
+inline int64_t reuse_bytes(const Schedule& sc, int64_t tensor_bytes) {
+  const Stage& stats = sc.stage[0];
   if (stats.rounds() <= 1) return tensor_bytes;
   return kLagRounds * (tensor_bytes / stats.rounds() + 1);
+}
+// The "dram" path: the output pass re-reads x (the backward's dx pass x and
+// dy) from memory; its rounds then run reversed.
+inline bool rereads_from_dram(const Schedule& sc, int64_t tensor_bytes) {
+  return reuse_bytes(sc, tensor_bytes) > l2_reuse_bytes();
 }
 
 // A stage's work items per domain and per work block.
@@ -127,6 +138,7 @@ Schedule forward_schedule(const GroupNormShape& s, const Plan& plan) {
                     ? make_schedule(s.N * s.G, s.group_size() * elem, {stats_items_cf(plan), plane_items(s, plan)})
                     : make_schedule(s.N, s.C * s.HxW * elem,
                                     {{plan.stat_rows.parts * plan.tiles, 1}, {plan.out_rows.parts * plan.tiles, 1}});
+  sc.stage[1].reversed = rereads_from_dram(sc, s.numel() * elem);
   finish_schedule(sc);
   return sc;
 }
@@ -147,6 +159,7 @@ Schedule backward_schedule(const GroupNormShape& s, const Plan& plan, bool input
                         {plan.grad_rows.parts * plan.tiles, 1},
                         {plan.out_rows.parts * plan.tiles, 1}});
   }
+  sc.stage[2].reversed = rereads_from_dram(sc, s.numel() * elem);  // dx re-reads x and dy
   if (!input_grad) sc.stage[2].blocks = 0;
   Stage& params = sc.stage[sc.stages++];
   params.blocks = param_grads ? ceil_div(s.C, kParamChannels) : 0;

@@ -62,14 +62,16 @@ constexpr int64_t kMergeFanIn = 64;
 #ifdef GNFLEX_CUDA_SIM
 // The simulator test also runs every case on a scaled-down plan (fields > 0 /
 // true): rounds of round_bytes, merges of merge_fan_in parts,
-// channels-last blocks of one pass of rows, the two-pass path only. Its
-// small shapes then take the many-round schedules, many row blocks and
-// two-level merges of large tensors.
+// channels-last blocks of one pass of rows, the two-pass path only, output
+// rounds reversed past l2_reuse_bytes of re-read. Its small shapes then take
+// the many-round schedules, many row blocks, two-level merges and reversed
+// outputs of large tensors.
 struct SimPlanScale {
   int64_t round_bytes = 0;
   int64_t merge_fan_in = 0;
   bool short_row_blocks = false;
-  bool two_pass = false;  // no resident path
+  bool two_pass = false;       // no resident path
+  int64_t l2_reuse_bytes = 0;  // the "dram" path's reversed output rounds above it
 };
 inline SimPlanScale gnflex_sim_plan;
 #endif

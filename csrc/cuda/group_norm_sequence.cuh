@@ -48,11 +48,15 @@ constexpr int kMaxStages = 4;
 constexpr int kMaxSegments = 2 * kMaxStages + 1;
 
 // One phase of a launch: `blocks` work blocks, `per_round` of them per round
-// (the blocks of one round's domains), from round `first_round` on.
+// (the blocks of one round's domains), from round `first_round` on; a
+// reversed stage hands out each round's blocks last first (an output pass
+// that re-reads from memory then starts with what its statistics read last,
+// still in L2).
 struct Stage {
   int64_t blocks = 0;
   int64_t per_round = 1;
   int64_t first_round = 0;
+  bool reversed = false;
   __host__ __device__ int64_t rounds() const { return blocks == 0 ? 0 : (blocks + per_round - 1) / per_round; }
   __host__ __device__ int64_t end_round() const { return first_round + rounds(); }
 };
@@ -120,8 +124,10 @@ __host__ __device__ inline Work locate(const Schedule& sc, int64_t ticket) {
       if (!((seg.active >> k) & 1u)) continue;
       const Stage& st = sc.stage[k];
       if (within < st.per_round) {
-        const int64_t block = (round - st.first_round) * st.per_round + within;
-        return block < st.blocks ? Work{k, block} : Work{-1, 0};
+        const int64_t first = (round - st.first_round) * st.per_round;
+        const int64_t count = st.blocks - first < st.per_round ? st.blocks - first : st.per_round;
+        if (within >= count) return Work{-1, 0};
+        return Work{k, st.reversed ? first + count - 1 - within : first + within};
       }
       within -= st.per_round;
     }

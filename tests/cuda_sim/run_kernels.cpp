@@ -475,8 +475,10 @@ std::vector<Case> numerics_cases() {
 // bytes (many rounds, stages interleaved and waiting on earlier rounds),
 // channels-last blocks of one pass of rows merged 2 row parts at a time
 // (two-level merges), channels-first groups on the two-pass path even where
-// they fit a team (the op's plan takes the resident path there).
-constexpr gnflex::cuda::SimPlanScale kSmallPlan{600, 2, true, true};
+// they fit a team (the op's plan takes the resident path there), output
+// rounds reversed where more than 2000 bytes are read between a domain's
+// statistics and its output (the "dram" path).
+constexpr gnflex::cuda::SimPlanScale kSmallPlan{600, 2, true, true, 2000};
 
 template <typename scalar_t>
 void run_matrix(bool numerics) {
