@@ -33,6 +33,9 @@ except ImportError as exc:
     ) from exc
 
 ops = torch.ops.gnflex
+# The op itself, for the Python layer's calls (a global, not three attribute
+# lookups per call).
+group_norm_op = ops.group_norm
 
 
 def library_path():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._ops import group_norm_op
 from .activations import torch_function
 
 _own_onnx_translation = [False]
@@ -105,4 +106,4 @@ def group_norm_with_stats(
     check_more_than_one_value(input, num_groups)
     if in_onnx_export():
         return torch_group_norm_with_stats(input, num_groups, weight, bias, eps, activation)
-    return torch.ops.gnflex.group_norm(input, weight, bias, num_groups, eps, activation)
+    return group_norm_op(input, weight, bias, num_groups, eps, activation)

@@ -559,16 +559,20 @@ void grid_case(const std::string& label, int64_t N, int64_t C, int64_t HxW, int6
   const int64_t bytes = N * C * HxW * int64_t(sizeof(scalar_t));
   const gc::Schedule fwd = gc::forward_schedule<scalar_t>(s, plan);
   const gc::Schedule bwd = gc::backward_schedule<scalar_t>(s, plan, true, true);
-  const int64_t stats = fwd.stage[0].blocks, out = fwd.stage[1].blocks, grad = bwd.stage[1].blocks;
+  // The resident forward: one kernel of a team per group (its blocks both stages' count).
+  const int64_t resident = plan.resident ? gc::resident_blocks(s, plan) : 0;
+  const int64_t stats = plan.resident ? resident : fwd.stage[0].blocks;
+  const int64_t out = plan.resident ? resident : fwd.stage[1].blocks, grad = bwd.stage[1].blocks;
   const bool big = bytes >= (8 << 20);
   const bool ok = std::min({stats, out, grad}) >= 264;
   std::printf(
-      "grid %ldx%ldx%ld %s %s G=%ld (%.1f MB): stats %ld output %ld grad_sums %ld; tickets fwd %ld bwd %ld, "
+      "grid %ldx%ldx%ld %s %s G=%ld%s (%.1f MB): stats %ld output %ld grad_sums %ld; tickets fwd %ld bwd %ld, "
       "rounds fwd %ld"
       "  [%s; %s]\n",
       long(N), long(C), long(HxW), dtype.c_str(), layout == Layout::ChannelsFirst ? "nchw" : "cl", long(G),
-      bytes / 1048576.0, long(stats), long(out), long(grad), long(fwd.tickets), long(bwd.tickets),
-      long(fwd.stage[0].rounds()), label.c_str(),
+      plan.resident ? " resident" : "", bytes / 1048576.0, long(stats), long(out), long(grad),
+      long(plan.resident ? resident : fwd.tickets), long(bwd.tickets), long(plan.resident ? 1 : fwd.stage[0].rounds()),
+      label.c_str(),
       !big ? "-"
       : ok ? "ok"
            : "UNDER");
