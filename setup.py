@@ -108,6 +108,9 @@ def extension():
 
 setup(
     packages=find_packages(include=["gnflex", "gnflex.*"]),
+    # The C++ ABI differs between torch releases: the installed package needs
+    # the release it was built against (what gnflex checks on import).
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

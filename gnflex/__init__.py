@@ -11,7 +11,7 @@ from .activations import ACTIVATIONS
 from .config import GN_GROUP_PRIORITY, MODES, GNConfig, choose_gn_groups
 from .functional import group_norm
 from .convert import ConversionReport, convert
-from .modules import GNCNN, ConvGNAct, GroupNormFlex
+from .modules import GNCNN, ConvGNAct, GroupNorm, GroupNormFlex
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "ConvGNAct",
     "GNCNN",
     "GNConfig",
+    "GroupNorm",
     "GroupNormFlex",
     "activations",
     "built_with_cuda",

@@ -25,6 +25,19 @@ _METHODS = {"relu": "relu", "relu_": "relu"}
 _GROUP_NORM_SIGNATURE = inspect.signature(F.group_norm)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    return any(
+        getattr(module, hooks, None)
+        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    )
+
+
+def replaced_forward(module: nn.Module) -> bool:
+    """Whether ``forward`` is replaced on the instance (accelerate's
+    add_hook_to_module, monkey-patching): the class does not say what runs."""
+    return "forward" in vars(module)
+
+
 class _Tracer(torch.fx.Tracer):
     """Keeps gnflex's norm layers and every nn.Module that is a known
     activation as single calls."""
@@ -71,6 +84,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, activation_name) -> Tuple[List[str], L
     fused, left = [], []
     for node in list(gm.graph.nodes):
         is_flex = node.op == "call_module" and isinstance(modules.get(node.target), GroupNormFlex)
+        if is_flex and (has_hooks(modules[node.target]) or replaced_forward(modules[node.target])):
+            continue  # what its hooks see would change
         is_functional = node.op == "call_function" and node.target is F.group_norm
         if not (is_flex or is_functional):
             continue
@@ -118,13 +133,27 @@ def fuse_in_forward_code(model: nn.Module, activation_name, report) -> nn.Module
     def has_candidates(module: nn.Module) -> bool:
         return any(isinstance(m, GroupNormFlex) and m.activation == "none" for m in module.modules())
 
+    tracer = _Tracer(activation_name)
+
+    def blocks_tracing(root: nn.Module) -> bool:
+        """A GraphModule of root runs the code traced from root and its non-leaf
+        modules: their hooks would be baked in or lost, and root's class forward
+        would run instead of one replaced on the instance. Such modules are not
+        traced; their blocks are tried (leaves keep their hooks: they are called)."""
+        return any((m is root or not tracer.is_leaf_module(m, "")) and (has_hooks(m) or replaced_forward(m))
+                   for m in root.modules())
+
     def try_module(module: nn.Module, name: str) -> Optional[nn.Module]:
         if not has_candidates(module) and not _calls_functional_group_norm(module):
             return None
-        try:
-            graph = _Tracer(activation_name).trace(module)
-        except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors
-            report.traced.append((name or "<model>", f"does not trace ({type(e).__name__}); tried its blocks"))
+        graph, why = None, "has hooks or an instance-level forward inside"
+        if not blocks_tracing(module):
+            try:
+                graph = tracer.trace(module)
+            except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors
+                why = f"does not trace ({type(e).__name__})"
+        if graph is None:
+            report.traced.append((name or "<model>", f"{why}; tried its blocks"))
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
                 new = try_module(child, full)

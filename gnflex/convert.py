@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._fx_fusion import fuse_in_forward_code
+from ._fx_fusion import fuse_in_forward_code, has_hooks, replaced_forward
 from .config import GNConfig
 from .modules import GroupNormFlex
 
@@ -28,15 +28,11 @@ def _is_timm(cls: type, names) -> bool:
     return cls.__module__.startswith("timm.") and cls.__name__ in names
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(
-        getattr(module, hooks, None)
-        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-    )
-
-
 def _activation_name(module: nn.Module) -> Optional[str]:
-    """gnflex's name for the activation ``module`` computes, or None."""
+    """gnflex's name for the activation ``module`` computes, or None (also
+    where hooks or an instance-level forward may change what it computes)."""
+    if has_hooks(module) or replaced_forward(module):
+        return None
     owner = _forward_owner(module)
     if _is_timm(owner, _TIMM_ACTIVATIONS):
         return _TIMM_ACTIVATIONS[owner.__name__]
@@ -49,8 +45,10 @@ def _groupnorm_activation(gn: nn.GroupNorm) -> Tuple[Optional[str], str]:
     """(activation, "") when a GroupNormFlex computes ``gn``'s whole forward,
     else (None, why not)."""
     owner = _forward_owner(gn)
-    if any(_has_hooks(m) for m in gn.modules()):
+    if any(has_hooks(m) for m in gn.modules()):
         return None, "has hooks"
+    if any(replaced_forward(m) for m in gn.modules()):
+        return None, "forward replaced on the instance (e.g. accelerate's add_hook_to_module)"
     if owner is nn.GroupNorm:
         return "none", ""
     if not _is_timm(owner, _TIMM_NORMS + _TIMM_NORM_ACTS):
@@ -71,8 +69,10 @@ def _groupnorm_activation(gn: nn.GroupNorm) -> Tuple[Optional[str], str]:
 def _batchnorm_skip_reason(bn: nn.BatchNorm2d) -> str:
     """Why ``bn`` is left alone; empty when it runs nn.BatchNorm2d's forward."""
     owner = _forward_owner(bn)
-    if _has_hooks(bn):
+    if has_hooks(bn):
         return "has hooks"
+    if replaced_forward(bn):
+        return "forward replaced on the instance (e.g. accelerate's add_hook_to_module)"
     if owner not in nn.BatchNorm2d.__mro__:
         return f"own forward ({owner.__module__}.{owner.__qualname__})"
     return ""
@@ -145,10 +145,10 @@ def _from_batchnorm(bn: nn.BatchNorm2d, config: GNConfig) -> GroupNormFlex:
 def _fusable_next(parent: nn.Module, names: List[str], i: int) -> Optional[str]:
     """The name of the module after ``names[i]`` when ``parent`` runs as an
     nn.Sequential and that module is an activation gnflex can fuse."""
-    if _forward_owner(parent) is not nn.Sequential or i + 1 >= len(names):
+    if _forward_owner(parent) is not nn.Sequential or replaced_forward(parent) or i + 1 >= len(names):
         return None
     nxt = parent._modules[names[i + 1]]
-    if nxt is None or _has_hooks(nxt) or _activation_name(nxt) in (None, "none"):
+    if nxt is None or has_hooks(nxt) or _activation_name(nxt) in (None, "none"):
         return None
     return names[i + 1]
 
@@ -173,9 +173,13 @@ def convert(
       ``act`` an ``nn.Identity``, ``nn.ReLU``, ``nn.SiLU``, exact ``nn.GELU()``
       or timm's equivalent (GELU, Swish) become a GroupNormFlex with that
       activation fused. timm is recognised by name, not imported;
-    - any other GroupNorm (subclass with its own forward, other activation,
-      tanh GELU, drop block, timm fast_norm, hooks, ...) is left alone and
-      listed in ``report.skipped`` with the reason; convert does not raise;
+    - any other GroupNorm (subclass with its own forward, a forward replaced
+      on the instance as accelerate's ``add_hook_to_module`` does, other
+      activation, tanh GELU, drop block, timm fast_norm, hooks, ...) is left
+      alone and listed in ``report.skipped`` with the reason; convert does
+      not raise. Activations with hooks or a replaced forward are not fused,
+      and torch.fx does not rewrite a block holding such a module (other
+      than as a called leaf);
     - ``fuse_activations``: a GroupNorm without activation directly followed
       by ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU()`` (exact) inside an
       ``nn.Sequential`` becomes one GroupNormFlex with that activation fused,

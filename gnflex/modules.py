@@ -1,9 +1,11 @@
-"""nn.Modules: GroupNormFlex, ConvGNAct and the small GNCNN backbone."""
+"""nn.Modules: GroupNormFlex, GroupNorm (torch's argument order), ConvGNAct and the small
+GNCNN backbone."""
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._ops import group_norm_op
 from .config import GNConfig
 from .functional import check_more_than_one_value, in_onnx_export, torch_group_norm_with_stats
 
@@ -13,15 +15,6 @@ def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
     if not isinstance(config, GNConfig):
         raise TypeError(f"config must be a GNConfig, got {type(config).__name__}")
     return config.replace(**overrides) if overrides else config
-
-
-def _own_parameter(module: nn.Module, name: str):
-    """module.<name> without nn.Module.__getattr__ (a Python call per attribute,
-    a large part of the layer's host time: bench/host_overhead.py) where the
-    parameter is registered; otherwise (a parametrization, weight_norm's plain
-    attribute) the attribute as usual."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
 
 
 class GroupNormFlex(nn.GroupNorm):
@@ -71,16 +64,47 @@ class GroupNormFlex(nn.GroupNorm):
             if in_onnx_export():  # torch.onnx.export knows torch's group_norm, not our op
                 return torch_group_norm_with_stats(input, self.num_groups, self.weight, self.bias,
                                                    self.eps, self.activation)[0]
-            weight, bias = _own_parameter(self, "weight"), _own_parameter(self, "bias")
-        else:
-            weight, bias = self.weight, self.bias
-        return torch.ops.gnflex.group_norm(input, weight, bias, self.num_groups, self.eps, self.activation)[0]
+            # Registered parameters straight from their dict (nn.Module.__getattr__ is
+            # a Python call per attribute); a parametrization or a plain attribute
+            # (the old weight_norm) is not in it and is read as usual.
+            params = self._parameters
+            weight = params["weight"] if "weight" in params else self.weight
+            bias = params["bias"] if "bias" in params else self.bias
+            return group_norm_op(input, weight, bias, self.num_groups, self.eps, self.activation)[0]
+        return torch.ops.gnflex.group_norm(input, self.weight, self.bias, self.num_groups, self.eps, self.activation)[0]
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, groups={self.num_groups}, mode={self.mode}, eps={self.eps}, "
             f"affine={self.affine}, activation={self.activation}"
         )
+
+
+class GroupNorm(GroupNormFlex):
+    """``nn.GroupNorm`` with its own argument order, on gnflex's kernels:
+    ``gnflex.GroupNorm(32, 64)`` where the code said ``nn.GroupNorm(32, 64)``,
+    plus a fused ``activation``. The same layer as
+    ``GroupNormFlex(num_channels, groups=num_groups, ...)``.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str = "none",
+    ):
+        config = GNConfig(groups=num_groups, eps=eps, affine=affine, activation=activation)
+        super().__init__(num_channels, config, bias=bias, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        text = nn.GroupNorm.extra_repr(self)  # torch's words for torch's arguments
+        return text if self.activation == "none" else f"{text}, activation={self.activation}"
 
 
 class ConvGNAct(nn.Module):

@@ -291,3 +291,32 @@ def test_module_sees_parameters_however_they_are_held():
         old.weight_g.fill_(3.0)
     effective = 3.0 * old.weight_v / old.weight_v.norm()
     torch.testing.assert_close(old(x), F.group_norm(x, 4, effective.detach(), old.bias.detach()))
+
+
+def test_torch_order_group_norm_is_a_drop_in():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = make_input((2, 64, 5, 5), torch.float32)
+    ref = nn.GroupNorm(32, 64, 1e-3, True)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    norm = gnflex.GroupNorm(32, 64, 1e-3, True)
+    norm.load_state_dict(ref.state_dict())
+    assert isinstance(norm, nn.GroupNorm) and isinstance(norm, GroupNormFlex)
+    assert (norm.num_groups, norm.num_channels, norm.eps, norm.affine) == (32, 64, 1e-3, True)
+    torch.testing.assert_close(norm(x), ref(x))
+    assert repr(norm) == repr(ref)
+    ref.load_state_dict(norm.state_dict())
+
+    fused = gnflex.GroupNorm(8, 64, activation="silu", dtype=torch.float64)
+    assert fused.weight.dtype == torch.float64 and "activation=silu" in repr(fused)
+    torch.testing.assert_close(fused(x.double()), F.silu(F.group_norm(x.double(), 8, fused.weight, fused.bias)))
+    plain = gnflex.GroupNorm(4, 64, affine=False)
+    assert plain.weight is None and plain.bias is None
+    assert gnflex.GroupNorm(4, 64, bias=False).bias is None
+    with pytest.raises(ValueError, match="divisible by num_groups"):
+        gnflex.GroupNorm(5, 64)
+    scripted = torch.jit.script(gnflex.GroupNorm(32, 64))
+    torch.testing.assert_close(scripted(x), gnflex.GroupNorm(32, 64)(x))

@@ -177,6 +177,18 @@ def test_build_info_matches_running_torch():
     assert os.path.isfile(gnflex.library_path())
 
 
+def test_installed_package_requires_the_torch_release_it_was_built_against():
+    """pip keeps the torch the library loads under: the package's requirement
+    is the build's release (the import guard refuses any other)."""
+    from importlib.metadata import requires
+
+    from gnflex import _build_info
+
+    release = _build_info.torch_version.split("+")[0]
+    torch_reqs = [r.replace(" ", "") for r in requires("gnflex") or [] if r.startswith("torch") and "extra" not in r]
+    assert torch_reqs == [f"torch=={release}"], torch_reqs
+
+
 def test_import_under_other_torch_version_fails_clearly(tmp_path):
     code = "import torch; torch.__version__ = '1.0.0'; import gnflex"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -427,3 +427,65 @@ def test_convert_fuses_in_forward_code(build, shape, fused, left_activations):
     if build is DataDependent:
         assert report.traced[0][0] == "<model>" and "does not trace" in report.traced[0][1]
         assert isinstance(converted, DataDependent) and isinstance(converted.block, torch.fx.GraphModule)
+
+
+class _NormActPlusInner(nn.Module):
+    """Forward code calling a norm then an activation, beside a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(4, 8)
+        self.act = nn.SiLU()
+        self.inner = nn.Sequential(nn.Conv2d(8, 8, 1))
+
+    def forward(self, x):
+        return self.act(self.norm(x)) + self.inner(x)
+
+
+def test_convert_never_changes_results_of_replaced_forwards_or_accelerate_hooks():
+    """A forward replaced on the instance (accelerate's add_hook_to_module does
+    that) or a hook is what runs: convert leaves such modules as they are, does
+    not fuse an activation into or out of them, and traces no block whose code
+    would bake them in."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+
+    class Offset(accelerate_hooks.ModelHook):
+        def __init__(self, offset):
+            self.offset = offset
+
+        def post_forward(self, module, output):
+            return output + self.offset
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+
+    # A norm whose instance forward doubles its output.
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU())
+    plain_forward = model[1].forward
+    model[1].forward = lambda h: 2 * plain_forward(h)
+    ref = model(x)
+    model, report = gnflex.convert(model)
+    assert type(model[1]) is nn.GroupNorm and type(model[2]) is nn.SiLU
+    assert any("instance" in why for _, why in report.skipped), str(report)
+    torch.testing.assert_close(model(x), ref)
+
+    # accelerate hooks on a norm, and on the activation after another norm.
+    model = nn.Sequential(nn.GroupNorm(4, 8), nn.ReLU(), nn.GroupNorm(2, 8), nn.SiLU())
+    accelerate_hooks.add_hook_to_module(model[0], Offset(1.0))
+    accelerate_hooks.add_hook_to_module(model[3], Offset(-0.5))
+    ref = model(x)
+    model, report = gnflex.convert(model)
+    assert type(model[0]) is nn.GroupNorm and isinstance(model[2], GroupNormFlex)
+    assert model[2].activation == "none" and type(model[3]) is nn.SiLU, str(report)
+    torch.testing.assert_close(model(x), ref)
+
+    # A block whose forward code could be fused, holding a hooked submodule:
+    # the hook stays live (a traced block would have baked in its offset).
+    block = _NormActPlusInner()
+    hook = Offset(1.0)
+    accelerate_hooks.add_hook_to_module(block.inner, hook)
+    block, report = gnflex.convert(block)
+    assert type(block) is _NormActPlusInner and isinstance(block.norm, GroupNormFlex), str(report)
+    hook.offset = 3.0
+    expected = F.silu(F.group_norm(x, 4, block.norm.weight, block.norm.bias)) + block.inner._old_forward(x) + 3.0
+    torch.testing.assert_close(block(x), expected)
