@@ -1,10 +1,8 @@
 """The C++ path: CMake builds the op library against libtorch and
 examples/cpp/gncnn_infer, which runs a scripted GNCNN saved from Python."""
-import glob
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,21 +15,14 @@ BUILD_DIR = os.path.join(REPO, "build-cpp")  # kept between runs: rebuilding tak
 pytestmark = pytest.mark.slow
 
 
-def _cuda_cmake_args():
-    """libtorch's CMake config insists on the CUDA toolkit when torch is a CUDA build."""
+def _skip_without_cuda_toolkit():
+    """libtorch's CMake config needs the CUDA toolkit when torch is a CUDA build;
+    CMakeLists.txt finds it (and nvrtc) by itself where there is one."""
     if torch.version.cuda is None:
-        return []
-    root = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    if not os.path.exists(os.path.join(root, "bin", "nvcc")):
-        pytest.skip(f"torch is a CUDA build and libtorch's CMake needs the CUDA toolkit; none at {root}")
-    args = [f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
-    if not glob.glob(os.path.join(root, "lib64", "libnvrtc.so*")):
-        site = os.path.dirname(os.path.dirname(torch.__file__))
-        nvrtc = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so.*")))
-        nvrtc = [p for p in nvrtc if "builtins" not in p]
-        if nvrtc:
-            args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
-    return args
+        return
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if not any(r and os.path.exists(os.path.join(r, "include", "cuda_runtime.h")) for r in roots):
+        pytest.skip("torch is a CUDA build and libtorch's CMake needs the CUDA toolkit; none found")
 
 
 def _run(cmd, **kwargs):
@@ -52,8 +43,10 @@ def test_cmake_build_and_cpp_inference(tmp_path):
     torch.jit.script(model).save(str(model_path))
 
     env = dict(os.environ, GNFLEX_TEST_MODEL=str(model_path))
-    _run(["cmake", "-S", REPO, "-B", BUILD_DIR, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-          f"-DPython_EXECUTABLE={sys.executable}", *_cuda_cmake_args()], env=env, timeout=600)
+    _skip_without_cuda_toolkit()
+    # The README's command as written (no CUDA or nvrtc arguments).
+    _run(["cmake", "-S", REPO, "-B", BUILD_DIR, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+         env=env, timeout=600)
     _run(["cmake", "--build", BUILD_DIR, "-j", str(os.cpu_count() or 2)], env=env, timeout=1800)
     ctest = _run(["ctest", "--test-dir", BUILD_DIR, "--output-on-failure"], env=env, timeout=600)
     assert "100% tests passed" in ctest
