@@ -320,3 +320,17 @@ def test_torch_order_group_norm_is_a_drop_in():
         gnflex.GroupNorm(5, 64)
     scripted = torch.jit.script(gnflex.GroupNorm(32, 64))
     torch.testing.assert_close(scripted(x), gnflex.GroupNorm(32, 64)(x))
+
+
+def test_modules_trace_with_torch_fx():
+    """torch.fx's default tracer goes through GroupNormFlex.forward (not a
+    torch.nn leaf): the single-value check must not branch on a Proxy."""
+    torch.manual_seed(0)
+    x = make_input((2, 3, 8, 8), torch.float32)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), GroupNormFlex(8, groups=4, activation="silu"),
+                          gnflex.GroupNorm(2, 8))
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
+    assert any(node.op == "call_function" and "gnflex" in str(node.target) for node in traced.graph.nodes)
+    with pytest.raises(ValueError, match="more than 1 value per group"):
+        GroupNormFlex(4, groups=4)(torch.randn(1, 4))  # eager still checks
