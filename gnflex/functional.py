@@ -3,9 +3,9 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from ._ops import group_norm_op
 from .activations import torch_function
@@ -71,7 +71,7 @@ def check_more_than_one_value(input: Tensor, num_groups: int) -> None:
     the output constant. Kept so gnflex's Python API is a drop-in; the op
     ``torch.ops.gnflex.group_norm`` itself accepts such input."""
     if not torch.jit.is_scripting():
-        if is_fx_tracing():  # a Proxy has no size to check; the traced graph runs the op
+        if isinstance(input, torch.fx.Proxy):  # no size to check; the traced graph runs the op
             return
     if input.dim() >= 2 and num_groups > 0 and input.numel() == num_groups:
         raise ValueError(
