@@ -148,7 +148,7 @@ def _fusable_next(parent: nn.Module, names: List[str], i: int) -> Optional[str]:
     if _forward_owner(parent) is not nn.Sequential or replaced_forward(parent) or i + 1 >= len(names):
         return None
     nxt = parent._modules[names[i + 1]]
-    if nxt is None or has_hooks(nxt) or _activation_name(nxt) in (None, "none"):
+    if nxt is None or _activation_name(nxt) in (None, "none"):  # None also for hooks
         return None
     return names[i + 1]
 

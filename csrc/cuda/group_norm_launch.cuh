@@ -124,7 +124,7 @@ inline Schedule make_schedule(int64_t domains, int64_t domain_bytes, std::initia
   return sc;
 }
 
-inline StageItems stats_items_cf(const Plan& plan) { return {plan.run_parts, plan.warp_runs ? kThreads / 32 : 1}; }
+inline StageItems stats_items_cf(const Plan& plan) { return {plan.run_parts, plan.teams_per_block()}; }
 inline StageItems plane_items(const GroupNormShape& s, const Plan& plan) {
   const int64_t Cg = s.channels_per_group();
   return plan.planes_per_block > 0 ? StageItems{Cg, plan.planes_per_block} : StageItems{Cg * plan.plane.parts, 1};
@@ -148,7 +148,7 @@ Schedule forward_schedule(const GroupNormShape& s, const Plan& plan) {
 template <typename scalar_t>
 Schedule backward_schedule(const GroupNormShape& s, const Plan& plan, bool input_grad, bool param_grads) {
   const int64_t elem = sizeof(scalar_t);
-  const int64_t per_block = plan.warp_runs ? kThreads / 32 : 1;
+  const int64_t per_block = plan.teams_per_block();
   Schedule sc;
   if (plan.layout == Layout::ChannelsFirst) {
     const StageItems planes = plane_items(s, plan);

@@ -135,6 +135,8 @@ struct Plan {
 
   __host__ __device__ int64_t tile_channels() const { return tile_vecs * vec; }
   __host__ __device__ int64_t stat_span() const { return warp_runs ? kWarpSpan : kSpan; }
+  // Teams (a warp or the block each) of a statistics, residual or resident block.
+  __host__ __device__ int64_t teams_per_block() const { return warp_runs ? kThreads / 32 : 1; }
   // Values of statistics part `part` of a channels-first group run of `run`.
   __host__ __device__ int64_t stat_part_len(int64_t run, int64_t part) const {
     const int64_t left = run - part * stat_span();
@@ -187,8 +189,7 @@ Plan make_plan(const GroupNormShape& s, Layout layout, int vec) {
   if (layout == Layout::ChannelsFirst) {
     p.run_parts = s.HxW == 0 ? 0 : ceil_div(Cg * s.HxW, p.stat_span());
     p.stat_bands = row_parts(p.run_parts, merge_fan_in());
-    const int64_t teams = p.warp_runs ? kThreads / 32 : 1;
-    p.resident = p.run_parts == 1 && teams * Cg <= kResidentChannels;
+    p.resident = p.run_parts == 1 && p.teams_per_block() * Cg <= kResidentChannels;
 #ifdef GNFLEX_CUDA_SIM
     if (gnflex_sim_plan.two_pass) p.resident = false;
 #endif

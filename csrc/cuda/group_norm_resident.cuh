@@ -21,10 +21,9 @@ struct ScaleShift {
 template <typename acc_t>
 constexpr int64_t kResidentArena = kResidentChannels * static_cast<int64_t>(sizeof(ScaleShift<acc_t>));
 
-// Teams of a resident block, and the blocks of a launch.
-inline int64_t resident_teams(const Plan& plan) { return plan.warp_runs ? kThreads / 32 : 1; }
+// Blocks of a resident launch: a team per group.
 inline int64_t resident_blocks(const GroupNormShape& s, const Plan& plan) {
-  return ceil_div(s.N * s.G, resident_teams(plan));
+  return ceil_div(s.N * s.G, plan.teams_per_block());
 }
 
 // Once per group, from its team's centered sums: mean (the pivot) and rstd
