@@ -5,9 +5,13 @@ They mirror the C++ output rules: outputs keep the input's layout when it is
 dense channels-last (channel innermost), else they are contiguous.
 """
 
+import sys
+
 import torch
 
 from .activations import ACTIVATIONS, ALL_NAMES
+
+_fusion_pass_installed = []
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -67,7 +71,18 @@ def _check_args(input, weight, bias, num_groups, eps, activation):
                      f"{input.dtype} (float32 parameters are allowed with float16/bfloat16 input)")
 
 
+def _install_fusion_pass_once():
+    """gnflex._compile_fusion's Inductor pass, where Inductor is loaded (the
+    fake kernel runs before the backend compiles the traced graph)."""
+    if not _fusion_pass_installed and "torch._inductor.config" in sys.modules:
+        from . import _compile_fusion
+
+        _compile_fusion.install()
+        _fusion_pass_installed.append(True)
+
+
 def _group_norm_fake(input, weight, bias, num_groups, eps=1e-5, activation="none"):
+    _install_fusion_pass_once()
     _check_args(input, weight, bias, num_groups, eps, activation)
     stats = input.new_empty((input.shape[0], num_groups), dtype=_acc_dtype(input.dtype))
     return _empty_in_native_layout(input), stats, torch.empty_like(stats)

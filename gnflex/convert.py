@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._fx_fusion import fuse_in_forward_code, has_hooks, replaced_forward
+from ._fx_fusion import ActivationAfterNorm, fuse_in_forward_code, has_hooks, replaced_forward
 from .config import GNConfig
 from .modules import GroupNormFlex
 
@@ -33,6 +33,8 @@ def _activation_name(module: nn.Module) -> Optional[str]:
     where hooks or an instance-level forward may change what it computes)."""
     if has_hooks(module) or replaced_forward(module):
         return None
+    if isinstance(module, ActivationAfterNorm):
+        return module.kind
     owner = _forward_owner(module)
     if _is_timm(owner, _TIMM_ACTIVATIONS):
         return _TIMM_ACTIVATIONS[owner.__name__]

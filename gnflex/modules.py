@@ -1,5 +1,6 @@
 """nn.Modules: GroupNormFlex, GroupNorm (torch's argument order), ConvGNAct and the small
 GNCNN backbone."""
+import weakref
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,6 +33,13 @@ class GroupNormFlex(nn.GroupNorm):
     ``affine=False`` (in the config) drops both parameters, ``bias=False``
     only the bias.
     """
+
+    # Set by convert where forward code calls an activation module on this
+    # norm's output: the kernel computes it, and that module (an
+    # ActivationAfterNorm) returns ``_taken_output`` (a weak reference to the
+    # latest output) unchanged. Not under torch.compile, where a graph pass fuses.
+    _takes_activation: Optional[str] = None
+    _taken_output = None
 
     def __init__(
         self,
@@ -70,13 +78,24 @@ class GroupNormFlex(nn.GroupNorm):
             params = self._parameters
             weight = params["weight"] if "weight" in params else self.weight
             bias = params["bias"] if "bias" in params else self.bias
+            taken = self._takes_activation
+            if taken is not None and not torch.compiler.is_compiling():
+                output = group_norm_op(input, weight, bias, self.num_groups, self.eps, taken)[0]
+                self._taken_output = weakref.ref(output)
+                return output
             return group_norm_op(input, weight, bias, self.num_groups, self.eps, self.activation)[0]
         return torch.ops.gnflex.group_norm(input, self.weight, self.bias, self.num_groups, self.eps, self.activation)[0]
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_taken_output", None)  # a weak reference does not pickle
+        return state
+
     def extra_repr(self) -> str:
+        taken = "" if self._takes_activation is None else f", takes the next {self._takes_activation}"
         return (
             f"{self.num_channels}, groups={self.num_groups}, mode={self.mode}, eps={self.eps}, "
-            f"affine={self.affine}, activation={self.activation}"
+            f"affine={self.affine}, activation={self.activation}{taken}"
         )
 
 
