@@ -13,7 +13,6 @@ once Inductor's config is loaded. A pass set later by the user replaces it.
 """
 import inspect
 import operator
-import sys
 
 import torch
 from torch._inductor import config as inductor_config

@@ -22,7 +22,6 @@ activation and the activation module runs: the compiled graph is fused by
 :mod:`gnflex._compile_fusion` instead.
 """
 import inspect
-import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -188,12 +188,15 @@ def convert(
       and the activation becomes ``nn.Identity`` (indices and state_dict keys
       stay the same). Where forward code calls them in sequence instead
       (``h = self.norm1(x); h = self.act(h)``, ``F.silu(self.norm(x))``,
-      ``F.group_norm(...)`` then an activation), the largest submodules that
-      torch.fx traces (the model, else its blocks) are rewritten: the
-      activation moves into the norm's kernel and the submodule becomes the
-      traced ``torch.fx.GraphModule`` (same submodules and state_dict keys,
-      not the original class). A norm output used by anything besides the
-      activation is not fused; ``report.traced`` lists what was traced;
+      ``F.group_norm(...)`` then an activation), the forward of each module
+      holding the norm is traced one level deep by torch.fx (see
+      ``gnflex._fx_fusion``): between modules, the norm computes the
+      activation and the activation module becomes an ActivationAfterNorm
+      (classes, code and state_dict keys stay); an activation function or
+      ``F.group_norm`` in code makes that module its traced
+      ``torch.fx.GraphModule``. A norm output used by anything besides the
+      activation, or a norm called twice, is not fused; ``report.traced``
+      lists what was traced;
     - ``batchnorm``: ``nn.BatchNorm2d`` (and subclasses that keep its forward)
       becomes GroupNormFlex with ``batchnorm_config`` (default: GN with
       automatic groups), keeping eps and the affine weights. This changes what

@@ -364,7 +364,7 @@ class SegmentationResBlock(nn.Module):
 
 
 class DataDependent(nn.Module):
-    """Does not trace as a whole (branch on a value); its blocks do."""
+    """Does not trace (branch on a value); its block does."""
 
     def __init__(self):
         super().__init__()
@@ -424,9 +424,11 @@ def test_convert_fuses_in_forward_code(build, shape, fused, left_activations):
     assert _count_activation_calls(converted, x) == left_activations < n_activations
     if build is SegmentationResBlock:
         assert ("norm2", "activation not fused: its output has 2 users") in report.skipped
-    if build is DataDependent:
-        assert report.traced[0][0] == "<model>" and "does not trace" in report.traced[0][1]
-        assert isinstance(converted, DataDependent) and isinstance(converted.block, torch.fx.GraphModule)
+    if build is DataDependent:  # its code is not traced (no norm of its own); its block's is, and kept
+        assert report.traced == [("block", "2 fused, module kept")]
+        assert type(converted) is DataDependent and type(converted.block) is DiffusionResnetBlock
+    if build is SegmentationResBlock:  # activation functions: the code changes
+        assert isinstance(converted, torch.fx.GraphModule) and isinstance(converted.conv, nn.Conv3d)
 
 
 class _NormActPlusInner(nn.Module):
