@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ._distributed import register_if_loaded as register_sharding_if_loaded
 from .activations import ACTIVATIONS, ALL_NAMES
 
 _fusion_pass_installed = []
@@ -83,6 +84,7 @@ def _install_fusion_pass_once():
 
 def _group_norm_fake(input, weight, bias, num_groups, eps=1e-5, activation="none"):
     _install_fusion_pass_once()
+    register_sharding_if_loaded()  # compiling DTensor code
     _check_args(input, weight, bias, num_groups, eps, activation)
     stats = input.new_empty((input.shape[0], num_groups), dtype=_acc_dtype(input.dtype))
     return _empty_in_native_layout(input), stats, torch.empty_like(stats)

@@ -7,6 +7,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._distributed import register_if_loaded as _register_sharding_if_loaded
 from ._ops import group_norm_op
 from .activations import torch_function
 
@@ -108,6 +109,8 @@ def group_norm_with_stats(
 ):
     """Like :func:`group_norm` but also returns the (N, num_groups) mean and rstd."""
     check_more_than_one_value(input, num_groups)
+    if type(input) is not Tensor and not torch.compiler.is_compiling():
+        _register_sharding_if_loaded()  # a DTensor, maybe
     if in_onnx_export():
         return torch_group_norm_with_stats(input, num_groups, weight, bias, eps, activation)
     return group_norm_op(input, weight, bias, num_groups, eps, activation)

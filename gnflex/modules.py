@@ -6,6 +6,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._distributed import register_if_loaded as _register_sharding_if_loaded
 from ._ops import group_norm_op
 from .config import GNConfig
 from .functional import check_more_than_one_value, in_onnx_export, torch_group_norm_with_stats
@@ -69,6 +70,8 @@ class GroupNormFlex(nn.GroupNorm):
     def forward(self, input: Tensor) -> Tensor:
         check_more_than_one_value(input, self.num_groups)
         if not torch.jit.is_scripting():
+            if type(input) is not Tensor and not torch.compiler.is_compiling():
+                _register_sharding_if_loaded()  # a DTensor, maybe
             if in_onnx_export():  # torch.onnx.export knows torch's group_norm, not our op
                 return torch_group_norm_with_stats(input, self.num_groups, self.weight, self.bias,
                                                    self.eps, self.activation)[0]

@@ -1,0 +1,129 @@
+"""DTensor sharding rules and FSDP2 (fully_shard) with gnflex's layers, on 2
+gloo processes; both against one process on the whole batch."""
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import gnflex
+
+WORLD = 2
+
+
+def _run(tmp_path, worker, *args):
+    """Runs worker(rank, ...) in WORLD gloo processes; returns rank 0's result."""
+    result = tmp_path / "result.pt"
+    mp.spawn(_init_and_run, args=(str(tmp_path / "store"), worker, args, str(result)), nprocs=WORLD, join=True)
+    return torch.load(result)
+
+
+def _init_and_run(rank, store_path, worker, args, result_path):
+    import torch.distributed as dist
+
+    # A file store, not a TCP port picked in advance: no port another process can take first.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        result = worker(rank, *args)
+        if rank == 0:
+            torch.save(result, result_path)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+# (input placement, what the op's outputs and dx come back as): a channel- or
+# space-sharded input is redistributed by DTensor (to replicated).
+PLACEMENTS = [("shard0", "shard0"), ("replicate", "replicate"), ("shard1", "replicate"), ("shard2", "replicate")]
+
+
+def _dtensor_worker(rank, x, w, b, g, groups, activation, use_module):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    named = {"shard0": Shard(0), "shard1": Shard(1), "shard2": Shard(2), "replicate": Replicate()}
+    results = {}
+    for placement, _ in PLACEMENTS:
+        dx = distribute_tensor(x, mesh, [named[placement]]).requires_grad_()
+        params = [distribute_tensor(p, mesh, [Replicate()]).requires_grad_() for p in (w, b)]
+        if use_module:
+            norm = gnflex.GroupNormFlex(x.shape[1], groups=groups, activation=activation)
+            norm.weight, norm.bias = (nn.Parameter(p) for p in params)
+            params = [norm.weight, norm.bias]
+            y = norm(dx)
+        else:
+            y = gnflex.group_norm(dx, groups, *params, activation=activation)
+        (y * distribute_tensor(g, mesh, [named[placement]])).sum().backward()
+        kinds = {Shard(0): "shard0", Replicate(): "replicate", Partial(): "partial"}
+        results[placement] = {
+            "placements": [kinds.get(t.placements[0], str(t.placements[0])) for t in (y, dx.grad, params[0].grad)],
+            "values": [t.full_tensor() for t in (y, dx.grad, params[0].grad, params[1].grad)],
+        }
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_module", (False, True), ids=("functional", "module"))
+def test_dtensor_matches_one_process(tmp_path, use_module):
+    torch.manual_seed(0)
+    # N = 3: uneven batch shards.
+    x, g = torch.randn(3, 8, 5, 5), torch.randn(3, 8, 5, 5)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    results = _run(tmp_path, _dtensor_worker, x, w, b, g, 4, "silu", use_module)
+
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = F.silu(F.group_norm(xr, 4, wr, br))
+    (ref * g).sum().backward()
+    for placement, comes_back_as in PLACEMENTS:
+        got = results[placement]
+        param_grad = "partial" if comes_back_as == "shard0" else "replicate"
+        assert got["placements"] == [comes_back_as, comes_back_as, param_grad], placement
+        for ours, theirs in zip(got["values"], (ref, xr.grad, wr.grad, br.grad)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=lambda m: f"{placement}: {m}")
+
+
+def _fsdp_model():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), gnflex.GroupNormFlex(16, groups=4, activation="silu"),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), gnflex.GroupNorm(8, 16, activation="relu"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def _fsdp_worker(rank, inputs, targets):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _fsdp_model()
+    for layer in (model[0], model[1], model[2], model[3]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    shard = inputs.shape[1] // WORLD
+    for step in range(inputs.shape[0]):
+        opt.zero_grad()
+        local = slice(rank * shard, (rank + 1) * shard)
+        F.cross_entropy(model(inputs[step, local]), targets[step, local]).backward()
+        opt.step()
+    return {name: value.full_tensor() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_fsdp2_training_matches_one_process(tmp_path):
+    torch.manual_seed(0)
+    steps, batch = 3, 8
+    inputs, targets = torch.randn(steps, batch, 3, 8, 8), torch.randint(0, 5, (steps, batch))
+    trained = _run(tmp_path, _fsdp_worker, inputs, targets)
+
+    model = _fsdp_model()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(inputs[step]), targets[step]).backward()
+        opt.step()
+    assert trained.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert not torch.equal(value, init[name]), f"{name} did not train"
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
