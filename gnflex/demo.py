@@ -1,6 +1,7 @@
 """The main job: GroupNorm vs BatchNorm / LN-like / IN-like across batch sizes.
 
-    gnflex demo [--out DIR] [--quick] [--device cpu|cuda] [--epochs E] [--batch-sizes 1,2,4,8,16,32]
+    gnflex demo [--out DIR] [--quick] [--task both|digits|segmentation] [--device cpu|cuda] [--epochs E]
+                [--batch-sizes 1,2,4,8,16,32] [--segmentation-epochs E] [--segmentation-batch-sizes 1,2,4,8]
     torchrun --nproc_per_node=2 -m gnflex demo --ddp      (the same sweep, data parallel, gloo on CPU)
 
 Wu & He (2018) report that BatchNorm's error grows as the batch per worker
@@ -10,9 +11,14 @@ the same GNCNN, seeds and schedule for every normalisation and batch size,
 evaluated in eval mode (BatchNorm then uses its running statistics, which is
 where small batches hurt it; at batch size 1 they are single images').
 
-Writes to --out: results.md and results.csv (test accuracy, final training
-loss, seconds per run; rewritten as each run finishes) and, last,
-accuracy_vs_batch.png (one line per norm; needs matplotlib).
+Then the same for dense prediction, where GroupNorm is used (gnflex.demo_segmentation):
+generated shape scenes, GNCNN's P3/P4/P5 features with an FPN decoder, mean IoU
+at batch sizes 1-8.
+
+Writes to --out: results.md and results.csv (digits: test accuracy, final
+training loss, seconds per run; rewritten as each run finishes),
+segmentation.md and segmentation.csv (mean IoU) and, after each sweep,
+accuracy_vs_batch.png and miou_vs_batch.png (one line per norm; need matplotlib).
 """
 import argparse
 import csv
@@ -33,6 +39,9 @@ from .modules import GNCNN, GroupNormFlex
 VARIANTS = ("gn_auto", "gn_min2", "ln_like", "in_like", "batchnorm", "none")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 QUICK_BATCH_SIZES = (1, 32)
+TASKS = ("both", "digits", "segmentation")
+SEGMENTATION_BATCH_SIZES = (1, 2, 4, 8)
+SEGMENTATION_EPOCHS = 8
 # The demo's own dependencies: pyproject's "demo" extra.
 INSTALL_HINT = 'pip install scikit-learn tqdm matplotlib   (or, from a checkout: pip install ".[demo]")'
 
@@ -98,20 +107,31 @@ def _gn_config(variant: str, channels: int) -> GNConfig:
     return GNConfig(mode=variant)
 
 
+def norm_act(variant: str, channels: int) -> nn.Module:
+    """The variant's norm layer followed by ReLU (fused into GroupNormFlex)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant in ("batchnorm", "none"):
+        layer = nn.BatchNorm2d(channels) if variant == "batchnorm" else nn.Identity()
+        return nn.Sequential(layer, nn.ReLU(inplace=True))
+    return GroupNormFlex(channels, _gn_config(variant, channels), activation="relu")
+
+
 def build_model(variant: str, num_classes: int = 10, widths=WIDTHS) -> nn.Module:
     """GNCNN whose norm layers follow `variant`. BatchNorm and no-norm keep
     GNCNN's structure: the ReLU the GN layer had fused follows the new layer."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    norm_act(variant, widths[0])  # checks the name
     model = GNCNN(in_channels=1, num_classes=num_classes, widths=widths, activation="relu")
     for block in [m for m in model.modules() if hasattr(m, "norm") and isinstance(m.norm, GroupNormFlex)]:
-        c = block.norm.num_channels
-        if variant in ("batchnorm", "none"):
-            layer = nn.BatchNorm2d(c) if variant == "batchnorm" else nn.Identity()
-            block.norm = nn.Sequential(layer, nn.ReLU(inplace=True))
-        else:
-            block.norm = GroupNormFlex(c, _gn_config(variant, c), activation="relu")
+        block.norm = norm_act(variant, block.norm.num_channels)
     return model
+
+
+def build_segmentation_model(variant: str) -> nn.Module:
+    """The segmentation network (GNCNN features + FPN decoder), every norm following `variant`."""
+    from .demo_segmentation import SegmentationNet
+
+    return SegmentationNet(build_model(variant), lambda c: norm_act(variant, c))
 
 
 @dataclass
@@ -245,8 +265,10 @@ def write_tables(results, out_dir, meta):
         f.write("\n".join(lines) + "\n")
 
 
-def write_plot(results, out_dir) -> bool:
-    """accuracy_vs_batch.png in out_dir; False (nothing written) without matplotlib."""
+def write_plot(results, out_dir, value=lambda r: r.test_accuracy, name="accuracy_vs_batch.png",
+               ylabel="test accuracy (eval mode)", title="GNCNN on sklearn digits: accuracy vs batch size") -> bool:
+    """A plot of ``value`` (default: test accuracy) against batch size, one
+    line per norm, as ``name`` in out_dir; False (nothing written) without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -258,17 +280,17 @@ def write_plot(results, out_dir) -> bool:
     variants, sizes, by = _grid(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for v in variants:
-        pts = [(b, by[v, b].test_accuracy) for b in sizes if (v, b) in by]
+        pts = [(b, value(by[v, b])) for b in sizes if (v, b) in by]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size (per worker)")
-    ax.set_ylabel("test accuracy (eval mode)")
-    ax.set_title("GNCNN on sklearn digits: accuracy vs batch size")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "accuracy_vs_batch.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, name), dpi=120)
     plt.close(fig)
     return True
 
@@ -299,6 +321,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="comma-separated (default 1,2,4,8,16,32)")
     p.add_argument("--variants", type=_variant_list, default=None,
                    help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--task", choices=TASKS, default="both",
+                   help="digits (classification), segmentation (dense prediction) or both (default)")
+    p.add_argument("--segmentation-epochs", type=int, default=None,
+                   help=f"epochs per segmentation run (default {SEGMENTATION_EPOCHS}; 1 with --quick)")
+    p.add_argument("--segmentation-batch-sizes", type=_int_list, default=None,
+                   help="comma-separated (default " + ",".join(map(str, SEGMENTATION_BATCH_SIZES)) + ")")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -308,8 +336,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.epochs is not None and args.epochs < 1:
-        raise SystemExit("--epochs must be >= 1")
+    for name in ("epochs", "segmentation_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         raise SystemExit("--lr must be > 0")
     try:
@@ -320,6 +349,8 @@ def run(args) -> int:
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+    if args.ddp and args.task == "segmentation":
+        raise SystemExit("--ddp runs the digits sweep only; run the segmentation sweep without --ddp")
     dist = None
     if args.ddp:
         import torch.distributed as dist
@@ -333,31 +364,53 @@ def run(args) -> int:
     rank = dist.get_rank() if dist else 0
     if rank == 0:
         check_dependencies()
-    quick = args.quick
-    variants = args.variants or (["gn_auto", "batchnorm", "ln_like"] if quick else list(VARIANTS))
-    sizes = args.batch_sizes or list(QUICK_BATCH_SIZES if quick else BATCH_SIZES)
-    epochs = args.epochs or (1 if quick else 2)
-    data = load_digits_data(args.seed, limit=480 if quick else 0)
+    variants = args.variants or (["gn_auto", "batchnorm", "ln_like"] if args.quick else list(VARIANTS))
+    if rank == 0:
+        from . import __version__
+
+        print(f"gnflex {__version__} | torch {torch.__version__} | device {device} | "
+              f"workers {dist.get_world_size() if dist else 1}")
+        print("groups per layer (C=" + "/".join(map(str, WIDTHS)) + "): " +
+              "; ".join(f"{v} {'/'.join(norm_groups(v, c) for c in WIDTHS)}" for v in variants))
+        print(f"choose_gn_groups: C=16 -> {choose_gn_groups(16)} (literal rule), "
+              f"{choose_gn_groups(16, min_channels_per_group=2)} with min_channels_per_group=2")
+    written = []
+    if args.task in ("both", "digits"):
+        written += _digits_sweep(args, variants, device, dist, rank)
+    if args.task in ("both", "segmentation") and dist is None:
+        written += _segmentation_sweep(args, variants, device)
+    elif args.task == "both" and rank == 0:
+        print("(--ddp: the segmentation sweep runs without --ddp)")
+    if rank == 0:
+        print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)}")
+        if not any(w.endswith(".png") for w in written):
+            print(f"(no plots: matplotlib is not installed; {INSTALL_HINT})")
+    if dist:
+        dist.destroy_process_group()
+    return 0
+
+
+def _sweep_bar(total, rank, show):
+    return _progress(total, "sweep", leave=True, disable=not show or rank != 0)
+
+
+def _digits_sweep(args, variants, device, dist, rank):
+    """The batch-size sweep on sklearn digits; the files it wrote (rank 0)."""
+    sizes = args.batch_sizes or list(QUICK_BATCH_SIZES if args.quick else BATCH_SIZES)
+    epochs = args.epochs or (1 if args.quick else 2)
+    data = load_digits_data(args.seed, limit=480 if args.quick else 0)
     world = dist.get_world_size() if dist else 1
     too_big = [b for b in sizes if b > len(data.y_train) // world]
     if too_big:
         raise SystemExit(f"batch sizes {too_big} exceed the {len(data.y_train) // world} training images per worker")
     show = not args.no_progress
-
     if rank == 0:
-        from . import __version__
-
-        print(f"gnflex {__version__} | torch {torch.__version__} | device {device} | workers {world} | "
-              f"train {len(data.y_train)} / test {len(data.y_test)} digits at {IMAGE_SIZE}x{IMAGE_SIZE}")
-        print("groups per layer (C=" + "/".join(map(str, WIDTHS)) + "): " +
-              "; ".join(f"{v} {'/'.join(norm_groups(v, c) for c in WIDTHS)}" for v in variants))
-        print(f"choose_gn_groups: C=16 -> {choose_gn_groups(16)} (literal rule), "
-              f"{choose_gn_groups(16, min_channels_per_group=2)} with min_channels_per_group=2")
+        print(f"digits: train {len(data.y_train)} / test {len(data.y_test)} at {IMAGE_SIZE}x{IMAGE_SIZE}")
     meta = {"data": "sklearn digits", "image": f"{IMAGE_SIZE}x{IMAGE_SIZE}", "epochs": epochs,
             "optimizer": f"AdamW lr {args.lr} cosine", "seed": args.seed, "device": str(device),
             "workers": world, "torch": torch.__version__}
     results = []
-    sweep = _progress(len(variants) * len(sizes), "sweep", leave=True, disable=not show or rank != 0)
+    sweep = _sweep_bar(len(variants) * len(sizes), rank, show)
     for variant in variants:
         for bs in sizes:
             r = train_one(variant, bs, data, epochs=epochs, lr=args.lr, seed=args.seed, device=device,
@@ -370,15 +423,51 @@ def run(args) -> int:
                 sweep.set_postfix_str(f"{variant} bs={bs} acc={r.test_accuracy:.3f}")
     if sweep is not None:
         sweep.close()
-    if rank == 0:
-        with open(os.path.join(args.out, "results.md")) as f:
-            print("\n" + f.read())
-        plotted = write_plot(results, args.out)
-        print(f"wrote {args.out}/results.md, results.csv" + (", accuracy_vs_batch.png" if plotted else
-              f" (no plot: matplotlib is not installed; {INSTALL_HINT})"))
-    if dist:
-        dist.destroy_process_group()
-    return 0
+    if rank != 0:
+        return []
+    with open(os.path.join(args.out, "results.md")) as f:
+        print("\n" + f.read())
+    return ["results.md", "results.csv"] + (["accuracy_vs_batch.png"] if write_plot(results, args.out) else [])
+
+
+def _segmentation_sweep(args, variants, device):
+    """The batch-size sweep on generated segmentation scenes; the files it wrote."""
+    from .demo_segmentation import IMAGE_SIZE as SEG_SIZE, load_segmentation_data, train_segmentation
+    from .demo_segmentation import write_segmentation_tables
+
+    sizes = args.segmentation_batch_sizes or list((1, 8) if args.quick else SEGMENTATION_BATCH_SIZES)
+    epochs = args.segmentation_epochs or (1 if args.quick else SEGMENTATION_EPOCHS)
+    data = load_segmentation_data(args.seed, limit=96 if args.quick else 0)
+    too_big = [b for b in sizes if b > len(data.y_train)]
+    if too_big:
+        raise SystemExit(f"segmentation batch sizes {too_big} exceed the {len(data.y_train)} training images")
+    print(f"segmentation: train {len(data.y_train)} / test {len(data.y_test)} generated scenes at "
+          f"{SEG_SIZE}x{SEG_SIZE}")
+    meta = {"data": "generated shapes (4 classes)", "image": f"{SEG_SIZE}x{SEG_SIZE}",
+            "train images": len(data.y_train), "test images": len(data.y_test), "epochs": epochs,
+            "optimizer": f"AdamW lr {args.lr} cosine", "seed": args.seed, "device": str(device),
+            "torch": torch.__version__}
+    show = not args.no_progress
+    results = []
+    sweep = _sweep_bar(len(variants) * len(sizes), 0, show)
+    for variant in variants:
+        for bs in sizes:
+            torch.manual_seed(args.seed)
+            r = train_segmentation(build_segmentation_model(variant), variant, bs, data, epochs=epochs, lr=args.lr,
+                                   seed=args.seed, device=device)
+            results.append(r)
+            write_segmentation_tables(results, args.out, meta,
+                                      lambda v: "/".join(norm_groups(v, c) for c in WIDTHS))
+            if sweep is not None:
+                sweep.update(1)
+                sweep.set_postfix_str(f"{variant} bs={bs} mIoU={r.mean_iou:.3f}")
+    if sweep is not None:
+        sweep.close()
+    with open(os.path.join(args.out, "segmentation.md")) as f:
+        print("\n" + f.read())
+    plotted = write_plot(results, args.out, value=lambda r: r.mean_iou, name="miou_vs_batch.png",
+                         ylabel="mean IoU (eval mode)", title="GNCNN + FPN on generated scenes: mean IoU vs batch size")
+    return ["segmentation.md", "segmentation.csv"] + (["miou_vs_batch.png"] if plotted else [])
 
 
 def main(argv=None) -> int:

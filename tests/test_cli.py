@@ -43,6 +43,43 @@ def test_demo_quick_writes_table_csv_and_plot(quick_demo):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+def test_demo_quick_segmentation_sweep(quick_demo):
+    with open(quick_demo / "segmentation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["variant"], int(r["batch_size"])) for r in rows} == {
+        (v, b) for v in ("gn_auto", "batchnorm", "ln_like") for b in (1, 8)}
+    for r in rows:
+        assert 0.0 <= float(r["mean_iou"]) <= 1.0 and int(r["steps"]) > 0
+    md = (quick_demo / "segmentation.md").read_text()
+    assert "## Mean IoU (eval mode)" in md and "| gn_auto |" in md and "On 32 test images" in md
+    assert (quick_demo / "miou_vs_batch.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_segmentation_scenes_and_model():
+    from gnflex import demo_segmentation as seg
+
+    x, y = seg.make_scenes(64, seed=3)
+    again, y_again = seg.make_scenes(64, seed=3)
+    assert torch.equal(x, again) and torch.equal(y, y_again)  # generated, the same for a seed
+    assert x.shape == (64, 1, seg.IMAGE_SIZE, seg.IMAGE_SIZE) and y.shape == (64, seg.IMAGE_SIZE, seg.IMAGE_SIZE)
+    assert set(y.unique().tolist()) == set(range(len(seg.CLASSES)))
+    assert ((y > 0).flatten(1).any(1)).all()  # every image holds a shape
+    # Each image has its own gain and offset: per-image means and stds spread.
+    assert x.mean((1, 2, 3)).std() > 0.5 and x.std((1, 2, 3)).max() > 2 * x.std((1, 2, 3)).min()
+    for variant in ("gn_auto", "batchnorm", "in_like"):
+        model = demo.build_segmentation_model(variant)
+        assert model(x[:2]).shape == (2, len(seg.CLASSES), seg.IMAGE_SIZE, seg.IMAGE_SIZE)
+        norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+        assert len(norms) == 8 and all(isinstance(m, torch.nn.BatchNorm2d) == (variant == "batchnorm") for m in norms)
+
+    class Oracle(torch.nn.Module):  # logits that pick the true label: IoU 1
+        def forward(self, images):
+            return torch.nn.functional.one_hot(y[: len(images)], len(seg.CLASSES)).permute(0, 3, 1, 2).float()
+
+    assert seg.mean_iou(Oracle(), x, y) == 1.0
+    assert seg.mean_iou(lambda images: torch.zeros(len(images), 4, 64, 64), x, y) < 0.25  # all background
+
+
 def test_demo_variants_build_the_intended_norms():
     x = torch.randn(2, 1, 64, 64)
     for variant in demo.VARIANTS:
@@ -72,6 +109,9 @@ def test_demo_data_is_split_and_upsampled():
     (["--batch-sizes", "two"], "comma-separated integers"),
     (["--variants", "gn,layernorm"], "unknown variant"),
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--segmentation-epochs", "0"], "--segmentation-epochs must be >= 1"),
+    (["--task", "segmentation", "--segmentation-batch-sizes", "100000"], "exceed"),
+    (["--task", "segmentation", "--ddp"], "digits sweep only"),
     (["--device", "tpu"], "--device must be cpu or cuda"),
     (["--quick", "--batch-sizes", "100000"], "exceed"),
     (["--ddp"], "torchrun"),
@@ -185,7 +225,7 @@ def test_demo_checks_dependencies_first_and_keeps_tables_without_matplotlib(tmp_
 
     # No plot library: the tables are written as runs finish, the plot is skipped.
     monkeypatch.setattr(importlib.util, "find_spec", without("matplotlib"))
-    monkeypatch.setattr(demo, "write_plot", lambda *a: False)
+    monkeypatch.setattr(demo, "write_plot", lambda *a, **k: False)
     out = tmp_path / "b"
     assert demo.main(["--quick", "--variants", "gn_auto,batchnorm", "--out", str(out), "--no-progress"]) == 0
     captured = capsys.readouterr()
