@@ -233,15 +233,20 @@ def summary_lines(results):
     return lines
 
 
-def write_tables(results, out_dir, meta):
-    """results.csv and results.md in out_dir (the runs so far)."""
-    os.makedirs(out_dir, exist_ok=True)
-    fields = ["variant", "batch_size", "test_accuracy", "final_loss", "seconds", "steps"]
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+def write_csv(results, path, fields) -> None:
+    """One row per run: the given result fields (creates the directory)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in results:
             w.writerow({k: getattr(r, k) for k in fields})
+
+
+def write_tables(results, out_dir, meta):
+    """results.csv and results.md in out_dir (the runs so far)."""
+    write_csv(results, os.path.join(out_dir, "results.csv"),
+              ["variant", "batch_size", "test_accuracy", "final_loss", "seconds", "steps"])
 
     variants, sizes, by = _grid(results)
     lines = ["# gnflex demo: GN vs BN / LN-like / IN-like across batch sizes\n",

@@ -159,18 +159,12 @@ SEGMENTATION_NOTE = (
 
 def write_segmentation_tables(results, out_dir, meta, groups_of) -> None:
     """segmentation.csv and segmentation.md in out_dir (the runs so far)."""
-    import csv
     import os
 
-    from .demo import _grid
+    from .demo import _grid, write_csv
 
-    os.makedirs(out_dir, exist_ok=True)
-    fields = ["variant", "batch_size", "mean_iou", "final_loss", "seconds", "steps"]
-    with open(os.path.join(out_dir, "segmentation.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in results:
-            w.writerow({k: getattr(r, k) for k in fields})
+    write_csv(results, os.path.join(out_dir, "segmentation.csv"),
+              ["variant", "batch_size", "mean_iou", "final_loss", "seconds", "steps"])
     variants, sizes, by = _grid(results)
     lines = ["# gnflex demo: segmentation (GNCNN P3/P4/P5 + FPN decoder) across batch sizes\n",
              ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n",

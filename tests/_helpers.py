@@ -103,3 +103,15 @@ def grads_of(fn, x, w, b, dy):
     y = fn(*leaves)
     grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype)))
     return (y.detach(), *(None if t is None else next(grads) for t in leaves))
+
+
+def randomize_groupnorms(model):
+    """Every GroupNorm's affine parameters away from 1 / 0 (weight in [0.5, 1.5],
+    bias ~ N(0, 0.1)), so conversions that lose them show; returns the model."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.1)
+    return model

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gnflex
+from _helpers import randomize_groupnorms
 from gnflex import GroupNormFlex
 from gnflex._fx_fusion import ActivationAfterNorm
 
@@ -51,15 +52,8 @@ def _count(model, *inputs):
 
 
 def _randomized(model):
-    """float64 (gradients of deep models cancel), GroupNorm affine away from 1 / 0."""
-    model = model.double().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.GroupNorm) and m.weight is not None:
-                m.weight.uniform_(0.5, 1.5)
-                if m.bias is not None:
-                    m.bias.normal_(0, 0.1)
-    return model
+    """float64 (gradients of deep models cancel), in eval mode, GroupNorm affine away from 1 / 0."""
+    return randomize_groupnorms(model.double().eval())
 
 
 def _first_tensor(out):
@@ -94,22 +88,18 @@ def _assert_close_scaled(ours, ref, tol=1e-9):
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * max(ref.abs().max().item(), 1e-3))
 
 
-def _diffusers_unet2d():
+def _diffusers_unet2d(**config):
     diffusers = pytest.importorskip("diffusers")
-    model = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8)
+    config = {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+              "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "attention_head_dim": 8, **config}
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(16, 32), norm_num_groups=8, **config)
     return model, (torch.randn(2, 3, 8, 8), torch.tensor([3, 500]))
 
 
 def _diffusers_unet2d_scale_shift():
-    diffusers = pytest.importorskip("diffusers")
-    model = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, resnet_time_scale_shift="scale_shift")
-    return model, (torch.randn(2, 3, 8, 8), torch.tensor([3, 500]))
+    return _diffusers_unet2d(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                             resnet_time_scale_shift="scale_shift")
 
 
 def _diffusers_unet2d_condition():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnflex
-from _helpers import CUDA_SKIP, make_input
+from _helpers import CUDA_SKIP, make_input, randomize_groupnorms
 from gnflex import GNCNN, GroupNormFlex
 
 
@@ -169,16 +169,6 @@ def test_convert_keeps_any_eps(eps):
     torch.testing.assert_close(converted(x), before, equal_nan=True)
 
 
-def _randomize_groupnorms(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.GroupNorm) and m.weight is not None:
-                m.weight.uniform_(0.5, 1.5)
-                if m.bias is not None:
-                    m.bias.normal_(0, 0.1)
-    return model
-
-
 def _output_and_grads(model, x):
     x = x.clone().requires_grad_()
     out = model(x)
@@ -206,7 +196,7 @@ def test_convert_timm_models_match_outputs_and_gradients(name, activations):
     torch.manual_seed(0)
     # float64: in float32 the rounding of 16+ blocks, amplified by gradient
     # sums that cancel, would need a loose tolerance.
-    model = _randomize_groupnorms(timm.create_model(name, pretrained=False).eval().double())
+    model = randomize_groupnorms(timm.create_model(name, pretrained=False).eval().double())
     converted, report = gnflex.convert(copy.deepcopy(model))
     assert report.skipped == [] and _only_gnflex_norms(converted)
     found = collections.Counter(m.activation for m in converted.modules() if isinstance(m, GroupNormFlex))
@@ -220,7 +210,7 @@ def test_convert_timm_norm_layers():
     from timm.layers.activations import GELU, Swish
 
     torch.manual_seed(0)
-    model = _randomize_groupnorms(nn.Sequential(
+    model = randomize_groupnorms(nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         GroupNorm1(8),
         GroupNorm(8, num_groups=4, eps=1e-3),
@@ -402,7 +392,7 @@ def _count_activation_calls(model, x):
 ])
 def test_convert_fuses_in_forward_code(build, shape, fused, left_activations):
     torch.manual_seed(0)
-    model = _randomize_groupnorms(build()).double()
+    model = randomize_groupnorms(build()).double()
     x = torch.randn(shape, dtype=torch.float64)
     def output_and_grads(m):  # by parameter name: a GraphModule orders them as its graph uses them
         xg = x.clone().requires_grad_()
