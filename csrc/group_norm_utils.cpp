@@ -33,6 +33,10 @@ std::vector<std::string> activation_names() {
 
 at::ScalarType acc_dtype_for(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+bool is_per_sample(const at::Tensor& param) { return param.defined() && param.dim() == 2; }
+
+int64_t sample_stride(const at::Tensor& param) { return is_per_sample(param) ? param.size(1) : 0; }
+
 namespace {
 
 at::ScalarType param_dtype(const c10::optional<at::Tensor>& weight, const at::Tensor& input) {
@@ -44,8 +48,10 @@ bool is_reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFl
 void check_channel_param(const c10::optional<at::Tensor>& param, const char* name, const at::Tensor& input, int64_t C) {
   if (!param.has_value() || !param->defined()) return;
   const at::Tensor& p = *param;
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == C, "gnflex.group_norm: expected ", name, " of shape [", C,
-              "] (num_channels), got ", p.sizes());
+  const bool per_channel = p.dim() == 1 && p.size(0) == C;
+  const bool per_sample = p.dim() == 2 && p.size(0) == input.size(0) && p.size(1) == C;
+  TORCH_CHECK(per_channel || per_sample, "gnflex.group_norm: expected ", name, " of shape [", C,
+              "] (num_channels) or [", input.size(0), ", ", C, "] (per sample), got ", p.sizes());
   TORCH_CHECK(p.device() == input.device(), "gnflex.group_norm: ", name, " is on ", p.device(), " but input is on ",
               input.device());
   const bool same = p.scalar_type() == input.scalar_type();
@@ -142,6 +148,15 @@ at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like).copy_(t);
 }
 
+at::Tensor param_grad(const at::Tensor& param, const GroupNormShape& shape, at::ScalarType dtype, ParamMode mode,
+                      const at::Device& device) {
+  const auto options = at::TensorOptions().dtype(dtype).device(device);
+  if (is_per_sample(param)) {
+    return mode == ParamMode::Raw ? at::empty({shape.N, shape.C}, options) : at::zeros({shape.N, shape.C}, options);
+  }
+  return mode == ParamMode::Raw ? at::empty({shape.C}, options) : at::zeros({shape.C}, options);
+}
+
 at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C, at::ScalarType acc_dtype, double fill,
                          const at::Device& device, ParamMode mode) {
   if (param.has_value() && param->defined()) {
@@ -184,12 +199,9 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
   b.weight = channel_param(weight, b.shape.C, acc, 1.0, b.x.device(), params);
   b.bias = channel_param(bias, b.shape.C, acc, 0.0, b.x.device(), params);
   if (output_mask[0]) b.dx = at::empty_like(b.x);
-  const auto param_grad = [&] {
-    if (params == ParamMode::Raw) return at::empty({b.shape.C}, b.x.options().dtype(param_dtype(weight, input)));
-    return at::zeros({b.shape.C}, b.x.options().dtype(acc));
-  };
-  b.dweight = param_grad();
-  b.dbias = param_grad();
+  const auto grad_dtype = params == ParamMode::Raw ? param_dtype(weight, input) : acc;
+  b.dweight = param_grad(b.weight, b.shape, grad_dtype, params, b.x.device());
+  b.dbias = param_grad(b.bias, b.shape, grad_dtype, params, b.x.device());
   return b;
 }
 

@@ -24,6 +24,13 @@ std::vector<std::string> activation_names();
 // Accumulate dtype of an input dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType dtype);
 
+// weight / bias are per channel, (C,), or per sample, (N, C): what AdaGN /
+// FiLM modulation folds into them. A kernel reads entry (n, c) of a
+// parameter at n * sample_stride + c (0 for per-channel ones), and writes its
+// gradient in the parameter's shape.
+bool is_per_sample(const at::Tensor& param);
+int64_t sample_stride(const at::Tensor& param);
+
 // The op's argument checks (shape, dtype, groups, parameters), with the
 // messages every back end and the composite path give; returns the sizes.
 GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -33,7 +40,7 @@ GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<a
 // not also contiguous); their outputs then keep its layout.
 bool reads_channels_last(const at::Tensor& input);
 
-// How a back end takes parameters: Materialized gives (C,) accumulate-dtype
+// How a back end takes parameters: Materialized gives accumulate-dtype
 // weight / bias (ones / zeros when absent) and zeroed accumulate-dtype dweight
 // / dbias; Raw passes present parameters in their own dtype (no cast), leaves
 // absent ones undefined (the kernels read null as 1 / 0) and dweight / dbias
@@ -42,7 +49,7 @@ bool reads_channels_last(const at::Tensor& input);
 enum class ParamMode { Materialized, Raw };
 
 // What a back end needs for the forward: validated sizes, the input in a
-// native layout, parameters as (C,) tensors and the
+// native layout, parameters as (C,) or (N, C) tensors and the
 // allocated outputs (y in the input's layout, mean/rstd (N, G)). See
 // ParamMode for the parameters' dtype.
 struct ForwardSetup {
@@ -59,7 +66,7 @@ ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tens
 
 // The same for the backward: grad_out in the input's layout, contiguous
 // statistics, dx allocated when wanted (else undefined), and dweight/dbias
-// as (C,) tensors (see ParamMode).
+// in the parameters' shapes (see ParamMode).
 struct BackwardSetup {
   GroupNormShape shape;
   Activation activation;

@@ -9,14 +9,15 @@ from . import activations, functional
 from . import onnx  # noqa: F401  (gnflex.onnx.export; imports onnxscript lazily)
 from .activations import ACTIVATIONS
 from .config import GN_GROUP_PRIORITY, MODES, GNConfig, choose_gn_groups
-from .functional import group_norm
+from .functional import group_norm, modulated_group_norm
 from .convert import ConversionReport, convert
-from .modules import GNCNN, ConvGNAct, GroupNorm, GroupNormFlex
+from .modules import GNCNN, AdaGroupNorm, ConvGNAct, GroupNorm, GroupNormFlex
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "AdaGroupNorm",
     "GN_GROUP_PRIORITY",
     "MODES",
     "ConversionReport",
@@ -32,5 +33,6 @@ __all__ = [
     "functional",
     "group_norm",
     "library_path",
+    "modulated_group_norm",
     "ops",
 ]

@@ -1,10 +1,17 @@
-"""torch.compile: norm -> activation fused in the graph Inductor compiles.
+"""torch.compile: norm -> activation and norm -> scale-shift -> activation
+fused in the graph Inductor compiles.
 
-A pre-grad pass of the default Inductor backend: where ``torch.ops.gnflex.group_norm``
-without activation feeds only an activation (ReLU / SiLU / exact GELU, as
-Dynamo records the call), the op computes it and the call goes. Autograd then
-differentiates the fused op, so the backward is fused too. Eager models get
-the same from :func:`gnflex.convert`.
+A pre-grad pass of the default Inductor backend:
+- where ``torch.ops.gnflex.group_norm`` without activation feeds only an
+  activation (ReLU / SiLU / exact GELU, as Dynamo records the call), the op
+  computes it and the call goes;
+- where its output is only multiplied by a per-sample (N, C, 1, ...) factor,
+  then maybe shifted by a per-sample shift and activated (AdaGN, FiLM:
+  diffusers' ``norm(h) * (1 + scale) + shift``), the factor and shift fold into
+  per-sample weight and bias (:func:`gnflex.functional.modulation_params`) and
+  one op call computes it all.
+Autograd then differentiates the fused op, so the backward is fused too.
+Eager models get the activation fusion from :func:`gnflex.convert`.
 
 Importing Inductor takes about a second, so gnflex does not: the op's fake
 kernel, which runs while Dynamo traces a graph holding it (before the
@@ -18,10 +25,14 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from .activations import called_activation
+from .functional import modulation_params
 
 _OP = torch.ops.gnflex.group_norm
-_ACTIVATION_INDEX = [a.name for a in _OP.default._schema.arguments].index("activation")
+_ARGUMENTS = [a.name for a in _OP.default._schema.arguments]
+_ACTIVATION_INDEX = _ARGUMENTS.index("activation")
 
 
 def _is_op(node: torch.fx.Node) -> bool:
@@ -34,8 +45,78 @@ def _activation_arg(node: torch.fx.Node) -> str:
     return node.kwargs.get("activation", "none")
 
 
+def _argument(node: torch.fx.Node, name: str):
+    index = _ARGUMENTS.index(name)
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, _OP.default._schema.arguments[index].default_value)
+
+
+def _value(node):
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+
+
+def _only_user(node: torch.fx.Node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _other_operand(node: torch.fx.Node, target, operand: torch.fx.Node):
+    """The other operand of a binary ``target`` call on ``operand``, else None."""
+    if node is None or node.op != "call_function" or node.target not in target or node.kwargs:
+        return None
+    if len(node.args) != 2 or node.args.count(operand) != 1:
+        return None
+    return node.args[1] if node.args[0] is operand else node.args[0]
+
+
+def _per_sample_like(value, y) -> bool:
+    """``value`` is an (N, C, 1, ...) tensor of y's dtype that broadcasts
+    against the norm's output ``y`` without changing its shape or dtype."""
+    if not isinstance(value, torch.Tensor) or value.dim() != y.dim() or value.dtype != y.dtype:
+        return False
+    same = [statically_known_true(value.shape[d] == y.shape[d]) for d in (0, 1)]
+    return all(same) and all(statically_known_true(size == 1) for size in value.shape[2:])
+
+
+def _fuse_modulation(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Node) -> bool:
+    """op -> y -> mul(y, factor) [-> add(shift)] [-> activation], each value
+    used only by the next: one op call with per-sample weight and bias."""
+    y_value = _value(y)
+    mul = _only_user(y)
+    factor = _other_operand(mul, (operator.mul, torch.mul), y)
+    if y_value is None or factor is None or not _per_sample_like(_value(factor), y_value):
+        return False
+    weight, bias = _argument(node, "weight"), _argument(node, "bias")
+    if any(p is not None and (_value(p) is None or _value(p).dim() != 1) for p in (weight, bias)):
+        return False
+    last, shift = mul, None
+    add = _only_user(mul)
+    addend = _other_operand(add, (operator.add, torch.add), mul)
+    if addend is not None and _per_sample_like(_value(addend), y_value):
+        last, shift = add, addend
+    activation = "none"
+    act = _only_user(last)
+    if act is not None and called_activation(act) is not None and act.args[:1] == (last,) \
+            and last not in act.args[1:] and last not in act.kwargs.values():
+        last, activation = act, called_activation(act)
+    with graph.inserting_before(last):
+        params = graph.call_function(modulation_params, (_argument(node, "input"), factor, shift, weight, bias, 0.0))
+        fused_weight = graph.call_function(operator.getitem, (params, 0))
+        fused_bias = graph.call_function(operator.getitem, (params, 1))
+        fused = graph.call_function(_OP.default, (_argument(node, "input"), fused_weight, fused_bias,
+                                                  _argument(node, "num_groups"), _argument(node, "eps"), activation))
+        output = graph.call_function(operator.getitem, (fused, 0))
+    output.meta.update(last.meta)
+    last.replace_all_uses_with(output)
+    chain = [last] + ([add] if shift is not None and last is not add else []) + ([mul] if last is not mul else [])
+    for dead in chain + [y, node]:
+        graph.erase_node(dead)
+    return True
+
+
 def fuse_norm_activations(graph: torch.fx.Graph) -> int:
-    """Fuses in place; returns how many activations moved into a norm."""
+    """Fuses in place; returns how many activations and modulations moved
+    into a norm."""
     fused = 0
     for node in list(graph.nodes):
         if not _is_op(node) or _activation_arg(node) != "none":
@@ -44,6 +125,9 @@ def fuse_norm_activations(graph: torch.fx.Graph) -> int:
         if len(outputs) != 1 or len(outputs[0].users) != 1:
             continue
         y = outputs[0]
+        if len(node.users) == 1 and _fuse_modulation(graph, node, y):
+            fused += 1
+            continue
         act = next(iter(y.users))
         activation = called_activation(act)
         if activation is None or act.args[:1] != (y,) or y in act.args[1:] or y in act.kwargs.values():

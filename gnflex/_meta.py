@@ -63,8 +63,11 @@ def _check_args(input, weight, bias, num_groups, eps, activation):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        torch._check(p.dim() == 1 and p.shape[0] == channels, lambda: f"gnflex.group_norm: expected {name} of "
-                     f"shape [{channels}] (num_channels), got {list(p.shape)}")
+        per_channel = p.dim() == 1 and p.shape[0] == channels
+        per_sample = p.dim() == 2 and p.shape[0] == input.shape[0] and p.shape[1] == channels
+        torch._check(per_channel or per_sample, lambda: f"gnflex.group_norm: expected {name} of shape "
+                     f"[{channels}] (num_channels) or [{input.shape[0]}, {channels}] (per sample), got "
+                     f"{list(p.shape)}")
         torch._check(p.device == input.device, lambda: f"gnflex.group_norm: {name} is on {p.device} but input "
                      f"is on {input.device}")
         ok = p.dtype == input.dtype or (p.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16))
@@ -96,10 +99,14 @@ def _group_norm_backward_fake(grad_out, input, mean, rstd, weight, bias, num_gro
     torch._check(grad_out.shape == input.shape, lambda: f"gnflex.group_norm_backward: grad_out shape "
                  f"{list(grad_out.shape)} does not match input shape {list(input.shape)}")
     param_dtype = weight.dtype if weight is not None else input.dtype
-    channels = input.shape[1]
+
+    def grad_of(param):  # in the parameter's shape: (C,) or per sample (N, C)
+        shape = param.shape if param is not None and param.dim() == 2 else (input.shape[1],)
+        return input.new_empty(shape, dtype=param_dtype)
+
     dx = _empty_in_native_layout(input) if output_mask[0] else None
-    dweight = input.new_empty((channels,), dtype=param_dtype) if output_mask[1] else None
-    dbias = input.new_empty((channels,), dtype=param_dtype) if output_mask[2] else None
+    dweight = grad_of(weight) if output_mask[1] else None
+    dbias = grad_of(bias) if output_mask[2] else None
     return dx, dweight, dbias
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from ._fx_fusion import ActivationAfterNorm, fuse_in_forward_code, has_hooks, replaced_forward
 from .config import GNConfig
-from .modules import GroupNormFlex
+from .modules import AdaGroupNorm, GroupNormFlex
 
 # What gnflex computes for a module, keyed by the class whose forward the
 # module runs. timm classes are recognised by module path and name, so that
@@ -28,6 +28,11 @@ def _is_timm(cls: type, names) -> bool:
     return cls.__module__.startswith("timm.") and cls.__name__ in names
 
 
+def _is_diffusers_ada_groupnorm(module: nn.Module) -> bool:
+    cls = _forward_owner(module)
+    return cls.__module__.startswith("diffusers.") and cls.__name__ == "AdaGroupNorm"
+
+
 def _activation_name(module: nn.Module) -> Optional[str]:
     """gnflex's name for the activation ``module`` computes, or None (also
     where hooks or an instance-level forward may change what it computes)."""
@@ -43,14 +48,23 @@ def _activation_name(module: nn.Module) -> Optional[str]:
     return _ACTIVATIONS.get(owner)
 
 
+def _hooks_skip_reason(module: nn.Module) -> str:
+    """Why ``module`` cannot be replaced because of what was added to it (hooks,
+    an instance-level forward, here or in a submodule); empty if nothing."""
+    if any(has_hooks(m) for m in module.modules()):
+        return "has hooks"
+    if any(replaced_forward(m) for m in module.modules()):
+        return "forward replaced on the instance (e.g. accelerate's add_hook_to_module)"
+    return ""
+
+
 def _groupnorm_activation(gn: nn.GroupNorm) -> Tuple[Optional[str], str]:
     """(activation, "") when a GroupNormFlex computes ``gn``'s whole forward,
     else (None, why not)."""
     owner = _forward_owner(gn)
-    if any(has_hooks(m) for m in gn.modules()):
-        return None, "has hooks"
-    if any(replaced_forward(m) for m in gn.modules()):
-        return None, "forward replaced on the instance (e.g. accelerate's add_hook_to_module)"
+    reason = _hooks_skip_reason(gn)
+    if reason:
+        return None, reason
     if owner is nn.GroupNorm:
         return "none", ""
     if not _is_timm(owner, _TIMM_NORMS + _TIMM_NORM_ACTS):
@@ -71,10 +85,9 @@ def _groupnorm_activation(gn: nn.GroupNorm) -> Tuple[Optional[str], str]:
 def _batchnorm_skip_reason(bn: nn.BatchNorm2d) -> str:
     """Why ``bn`` is left alone; empty when it runs nn.BatchNorm2d's forward."""
     owner = _forward_owner(bn)
-    if has_hooks(bn):
-        return "has hooks"
-    if replaced_forward(bn):
-        return "forward replaced on the instance (e.g. accelerate's add_hook_to_module)"
+    reason = _hooks_skip_reason(bn)
+    if reason:
+        return reason
     if owner not in nn.BatchNorm2d.__mro__:
         return f"own forward ({owner.__module__}.{owner.__qualname__})"
     return ""
@@ -119,6 +132,16 @@ def _with_eps(config: GNConfig, module: nn.Module) -> GNConfig:
         return config.replace(eps=module.eps)
     except ValueError:
         return config
+
+
+def _from_ada_groupnorm(ada: nn.Module) -> AdaGroupNorm:
+    """gnflex's AdaGroupNorm around diffusers' own act and linear modules (the
+    same objects: weights, keys and devices stay)."""
+    new = AdaGroupNorm(ada.linear.in_features, ada.linear.out_features // 2, ada.num_groups, eps=ada.eps,
+                       device="meta")
+    new.act = ada.act
+    new.linear = ada.linear
+    return new
 
 
 def _from_groupnorm(gn: nn.GroupNorm, activation: str) -> GroupNormFlex:
@@ -197,6 +220,9 @@ def convert(
       ``torch.fx.GraphModule``. A norm output used by anything besides the
       activation, or a norm called twice, is not fused; ``report.traced``
       lists what was traced;
+    - diffusers' ``AdaGroupNorm`` becomes gnflex's :class:`AdaGroupNorm`
+      (the modulation folded into the kernel), keeping its ``act`` and
+      ``linear`` modules;
     - ``batchnorm``: ``nn.BatchNorm2d`` (and subclasses that keep its forward)
       becomes GroupNormFlex with ``batchnorm_config`` (default: GN with
       automatic groups), keeping eps and the affine weights. This changes what
@@ -225,6 +251,9 @@ def convert(
                     fused = _fusable_next(parent, names, i)
                     activation = _activation_name(parent._modules[fused]) if fused else activation
                 build = functools.partial(_from_groupnorm, child, activation)
+            elif _is_diffusers_ada_groupnorm(child):
+                reason = _hooks_skip_reason(child)
+                build = functools.partial(_from_ada_groupnorm, child)
             elif batchnorm and isinstance(child, nn.BatchNorm2d):
                 reason = _batchnorm_skip_reason(child)
                 build = functools.partial(_from_batchnorm, child, bn_config)

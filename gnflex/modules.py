@@ -1,5 +1,5 @@
-"""nn.Modules: GroupNormFlex, GroupNorm (torch's argument order), ConvGNAct and the small
-GNCNN backbone."""
+"""nn.Modules: GroupNormFlex, GroupNorm (torch's argument order), AdaGroupNorm
+(time-conditioned), ConvGNAct and the small GNCNN backbone."""
 import weakref
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from ._distributed import register_if_loaded as _register_sharding_if_loaded
 from ._ops import group_norm_op
 from .config import GNConfig
-from .functional import check_more_than_one_value, in_onnx_export, torch_group_norm_with_stats
+from .functional import (check_more_than_one_value, in_onnx_export, modulated_group_norm, modulation_params,
+                         torch_group_norm_with_stats)
 
 
 def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
@@ -127,6 +128,57 @@ class GroupNorm(GroupNormFlex):
     def extra_repr(self) -> str:
         text = nn.GroupNorm.extra_repr(self)  # torch's words for torch's arguments
         return text if self.activation == "none" else f"{text}, activation={self.activation}"
+
+
+# diffusers' names for AdaGroupNorm's embedding activation (get_activation).
+EMBEDDING_ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm modulated by an embedding, as diffusers' ``AdaGroupNorm``:
+    ``scale, shift = linear(act(emb)).chunk(2, dim=1)``, then
+    ``group_norm(x) * (1 + scale) + shift`` (no affine of its own), here in one
+    kernel with an optional fused output ``activation``. Same arguments,
+    attributes (``num_groups``, ``eps``, ``act``, ``linear``) and state_dict
+    keys as diffusers' class, so weights load either way and :func:`convert`
+    swaps one for the other.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        out_dim: int,
+        num_groups: int,
+        act_fn: Optional[str] = None,
+        eps: float = 1e-5,
+        *,
+        activation: str = "none",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if act_fn is not None and act_fn not in EMBEDDING_ACTIVATIONS:
+            raise ValueError(f"AdaGroupNorm: act_fn must be None or one of {sorted(EMBEDDING_ACTIVATIONS)}, "
+                             f"got {act_fn!r}")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.activation = activation
+        self.act = None if act_fn is None else EMBEDDING_ACTIVATIONS[act_fn]()
+        self.linear = nn.Linear(embedding_dim, out_dim * 2, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        act = self.act
+        if act is not None:
+            emb = act(emb)
+        scale, shift = self.linear(emb).chunk(2, dim=1)
+        if not torch.jit.is_scripting():
+            return modulated_group_norm(x, self.num_groups, scale, shift, eps=self.eps, activation=self.activation)
+        check_more_than_one_value(x, self.num_groups)
+        weight, bias = modulation_params(x, scale, shift, None, None, 1.0)
+        return torch.ops.gnflex.group_norm(x, weight, bias, self.num_groups, self.eps, self.activation)[0]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.num_groups}, eps={self.eps}, activation={self.activation}"
 
 
 class ConvGNAct(nn.Module):

@@ -46,6 +46,23 @@ def test_gradcheck_without_affine(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("present", ("weight", "bias"))
+def test_gradcheck_with_only_one_affine_parameter(device, present):
+    """Only a weight or only a bias (F.group_norm takes either alone): the
+    gradient reaches the one passed, first and second order."""
+    x = make_input((3, 4, 5), torch.float64, device).requires_grad_()
+    w, b = make_params(4, torch.float64, device)
+    param = (w if present == "weight" else b).requires_grad_()
+
+    def fn(x, param):
+        kwargs = {present: param}
+        return gnflex.group_norm(x, 2, activation="gelu", **kwargs)
+
+    assert torch.autograd.gradcheck(fn, (x, param))
+    assert torch.autograd.gradgradcheck(fn, (x, param))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_only_requested_gradients_are_computed(device):
     x = make_input((2, 8, 4, 4), torch.float32, device)
     w, b = make_params(8, torch.float32, device)

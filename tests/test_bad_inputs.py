@@ -41,7 +41,7 @@ CASES = [
     ("zero spatial", x(2, 4, 0, 3), 2, None, None, 1e-5, RuntimeError, "non-empty spatial dims", True),
     ("zero spatial 1d", x(2, 4, 0), 2, None, None, 1e-5, RuntimeError, "non-empty spatial dims", True),
     ("weight shape", x(2, 4, 3), 2, torch.ones(3), None, 1e-5, RuntimeError,
-     "expected weight of shape [4] (num_channels), got [3]", True),
+     "expected weight of shape [4] (num_channels) or [2, 4] (per sample), got [3]", True),
     ("weight 2d", x(2, 4, 3), 2, torch.ones(4, 1), None, 1e-5, RuntimeError, "expected weight of shape [4]", True),
     ("bias shape", x(2, 4, 3), 2, None, torch.ones(5), 1e-5, RuntimeError, "expected bias of shape [4]", True),
     ("weight dtype", x(2, 4, 3), 2, torch.ones(4, dtype=torch.float64), None, 1e-5, RuntimeError,
@@ -164,7 +164,7 @@ def test_backward_errors():
 
 def test_module_rejects_wrong_input():
     m = gnflex.GroupNormFlex(8, groups=4)
-    with pytest.raises(RuntimeError, match=r"expected weight of shape \[12\] \(num_channels\), got \[8\]"):
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \[12\] \(num_channels\) or \[2, 12\] \(per sample\), got \[8\]"):
         m(torch.randn(2, 12, 3, 3))
     with pytest.raises(RuntimeError, match="at least 2 dims"):
         m(torch.randn(8))

@@ -41,10 +41,15 @@ TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& wei
   const at::Tensor centered = grouped - mean;
   const at::Tensor rstd = at::rsqrt(centered.pow(2).mean({-1}, /*keepdim=*/true) + eps);
   at::Tensor z = (centered * rstd).reshape(input.sizes());
-  std::vector<int64_t> channel_shape(input.dim(), 1);
-  channel_shape[1] = s.C;
-  if (weight.defined()) z = z * weight.to(acc).reshape(channel_shape);
-  if (bias.defined()) z = z + bias.to(acc).reshape(channel_shape);
+  // A parameter broadcast over the values: (1, C, 1, ...), or (N, C, 1, ...) per sample.
+  const auto per_value = [&](const at::Tensor& param) {
+    std::vector<int64_t> shape(input.dim(), 1);
+    shape[0] = is_per_sample(param) ? s.N : 1;
+    shape[1] = s.C;
+    return param.to(acc).reshape(shape);
+  };
+  if (weight.defined()) z = z * per_value(weight);
+  if (bias.defined()) z = z + per_value(bias);
   switch (act) {
     case Activation::ReLU:
       z = at::relu(z);
@@ -117,8 +122,9 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     const at::Tensor& grad_y = grad_outputs[0];
+    // needs_input_grad counts the tensors passed: an absent weight shifts the bias.
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
-                                      bias.defined() && ctx->needs_input_grad(2)};
+                                      bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1)};
     variable_list grads(6);
     if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return grads;
 

@@ -66,6 +66,8 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   p.x = f.x.const_data_ptr();
   p.weight = f.weight.const_data_ptr();
   p.bias = f.bias.const_data_ptr();
+  p.weight_stride = sample_stride(f.weight);
+  p.bias_stride = sample_stride(f.bias);
   p.y = f.y.data_ptr();
   p.mean = f.mean.data_ptr();
   p.rstd = f.rstd.data_ptr();
@@ -90,6 +92,8 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   p.rstd = b.rstd.const_data_ptr();
   p.weight = b.weight.const_data_ptr();
   p.bias = b.bias.const_data_ptr();
+  p.weight_stride = sample_stride(b.weight);
+  p.bias_stride = sample_stride(b.bias);
   p.dx = b.dx.defined() ? b.dx.data_ptr() : nullptr;
   p.dweight = b.dweight.data_ptr();
   p.dbias = b.dbias.data_ptr();

@@ -58,7 +58,7 @@ void forward_typed(const ForwardParams& p) {
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
   const ForwardArgs<scalar_t> args{
       static_cast<const scalar_t*>(p.x),   static_cast<scalar_t*>(p.y),
-      static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias),
+      {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias), p.weight_stride, p.bias_stride},
       static_cast<acc_t>(p.eps),           static_cast<acc_t*>(p.mean),
       static_cast<acc_t*>(p.rstd),         stream_output(p.y, s, p.layout, bytes, p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
@@ -132,8 +132,8 @@ void backward_typed(const BackwardParams& p) {
                                     static_cast<scalar_t*>(p.dx),
                                     static_cast<const acc_t*>(p.mean),
                                     static_cast<const acc_t*>(p.rstd),
-                                    static_cast<const acc_t*>(p.weight),
-                                    static_cast<const acc_t*>(p.bias),
+                                    {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias),
+                                     p.weight_stride, p.bias_stride},
                                     sum_gx.data(),
                                     sum_g.data(),
                                     mean_shift.data(),
@@ -154,16 +154,18 @@ void backward_typed(const BackwardParams& p) {
     backward_two_pass<scalar_t, A>(args, s, p.layout);
   });
 
-  // Parameter gradients: sums over samples in a fixed order.
+  // Parameter gradients: per-sample ones per (n, c); per-channel ones sums
+  // over samples in a fixed order.
   acc_t* dweight = static_cast<acc_t*>(p.dweight);
   acc_t* dbias = static_cast<acc_t*>(p.dbias);
-  std::fill(dweight, dweight + s.C, acc_t(0));
-  std::fill(dbias, dbias + s.C, acc_t(0));
+  std::fill(dweight, dweight + (p.weight_stride ? planes : s.C), acc_t(0));
+  std::fill(dbias, dbias + (p.bias_stride ? planes : s.C), acc_t(0));
   const int64_t Cg = s.channels_per_group();
   for (int64_t i = 0; i < planes; ++i) {
     const int64_t ng = i / Cg;  // planes of a group are consecutive: i = (n * G + g) * Cg + c % Cg
-    dweight[i % s.C] += math::weight_grad_term(args.sum_gx[i], args.sum_g[i], mean_shift[ng], args.rstd[ng]);
-    dbias[i % s.C] += sum_g[i];
+    dweight[p.weight_stride ? i : i % s.C] +=
+        math::weight_grad_term(args.sum_gx[i], args.sum_g[i], mean_shift[ng], args.rstd[ng]);
+    dbias[p.bias_stride ? i : i % s.C] += sum_g[i];
   }
 }
 

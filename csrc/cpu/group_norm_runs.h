@@ -9,6 +9,17 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // ---- coefficients -------------------------------------------------------------
+// weight and bias: per channel (stride 0) or per sample (stride C, AdaGN /
+// FiLM modulation folded in); entry (n, c) at data + n * stride + c.
+template <typename T>
+struct AffineParams {
+  const T* w;
+  const T* b;
+  int64_t w_stride, b_stride;
+  const T* weight(int64_t n, int64_t c) const { return w + n * w_stride + c; }
+  const T* bias(int64_t n, int64_t c) const { return b + n * b_stride + c; }
+};
+
 // Per-(n, c) coefficient tables: the forward's y = act((x - pivot) * scale + shift)
 template <typename T>
 struct AffineTables {

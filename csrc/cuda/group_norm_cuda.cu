@@ -41,7 +41,7 @@ ParamType param_type(const at::Tensor& t) {
 // An optional parameter as the kernels read it (null: 1 / 0), in its own dtype.
 template <typename acc_t>
 ChannelParam<acc_t> channel_param(const at::Tensor& t) {
-  return t.defined() ? ChannelParam<acc_t>{t.const_data_ptr(), param_type(t)} : ChannelParam<acc_t>{};
+  return t.defined() ? ChannelParam<acc_t>{t.const_data_ptr(), param_type(t), sample_stride(t)} : ChannelParam<acc_t>{};
 }
 
 // Per-stream state of the launches: the sequence words (zeroed once, left
@@ -130,7 +130,7 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
     check_grid(needs);
     const auto buffers = StreamState::get(bs.x, needs.domains, needs.workspace_bytes, stream);
     const auto grad = [&](at::Tensor& t) {
-      return param_grads ? ChannelGrad<acc_t>{t.data_ptr(), param_type(t)} : ChannelGrad<acc_t>{};
+      return param_grads ? ChannelGrad<acc_t>{t.data_ptr(), param_type(t), sample_stride(t)} : ChannelGrad<acc_t>{};
     };
     launch_backward<scalar_t>(bs.dy.const_data_ptr<scalar_t>(), bs.x.const_data_ptr<scalar_t>(),
                               bs.mean.const_data_ptr<acc_t>(), bs.rstd.const_data_ptr<acc_t>(),

@@ -127,19 +127,23 @@ __device__ __forceinline__ T gload_l2(const T* p) {
   return v;
 }
 
-// The dtype a per-channel parameter (weight, bias) or its gradient is stored
+// The dtype a parameter (weight, bias) or its gradient is stored
 // in: the accumulate type, or the 16-bit input type (read and written as is,
 // so a half-precision model costs no cast launches).
 enum class ParamType : int { Acc, Half, BFloat16 };
 
-// A per-channel parameter in its own dtype; null reads as the default.
+// A parameter in its own dtype, per channel (sample_stride 0) or per sample
+// (sample_stride C: AdaGN / FiLM modulation); null reads as the default.
 template <typename acc_t>
 struct ChannelParam {
   const void* data = nullptr;
   ParamType type = ParamType::Acc;
+  int64_t sample_stride = 0;
 
-  __device__ __forceinline__ acc_t at(int64_t c, acc_t absent) const {
+  // Channel c of sample n.
+  __device__ __forceinline__ acc_t at(int64_t n, int64_t c, acc_t absent) const {
     if (data == nullptr) return absent;
+    c += n * sample_stride;
     switch (type) {
       case ParamType::Half:
         return static_cast<acc_t>(gload(static_cast<const c10::Half*>(data) + c));
@@ -151,11 +155,13 @@ struct ChannelParam {
   }
 };
 
-// A per-channel gradient (dweight, dbias) written in its parameter's dtype.
+// A parameter's gradient (dweight, dbias) written in its parameter's dtype
+// and shape: (C,) or, with sample_stride C, (N, C).
 template <typename acc_t>
 struct ChannelGrad {
   void* data = nullptr;
   ParamType type = ParamType::Acc;
+  int64_t sample_stride = 0;
 
   __device__ __forceinline__ void store(int64_t c, acc_t v) const {
     switch (type) {

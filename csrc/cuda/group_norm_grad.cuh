@@ -29,7 +29,7 @@ __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, int64_
   constexpr bool kInputGrad = Op::kInputGrad;
   const int64_t Cg = s.channels_per_group();
   const auto coefs_of = [&](int64_t plane, ChannelCoefs<acc_t> group) {
-    return channel_coefs<Op>(group, weight, bias, plane % s.C);
+    return channel_coefs<Op>(group, weight, bias, plane / s.C, plane % s.C);
   };
   const auto ng_of = [&](int64_t plane) { return plane / s.C * s.G + plane % s.C / Cg; };
   if (plan.planes_per_block == 0) {
@@ -124,7 +124,7 @@ struct TileCoefs {
     }
     __syncthreads();
     for (int64_t c = b.c_begin + threadIdx.x; c < b.c_end; c += blockDim.x) {
-      const ChannelCoefs<acc_t> k = channel_coefs<Op>(groups[c / Cg - tg.first], weight, bias, c);
+      const ChannelCoefs<acc_t> k = channel_coefs<Op>(groups[c / Cg - tg.first], weight, bias, n, c);
       affine[c - b.c_begin] = Sum2<acc_t>{k.scale, k.shift};
     }
     __syncthreads();
@@ -228,7 +228,7 @@ __device__ void finalize_grad_group(const GroupNormShape& s, const Plan& plan, c
     const Sum2<acc_t>* sums = out.partial.data + out.partial.index(s, n, c_begin, 0);
     for (int64_t item = lane; item < Cg * parts; item += 32) {
       const Sum2<acc_t> p = gload_l2(sums + item);
-      const acc_t w = weight.at(c_begin + item / parts, acc_t(1));
+      const acc_t w = weight.at(n, c_begin + item / parts, acc_t(1));
       sum_gwx += w * p.a;
       sum_gw += w * p.b;
     }
@@ -367,7 +367,7 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
   for (int64_t g = tg.first + threadIdx.x / 32; g <= tg.last; g += blockDim.x / 32) {  // uniform per warp
     Sum2<acc_t> total{acc_t(0), acc_t(0)};
     for (int64_t c = std::max(b.c_begin, g * Cg) + lane; c < std::min(b.c_end, (g + 1) * Cg); c += 32) {
-      const acc_t w = weight.at(c, acc_t(1));
+      const acc_t w = weight.at(b.n, c, acc_t(1));
       total.a += w * sh_sums[c - b.c_begin].a;
       total.b += w * sh_sums[c - b.c_begin].b;
     }
@@ -402,7 +402,9 @@ __device__ void grad_sums_cl(const scalar_t* __restrict__ x, const scalar_t* __r
 // group's dx coefficients are done. Each channel's sums are per (sample,
 // part) item; warp k takes items k, k + warps, ... in order, then warp 0
 // adds the warps' results in order (a fixed order: deterministic). The terms
-// are linear in the sums, so a sample's parts need no total first.
+// are linear in the sums, so a sample's parts need no total first. Where a
+// gradient is per sample, warp k takes samples k, k + warps, ... and adds
+// each one's parts in order, storing (n, c).
 constexpr int kParamChannels = 32;
 
 template <typename acc_t>
@@ -427,28 +429,51 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int
   const int64_t Cg = s.channels_per_group(), g = c / Cg;
   // The lane that loads channel c's group values: its group's first lane.
   const int group_lane = static_cast<int>(std::max<int64_t>(0, g * Cg - c_first));
-  acc_t dw = acc_t(0), db = acc_t(0);
-  const int64_t parts = pg.sums.parts;
-#pragma unroll 4
-  for (int64_t item = slice; item < s.N * parts; item += slices) {  // uniform per warp
-    const int64_t n = item / parts, ng = n * s.G + g;
+  // Group g of sample n: its residual mean - pivot and rstd.
+  const auto group_of = [&](int64_t n) {
+    const int64_t ng = n * s.G + g;
     Sum2<acc_t> group{acc_t(0), acc_t(0)};
     if (lane == group_lane) group = Sum2<acc_t>{gload_l2(&src.coefs[ng].residual), gload(src.rstd + ng)};
     group.a = __shfl_sync(0xffffffffu, group.a, group_lane);
     group.b = __shfl_sync(0xffffffffu, group.b, group_lane);
-    const Sum2<acc_t> p = gload_l2(pg.sums.data + pg.sums.index(s, n, c, item - n * parts));
-    dw += math::weight_grad_term(p.a, p.b, group.a, group.b);
-    db += p.b;
+    return group;
+  };
+  acc_t dw = acc_t(0), db = acc_t(0);
+  const int64_t parts = pg.sums.parts;
+  const bool valid = c_first + lane < s.C;
+  if (pg.dweight.sample_stride != 0 || pg.dbias.sample_stride != 0) {
+    for (int64_t n = slice; n < s.N; n += slices) {  // uniform per warp
+      const Sum2<acc_t> group = group_of(n);
+      acc_t dw_n = acc_t(0), db_n = acc_t(0);
+      for (int64_t k = 0; k < parts; ++k) {
+        const Sum2<acc_t> p = gload_l2(pg.sums.data + pg.sums.index(s, n, c, k));
+        dw_n += math::weight_grad_term(p.a, p.b, group.a, group.b);
+        db_n += p.b;
+      }
+      if (valid && pg.dweight.sample_stride != 0) pg.dweight.store(n * s.C + c, dw_n);
+      if (valid && pg.dbias.sample_stride != 0) pg.dbias.store(n * s.C + c, db_n);
+      dw += dw_n;
+      db += db_n;
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t item = slice; item < s.N * parts; item += slices) {  // uniform per warp
+      const int64_t n = item / parts;
+      const Sum2<acc_t> group = group_of(n);
+      const Sum2<acc_t> p = gload_l2(pg.sums.data + pg.sums.index(s, n, c, item - n * parts));
+      dw += math::weight_grad_term(p.a, p.b, group.a, group.b);
+      db += p.b;
+    }
   }
   sh_slice[slice][lane] = Sum2<acc_t>{dw, db};
   __syncthreads();
-  if (slice == 0 && c_first + lane < s.C) {
+  if (slice == 0 && valid) {
     for (int k = 1; k < slices; ++k) {
       dw += sh_slice[k][lane].a;
       db += sh_slice[k][lane].b;
     }
-    pg.dweight.store(c, dw);
-    pg.dbias.store(c, db);
+    if (pg.dweight.sample_stride == 0) pg.dweight.store(c, dw);
+    if (pg.dbias.sample_stride == 0) pg.dbias.store(c, db);
   }
 }
 

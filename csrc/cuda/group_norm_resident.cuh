@@ -49,7 +49,7 @@ __device__ ChannelCoefs<acc_t> finalize_resident_group(const T& team, const Grou
   const int64_t Cg = s.channels_per_group();
 #pragma unroll 1
   for (int64_t c = team.rank; c < Cg; c += T::kSize) {
-    const ChannelCoefs<acc_t> k = channel_coefs<Op>(group, weight, bias, ng % s.G * Cg + c);
+    const ChannelCoefs<acc_t> k = channel_coefs<Op>(group, weight, bias, ng / s.G, ng % s.G * Cg + c);
     channels[c] = {k.scale, k.shift};
   }
   team.sync();

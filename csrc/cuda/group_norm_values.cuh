@@ -50,14 +50,16 @@ __device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64
   return v;
 }
 
-// Channel c's coefficients from its group's values (group_values) and its
-// weight and bias, loaded only where the operation Op reads them.
+// Channel c of sample n: its coefficients from its group's values
+// (group_values) and its weight and bias, loaded only where the operation Op
+// reads them.
 template <typename Op, typename acc_t>
 __device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group,
                                                              const ChannelParam<acc_t>& weight,
-                                                             const ChannelParam<acc_t>& bias, int64_t c) {
-  const acc_t w = Op::kUsesWeight ? weight.at(c, acc_t(1)) : acc_t(1);
-  const acc_t b = Op::kUsesBias ? bias.at(c, acc_t(0)) : acc_t(0);
+                                                             const ChannelParam<acc_t>& bias, int64_t n,
+                                                             int64_t c) {
+  const acc_t w = Op::kUsesWeight ? weight.at(n, c, acc_t(1)) : acc_t(1);
+  const acc_t b = Op::kUsesBias ? bias.at(n, c, acc_t(0)) : acc_t(0);
   const auto affine = math::fold_affine(group.shift, group.scale, w, b);
   group.scale = affine.scale;
   group.shift = affine.shift;

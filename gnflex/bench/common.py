@@ -24,15 +24,37 @@ def make_inputs(shape, dtype, layout, device="cpu", requires_grad=False):
     return x, w, b, dy
 
 
+# The activation field of the rows that modulate per sample (AdaGN:
+# act(GN(x) * (1 + scale) + shift), with SiLU).
+MODULATED = "adagn+silu"
+
+
+def make_modulation(x, requires_grad=False):
+    """Per-sample (N, C) scale and shift for the MODULATED rows."""
+    scale = 0.5 * torch.randn(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    shift = torch.randn_like(scale)
+    if requires_grad:
+        scale.requires_grad_()
+        shift.requires_grad_()
+    return scale, shift
+
+
 def native_group_norm(groups, activation):
-    """The baseline: torch's GroupNorm, then F.silu when the case fuses SiLU."""
+    """The baseline: torch's GroupNorm, then F.silu when the case fuses SiLU;
+    for MODULATED rows, fn(x, w, b, scale, shift) of diffusers' eager
+    composition."""
     import torch.nn.functional as F
 
     def native(x, w, b):
         y = F.group_norm(x, groups, w, b)
         return F.silu(y) if activation == "silu" else y
 
-    return native
+    def modulated(x, w, b, scale, shift):
+        per_value = [x.shape[0], x.shape[1]] + [1] * (x.dim() - 2)
+        y = F.group_norm(x, groups, w, b) * (1 + scale.view(per_value)) + shift.view(per_value)
+        return F.silu(y)
+
+    return modulated if activation == MODULATED else native
 
 
 def saved_tensor_bytes(forward):

@@ -7,7 +7,8 @@ For each shape (from detection / classification / diffusion models), dtype
 (fp32, bf16), layout (NCHW, channels_last), activation (none, SiLU) and pass
 (forward, forward+backward), times with torch.utils.benchmark:
   gnflex    gnflex.group_norm (SiLU fused)
-  torch     F.group_norm (+ F.silu)
+  torch     F.group_norm (+ F.silu); adagn+silu rows: F.silu(F.group_norm(x) * (1 + scale) + shift)
+            against gnflex.modulated_group_norm, with per-sample (N, C) scale and shift
   compile   torch.compile (Inductor) of F.group_norm + F.silu   [--compile, fp32 SiLU rows]
   clone     x.clone(), the memory-traffic floor of the forward      [forward rows]
   jit       the JIT build of this checkout's csrc/ (gnflex.jit)     [--jit]
@@ -25,7 +26,8 @@ import torch
 import torch.utils.benchmark as benchmark
 
 import gnflex
-from .common import geomean, make_inputs, native_group_norm, saved_tensor_bytes, summarize, write_results
+from .common import (MODULATED, geomean, make_inputs, make_modulation, native_group_norm, saved_tensor_bytes,
+                     summarize, write_results)
 
 SHAPES = [  # (shape, groups)
     ((8, 64, 56, 56), 32),
@@ -56,6 +58,8 @@ TARGETS = [
      {"dtype": "float32", "layout": "channels_last", "act": "none", "pass": "fwd+bwd"}, "vs_torch", 2.0, True),
     ("fp32 fused GN+SiLU forward+backward vs GN + F.silu", {"dtype": "float32", "act": "silu", "pass": "fwd+bwd"},
      "vs_torch", 2.0, True),
+    ("fp32 fused AdaGN+SiLU forward+backward vs the eager composition",
+     {"dtype": "float32", "act": MODULATED, "pass": "fwd+bwd"}, "vs_torch", 2.0, True),
     ("fp32 GN+SiLU vs torch.compile of GN+SiLU", {"dtype": "float32", "act": "silu"}, "vs_compile", 1.0, True),
     ("bf16 forward+backward vs torch", {"dtype": "bfloat16", "act": "none", "pass": "fwd+bwd"},
      "vs_torch", 1.3, True),
@@ -77,11 +81,20 @@ def make_case(shape, groups, dtype, layout, activation, backward, jit_ops, with_
     """(timed functions, the ones to run once for saved bytes)."""
     x, w, b, dy = make_inputs(shape, dtype, layout, requires_grad=backward)
     native = native_group_norm(groups, activation)
-
-    forwards = {
-        "gnflex": lambda: gnflex.group_norm(x, groups, w, b, activation=activation),
-        "torch": lambda: native(x, w, b),
-    }
+    leaves = (x, w, b)
+    if activation == MODULATED:
+        scale, shift = make_modulation(x, requires_grad=backward)
+        leaves = (x, w, b, scale, shift)
+        forwards = {
+            "gnflex": lambda: gnflex.modulated_group_norm(x, groups, scale, shift, w, b, activation="silu"),
+            "torch": lambda: native(x, w, b, scale, shift),
+        }
+        jit_ops = with_compile = None
+    else:
+        forwards = {
+            "gnflex": lambda: gnflex.group_norm(x, groups, w, b, activation=activation),
+            "torch": lambda: native(x, w, b),
+        }
     if with_compile and activation == "silu" and dtype == torch.float32:
         compiled = torch.compile(native, dynamic=False)
         forwards["compile"] = lambda: compiled(x, w, b)
@@ -89,7 +102,7 @@ def make_case(shape, groups, dtype, layout, activation, backward, jit_ops, with_
         forwards["jit"] = lambda: jit_ops.group_norm(x, w, b, groups, 1e-5, activation)[0]
     if not backward:
         return {**forwards, "clone": lambda: x.clone()}, {}
-    timed = {k: (lambda f: lambda: torch.autograd.grad(f(), (x, w, b), dy))(f) for k, f in forwards.items()}
+    timed = {k: (lambda f: lambda: torch.autograd.grad(f(), leaves, dy))(f) for k, f in forwards.items()}
     return timed, {k: forwards[k] for k in ("gnflex", "torch")}
 
 
@@ -160,7 +173,7 @@ def main(argv=None):
     nchw_times = {}  # gnflex's NCHW time per case, for the channels_last rows' over_nchw
     for dtype in dtypes:
         for layout in ("nchw", "channels_last"):
-            for activation in ("none", "silu"):
+            for activation in ("none", "silu", MODULATED):
                 for backward in (False, True):
                     for shape, groups in shapes:
                         if layout == "channels_last" and len(shape) == 3:

@@ -39,7 +39,7 @@ import torch
 
 import gnflex
 from .cases import CUDA_CASES, QUICK_CUDA_CASES
-from .common import geomean, make_inputs, native_group_norm, write_results
+from .common import MODULATED, geomean, make_inputs, make_modulation, native_group_norm, write_results
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 REPEATS = 15  # repetitions per measure (p10 / median / p90)
@@ -54,7 +54,7 @@ def case_rows(cases):
     rows = [(name, shape, groups, DTYPES[dtype], layout, activation, backward)
             for name, shape, groups, dtype, layouts in cases
             for layout in layouts
-            for activation in ("none", "silu")
+            for activation in ("none", "silu", MODULATED)
             for backward in (False, True)]
     return sorted(rows, key=lambda r: (r[5] != "none", r[5] != "none" and not r[6]))
 
@@ -128,13 +128,20 @@ def eager_ms(fn):
 def make_fns(shape, groups, dtype, layout, activation, backward):
     x, w, b, dy = make_inputs(shape, dtype, layout, device="cuda", requires_grad=backward)
     native = native_group_norm(groups, activation)
-    fns = {"gnflex": lambda: gnflex.group_norm(x, groups, w, b, activation=activation),
-           "torch": lambda: native(x, w, b)}
+    leaves = (x, w, b)
+    if activation == MODULATED:
+        scale, shift = make_modulation(x, requires_grad=backward)
+        leaves = (x, w, b, scale, shift)
+        fns = {"gnflex": lambda: gnflex.modulated_group_norm(x, groups, scale, shift, w, b, activation="silu"),
+               "torch": lambda: native(x, w, b, scale, shift)}
+    else:
+        fns = {"gnflex": lambda: gnflex.group_norm(x, groups, w, b, activation=activation),
+               "torch": lambda: native(x, w, b)}
     if activation == "silu":
         compiled = torch.compile(native)
         fns["compile"] = lambda: compiled(x, w, b)
     if backward:
-        fns = {k: (lambda f: lambda: torch.autograd.grad(f(), (x, w, b), dy))(f) for k, f in fns.items()}
+        fns = {k: (lambda f: lambda: torch.autograd.grad(f(), leaves, dy))(f) for k, f in fns.items()}
     fns["copy"] = lambda: x.clone(memory_format=torch.preserve_format)
     return fns
 

@@ -214,6 +214,8 @@ struct Case {
   Params params = Params::Acc;
   Grads grads = Grads::All;
   double eps = 1e-5;
+  // weight / bias per sample, (N, C) (AdaGN / FiLM), instead of (C,)
+  bool sample_weight = false, sample_bias = false;
 };
 
 int passed = 0, failed = 0;
@@ -231,26 +233,38 @@ void run_case(const Case& k) {
   std::normal_distribution<double> nd(0, 1);
   Buf<scalar_t> x(numel, k.x_off), dy(numel, k.dy_off), y(numel, k.x_off), dx(numel, k.x_off);
   Buf<acc_t> mean(N * G), rstd(N * G);
-  std::vector<acc_t> w(C, acc_t(1)), b(C, acc_t(0));
+  // Parameters and their gradients are stored (N, C) (each sample_* flag)
+  // or (C,); entry (n, c) at wi(n, c) / bi(n, c).
+  const int64_t ws = k.sample_weight ? C : 0, bs = k.sample_bias ? C : 0;
+  const int64_t w_len = k.sample_weight ? N * C : C, b_len = k.sample_bias ? N * C : C;
+  const auto wi = [&](int64_t n, int64_t c) { return n * ws + c; };
+  const auto bi = [&](int64_t n, int64_t c) { return n * bs + c; };
+  std::vector<acc_t> w(w_len, acc_t(1)), b(b_len, acc_t(0));
   for (int64_t i = 0; i < numel; ++i) x.p[i] = scalar_t(k.center + k.spread * nd(rng));
   for (int64_t i = 0; i < numel; ++i) dy.p[i] = scalar_t(nd(rng));
   if (k.affine && k.params != Params::None) {
-    for (int64_t c = 0; c < C; ++c) w[c] = acc_t(1 + 0.3 * nd(rng)), b[c] = acc_t(0.2 * nd(rng));
+    for (auto& v : w) v = acc_t(1 + 0.3 * nd(rng));
+    for (auto& v : b) v = acc_t(0.2 * nd(rng));
   }
   // The parameters as the kernels get them, and their gradients' storage.
   namespace gc = gnflex::cuda;
   const bool narrow = k.params == Params::Input && sizeof(scalar_t) == 2;
   const gc::ParamType ptype = narrow ? param_type_of<scalar_t>() : gc::ParamType::Acc;
-  Buf<acc_t> w_acc(C), b_acc(C), dw_acc(C), db_acc(C);
-  Buf<scalar_t> w_in(C), b_in(C), dw_in(C), db_in(C);
-  for (int64_t c = 0; c < C; ++c) {
-    w_in[c] = scalar_t(w[c]), b_in[c] = scalar_t(b[c]);
-    if (narrow) w[c] = acc_t(w_in[c]), b[c] = acc_t(b_in[c]);  // the reference uses the rounded values
-    w_acc[c] = w[c], b_acc[c] = b[c];
+  Buf<acc_t> w_acc(w_len), b_acc(b_len), dw_acc(w_len), db_acc(b_len);
+  Buf<scalar_t> w_in(w_len), b_in(b_len), dw_in(w_len), db_in(b_len);
+  for (int64_t i = 0; i < w_len; ++i) {
+    w_in[i] = scalar_t(w[i]);
+    if (narrow) w[i] = acc_t(w_in[i]);  // the reference uses the rounded values
+    w_acc[i] = w[i];
+  }
+  for (int64_t i = 0; i < b_len; ++i) {
+    b_in[i] = scalar_t(b[i]);
+    if (narrow) b[i] = acc_t(b_in[i]);
+    b_acc[i] = b[i];
   }
   const void* w_data = k.params == Params::None ? nullptr : narrow ? static_cast<void*>(w_in.p) : w_acc.p;
   const void* b_data = k.params == Params::None ? nullptr : narrow ? static_cast<void*>(b_in.p) : b_acc.p;
-  const gc::ChannelParam<acc_t> wp{w_data, ptype}, bp{b_data, ptype};
+  const gc::ChannelParam<acc_t> wp{w_data, ptype, ws}, bp{b_data, ptype, bs};
   const bool want_dx = k.grads != Grads::ParamsOnly, want_params = k.grads != Grads::InputOnly;
   void* dw_data = !want_params ? nullptr : narrow ? static_cast<void*>(dw_in.p) : dw_acc.p;
   void* db_data = !want_params ? nullptr : narrow ? static_cast<void*>(db_in.p) : db_acc.p;
@@ -291,7 +305,7 @@ void run_case(const Case& k) {
   const bool resident = gc::make_plan<scalar_t>(s, k.layout, 1).resident;
   bool words_ok = g_words.check_words(!resident);
   gc::launch_backward<scalar_t>(dy.p, x.p, mean.p, rstd.p, wp, bp, k.act, s, k.layout, want_dx ? dx.p : nullptr,
-                                gc::ChannelGrad<acc_t>{dw_data, ptype}, gc::ChannelGrad<acc_t>{db_data, ptype},
+                                gc::ChannelGrad<acc_t>{dw_data, ptype, ws}, gc::ChannelGrad<acc_t>{db_data, ptype, bs},
                                 workspace.p, g_words.get(needs.domains), nullptr);
   words_ok = g_words.check_words(true) && words_ok;
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -302,7 +316,8 @@ void run_case(const Case& k) {
   const double u = unit_roundoff<acc_t>();
   const bool act = k.act != Activation::None;
   Err e_y, e_mean, e_rstd, e_dx, e_dw, e_db;
-  std::vector<real> rdw(C, 0), rdb(C, 0), mag_dw(C, 0), mag_db(C, 0), kink_dw(C, 0), kink_db(C, 0);
+  std::vector<real> rdw(w_len, 0), rdb(b_len, 0), mag_dw(w_len, 0), mag_db(b_len, 0), kink_dw(w_len, 0),
+      kink_db(b_len, 0);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       const auto value = [&](int64_t c, int64_t r) { return real(x.p[idx(n, c, r)]); };
@@ -329,9 +344,9 @@ void run_case(const Case& k) {
       // Per value: z = xhat * w + b has terms of magnitude zmag (xhat's own
       // error is ~units of |xhat| + 1); an activation's derivative moves with
       // z, by about 1 + zmag units.
-      const auto zmag = [&](int64_t c, real xh) {
-        return std::abs(real(w[c])) * (std::abs(xh) + 1) + std::abs(real(b[c]));
-      };
+      const auto wv = [&](int64_t c) { return real(w[wi(n, c)]); };
+      const auto bv = [&](int64_t c) { return real(b[bi(n, c)]); };
+      const auto zmag = [&](int64_t c, real xh) { return std::abs(wv(c)) * (std::abs(xh) + 1) + std::abs(bv(c)); };
       // Magnitude of g = dy * act'(z), and whether z is within rounding of
       // ReLU's kink at 0 (where act' may take either side).
       const auto grad_mag = [&](int64_t c, real xh, real dyv) { return std::abs(dyv) * (act ? 1 + zmag(c, xh) : 1); };
@@ -342,28 +357,28 @@ void run_case(const Case& k) {
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
         for (int64_t r = 0; r < HxW; ++r) {
           const real xh = centered(c, r) * rs;
-          const real z = xh * real(w[c]) + real(b[c]);
+          const real z = xh * wv(c) + bv(c);
           const real dyv = real(dy.p[idx(n, c, r)]);
           const real gz = dyv * act_grad_ref(k.act, z);
           const real gmag = grad_mag(c, xh, dyv);
-          rdw[c] += gz * xh;
-          rdb[c] += gz;
-          mag_dw[c] += gmag * (std::abs(xh) + 1);
-          mag_db[c] += gmag;
+          rdw[wi(n, c)] += gz * xh;
+          rdb[bi(n, c)] += gz;
+          mag_dw[wi(n, c)] += gmag * (std::abs(xh) + 1);
+          mag_db[bi(n, c)] += gmag;
           // Near the kink, the sums may move by that value's whole term.
           if (near_kink(c, xh, z)) {
-            kink_dw[c] += std::abs(dyv * xh);
-            kink_db[c] += std::abs(dyv);
+            kink_dw[wi(n, c)] += std::abs(dyv * xh);
+            kink_db[bi(n, c)] += std::abs(dyv);
           }
-          s_gw += gz * real(w[c]);
-          s_gwxh += gz * real(w[c]) * xh;
-          a_gw += gmag * std::abs(real(w[c]));
-          a_gwxh += gmag * std::abs(real(w[c])) * (std::abs(xh) + 1);
+          s_gw += gz * wv(c);
+          s_gwxh += gz * wv(c) * xh;
+          a_gw += gmag * std::abs(wv(c));
+          a_gwxh += gmag * std::abs(wv(c)) * (std::abs(xh) + 1);
         }
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
         for (int64_t r = 0; r < HxW; ++r) {
           const real xh = centered(c, r) * rs;
-          const real z = xh * real(w[c]) + real(b[c]);
+          const real z = xh * wv(c) + bv(c);
           const real ry = act_ref(k.act, z);
           e_y.add(real(y.p[idx(n, c, r)]), ry,
                   static_cast<double>(stored_tol<scalar_t>(ry, zmag(c, xh) + std::abs(ry), u)));
@@ -371,20 +386,22 @@ void run_case(const Case& k) {
           if (near_kink(c, xh, z)) continue;  // either side of the kink is right
           const real dyv = real(dy.p[idx(n, c, r)]);
           const real gz = dyv * act_grad_ref(k.act, z);
-          const real rdx = rs * (gz * real(w[c]) - s_gw / D - xh * s_gwxh / D);
+          const real rdx = rs * (gz * wv(c) - s_gw / D - xh * s_gwxh / D);
           const real gmag = grad_mag(c, xh, dyv);
-          const real dx_mag = rs * (gmag * std::abs(real(w[c])) + (a_gw + (std::abs(xh) + 1) * a_gwxh) / D);
+          const real dx_mag = rs * (gmag * std::abs(wv(c)) + (a_gw + (std::abs(xh) + 1) * a_gwxh) / D);
           e_dx.add(real(dx.p[idx(n, c, r)]), rdx, static_cast<double>(stored_tol<scalar_t>(rdx, dx_mag, u)));
         }
     }
   }
   // dweight / dbias are stored in the parameters' dtype.
-  for (int64_t c = 0; c < C && want_params; ++c) {
-    const auto tol = [&](real v, real mag, real kink) {
-      return static_cast<double>(kink + (narrow ? stored_tol<scalar_t>(v, mag, u) : stored_tol<acc_t>(v, mag, u)));
-    };
-    e_dw.add(grad_at(dw_data, c), rdw[c], tol(rdw[c], mag_dw[c], kink_dw[c]));
-    e_db.add(grad_at(db_data, c), rdb[c], tol(rdb[c], mag_db[c], kink_db[c]));
+  const auto tol = [&](real v, real mag, real kink) {
+    return static_cast<double>(kink + (narrow ? stored_tol<scalar_t>(v, mag, u) : stored_tol<acc_t>(v, mag, u)));
+  };
+  for (int64_t i = 0; i < w_len && want_params; ++i) {
+    e_dw.add(grad_at(dw_data, i), rdw[i], tol(rdw[i], mag_dw[i], kink_dw[i]));
+  }
+  for (int64_t i = 0; i < b_len && want_params; ++i) {
+    e_db.add(grad_at(db_data, i), rdb[i], tol(rdb[i], mag_db[i], kink_db[i]));
   }
   const double worst = std::max({e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst});
   const bool ok = worst <= 1 && guards_ok && words_ok;
@@ -392,12 +409,13 @@ void run_case(const Case& k) {
   static const char* spikes[] = {"none", "first", "middle", "last", "plane"};
   static const char* params[] = {"acc", "input", "none"};
   static const char* grads[] = {"all", "dx", "params"};
+  static const char* samples[] = {"", "/per-sample-weight", "/per-sample-bias", "/per-sample"};
   std::printf(
-      "%s %-8s %s%s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d params=%s grads=%s eps=%g off=%d/%d x=%g+%g*randn "
+      "%s %-8s %s%s N=%ld C=%ld HxW=%ld G=%ld act=%s affine=%d params=%s%s grads=%s eps=%g off=%d/%d x=%g+%g*randn "
       "spike=%s*%g: err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f%s%s (%.0f ms)\n",
       ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC",
       resident ? " resident" : "", long(N), long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine),
-      params[int(k.params)], grads[int(k.grads)], k.eps, k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)],
+      params[int(k.params)], samples[int(k.sample_weight) + 2 * int(k.sample_bias)], grads[int(k.grads)], k.eps, k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)],
       k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst,
       guards_ok ? "" : " GUARD BYTES OVERWRITTEN", words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
   (ok ? passed : failed)++;
@@ -450,6 +468,19 @@ std::vector<Case> cases() {
     all.push_back({2, 1, 4097, 1, l, Activation::ReLU});
     all.push_back({3, 256, 3, 2, l, Activation::GELU, 0, 1});
     all.push_back({3, 258, 3, 2, l, Activation::None});
+    // Per-sample (N, C) weight and bias: planes per block, two channel tiles
+    // (parameters in the input dtype), parts per plane, resident groups,
+    // parameter gradients only.
+    for (Case c : {Case{2, 64, 36, 8, l, Activation::SiLU}, Case{3, 300, 20, 10, l, Activation::GELU, 1, 1},
+                   Case{2, 6, 5000, 3, l, Activation::None}, Case{2, 4, 2048, 2, l, Activation::ReLU},
+                   Case{3, 24, 40, 3, l, Activation::SiLU}}) {
+      c.sample_weight = c.sample_bias = true;
+      all.push_back(c);
+    }
+    all[all.size() - 4].params = Params::Input;
+    all[all.size() - 4].sample_bias = false;
+    all[all.size() - 3].sample_weight = false;
+    all.back().grads = Grads::ParamsOnly;
   }
   return all;
 }
