@@ -104,6 +104,16 @@ PyObject* activation_names_list(PyObject*, PyObject*) {
   return list;
 }
 
+// gnflex._C.autocast_half_output([enabled]): reads, or sets and returns the
+// previous value of, the CUDA autocast mode (gnflex_ops.h).
+PyObject* autocast_half_output_flag(PyObject*, PyObject* args) {
+  int enabled = -1;
+  if (!PyArg_ParseTuple(args, "|p", &enabled)) return nullptr;
+  const bool previous = gnflex::autocast_half_output();
+  if (enabled != -1) gnflex::set_autocast_half_output(enabled != 0);
+  return PyBool_FromLong(previous);
+}
+
 #ifdef GNFLEX_WITH_CUDA
 // gnflex._C.cuda_plan(N, C, HxW, G, element_size, channels_last): what the CUDA
 // kernels do with that shape (the CUDA bench reports it).
@@ -126,6 +136,8 @@ PyObject* cuda_plan(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"activation_names", activation_names_list, METH_NOARGS, "The activation names the op accepts, aliases included."},
+    {"autocast_half_output", autocast_half_output_flag, METH_VARARGS,
+     "The CUDA autocast mode: half output (True) or torch's float32 rule; sets it when given."},
     {"cpu_tuning", cpu_tuning_info, METH_NOARGS,
      "Cache sizes, budgets, schedule and the kernel copy (CPU capability) of the CPU kernels."},
 #ifdef GNFLEX_WITH_CUDA

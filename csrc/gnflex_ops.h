@@ -25,4 +25,12 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
                                  const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
                                  std::array<bool, 3> output_mask);
 
+// Under CUDA autocast, group_norm follows torch's rule for group_norm by
+// default: input cast to float32, float32 output. With half output on (an
+// opt-in, process-wide), it takes the input in the autocast dtype and returns
+// that dtype, float32 math inside (timm's fast_norm): an fp16 / bf16 network
+// then moves half the bytes. Read when the op is called (or traced).
+void set_autocast_half_output(bool enabled);
+bool autocast_half_output();
+
 }  // namespace gnflex

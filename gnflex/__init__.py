@@ -3,7 +3,7 @@
 Importing gnflex loads the op library (``torch.ops.gnflex.group_norm`` and
 ``torch.ops.gnflex.group_norm_backward``) and registers their fake kernels.
 """
-from ._ops import built_with_cuda, library_path, ops
+from ._ops import autocast_half_output, built_with_cuda, library_path, ops, set_autocast_half_output
 from . import _meta  # noqa: F401  (fake kernels for torch.compile / export)
 from . import activations, functional
 from . import onnx  # noqa: F401  (gnflex.onnx.export; imports onnxscript lazily)
@@ -27,6 +27,7 @@ __all__ = [
     "GroupNorm",
     "GroupNormFlex",
     "activations",
+    "autocast_half_output",
     "built_with_cuda",
     "choose_gn_groups",
     "convert",
@@ -35,4 +36,5 @@ __all__ = [
     "library_path",
     "modulated_group_norm",
     "ops",
+    "set_autocast_half_output",
 ]

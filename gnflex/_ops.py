@@ -46,3 +46,23 @@ def library_path():
 def built_with_cuda():
     """True when the library was compiled with CUDA kernels."""
     return bool(_build_info.with_cuda)
+
+
+def set_autocast_half_output(enabled: bool) -> bool:
+    """Opt-in CUDA autocast mode for gnflex's op (process-wide; returns the
+    previous setting). Off (the default), the op follows torch's rule for
+    group_norm under CUDA autocast: input cast to float32, float32 output.
+    On, it takes the input in the autocast dtype (float16 / bfloat16) and
+    returns that dtype, computing in float32 inside (as timm's fast_norm), so
+    a half-precision network moves half the bytes through its norms. float32
+    parameters are used as they are. Read when the op is called, or when
+    torch.compile traces it. CPU autocast is unaffected (torch does not cast
+    group_norm there)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autocast_half_output: enabled must be a bool, got {type(enabled).__name__}")
+    return _C.autocast_half_output(enabled)
+
+
+def autocast_half_output() -> bool:
+    """Whether :func:`set_autocast_half_output` is on."""
+    return _C.autocast_half_output()

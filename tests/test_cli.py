@@ -156,7 +156,9 @@ def test_bench_cpu_quick_writes_results(tmp_path, capsys):
                      "--json", str(out), "--md", str(md)])
     assert code == 0
     result = json.loads(out.read_text())
-    assert len(result["rows"]) == 2 * 2 * 2 * 2  # shapes x layouts x activations x passes (fp32)
+    # shapes x layouts x activations (none, SiLU, AdaGN + SiLU) x passes (fp32)
+    assert len(result["rows"]) == 2 * 2 * 3 * 2
+    assert {r["act"] for r in result["rows"]} == {"none", "silu", "adagn+silu"}
     assert all(r["gnflex_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
     bwd = [r for r in result["rows"] if r["pass"] == "fwd+bwd"]
     assert all("gnflex_saved_mb" in r for r in bwd)
@@ -244,7 +246,8 @@ def test_cuda_bench_cases_are_valid_inputs():
     from gnflex.bench.cuda import case_rows
 
     rows = case_rows(CUDA_CASES)
-    assert len(rows) == 4 * sum(len(layouts) for *_, layouts in CUDA_CASES)
+    # (none, SiLU) x (fwd, fwd+bwd), and AdaGN + SiLU fwd+bwd
+    assert len(rows) == 5 * sum(len(layouts) for *_, layouts in CUDA_CASES)
     for name, shape, groups, dtype, layout, activation, backward in rows:
         assert shape[1] % groups == 0 and len(shape) >= 3, (name, shape, groups)
         assert dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -57,6 +57,47 @@ def test_cuda_autocast_matches_torch_policy(dtype):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def autocast_half_output():
+    previous = gnflex.set_autocast_half_output(True)
+    yield
+    gnflex.set_autocast_half_output(previous)
+
+
+def test_autocast_half_output_switch(autocast_half_output):
+    assert gnflex.autocast_half_output() is True
+    assert gnflex.set_autocast_half_output(False) is True and gnflex.autocast_half_output() is False
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        gnflex.set_autocast_half_output(1)
+    # CPU autocast is unaffected: no cast, as torch.
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    gnflex.set_autocast_half_output(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gnflex.group_norm(x.float(), 4).dtype == torch.float32
+        assert gnflex.group_norm(x, 4).dtype == torch.bfloat16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_cuda_autocast_half_output(autocast_half_output, dtype):
+    """Opted in: float32 input and float32 parameters under autocast give the
+    autocast dtype, equal to the float32 result rounded once; the backward
+    reaches the float32 parameters."""
+    x = make_input((2, 16, 6, 6), torch.float32, "cuda")
+    norm = GroupNormFlex(16, groups=4, device="cuda", activation="silu")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    with torch.autocast("cuda", dtype=dtype):
+        y = norm(x)
+    assert y.dtype == dtype
+    expected = F.silu(F.group_norm(x.to(dtype).float(), 4, norm.weight, norm.bias))
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and torch.isfinite(norm.weight.grad).all()
+
+
 # ---- conversion ------------------------------------------------------------------
 def _only_gnflex_norms(model):
     """Every GroupNorm left in ``model`` is a GroupNormFlex (itself an nn.GroupNorm)."""

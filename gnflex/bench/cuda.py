@@ -48,14 +48,16 @@ GRAPH_TARGET_MS = 2.0  # a captured graph holds about this much GPU time
 
 def case_rows(cases):
     """(name, shape, groups, dtype, layout, activation, backward) in run order:
-    every case without an activation first, then with SiLU (forward+backward,
-    then forward, whose torch.compile baseline costs a compile per shape), so a
-    run cut short by --budget-s still covers every shape."""
+    every case without an activation first, then with SiLU and AdaGN + SiLU
+    (forward+backward, then forward, whose torch.compile baseline costs a
+    compile per shape; AdaGN forward+backward only), so a run cut short by
+    --budget-s still covers every shape."""
     rows = [(name, shape, groups, DTYPES[dtype], layout, activation, backward)
             for name, shape, groups, dtype, layouts in cases
             for layout in layouts
             for activation in ("none", "silu", MODULATED)
-            for backward in (False, True)]
+            for backward in (False, True)
+            if activation != MODULATED or backward]  # AdaGN: its target is forward+backward
     return sorted(rows, key=lambda r: (r[5] != "none", r[5] != "none" and not r[6]))
 
 
