@@ -164,7 +164,8 @@ def test_backward_errors():
 
 def test_module_rejects_wrong_input():
     m = gnflex.GroupNormFlex(8, groups=4)
-    with pytest.raises(RuntimeError, match=r"expected weight of shape \[12\] \(num_channels\) or \[2, 12\] \(per sample\), got \[8\]"):
+    expected = r"expected weight of shape \[12\] \(num_channels\) or \[2, 12\] \(per sample\), got \[8\]"
+    with pytest.raises(RuntimeError, match=expected):
         m(torch.randn(2, 12, 3, 3))
     with pytest.raises(RuntimeError, match="at least 2 dims"):
         m(torch.randn(8))

@@ -54,7 +54,8 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
       const scalar_t* gx = a.x + ng * D;
       const scalar_t* gdy = a.dy + ng * D;
       a.mean_shift[ng] = a.group_mean_shift(ng);
-      group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg, scale, shift);
+      group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0),
+                            Cg, scale, shift);
       std::fill(pivot, pivot + Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
@@ -62,8 +63,8 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
             gdy + c * s.HxW, gx + c * s.HxW, s.HxW, t, c, g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
       }
       if (a.dx == nullptr) continue;
-      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, c0), Cg, a.mean_shift[ng], a.rstd[ng], D,
-                             g_coef, x_coef, bias_coef);
+      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, c0), Cg, a.mean_shift[ng],
+                             a.rstd[ng], D, g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
       for (int64_t c = 0; c < Cg; ++c) {
         const bool more = ng + 1 < end;
@@ -96,8 +97,8 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
         a.mean_shift[ng] = a.group_mean_shift(ng);
-        group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg, scale + g * Cg,
-                              shift + g * Cg);
+        group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
+                              scale + g * Cg, shift + g * Cg);
       }
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* sum_gx = a.sum_gx + n * s.C;
@@ -114,8 +115,8 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       if (a.dx == nullptr) continue;
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
-        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.params.weight(n, g * Cg), Cg, a.mean_shift[ng], a.rstd[ng],
-                               s.group_size(), g_coef + g * Cg, x_coef + g * Cg, bias_coef + g * Cg);
+        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.params.weight(n, g * Cg), Cg, a.mean_shift[ng],
+                               a.rstd[ng], s.group_size(), g_coef + g * Cg, x_coef + g * Cg, bias_coef + g * Cg);
       }
       const auto row_affine = run_affine(t, 0, PerChannel{});
       const auto row_input_grad = run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
@@ -141,8 +142,8 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
     a.mean_shift[ng] = a.group_mean_shift(ng);
-    group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg, scale.data() + ng * Cg,
-                          shift.data() + ng * Cg);
+    group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+                          scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
 
@@ -189,8 +190,8 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   std::vector<acc_t> g_coef(planes), x_coef(planes), bias_coef(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t i = ng * Cg;
-    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.params.weight(ng / s.G, ng % s.G * Cg), Cg, a.mean_shift[ng], a.rstd[ng],
-                           s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
+    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.params.weight(ng / s.G, ng % s.G * Cg), Cg, a.mean_shift[ng],
+                           a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
   }
   const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
   for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {

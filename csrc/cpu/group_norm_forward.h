@@ -33,8 +33,8 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
-      group_forward_coefs(span_stats(gx, D), a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg, a.mean + ng, a.rstd + ng, pivot, scale,
-                          shift);
+      group_forward_coefs(span_stats(gx, D), a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+                          a.mean + ng, a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
         const RunWrite<scalar_t, 1> w{a.stream, {ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
@@ -63,8 +63,8 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
       const scalar_t* xs = a.x + n * s.HxW * s.C;
       sample_stats(xs, s, scratch, stats.data());
       for (int64_t g = 0; g < s.G; ++g) {
-        group_forward_coefs(stats[g], a.eps, a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg, a.mean + n * s.G + g, a.rstd + n * s.G + g,
-                            pivot + g * Cg, scale + g * Cg, shift + g * Cg);
+        group_forward_coefs(stats[g], a.eps, a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
+                            a.mean + n * s.G + g, a.rstd + n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
       const RunWrite<scalar_t, 1> w{a.stream, {prefetch && n + 1 < end ? xs + s.HxW * s.C : nullptr}};
       cl_forward_rows<scalar_t, A>(xs, a.y + n * s.HxW * s.C, s.HxW, s.C, {pivot, scale, shift}, w);
@@ -81,8 +81,8 @@ void forward_two_pass(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, L
   std::vector<acc_t> pivots(s.N * s.C), scale(s.N * s.C), shift(s.N * s.C);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
-    group_forward_coefs(stats[ng], a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg, a.mean + ng, a.rstd + ng, pivots.data() + ng * Cg,
-                        scale.data() + ng * Cg, shift.data() + ng * Cg);
+    group_forward_coefs(stats[ng], a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg, a.mean + ng,
+                        a.rstd + ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
   const RunWrite<scalar_t, 1> w{a.stream, {}};

@@ -20,8 +20,8 @@ struct ForwardParams {
   Activation activation;
   double eps;
   const void* x;
-  const void* weight;  // accumulate type, (C,) or per sample (N, C)
-  const void* bias;    // accumulate type, (C,) or per sample (N, C)
+  const void* weight;                  // accumulate type, (C,) or per sample (N, C)
+  const void* bias;                    // accumulate type, (C,) or per sample (N, C)
   int64_t weight_stride, bias_stride;  // per sample: C, else 0
   void* y;
   void* mean;  // (N, G) accumulate type
@@ -41,9 +41,9 @@ struct BackwardParams {
   const void* weight;
   const void* bias;
   int64_t weight_stride, bias_stride;  // as in ForwardParams
-  void* dx;       // null: not wanted
-  void* dweight;  // accumulate type, in weight's shape, always written
-  void* dbias;    // accumulate type, in bias's shape, always written
+  void* dx;                            // null: not wanted
+  void* dweight;                       // accumulate type, in weight's shape, always written
+  void* dbias;                         // accumulate type, in bias's shape, always written
   CpuTuning tuning;
 };
 

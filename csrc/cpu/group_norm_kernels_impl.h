@@ -57,10 +57,13 @@ void forward_typed(const ForwardParams& p) {
   const GroupNormShape& s = p.shape;
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
   const ForwardArgs<scalar_t> args{
-      static_cast<const scalar_t*>(p.x),   static_cast<scalar_t*>(p.y),
+      static_cast<const scalar_t*>(p.x),
+      static_cast<scalar_t*>(p.y),
       {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias), p.weight_stride, p.bias_stride},
-      static_cast<acc_t>(p.eps),           static_cast<acc_t*>(p.mean),
-      static_cast<acc_t*>(p.rstd),         stream_output(p.y, s, p.layout, bytes, p.tuning)};
+      static_cast<acc_t>(p.eps),
+      static_cast<acc_t*>(p.mean),
+      static_cast<acc_t*>(p.rstd),
+      stream_output(p.y, s, p.layout, bytes, p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (p.layout == Layout::ChannelsFirst) {
@@ -127,19 +130,19 @@ void backward_typed(const BackwardParams& p) {
   std::vector<acc_t> exact_shift(s.N * s.G);
   exact_mean_shifts(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
                     static_cast<const acc_t*>(p.rstd), s, p.layout, has_exact, exact_shift);
-  const BackwardArgs<scalar_t> args{static_cast<const scalar_t*>(p.dy),
-                                    static_cast<const scalar_t*>(p.x),
-                                    static_cast<scalar_t*>(p.dx),
-                                    static_cast<const acc_t*>(p.mean),
-                                    static_cast<const acc_t*>(p.rstd),
-                                    {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias),
-                                     p.weight_stride, p.bias_stride},
-                                    sum_gx.data(),
-                                    sum_g.data(),
-                                    mean_shift.data(),
-                                    stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
-                                    has_exact.data(),
-                                    exact_shift.data()};
+  const BackwardArgs<scalar_t> args{
+      static_cast<const scalar_t*>(p.dy),
+      static_cast<const scalar_t*>(p.x),
+      static_cast<scalar_t*>(p.dx),
+      static_cast<const acc_t*>(p.mean),
+      static_cast<const acc_t*>(p.rstd),
+      {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias), p.weight_stride, p.bias_stride},
+      sum_gx.data(),
+      sum_g.data(),
+      mean_shift.data(),
+      stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
+      has_exact.data(),
+      exact_shift.data()};
   // x and dy are both read twice.
   const int64_t bytes = 2 * static_cast<int64_t>(sizeof(scalar_t));
   dispatch_activation(p.activation, [&](auto a) {

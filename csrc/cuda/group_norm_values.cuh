@@ -56,8 +56,7 @@ __device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64
 template <typename Op, typename acc_t>
 __device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group,
                                                              const ChannelParam<acc_t>& weight,
-                                                             const ChannelParam<acc_t>& bias, int64_t n,
-                                                             int64_t c) {
+                                                             const ChannelParam<acc_t>& bias, int64_t n, int64_t c) {
   const acc_t w = Op::kUsesWeight ? weight.at(n, c, acc_t(1)) : acc_t(1);
   const acc_t b = Op::kUsesBias ? bias.at(n, c, acc_t(0)) : acc_t(0);
   const auto affine = math::fold_affine(group.shift, group.scale, w, b);

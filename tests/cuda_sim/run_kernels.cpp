@@ -415,9 +415,10 @@ void run_case(const Case& k) {
       "spike=%s*%g: err/tol y %.2f mean %.2f rstd %.2f dx %.2f dw %.2f db %.2f%s%s (%.0f ms)\n",
       ok ? "PASS" : "FAIL", type_name<scalar_t>(), k.layout == Layout::ChannelsFirst ? "NCHW" : "NHWC",
       resident ? " resident" : "", long(N), long(C), long(HxW), long(G), acts[int(k.act)], int(k.affine),
-      params[int(k.params)], samples[int(k.sample_weight) + 2 * int(k.sample_bias)], grads[int(k.grads)], k.eps, k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)],
-      k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst, e_dx.worst, e_dw.worst, e_db.worst,
-      guards_ok ? "" : " GUARD BYTES OVERWRITTEN", words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
+      params[int(k.params)], samples[int(k.sample_weight) + 2 * int(k.sample_bias)], grads[int(k.grads)], k.eps,
+      k.x_off, k.dy_off, k.center, k.spread, spikes[int(k.spike)], k.spike_size, e_y.worst, e_mean.worst, e_rstd.worst,
+      e_dx.worst, e_dw.worst, e_db.worst, guards_ok ? "" : " GUARD BYTES OVERWRITTEN",
+      words_ok ? "" : " SEQUENCE WORDS NOT RESET", ms);
   (ok ? passed : failed)++;
 }
 
