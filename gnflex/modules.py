@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ._distributed import register_if_loaded as _register_sharding_if_loaded
 from ._ops import group_norm_op
+from .activations import ACTIVATIONS, ALL_NAMES
 from .config import GNConfig
 from .functional import (check_more_than_one_value, in_onnx_export, modulated_group_norm, modulation_params,
                          torch_group_norm_with_stats)
@@ -160,6 +161,8 @@ class AdaGroupNorm(nn.Module):
         if act_fn is not None and act_fn not in EMBEDDING_ACTIVATIONS:
             raise ValueError(f"AdaGroupNorm: act_fn must be None or one of {sorted(EMBEDDING_ACTIVATIONS)}, "
                              f"got {act_fn!r}")
+        if activation not in ALL_NAMES:
+            raise ValueError(f"AdaGroupNorm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         self.num_groups = num_groups
         self.eps = eps
         self.activation = activation

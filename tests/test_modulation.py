@@ -222,6 +222,13 @@ def test_convert_leaves_a_hooked_ada_group_norm_alone():
     assert model["norm"] is theirs and report.skipped == [("norm", "has hooks")]
 
 
+def test_ada_group_norm_rejects_unknown_activations():
+    with pytest.raises(ValueError, match="act_fn must be None or one of"):
+        gnflex.AdaGroupNorm(16, 8, 4, act_fn="tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        gnflex.AdaGroupNorm(16, 8, 4, activation="tanh")
+
+
 def test_ada_group_norm_scripts():
     ours = gnflex.AdaGroupNorm(16, 8, 4, act_fn="silu", activation="relu")
     scripted = torch.jit.script(ours)
