@@ -39,13 +39,8 @@ def _is_op(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in (_OP, _OP.default)
 
 
-def _activation_arg(node: torch.fx.Node) -> str:
-    if len(node.args) > _ACTIVATION_INDEX:
-        return node.args[_ACTIVATION_INDEX]
-    return node.kwargs.get("activation", "none")
-
-
 def _argument(node: torch.fx.Node, name: str):
+    """The op call's argument ``name``: positional, keyword or the schema's default."""
     index = _ARGUMENTS.index(name)
     if len(node.args) > index:
         return node.args[index]
@@ -119,7 +114,7 @@ def fuse_norm_activations(graph: torch.fx.Graph) -> int:
     into a norm."""
     fused = 0
     for node in list(graph.nodes):
-        if not _is_op(node) or _activation_arg(node) != "none":
+        if not _is_op(node) or _argument(node, "activation") != "none":
             continue
         outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
         if len(outputs) != 1 or len(outputs[0].users) != 1:
