@@ -25,8 +25,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from torch.fx.experimental.symbolic_shapes import statically_known_true
-
+from ._fx_fusion import only_user, other_operand, per_sample_like
 from .activations import called_activation
 from .functional import modulation_params
 
@@ -51,46 +50,24 @@ def _value(node):
     return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
 
 
-def _only_user(node: torch.fx.Node):
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _other_operand(node: torch.fx.Node, target, operand: torch.fx.Node):
-    """The other operand of a binary ``target`` call on ``operand``, else None."""
-    if node is None or node.op != "call_function" or node.target not in target or node.kwargs:
-        return None
-    if len(node.args) != 2 or node.args.count(operand) != 1:
-        return None
-    return node.args[1] if node.args[0] is operand else node.args[0]
-
-
-def _per_sample_like(value, y) -> bool:
-    """``value`` is an (N, C, 1, ...) tensor of y's dtype that broadcasts
-    against the norm's output ``y`` without changing its shape or dtype."""
-    if not isinstance(value, torch.Tensor) or value.dim() != y.dim() or value.dtype != y.dtype:
-        return False
-    same = [statically_known_true(value.shape[d] == y.shape[d]) for d in (0, 1)]
-    return all(same) and all(statically_known_true(size == 1) for size in value.shape[2:])
-
-
 def _fuse_modulation(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Node) -> bool:
     """op -> y -> mul(y, factor) [-> add(shift)] [-> activation], each value
     used only by the next: one op call with per-sample weight and bias."""
     y_value = _value(y)
-    mul = _only_user(y)
-    factor = _other_operand(mul, (operator.mul, torch.mul), y)
-    if y_value is None or factor is None or not _per_sample_like(_value(factor), y_value):
+    mul = only_user(y)
+    factor = other_operand(mul, "mul", y)
+    if y_value is None or factor is None or not per_sample_like(_value(factor), y_value):
         return False
     weight, bias = _argument(node, "weight"), _argument(node, "bias")
     if any(p is not None and (_value(p) is None or _value(p).dim() != 1) for p in (weight, bias)):
         return False
     last, shift = mul, None
-    add = _only_user(mul)
-    addend = _other_operand(add, (operator.add, torch.add), mul)
-    if addend is not None and _per_sample_like(_value(addend), y_value):
+    add = only_user(mul)
+    addend = other_operand(add, "add", mul)
+    if addend is not None and per_sample_like(_value(addend), y_value):
         last, shift = add, addend
     activation = "none"
-    act = _only_user(last)
+    act = only_user(last)
     if act is not None and called_activation(act) is not None and act.args[:1] == (last,) \
             and last not in act.args[1:] and last not in act.kwargs.values():
         last, activation = act, called_activation(act)

@@ -6,31 +6,38 @@ The forward of every module that holds a GroupNormFlex without activation
 submodules stay single calls, ``*args`` / ``**kwargs`` are empty, and
 arguments without a default or with a None default are traced as tensors
 (then, if that fails, those with a default keep it). Where a norm's output
-feeds only an activation (ReLU / SiLU / exact GELU):
+feeds only an activation (ReLU / SiLU / exact GELU) or a modulation:
 
 - both are modules (``h = self.norm(x); h = self.act(h)``): the norm computes
   the activation in its kernel and the activation module becomes an
   :class:`ActivationAfterNorm`, which returns that norm's latest output
   unchanged and applies itself to anything else (a shared ``nonlinearity``
   also runs on other tensors). Classes, code and state_dict keys stay;
-- the activation is a function, or the norm is ``F.group_norm``: the code
-  must change, so that module becomes its traced GraphModule (its submodules
-  stay as they are).
+- the activation is a function, the norm is ``F.group_norm``, or the norm's
+  output is only multiplied by a factor, maybe then shifted and activated
+  (diffusers' ``norm2(h) * (1 + scale) + shift``): the code must change. The
+  module keeps its class and state_dict keys and gets the rewritten code as
+  an instance-level ``forward`` (:class:`FusedForward`); it calls
+  :func:`fused_norm_call`, which folds a per-sample (N, C, 1, ...) factor
+  and shift into the kernel and computes anything else as written.
 
 Under torch.compile / torch.export and TorchScript the norm computes no taken
 activation and the activation module runs: the compiled graph is fused by
 :mod:`gnflex._compile_fusion` instead.
 """
 import inspect
+import operator
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .activations import called_activation
+from .activations import called_activation, torch_function
 from .functional import group_norm as gnflex_group_norm
+from .functional import modulation_params
 from .modules import GroupNormFlex
 
 _GROUP_NORM_SIGNATURE = inspect.signature(F.group_norm)
@@ -47,6 +54,88 @@ def replaced_forward(module: nn.Module) -> bool:
     """Whether ``forward`` is replaced on the instance (accelerate's
     add_hook_to_module, monkey-patching): the class does not say what runs."""
     return "forward" in vars(module)
+
+
+# ---- graph helpers, shared with the torch.compile pass ----------------------------
+_BINARY = {"mul": (operator.mul, torch.mul), "add": (operator.add, torch.add)}
+
+
+def only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def other_operand(node: Optional[torch.fx.Node], name: str, operand: torch.fx.Node):
+    """The other operand of a ``mul`` / ``add`` call (function or method,
+    no keywords) on ``operand``, else None."""
+    if node is None or node.kwargs or len(node.args) != 2 or node.args.count(operand) != 1:
+        return None
+    if not ((node.op == "call_function" and node.target in _BINARY[name])
+            or (node.op == "call_method" and node.target == name)):
+        return None
+    return node.args[1] if node.args[0] is operand else node.args[0]
+
+
+def per_sample_like(value, y) -> bool:
+    """``value`` is an (N, C, 1, ...) tensor of y's dtype that broadcasts
+    against ``y`` (a norm's input or output) without changing its shape or dtype."""
+    if not isinstance(value, torch.Tensor) or value.dim() != y.dim() or value.dtype != y.dtype:
+        return False
+    same = [statically_known_true(value.shape[d] == y.shape[d]) for d in (0, 1)]
+    return all(same) and all(statically_known_true(size == 1) for size in value.shape[2:])
+
+
+def fused_norm_call(norm: GroupNormFlex, input: torch.Tensor, factor, shift, activation: str) -> torch.Tensor:
+    """``activation(norm(input) * factor + shift)`` as forward code wrote it
+    (``factor`` / ``shift`` None: not there) in one fused call, where factor
+    and shift are per sample (N, C, 1, ...) in the input's dtype; else as
+    written."""
+    per_sample = all(v is None or per_sample_like(v, input) for v in (factor, shift))
+    if per_sample and not has_hooks(norm) and norm.activation == "none" and norm._takes_activation is None:
+        weight, bias = norm.weight, norm.bias
+        if factor is not None or shift is not None:
+            weight, bias = modulation_params(input, factor, shift, weight, bias, 0.0)
+        return gnflex_group_norm(input, norm.num_groups, weight, bias, norm.eps, activation)
+    output = norm(input)
+    if factor is not None:
+        output = output * factor
+    if shift is not None:
+        output = output + shift
+    return torch_function(activation)(output)
+
+
+class FusedForward:
+    """The forward of a module whose forward code convert rewrote (fused
+    calls): the traced graph's code, run with the module as ``self``, so its
+    submodules are looked up at each call. Set on the instance: class,
+    submodules and state_dict keys stay. A call with arguments other than
+    the traced ones (tensors for every named parameter, nothing for
+    ``*args`` / ``**kwargs``) runs the class's forward instead. TorchScript
+    cannot compile it: convert with ``fuse_activations=False`` to script."""
+
+    def __init__(self, module: nn.Module, graph: torch.fx.Graph, parameters: List[str]):
+        python_code = graph.python_code(root_module="self")
+        importer = torch.package.sys_importer
+        imports = torch.fx.graph_module._format_import_block(python_code.globals, importer)
+        self.__setstate__({"module": module, "source": imports + python_code.src, "parameters": parameters})
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self.code = torch.fx.graph_module._forward_from_src(self.source, {})
+
+    def __getstate__(self):
+        return {"module": self.module, "source": self.source, "parameters": self.parameters}
+
+    def __call__(self, *args, **kwargs):
+        names = self.parameters
+        traced = (len(args) + len(kwargs) == len(names) and all(k in names[len(args):] for k in kwargs)
+                  and all(isinstance(a, torch.Tensor) for a in args)
+                  and all(isinstance(v, torch.Tensor) for v in kwargs.values()))
+        if not traced:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.code(self.module, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FusedForward(<{type(self.module).__name__}>)"
 
 
 class ActivationAfterNorm:
@@ -94,7 +183,8 @@ class _OneLevelTracer(torch.fx.Tracer):
     def __init__(self, keep_defaults: bool):
         super().__init__()
         self.keep_defaults = keep_defaults
-        self.same_signature = True  # the graph takes the arguments forward takes
+        self.same_signature = True  # every named parameter of forward is a graph input
+        self.parameters: List[str] = []  # the graph's inputs, in order
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
@@ -104,14 +194,14 @@ class _OneLevelTracer(torch.fx.Tracer):
         positional, keyword = [], {}
         for p in params:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                self.same_signature = False
-                continue
+                continue  # empty: FusedForward runs the class's forward for any other call
             has_default = p.default is not p.empty
             if has_default and (self.keep_defaults or p.default is not None):
                 value = p.default
                 self.same_signature = False
             else:
                 value = self.create_proxy("placeholder", p.name, (p.default,) if has_default else (), {})
+                self.parameters.append(p.name)
             if p.kind is p.KEYWORD_ONLY:
                 keyword[p.name] = value
             else:
@@ -123,16 +213,18 @@ class _OneLevelTracer(torch.fx.Tracer):
         return root, [self.root]
 
 
-def _trace_one_level(module: nn.Module) -> Tuple[Optional[torch.fx.Graph], bool, str]:
-    """(graph, whether it takes forward's arguments, why not traced)."""
+def _trace_one_level(module: nn.Module) -> Tuple[Optional[torch.fx.Graph], Optional[List[str]], str]:
+    """(graph, its inputs if they are forward's named parameters else None,
+    why not traced)."""
     why = ""
     for keep_defaults in (False, True):
         tracer = _OneLevelTracer(keep_defaults)
         try:
-            return tracer.trace(module), tracer.same_signature, ""
+            graph = tracer.trace(module)
+            return graph, tracer.parameters if tracer.same_signature else None, ""
         except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors
             why = f"does not trace ({type(e).__name__})"
-    return None, False, why
+    return None, None, why
 
 
 def _activation_of(node: torch.fx.Node, modules, activation_name) -> Optional[str]:
@@ -187,14 +279,14 @@ class _Fusion:
         self.replacements[id(act)] = (act, new)
         return new
 
-    def fuse_module(self, module: nn.Module, name: str) -> Optional[nn.Module]:
-        """Fuses in ``module``'s forward code; returns its GraphModule where
-        that code had to change, else None."""
-        graph, same_signature, why = _trace_one_level(module)
+    def fuse_module(self, module: nn.Module, name: str) -> None:
+        """Fuses in ``module``'s forward code: modules in place, and where the
+        code has to change, a :class:`FusedForward` on the instance."""
+        graph, parameters, why = _trace_one_level(module)
         label = name or "<model>"
         if graph is None:
             self.report.traced.append((label, why))
-            return None
+            return
         modules = dict(module.named_modules())
         _skip_identities(graph, modules)
         calls: Dict[str, int] = {}
@@ -202,7 +294,8 @@ class _Fusion:
             if node.op == "call_module":
                 calls[node.target] = calls.get(node.target, 0) + 1
         prefix = f"{name}." if name else ""
-        in_place, in_code = [], []
+        code_may_change = parameters is not None and not has_hooks(module) and not replaced_forward(module)
+        in_place, in_code, modulated = [], [], []
         for node in list(graph.nodes):
             is_flex = node.op == "call_module" and isinstance(modules.get(node.target), GroupNormFlex)
             is_functional = node.op == "call_function" and node.target is F.group_norm
@@ -215,6 +308,9 @@ class _Fusion:
             where = f"{prefix}{node.target}" if is_flex else f"{prefix}F.group_norm ({node.name})"
             users = list(node.users)
             activations = [_activation_of(u, modules, self.activation_name) for u in users]
+            if is_flex and code_may_change and self.modulation(node, modules) is not None:
+                modulated.append((node, where))
+                continue
             if len(users) != 1:
                 if any(activations):
                     self.report.skipped.append((where, f"activation not fused: its output has {len(users)} users"))
@@ -230,20 +326,24 @@ class _Fusion:
                 act.after_norms.append(norm)
                 norm._takes_activation = activation
                 in_place.append(f"{where} + {activation}")
-            elif same_signature and not has_hooks(module) and not replaced_forward(module):
+            elif code_may_change:
                 in_code.append((node, act_node, activation, where))
             else:
                 self.report.skipped.append((where, "activation not fused: an activation function after it, "
                                                    "in code traced with other arguments or with hooks"))
         self.report.fused += in_place
-        if not in_code:
+        if not in_code and not modulated:
             if in_place:
                 self.report.traced.append((label, f"{len(in_place)} fused, module kept"))
-            return None
+            return
         for node, act_node, activation, where in in_code:
-            if node.op == "call_module":
-                modules[node.target].activation = activation
-                modules[node.target].config = modules[node.target].config.replace(activation=activation)
+            if node.op == "call_module":  # the norm stays as it is: the class's forward may run too
+                with graph.inserting_before(node):
+                    new = graph.call_function(fused_norm_call,
+                                              (graph.get_attr(node.target), node.args[0], None, None, activation))
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                node = new
             else:
                 # gnflex.group_norm takes F.group_norm's arguments (same names) + activation.
                 bound = _GROUP_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
@@ -256,17 +356,53 @@ class _Fusion:
             act_node.replace_all_uses_with(node)
             graph.erase_node(act_node)
             self.report.fused.append(where + f" + {activation}")
+        for node, where in modulated:
+            self.report.fused.append(where + self.fuse_modulation(graph, node, modules))
         graph.lint()
-        gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-        self.report.traced.append((label, f"{len(in_place) + len(in_code)} fused, rewritten by torch.fx "
-                                          f"({len(in_code)} in code)"))
-        return gm
+        module.forward = FusedForward(module, graph, parameters)
+        self.report.traced.append((label, f"{len(in_place) + len(in_code) + len(modulated)} fused, module kept, "
+                                          f"forward code rewritten ({len(in_code) + len(modulated)} in code)"))
+
+    def modulation(self, node: torch.fx.Node, modules):
+        """(mul, factor, add, shift, activation node, activation) where the
+        norm call ``node`` feeds only ``* factor``, maybe then only
+        ``+ shift``, maybe then only an activation; else None."""
+        mul = only_user(node)
+        factor = other_operand(mul, "mul", node)
+        if factor is None:
+            return None
+        last, add = mul, only_user(mul)
+        shift = other_operand(add, "add", mul)
+        if shift is not None:
+            last = add
+        else:
+            add = None
+        act, activation = only_user(last), None
+        if act is not None:
+            activation = _activation_of(act, modules, self.activation_name)
+            if activation is None or act.args[:1] != (last,) or last in act.args[1:] or last in act.kwargs.values():
+                act, activation = None, None
+        return mul, factor, add, shift, act, activation
+
+    def fuse_modulation(self, graph: torch.fx.Graph, node: torch.fx.Node, modules) -> str:
+        """Replaces norm -> * factor [-> + shift] [-> activation] by one
+        :func:`fused_norm_call`; returns what was fused, for the report."""
+        mul, factor, add, shift, act, activation = self.modulation(node, modules)
+        last = act or add or mul
+        with graph.inserting_before(last):
+            norm = graph.get_attr(node.target)
+            fused = graph.call_function(fused_norm_call, (norm, node.args[0], factor, shift, activation or "none"))
+        last.replace_all_uses_with(fused)
+        for done in (act, add, mul, node):
+            if done is not None:
+                graph.erase_node(done)
+        return " * scale" + (" + shift" if shift is not None else "") + (f" + {activation}" if activation else "")
 
 
-def fuse_in_forward_code(model: nn.Module, activation_name: Callable, report) -> nn.Module:
-    """Fuse where forward code calls a norm then an activation; returns the
-    model (its GraphModule where its own code had to change). Adds to
-    ``report.fused``, ``report.skipped`` and ``report.traced``."""
+def fuse_in_forward_code(model: nn.Module, activation_name: Callable, report) -> None:
+    """Fuse where forward code calls a norm then an activation or a
+    modulation, in place. Adds to ``report.fused``, ``report.skipped`` and
+    ``report.traced``."""
     fusion = _Fusion(model, activation_name, report)
 
     def wants_tracing(module: nn.Module) -> bool:
@@ -277,14 +413,6 @@ def fuse_in_forward_code(model: nn.Module, activation_name: Callable, report) ->
         code = getattr(type(module).forward, "__code__", None)
         return has_candidate or (code is not None and "group_norm" in code.co_names)
 
-    # Inner modules first: a GraphModule holds the submodules it was built with.
     for name, module in reversed(list(model.named_modules())):
-        new = fusion.fuse_module(module, name) if wants_tracing(module) else None
-        if new is None:
-            continue
-        if not name:
-            return new
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name)._modules[child] = new
-        fusion.find_parents(model)
-    return model
+        if wants_tracing(module):
+            fusion.fuse_module(module, name)

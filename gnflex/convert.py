@@ -215,11 +215,14 @@ def convert(
       holding the norm is traced one level deep by torch.fx (see
       ``gnflex._fx_fusion``): between modules, the norm computes the
       activation and the activation module becomes an ActivationAfterNorm
-      (classes, code and state_dict keys stay); an activation function or
-      ``F.group_norm`` in code makes that module its traced
-      ``torch.fx.GraphModule``. A norm output used by anything besides the
-      activation, or a norm called twice, is not fused; ``report.traced``
-      lists what was traced;
+      (classes, code and state_dict keys stay). Where the code must change
+      (an activation function, ``F.group_norm``, or a per-sample modulation
+      ``norm(h) * factor + shift`` before the activation, as in diffusers'
+      scale_shift ``ResnetBlock2D``), that module keeps its class and gets
+      its rewritten code as an instance-level ``forward``
+      (:class:`gnflex._fx_fusion.FusedForward`). A norm output used by
+      anything besides the activation, or a norm called twice, is not fused;
+      ``report.traced`` lists what was traced;
     - diffusers' ``AdaGroupNorm`` becomes gnflex's :class:`AdaGroupNorm`
       (the modulation folded into the kernel), keeping its ``act`` and
       ``linear`` modules;
@@ -229,8 +232,7 @@ def convert(
       the layer computes (no running statistics): the model needs fine-tuning
       or training.
 
-    Returns ``(model, report)``: ``model`` itself, or its GraphModule when
-    the whole model was rewritten.
+    Returns ``(model, report)``: ``model`` is the model passed, changed in place.
     """
     report = ConversionReport()
     bn_config = batchnorm_config or GNConfig()
@@ -277,5 +279,5 @@ def convert(
 
     visit(model, "")
     if fuse_activations:
-        model = fuse_in_forward_code(model, _activation_name, report)
+        fuse_in_forward_code(model, _activation_name, report)
     return model, report

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gnflex
 from _helpers import randomize_groupnorms
 from gnflex import GroupNormFlex
-from gnflex._fx_fusion import ActivationAfterNorm
+from gnflex._fx_fusion import ActivationAfterNorm, FusedForward
 
 _NORMS = {"native_group_norm", "group_norm"}  # torch's (as aten runs it) and gnflex's
 _ACTIVATIONS = {"relu", "relu_", "silu", "silu_", "gelu", "gelu_"}
@@ -227,6 +227,77 @@ def test_shared_activation_still_applies_to_other_inputs():
         torch.testing.assert_close(restored(x, temb), ref)
         h = restored.norm(x)
         assert restored.act(h) is h
+
+
+def _full_size_calls(model, inputs, like):
+    """(aten mul / add calls on tensors of ``like``'s shape, gnflex op calls
+    with per-sample weight) while ``model`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        elementwise = per_sample = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "aten" and func._opname in ("mul", "add") \
+                    and any(isinstance(a, torch.Tensor) and a.shape == like.shape for a in args):
+                Count.elementwise += 1
+            if func.namespace == "gnflex" and args[1] is not None and args[1].dim() == 2:
+                Count.per_sample += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(*inputs)
+    return Count.elementwise, Count.per_sample
+
+
+def test_eager_fusion_of_the_scale_shift_modulation():
+    """diffusers' scale_shift ResnetBlock2D: norm2(h) * (1 + scale) + shift
+    then SiLU becomes one op call with per-sample weight and bias; the class
+    stays, and the rewritten forward survives deepcopy and pickling."""
+    resnet = pytest.importorskip("diffusers.models.resnet")
+    torch.manual_seed(0)
+    block = _randomized(resnet.ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=4,
+                                             time_embedding_norm="scale_shift")).double()
+    inputs = [torch.randn(2, 16, 6, 6, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)]
+    reference = _output_and_grads(block, inputs)
+    converted, report = gnflex.convert(copy.deepcopy(block))
+    assert sorted(report.fused) == ["norm1 + silu", "norm2 * scale + shift + silu"], str(report)
+    assert type(converted) is resnet.ResnetBlock2D and isinstance(converted.forward, FusedForward)
+    assert list(converted.state_dict()) == list(block.state_dict())
+    # Before: y * (1 + scale), + shift and the residual add on full tensors; after: the residual add only.
+    assert _full_size_calls(block, inputs, inputs[0]) == (3, 0)
+    assert _full_size_calls(converted, inputs, inputs[0]) == (1, 1)
+    _assert_close_scaled(_output_and_grads(converted, inputs), reference)
+    for restored in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        assert restored.forward.module is restored
+        _assert_close_scaled(_output_and_grads(restored, inputs), reference)
+
+
+class _FiLMBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 8)
+
+    def forward(self, x, scale, shift=None):
+        return F.silu(self.norm(x) * scale + shift)
+
+
+def test_rewritten_forward_computes_other_calls_as_written():
+    """A factor that is not per sample, or a call with other arguments than
+    the traced ones, gives what the original code gives."""
+    torch.manual_seed(0)
+    block = _randomized(_FiLMBlock()).double()
+    converted, report = gnflex.convert(copy.deepcopy(block))
+    assert report.fused == ["norm * scale + shift + silu"] and isinstance(converted.forward, FusedForward)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    shift = torch.randn(2, 8, 1, 1, dtype=torch.float64)
+    for scale in (torch.randn(2, 8, 1, 1, dtype=torch.float64),  # fused
+                  torch.randn(1, 8, 1, 1, dtype=torch.float64),  # per channel: as written
+                  torch.randn(2, 8, 4, 4, dtype=torch.float64),  # full tensor: as written
+                  torch.randn(2, 8, 1, 1, dtype=torch.float32),  # promotes: as written
+                  0.5):  # not a tensor: the class's forward
+        torch.testing.assert_close(converted(x, scale, shift), block(x, scale, shift))
+    torch.testing.assert_close(converted(x, scale=shift, shift=shift), block(x, shift, shift))
 
 
 def test_norm_output_used_twice_is_not_fused():
