@@ -220,7 +220,8 @@ def convert(
       ``norm(h) * factor + shift`` before the activation, as in diffusers'
       scale_shift ``ResnetBlock2D``), that module keeps its class and gets
       its rewritten code as an instance-level ``forward``
-      (:class:`gnflex._fx_fusion.FusedForward`). A norm output used by
+      (:class:`gnflex._fx_fusion.FusedForward`; TorchScript cannot compile
+      it: pass ``fuse_activations=False`` to script). A norm output used by
       anything besides the activation, or a norm called twice, is not fused;
       ``report.traced`` lists what was traced;
     - diffusers' ``AdaGroupNorm`` becomes gnflex's :class:`AdaGroupNorm`
