@@ -25,7 +25,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from ._fx_fusion import only_user, other_operand, per_sample_like
+from ._fx_fusion import modulation_chain, per_sample_like
 from .activations import called_activation
 from .functional import modulation_params
 
@@ -54,23 +54,15 @@ def _fuse_modulation(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Nod
     """op -> y -> mul(y, factor) [-> add(shift)] [-> activation], each value
     used only by the next: one op call with per-sample weight and bias."""
     y_value = _value(y)
-    mul = only_user(y)
-    factor = other_operand(mul, "mul", y)
-    if y_value is None or factor is None or not per_sample_like(_value(factor), y_value):
+    if y_value is None:
+        return False
+    m = modulation_chain(y, called_activation, lambda operand: per_sample_like(_value(operand), y_value))
+    if m is None:
         return False
     weight, bias = _argument(node, "weight"), _argument(node, "bias")
     if any(p is not None and (_value(p) is None or _value(p).dim() != 1) for p in (weight, bias)):
         return False
-    last, shift = mul, None
-    add = only_user(mul)
-    addend = other_operand(add, "add", mul)
-    if addend is not None and per_sample_like(_value(addend), y_value):
-        last, shift = add, addend
-    activation = "none"
-    act = only_user(last)
-    if act is not None and called_activation(act) is not None and act.args[:1] == (last,) \
-            and last not in act.args[1:] and last not in act.kwargs.values():
-        last, activation = act, called_activation(act)
+    factor, shift, last, activation = m.factor, m.shift, m.last, m.activation or "none"
     with graph.inserting_before(last):
         params = graph.call_function(modulation_params, (_argument(node, "input"), factor, shift, weight, bias, 0.0))
         fused_weight = graph.call_function(operator.getitem, (params, 0))
@@ -80,9 +72,9 @@ def _fuse_modulation(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Nod
         output = graph.call_function(operator.getitem, (fused, 0))
     output.meta.update(last.meta)
     last.replace_all_uses_with(output)
-    chain = [last] + ([add] if shift is not None and last is not add else []) + ([mul] if last is not mul else [])
-    for dead in chain + [y, node]:
-        graph.erase_node(dead)
+    for dead in (m.act, m.add, m.mul, y, node):
+        if dead is not None:
+            graph.erase_node(dead)
     return True
 
 

@@ -27,7 +27,7 @@ activation and the activation module runs: the compiled graph is fused by
 """
 import inspect
 import operator
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx
@@ -73,6 +73,39 @@ def other_operand(node: Optional[torch.fx.Node], name: str, operand: torch.fx.No
             or (node.op == "call_method" and node.target == name)):
         return None
     return node.args[1] if node.args[0] is operand else node.args[0]
+
+
+class Modulation(NamedTuple):
+    """A norm output's chain ``* factor [+ shift] [-> activation]``: its
+    nodes (None where absent) and the last of them."""
+    mul: torch.fx.Node
+    factor: object
+    add: Optional[torch.fx.Node]
+    shift: object
+    act: Optional[torch.fx.Node]
+    activation: Optional[str]
+    last: torch.fx.Node
+
+
+def modulation_chain(y: torch.fx.Node, activation_of: Callable, folds: Callable = lambda operand: True):
+    """The :class:`Modulation` where ``y`` feeds only ``* factor``, maybe then
+    only ``+ shift``, maybe then only an activation (``activation_of(node)``:
+    its name or None); None where it is not only multiplied. ``folds(operand)``
+    says whether a factor or shift can go into the op."""
+    mul = only_user(y)
+    factor = other_operand(mul, "mul", y)
+    if factor is None or not folds(factor):
+        return None
+    add = only_user(mul)
+    shift = other_operand(add, "add", mul)
+    if shift is None or not folds(shift):
+        add, shift = None, None
+    last = add or mul
+    act = only_user(last)
+    activation = activation_of(act) if act is not None else None
+    if activation is None or act.args[:1] != (last,) or last in act.args[1:] or last in act.kwargs.values():
+        act, activation = None, None
+    return Modulation(mul, factor, add, shift, act, activation, act or last)
 
 
 def per_sample_like(value, y) -> bool:
@@ -308,8 +341,10 @@ class _Fusion:
             where = f"{prefix}{node.target}" if is_flex else f"{prefix}F.group_norm ({node.name})"
             users = list(node.users)
             activations = [_activation_of(u, modules, self.activation_name) for u in users]
-            if is_flex and code_may_change and self.modulation(node, modules) is not None:
-                modulated.append((node, where))
+            modulation = modulation_chain(node, lambda n: _activation_of(n, modules, self.activation_name)) \
+                if is_flex and code_may_change else None
+            if modulation is not None:
+                modulated.append((node, modulation, where))
                 continue
             if len(users) != 1:
                 if any(activations):
@@ -356,47 +391,25 @@ class _Fusion:
             act_node.replace_all_uses_with(node)
             graph.erase_node(act_node)
             self.report.fused.append(where + f" + {activation}")
-        for node, where in modulated:
-            self.report.fused.append(where + self.fuse_modulation(graph, node, modules))
+        for node, modulation, where in modulated:
+            self.report.fused.append(where + _fuse_modulation(graph, node, modulation))
         graph.lint()
         module.forward = FusedForward(module, graph, parameters)
         self.report.traced.append((label, f"{len(in_place) + len(in_code) + len(modulated)} fused, module kept, "
                                           f"forward code rewritten ({len(in_code) + len(modulated)} in code)"))
 
-    def modulation(self, node: torch.fx.Node, modules):
-        """(mul, factor, add, shift, activation node, activation) where the
-        norm call ``node`` feeds only ``* factor``, maybe then only
-        ``+ shift``, maybe then only an activation; else None."""
-        mul = only_user(node)
-        factor = other_operand(mul, "mul", node)
-        if factor is None:
-            return None
-        last, add = mul, only_user(mul)
-        shift = other_operand(add, "add", mul)
-        if shift is not None:
-            last = add
-        else:
-            add = None
-        act, activation = only_user(last), None
-        if act is not None:
-            activation = _activation_of(act, modules, self.activation_name)
-            if activation is None or act.args[:1] != (last,) or last in act.args[1:] or last in act.kwargs.values():
-                act, activation = None, None
-        return mul, factor, add, shift, act, activation
 
-    def fuse_modulation(self, graph: torch.fx.Graph, node: torch.fx.Node, modules) -> str:
-        """Replaces norm -> * factor [-> + shift] [-> activation] by one
-        :func:`fused_norm_call`; returns what was fused, for the report."""
-        mul, factor, add, shift, act, activation = self.modulation(node, modules)
-        last = act or add or mul
-        with graph.inserting_before(last):
-            norm = graph.get_attr(node.target)
-            fused = graph.call_function(fused_norm_call, (norm, node.args[0], factor, shift, activation or "none"))
-        last.replace_all_uses_with(fused)
-        for done in (act, add, mul, node):
-            if done is not None:
-                graph.erase_node(done)
-        return " * scale" + (" + shift" if shift is not None else "") + (f" + {activation}" if activation else "")
+def _fuse_modulation(graph: torch.fx.Graph, node: torch.fx.Node, m: Modulation) -> str:
+    """Replaces the norm call ``node`` and its chain ``m`` by one
+    :func:`fused_norm_call`; returns what was fused, for the report."""
+    with graph.inserting_before(m.last):
+        norm = graph.get_attr(node.target)
+        fused = graph.call_function(fused_norm_call, (norm, node.args[0], m.factor, m.shift, m.activation or "none"))
+    m.last.replace_all_uses_with(fused)
+    for done in (m.act, m.add, m.mul, node):
+        if done is not None:
+            graph.erase_node(done)
+    return " * scale" + (" + shift" if m.shift is not None else "") + (f" + {m.activation}" if m.activation else "")
 
 
 def fuse_in_forward_code(model: nn.Module, activation_name: Callable, report) -> None:
