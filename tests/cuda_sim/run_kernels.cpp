@@ -3,6 +3,10 @@
 //   run_kernels             a case matrix against a long-double reference:
 //                           one line per case, "N passed, N failed", exit
 //                           status non-zero on a failure;
+//     --dtypes float32,float16   only these dtypes (of float32, float64,
+//                                float16, bfloat16; default: all four)
+//     --no-numerics              only the shape matrix, not the numerics cases
+//                                (spikes, large means: the same indexing)
 //   run_kernels --traffic   reads cases "label N C HxW G dtype layout" from
 //                           stdin (gnflex/bench/cases.py prints them) and
 //                           prints the global-memory bytes, launches and
@@ -657,13 +661,36 @@ int main(int argc, char** argv) {
     return for_each_input_case<TrafficReport>();
   }
   if (argc > 1 && std::string(argv[1]) == "--grids") return for_each_input_case<GridReport>();
+  std::string dtypes = "float32,float64,float16,bfloat16";
+  bool with_numerics = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--dtypes" && i + 1 < argc) {
+      dtypes = argv[++i];
+    } else if (arg == "--no-numerics") {
+      with_numerics = false;
+    } else {
+      std::fprintf(stderr, "unknown argument %s (see the comment at the top of run_kernels.cpp)\n", arg.c_str());
+      return 2;
+    }
+  }
+  const std::string list = "," + dtypes + ",";
+  const auto wanted = [&](const char* name) { return list.find(std::string(",") + name + ",") != std::string::npos; };
+  for (size_t start = 1; start < list.size(); start = list.find(',', start) + 1) {
+    const std::string name = list.substr(start, list.find(',', start) - start);
+    if (name != "float32" && name != "float64" && name != "float16" && name != "bfloat16") {
+      std::fprintf(stderr, "--dtypes: unknown dtype '%s' (float32, float64, float16, bfloat16)\n", name.c_str());
+      return 2;
+    }
+  }
   const auto t0 = std::chrono::steady_clock::now();
   try {
     for (bool numerics : {false, true}) {
-      run_matrix<float>(numerics);
-      run_matrix<double>(numerics);
-      run_matrix<c10::Half>(numerics);
-      run_matrix<c10::BFloat16>(numerics);
+      if (numerics && !with_numerics) break;
+      if (wanted(type_name<float>())) run_matrix<float>(numerics);
+      if (wanted(type_name<double>())) run_matrix<double>(numerics);
+      if (wanted(type_name<c10::Half>())) run_matrix<c10::Half>(numerics);
+      if (wanted(type_name<c10::BFloat16>())) run_matrix<c10::BFloat16>(numerics);
     }
   } catch (const cudasim::KernelError& e) {
     std::printf("FAIL kernel error: %s\n", e.what());
