@@ -162,7 +162,38 @@ def test_bench_cpu_quick_writes_results(tmp_path, capsys):
     assert all(r["gnflex_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
     bwd = [r for r in result["rows"] if r["pass"] == "fwd+bwd"]
     assert all("gnflex_saved_mb" in r for r in bwd)
+    # Every row is measured against the copy, forward and backward alike.
+    assert all(r["clone_ms"] > 0 and r["over_clone"] == pytest.approx(r["gnflex_ms"] / r["clone_ms"])
+               for r in result["rows"])
+    assert {"cpu", "cpu_capability", "gnflex_variant", "caches"} <= set(result["machine"])
+    targets = {t["target"]: t for t in result["Targets"]}
+    assert "forward+backward time / clone" in targets and "every row vs torch" in targets
     assert "Targets" in md.read_text() and "issue" not in md.read_text()
+
+
+def test_bench_cpu_row_targets_name_the_worst_row():
+    from gnflex.bench.cpu import check_targets
+
+    def row(shape, over, vs):
+        return {"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd", "shape": shape, "x_mb": 1.0,
+                "over_clone": over, "vs_torch": vs}
+
+    got = {t["target"]: t for t in check_targets([row("a", 1.2, 1.1), row("b", 1.7, 0.9)], l3_bytes=32 << 20)}
+    within = got["forward time / clone, tensors within half the L3"]
+    assert within["met"] == "NO (1 of 2)" and within["value"] == 1.7 and within["worst"].endswith(" b")
+    assert got["every row vs torch"]["met"] == "NO (1 of 2)" and got["every row vs torch"]["value"] == 0.9
+    # A 1 MiB tensor is beyond half of a 1 MiB L3.
+    got = {t["target"]: t for t in check_targets([row("a", 1.2, 1.1)], l3_bytes=1 << 20)}
+    assert got["forward time / clone, larger tensors"]["met"] == "yes"
+    assert "forward time / clone, tensors within half the L3" not in got
+
+
+def test_bench_cpu_rejects_unknown_dtypes_and_shapes(capsys):
+    for bad in (["--dtypes", "fp32"], ["--shapes", "1x2x3"], ["--acts", "relu"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "cpu", *bad])
+        assert e.value.code == 2
+        assert bad[0] in capsys.readouterr().err
 
 
 def test_bench_help_and_bad_target(capsys):
