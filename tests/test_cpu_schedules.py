@@ -61,3 +61,26 @@ def test_stream_bytes_override(monkeypatch):
     monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "lots")
     with pytest.raises(RuntimeError, match="GNFLEX_CPU_STREAM_BYTES must be a size"):
         _C.cpu_tuning()
+
+
+# Runs of whole cache lines (streaming stores engage) and one that is not.
+STREAM_SHAPES = [((2, 64, 16, 16), 8), ((3, 32, 8, 8), 4), ((2, 48, 5, 7), 6)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ("none", "silu"))
+@pytest.mark.parametrize("shape,groups", STREAM_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("schedule", ("fused", "two_pass"))
+def test_streaming_stores_write_the_same_values(monkeypatch, schedule, layout, shape, groups, activation, dtype):
+    # Outputs are streamed only from a few MiB on, so force it: every output
+    # of at least 1 byte, against none at all.
+    x = make_input(shape, dtype, "cpu", layout)
+    dy = make_input(shape, dtype, "cpu", layout, seed=9)
+    w, b = make_params(shape[1], dtype)
+    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "1")
+    streamed = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
+    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "1G")
+    cached = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
+    for s, c in zip(streamed, cached):
+        assert torch.equal(s, c)
