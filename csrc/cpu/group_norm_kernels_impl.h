@@ -71,7 +71,8 @@ void forward_typed(const ForwardParams& p) {
         return forward_fused_groups<scalar_t, A>(args, s);
       }
     } else if (use_fused(s.N, s.HxW * s.C * bytes, p.tuning.fused_sample_bytes, p.tuning.schedule)) {
-      return forward_fused_samples<scalar_t, A>(args, s, 2 * s.HxW * s.C * bytes <= p.tuning.fused_group_bytes);
+      // Prefetch the next sample where it fits L2 beside this sample's x and y.
+      return forward_fused_samples<scalar_t, A>(args, s, 3 * s.HxW * s.C * bytes <= p.tuning.fused_group_bytes);
     }
     forward_two_pass<scalar_t, A>(args, s, p.layout);
   });
