@@ -171,6 +171,17 @@ def test_bench_cpu_quick_writes_results(tmp_path, capsys):
     assert "Targets" in md.read_text() and "issue" not in md.read_text()
 
 
+def test_bench_cpu_save_names_the_results_by_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    code = cli.main(["bench", "cpu", "--shapes", "8x64x56x56", "--dtypes", "float32", "--acts", "none", "--rounds",
+                     "1", "--min-run-time", "0.01", "--threads", "1", "--save"])
+    assert code == 0
+    saved = sorted(p.name for p in (tmp_path / "bench" / "results").iterdir())
+    assert len(saved) == 2 and saved[0].startswith("cpu_") and saved[0].endswith(".json")
+    assert torch.backends.cpu.get_cpu_capability().lower() in saved[0]
+
+
 def test_bench_cpu_row_targets_name_the_worst_row():
     from gnflex.bench.cpu import check_targets
 

@@ -20,8 +20,8 @@ baseline time / gnflex time (> 1: gnflex faster); over_clone is gnflex time /
 clone time (torch_over_clone the same for torch); spread is gnflex's largest
 median / its smallest over the rounds. Forward+backward rows also record the
 bytes autograd saves for the backward (saved_mb), which is what a training
-step keeps per layer. --save writes bench/results/cpu_<cpu>_<isa>_torch<v>.md
-and .json, named by the machine.
+step keeps per layer. --save writes cpu_<cpu>_<isa>_torch<v>.md and .json,
+named by the machine, into bench/results/ (from a checkout's root) or here.
 """
 import argparse
 import os
@@ -269,8 +269,9 @@ def main(argv=None):
               + (f", worst: {tr['worst']}" if tr["worst"] else ""))
     print("machine:", machine)
     if args.save:
-        stem = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench", "results",
-                            machine_slug(machine))
+        # A checkout's bench/results when run from its root, else here.
+        folder = os.path.join("bench", "results") if os.path.isdir(os.path.join("bench", "results")) else "."
+        stem = os.path.join(folder, machine_slug(machine))
         args.md, args.json = args.md or stem + ".md", args.json or stem + ".json"
         print("results:", os.path.normpath(args.md), os.path.normpath(args.json))
     present = [c for c in ratio_fields if any(c in r for r in rows)]
