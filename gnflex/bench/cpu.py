@@ -24,6 +24,7 @@ step keeps per layer. --save writes cpu_<cpu>_<isa>_torch<v>.md and .json,
 named by the machine, into bench/results/ (from a checkout's root) or here.
 """
 import argparse
+import math
 import os
 import platform
 import re
@@ -50,6 +51,7 @@ SHAPES = [  # (shape, groups)
     ((2, 32, 64, 64, 64), 32),
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATIONS = ("none", "silu", MODULATED)
 QUICK_SHAPES = [((8, 64, 56, 56), 32), ((8, 256, 32, 32), 32)]
 
 # The CPU speed targets, on every machine the bench runs on (AVX2 and AVX-512
@@ -177,8 +179,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="two shapes, fp32 only")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, of " + ", ".join(DTYPES))
     p.add_argument("--shapes", help="only these shapes, e.g. 8x64x56x56,1x128x256x256")
-    p.add_argument("--acts", default=",".join(("none", "silu", MODULATED)),
-                   help="comma-separated, of none, silu, " + MODULATED)
+    p.add_argument("--acts", default=",".join(ACTIVATIONS), help="comma-separated, of " + ", ".join(ACTIVATIONS))
     p.add_argument("--compile", action="store_true", help="also time torch.compile of GN + SiLU")
     p.add_argument("--jit", action="store_true", help="also time the JIT build of this checkout")
     p.add_argument("--save", action="store_true", help="write bench/results/<machine>.md and .json")
@@ -191,8 +192,8 @@ def main(argv=None):
     if unknown:
         p.error(f"--dtypes: unknown {', '.join(unknown)} (of {', '.join(DTYPES)})")
     acts = args.acts.split(",")
-    if any(a not in ("none", "silu", MODULATED) for a in acts):
-        p.error(f"--acts: each of none, silu, {MODULATED}; got {args.acts}")
+    if any(a not in ACTIVATIONS for a in acts):
+        p.error(f"--acts: each of {', '.join(ACTIVATIONS)}; got {args.acts}")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         wanted = args.shapes.split(",")
@@ -229,13 +230,10 @@ def main(argv=None):
                                                    jit_ops, args.compile)
                         medians = measure(fns, args.rounds, args.min_run_time)
                         t = {k: min(v) for k, v in medians.items()}
-                        numel = 1
-                        for d in shape:
-                            numel *= d
                         row = {"dtype": str(dtype).replace("torch.", ""), "layout": layout,
                                "act": activation, "pass": "fwd+bwd" if backward else "fwd",
                                "shape": "x".join(map(str, shape)),
-                               "x_mb": numel * dtype.itemsize / 2 ** 20,
+                               "x_mb": math.prod(shape) * dtype.itemsize / 2 ** 20,
                                **{f"{k}_ms": v for k, v in t.items()},
                                "vs_torch": t["torch"] / t["gnflex"],
                                "over_clone": t["gnflex"] / t["clone"],

@@ -661,7 +661,11 @@ int main(int argc, char** argv) {
     return for_each_input_case<TrafficReport>();
   }
   if (argc > 1 && std::string(argv[1]) == "--grids") return for_each_input_case<GridReport>();
-  std::string dtypes = "float32,float64,float16,bfloat16";
+  const std::string known[] = {type_name<float>(), type_name<double>(), type_name<c10::Half>(),
+                               type_name<c10::BFloat16>()};
+  std::string all;
+  for (const std::string& name : known) all += (all.empty() ? "" : ",") + name;
+  std::string dtypes = all;
   bool with_numerics = true;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -678,8 +682,8 @@ int main(int argc, char** argv) {
   const auto wanted = [&](const char* name) { return list.find(std::string(",") + name + ",") != std::string::npos; };
   for (size_t start = 1; start < list.size(); start = list.find(',', start) + 1) {
     const std::string name = list.substr(start, list.find(',', start) - start);
-    if (name != "float32" && name != "float64" && name != "float16" && name != "bfloat16") {
-      std::fprintf(stderr, "--dtypes: unknown dtype '%s' (float32, float64, float16, bfloat16)\n", name.c_str());
+    if (std::find(std::begin(known), std::end(known), name) == std::end(known)) {
+      std::fprintf(stderr, "--dtypes: unknown dtype '%s' (of %s)\n", name.c_str(), all.c_str());
       return 2;
     }
   }
