@@ -157,13 +157,11 @@ at::Tensor param_grad(const at::Tensor& param, const GroupNormShape& shape, at::
   return mode == ParamMode::Raw ? at::empty({shape.C}, options) : at::zeros({shape.C}, options);
 }
 
-at::Tensor channel_param(const c10::optional<at::Tensor>& param, int64_t C, at::ScalarType acc_dtype, double fill,
-                         const at::Device& device, ParamMode mode) {
+at::Tensor channel_param(const c10::optional<at::Tensor>& param, at::ScalarType acc_dtype, ParamMode mode) {
   if (param.has_value() && param->defined()) {
     return mode == ParamMode::Raw ? param->contiguous() : param->to(acc_dtype).contiguous();
   }
-  if (mode == ParamMode::Raw) return at::Tensor();
-  return at::full({C}, fill, at::TensorOptions().dtype(acc_dtype).device(device));
+  return at::Tensor();
 }
 
 }  // namespace
@@ -176,8 +174,8 @@ ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tens
   f.activation = parse_activation(activation);
   f.x = to_native_layout(input, &f.layout);
   const auto acc = acc_dtype_for(f.x.scalar_type());
-  f.weight = channel_param(weight, f.shape.C, acc, 1.0, f.x.device(), params);
-  f.bias = channel_param(bias, f.shape.C, acc, 0.0, f.x.device(), params);
+  f.weight = channel_param(weight, acc, params);
+  f.bias = channel_param(bias, acc, params);
   f.y = at::empty_like(f.x);
   f.mean = at::empty({f.shape.N, f.shape.G}, f.x.options().dtype(acc));
   f.rstd = at::empty({f.shape.N, f.shape.G}, f.x.options().dtype(acc));
@@ -196,8 +194,8 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
   b.mean = mean.contiguous();
   b.rstd = rstd.contiguous();
   const auto acc = acc_dtype_for(b.x.scalar_type());
-  b.weight = channel_param(weight, b.shape.C, acc, 1.0, b.x.device(), params);
-  b.bias = channel_param(bias, b.shape.C, acc, 0.0, b.x.device(), params);
+  b.weight = channel_param(weight, acc, params);
+  b.bias = channel_param(bias, acc, params);
   if (output_mask[0]) b.dx = at::empty_like(b.x);
   const auto grad_dtype = params == ParamMode::Raw ? param_dtype(weight, input) : acc;
   b.dweight = param_grad(b.weight, b.shape, grad_dtype, params, b.x.device());

@@ -40,13 +40,13 @@ GroupNormShape check_forward_args(const at::Tensor& input, const c10::optional<a
 // not also contiguous); their outputs then keep its layout.
 bool reads_channels_last(const at::Tensor& input);
 
-// How a back end takes parameters: Materialized gives accumulate-dtype
-// weight / bias (ones / zeros when absent) and zeroed accumulate-dtype dweight
-// / dbias; Raw passes present parameters in their own dtype (no cast), leaves
-// absent ones undefined (the kernels read null as 1 / 0) and dweight / dbias
-// uninitialized in the dtype the op returns (the kernels write every element),
-// saving the cast and fill launches.
-enum class ParamMode { Materialized, Raw };
+// How a back end takes parameters. Either way absent ones stay undefined (the
+// kernels read null as 1 / 0). Accumulate gives present weight / bias in the
+// accumulate dtype and zeroed accumulate-dtype dweight / dbias; Raw passes
+// them in their own dtype (no cast) and dweight / dbias uninitialized in the
+// dtype the op returns (the kernels write every element), saving the cast and
+// fill launches.
+enum class ParamMode { Accumulate, Raw };
 
 // What a back end needs for the forward: validated sizes, the input in a
 // native layout, parameters as (C,) or (N, C) tensors and the
@@ -62,7 +62,7 @@ struct ForwardSetup {
 
 ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-                           c10::string_view activation, ParamMode params = ParamMode::Materialized);
+                           c10::string_view activation, ParamMode params = ParamMode::Accumulate);
 
 // The same for the backward: grad_out in the input's layout, contiguous
 // statistics, dx allocated when wanted (else undefined), and dweight/dbias
@@ -78,7 +78,7 @@ struct BackwardSetup {
 BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                              const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
-                             std::array<bool, 3> output_mask, ParamMode params = ParamMode::Materialized);
+                             std::array<bool, 3> output_mask, ParamMode params = ParamMode::Accumulate);
 
 // The op's result: outputs left out by output_mask undefined (None), the
 // parameter gradients in the parameters' dtype.

@@ -35,6 +35,31 @@ def test_schedules_agree_bitwise(monkeypatch, layout, shape, groups, activation,
         assert torch.equal(f, t) and torch.equal(f, a)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("present", ("none", "weight", "bias", "per_sample_bias"))
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("schedule", ("fused", "two_pass"))
+def test_absent_parameters_read_as_ones_and_zeros(monkeypatch, schedule, layout, shape, groups, present, dtype):
+    # The kernels take an absent weight / bias as null and read 1 / 0: the
+    # same bits as passing ones / zeros, in every schedule and layout.
+    x = make_input(shape, dtype, "cpu", layout)
+    dy = make_input(shape, dtype, "cpu", layout, seed=9)
+    w, b = make_params(shape[1], dtype)
+    if present == "per_sample_bias":
+        b = torch.randn(shape[0], shape[1]).to(dtype)
+    w = w if present == "weight" else None
+    b = b if present in ("bias", "per_sample_bias") else None
+    ones = torch.ones(shape[1], dtype=dtype)
+    zeros = torch.zeros(shape[:2] if present == "per_sample_bias" else shape[1:2], dtype=dtype)
+    absent = run(monkeypatch, schedule, x, w, b, groups, "silu", dy)
+    filled = run(monkeypatch, schedule, x, ones if w is None else w, zeros if b is None else b, groups, "silu", dy)
+    for got, want, name in zip(absent, filled, ("y", "mean", "rstd", "dx", "dweight", "dbias")):
+        if got is not None:
+            assert torch.equal(got, want), name
+    assert (absent[4] is None) == (w is None) and (absent[5] is None) == (b is None)
+
+
 def test_unknown_schedule_is_an_error(monkeypatch):
     monkeypatch.setenv("GNFLEX_CPU_SCHEDULE", "fastest")
     with pytest.raises(RuntimeError, match="GNFLEX_CPU_SCHEDULE must be auto, fused or two_pass"):

@@ -53,6 +53,9 @@ const KernelCopy& kernel_copy() {
 
 namespace {
 
+// An absent parameter passes as null (read as 1 / 0 by the kernels).
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
 TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                             c10::string_view activation) {
@@ -64,8 +67,8 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   p.activation = f.activation;
   p.eps = eps;
   p.x = f.x.const_data_ptr();
-  p.weight = f.weight.const_data_ptr();
-  p.bias = f.bias.const_data_ptr();
+  p.weight = data_or_null(f.weight);
+  p.bias = data_or_null(f.bias);
   p.weight_stride = sample_stride(f.weight);
   p.bias_stride = sample_stride(f.bias);
   p.y = f.y.data_ptr();
@@ -90,8 +93,8 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   p.x = b.x.const_data_ptr();
   p.mean = b.mean.const_data_ptr();
   p.rstd = b.rstd.const_data_ptr();
-  p.weight = b.weight.const_data_ptr();
-  p.bias = b.bias.const_data_ptr();
+  p.weight = data_or_null(b.weight);
+  p.bias = data_or_null(b.bias);
   p.weight_stride = sample_stride(b.weight);
   p.bias_stride = sample_stride(b.bias);
   p.dx = b.dx.defined() ? b.dx.data_ptr() : nullptr;

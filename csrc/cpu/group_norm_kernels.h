@@ -20,8 +20,8 @@ struct ForwardParams {
   Activation activation;
   double eps;
   const void* x;
-  const void* weight;                  // accumulate type, (C,) or per sample (N, C)
-  const void* bias;                    // accumulate type, (C,) or per sample (N, C)
+  const void* weight;                  // accumulate type, (C,) or per sample (N, C); null: absent (1)
+  const void* bias;                    // accumulate type, (C,) or per sample (N, C); null: absent (0)
   int64_t weight_stride, bias_stride;  // per sample: C, else 0
   void* y;
   void* mean;  // (N, G) accumulate type

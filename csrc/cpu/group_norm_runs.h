@@ -9,15 +9,26 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // ---- coefficients -------------------------------------------------------------
+// Consecutive entries of a parameter; an absent parameter (null, not
+// allocated as ones / zeros: that cost a small call a microsecond) reads as
+// `absent`.
+template <typename T>
+struct ParamSpan {
+  const T* data;
+  T absent;
+  T operator[](int64_t c) const { return data != nullptr ? data[c] : absent; }
+};
+
 // weight and bias: per channel (stride 0) or per sample (stride C, AdaGN /
-// FiLM modulation folded in); entry (n, c) at data + n * stride + c.
+// FiLM modulation folded in), or absent (null: 1 and 0); entry (n, c) at
+// data + n * stride + c.
 template <typename T>
 struct AffineParams {
   const T* w;
   const T* b;
   int64_t w_stride, b_stride;
-  const T* weight(int64_t n, int64_t c) const { return w + n * w_stride + c; }
-  const T* bias(int64_t n, int64_t c) const { return b + n * b_stride + c; }
+  ParamSpan<T> weight(int64_t n, int64_t c) const { return {w != nullptr ? w + n * w_stride + c : nullptr, T(1)}; }
+  ParamSpan<T> bias(int64_t n, int64_t c) const { return {b != nullptr ? b + n * b_stride + c : nullptr, T(0)}; }
 };
 
 // Per-(n, c) coefficient tables: the forward's y = act((x - pivot) * scale + shift)
@@ -40,8 +51,8 @@ struct InputGradTables {
 // (w, b, pivot, scale, shift point at the group's first channel): the pivot
 // is the rounded mean, its residual goes into the shift.
 template <typename T>
-void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const T* b, int64_t Cg, T* mean, T* rstd,
-                         T* pivot, T* scale, T* shift) {
+void group_forward_coefs(const WelfordStats<T>& stats, T eps, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* mean,
+                         T* rstd, T* pivot, T* scale, T* shift) {
   *mean = math::rounded_mean(stats);
   *rstd = math::rstd_from_stats(stats, eps);
   const T residual = math::mean_residual(stats, *mean);
@@ -56,7 +67,7 @@ void group_forward_coefs(const WelfordStats<T>& stats, T eps, const T* w, const 
 // The backward rebuilds the forward coefficients of one group from the
 // residual mean - pivot (to recompute z for the activation, and for dx).
 template <typename T>
-void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t Cg, T* scale, T* shift) {
+void group_backward_tables(T mean_shift, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
   for (int64_t c = 0; c < Cg; ++c) {
     const auto affine = math::fold_affine(mean_shift, rstd, w[c], b[c]);
     scale[c] = affine.scale;
@@ -67,7 +78,7 @@ void group_backward_tables(T mean_shift, T rstd, const T* w, const T* b, int64_t
 // The dx coefficients of one group's Cg channels, from their sums of
 // g * (x - pivot) and g.
 template <typename T>
-void group_input_grad_coefs(const T* sum_gx, const T* sum_g, const T* w, int64_t Cg, T mean_shift, T rstd,
+void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int64_t Cg, T mean_shift, T rstd,
                             int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
   T sum_gwx = 0, sum_gw = 0;
   for (int64_t c = 0; c < Cg; ++c) {
