@@ -20,14 +20,19 @@ def run(monkeypatch, schedule, x, w, b, groups, activation, dy):
     return (*out, *grads[1:])
 
 
+def case_tensors(shape, dtype, layout):
+    """x, grad_out, weight and bias of one case."""
+    x = make_input(shape, dtype, "cpu", layout)
+    dy = make_input(shape, dtype, "cpu", layout, seed=9)
+    return (x, dy, *make_params(shape[1], dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 def test_schedules_agree_bitwise(monkeypatch, layout, shape, groups, activation, dtype):
-    x = make_input(shape, dtype, "cpu", layout)
-    dy = make_input(shape, dtype, "cpu", layout, seed=9)
-    w, b = make_params(shape[1], dtype)
+    x, dy, w, b = case_tensors(shape, dtype, layout)
     fused = run(monkeypatch, "fused", x, w, b, groups, activation, dy)
     two_pass = run(monkeypatch, "two_pass", x, w, b, groups, activation, dy)
     auto = run(monkeypatch, "auto", x, w, b, groups, activation, dy)
@@ -43,9 +48,7 @@ def test_schedules_agree_bitwise(monkeypatch, layout, shape, groups, activation,
 def test_absent_parameters_read_as_ones_and_zeros(monkeypatch, schedule, layout, shape, groups, present, dtype):
     # The kernels take an absent weight / bias as null and read 1 / 0: the
     # same bits as passing ones / zeros, in every schedule and layout.
-    x = make_input(shape, dtype, "cpu", layout)
-    dy = make_input(shape, dtype, "cpu", layout, seed=9)
-    w, b = make_params(shape[1], dtype)
+    x, dy, w, b = case_tensors(shape, dtype, layout)
     if present == "per_sample_bias":
         b = torch.randn(shape[0], shape[1]).to(dtype)
     w = w if present == "weight" else None
@@ -100,9 +103,7 @@ STREAM_SHAPES = [((2, 64, 16, 16), 8), ((3, 32, 8, 8), 4), ((2, 48, 5, 7), 6)]
 def test_streaming_stores_write_the_same_values(monkeypatch, schedule, layout, shape, groups, activation, dtype):
     # Outputs are streamed only from a few MiB on, so force it: every output
     # of at least 1 byte, against none at all.
-    x = make_input(shape, dtype, "cpu", layout)
-    dy = make_input(shape, dtype, "cpu", layout, seed=9)
-    w, b = make_params(shape[1], dtype)
+    x, dy, w, b = case_tensors(shape, dtype, layout)
     monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "1")
     streamed = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
     monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "1G")
