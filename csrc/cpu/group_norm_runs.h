@@ -9,9 +9,8 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // ---- coefficients -------------------------------------------------------------
-// Consecutive entries of a parameter; an absent parameter (null, not
-// allocated as ones / zeros: that cost a small call a microsecond) reads as
-// `absent`.
+// Consecutive entries of a parameter; an absent parameter is null (not
+// allocated as ones / zeros on every call) and reads as `absent`.
 template <typename T>
 struct ParamSpan {
   const T* data;
