@@ -39,8 +39,9 @@ bool keeps_grad(const Args& a) {
 }
 
 // Channels-first, one group per work item: sums, then dx from cache.
+// prefetch: fetch the next group while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
-void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
+void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
@@ -67,7 +68,7 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
                              a.rstd[ng], D, g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
       for (int64_t c = 0; c < Cg; ++c) {
-        const bool more = ng + 1 < end;
+        const bool more = prefetch && ng + 1 < end;
         const RunWrite<scalar_t, 2> w{a.stream,
                                       {more ? gx + D + c * s.HxW : nullptr, more ? gdy + D + c * s.HxW : nullptr}};
         input_grad_run<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, a.dx + ng * D + c * s.HxW, s.HxW,
@@ -79,9 +80,9 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
   });
 }
 
-// Channels-last, one sample per work item.
+// Channels-last, one sample per work item. prefetch: as in backward_fused_groups.
 template <typename scalar_t, Activation A>
-void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShape& s) {
+void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t block_rows = sum_rows_per_block(s.C);
@@ -120,10 +121,11 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       }
       const auto row_affine = run_affine(t, 0, PerChannel{});
       const auto row_input_grad = run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
+      const bool more = prefetch && n + 1 < end;
       for (int64_t r = 0; r < s.HxW; ++r) {
         const int64_t next = offset + (s.HxW + r) * s.C;
         const RunWrite<scalar_t, 2> w{a.stream,
-                                      {n + 1 < end ? a.x + next : nullptr, n + 1 < end ? a.dy + next : nullptr}};
+                                      {more ? a.x + next : nullptr, more ? a.dy + next : nullptr}};
         input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C, a.dx + offset + r * s.C, s.C,
                                     row_affine, row_input_grad, w, g_out ? g_out + r * s.C : nullptr);
       }

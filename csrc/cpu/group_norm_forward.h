@@ -21,9 +21,10 @@ struct ForwardArgs {
   bool stream;  // non-temporal stores for y
 };
 
-// Channels-first, one group per work item.
+// Channels-first, one group per work item. prefetch: fetch the next group
+// while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
-void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& s) {
+void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
@@ -37,7 +38,7 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
                           a.mean + ng, a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
-        const RunWrite<scalar_t, 1> w{a.stream, {ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
+        const RunWrite<scalar_t, 1> w{a.stream, {prefetch && ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
         forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW, run_affine(t, c, PerRun{}), w);
       }
     }
@@ -46,10 +47,7 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
 }
 
 // Channels-last, one sample per work item. prefetch: fetch the next sample
-// while writing this one, where it fits in L2 with this sample's x and y
-// (else the prefetch evicts the rows still to be read: a 800 KB sample on a
-// 512 KiB L2 ran ~10% slower, and a 1 MB one on a 2 MiB L2 ~20%, counting
-// only x).
+// while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
 void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;

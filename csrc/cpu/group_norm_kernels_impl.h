@@ -66,15 +66,17 @@ void forward_typed(const ForwardParams& p) {
       stream_output(p.y, s, p.layout, bytes, p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    if (p.layout == Layout::ChannelsFirst) {
-      if (use_fused(s.N * s.G, s.group_size() * bytes, p.tuning.fused_group_bytes, p.tuning.schedule)) {
-        return forward_fused_groups<scalar_t, A>(args, s);
-      }
-    } else if (use_fused(s.N, s.HxW * s.C * bytes, p.tuning.fused_sample_bytes, p.tuning.schedule)) {
-      // Prefetch the next sample where it fits L2 beside this sample's x and y.
-      return forward_fused_samples<scalar_t, A>(args, s, 3 * s.HxW * s.C * bytes <= p.tuning.fused_group_bytes);
+    switch (choose_schedule(s, p.layout, bytes, p.tuning)) {
+      case Schedule::Fused:
+        // Items prefetch the next one where x and y of this item and x of the
+        // next fit L2.
+        if (p.layout == Layout::ChannelsFirst) {
+          return forward_fused_groups<scalar_t, A>(args, s, prefetch_fits(s.group_size() * bytes, 3, p.tuning));
+        }
+        return forward_fused_samples<scalar_t, A>(args, s, prefetch_fits(s.HxW * s.C * bytes, 3, p.tuning));
+      default:
+        return forward_two_pass<scalar_t, A>(args, s, p.layout);
     }
-    forward_two_pass<scalar_t, A>(args, s, p.layout);
   });
 }
 
@@ -144,18 +146,21 @@ void backward_typed(const BackwardParams& p) {
       stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
       has_exact.data(),
       exact_shift.data()};
-  // x and dy are both read twice.
-  const int64_t bytes = 2 * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    if (p.layout == Layout::ChannelsFirst) {
-      if (use_fused(s.N * s.G, s.group_size() * bytes, p.tuning.fused_group_bytes, p.tuning.schedule)) {
-        return backward_fused_groups<scalar_t, A>(args, s);
-      }
-    } else if (use_fused(s.N, s.HxW * s.C * bytes, p.tuning.fused_sample_bytes, p.tuning.schedule)) {
-      return backward_fused_samples<scalar_t, A>(args, s);
+    // x and dy are both read twice.
+    switch (choose_schedule(s, p.layout, 2 * bytes, p.tuning)) {
+      case Schedule::Fused:
+        // Items prefetch the next one where x, dy and dx of this item and x
+        // and dy of the next fit L2.
+        if (p.layout == Layout::ChannelsFirst) {
+          return backward_fused_groups<scalar_t, A>(args, s, prefetch_fits(s.group_size() * bytes, 5, p.tuning));
+        }
+        return backward_fused_samples<scalar_t, A>(args, s, prefetch_fits(s.HxW * s.C * bytes, 5, p.tuning));
+      default:
+        return backward_two_pass<scalar_t, A>(args, s, p.layout);
     }
-    backward_two_pass<scalar_t, A>(args, s, p.layout);
   });
 
   // Parameter gradients: per-sample ones per (n, c); per-channel ones sums
@@ -164,12 +169,21 @@ void backward_typed(const BackwardParams& p) {
   acc_t* dbias = static_cast<acc_t*>(p.dbias);
   std::fill(dweight, dweight + (p.weight_stride ? planes : s.C), acc_t(0));
   std::fill(dbias, dbias + (p.bias_stride ? planes : s.C), acc_t(0));
+  // Planes of a group are consecutive: plane i = (n * G + g) * Cg + c % Cg.
   const int64_t Cg = s.channels_per_group();
-  for (int64_t i = 0; i < planes; ++i) {
-    const int64_t ng = i / Cg;  // planes of a group are consecutive: i = (n * G + g) * Cg + c % Cg
-    dweight[p.weight_stride ? i : i % s.C] +=
-        math::weight_grad_term(args.sum_gx[i], args.sum_g[i], mean_shift[ng], args.rstd[ng]);
-    dbias[p.bias_stride ? i : i % s.C] += sum_g[i];
+  for (int64_t n = 0; n < s.N; ++n) {
+    acc_t* dw = dweight + (p.weight_stride ? n * s.C : 0);
+    acc_t* db = dbias + (p.bias_stride ? n * s.C : 0);
+    for (int64_t g = 0; g < s.G; ++g) {
+      const int64_t ng = n * s.G + g;
+      const int64_t c0 = g * Cg;
+      const acc_t* gx = args.sum_gx + n * s.C + c0;
+      const acc_t* gs = args.sum_g + n * s.C + c0;
+      for (int64_t c = 0; c < Cg; ++c) {
+        dw[c0 + c] += math::weight_grad_term(gx[c], gs[c], mean_shift[ng], args.rstd[ng]);
+        db[c0 + c] += gs[c];
+      }
+    }
   }
 }
 

@@ -107,13 +107,18 @@ inline void store_as(T* p, const V& v) {
   }
 }
 
+// The lanes' sum as a balanced tree (lane i + lane i + L/2, halving): a fixed
+// order, so results stay reproducible, and log2(L) dependent adds instead of
+// L (a lane-by-lane chain cost more than the loads of a short plane).
 template <typename T>
 inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
-  T lanes[at::vec::Vectorized<T>::size()];
+  constexpr int kLanes = at::vec::Vectorized<T>::size();
+  T lanes[kLanes];
   v.store(lanes);
-  T s = T(0);
-  for (T lane : lanes) s += lane;
-  return s;
+  for (int half = kLanes / 2; half > 0; half /= 2) {
+    for (int i = 0; i < half; ++i) lanes[i] = lanes[i] + lanes[i + half];
+  }
+  return lanes[0];
 }
 
 // Sums over [0, n) of two quantities produced by

@@ -33,11 +33,26 @@ bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int6
          reinterpret_cast<uintptr_t>(out) % kLine == 0;
 }
 
-// Fused when forced, or when the item fits the budget and there are enough
-// items for every thread.
-bool use_fused(int64_t items, int64_t item_bytes, int64_t budget, Schedule schedule) {
-  if (schedule != Schedule::Auto) return schedule == Schedule::Fused;
-  return item_bytes <= budget && items >= at::get_num_threads();
+// The schedule of one call, when not forced: fused where an item (a
+// channels-first group, a channels-last sample; input_bytes per value: x, or
+// x and dy) fits its budget and there is an item for every thread, else
+// two-pass.
+Schedule choose_schedule(const GroupNormShape& s, Layout layout, int64_t input_bytes, const CpuTuning& t) {
+  if (t.schedule != Schedule::Auto) return t.schedule;
+  const bool channels_first = layout == Layout::ChannelsFirst;
+  const int64_t items = channels_first ? s.N * s.G : s.N;
+  const int64_t item_bytes = (channels_first ? s.group_size() : s.HxW * s.C) * input_bytes;
+  const int64_t budget = channels_first ? t.fused_group_bytes : t.fused_sample_bytes;
+  return item_bytes <= budget && items >= at::get_num_threads() ? Schedule::Fused : Schedule::TwoPass;
+}
+
+// Whether a fused schedule fetches its next item into L2 while it writes the
+// current one: only where everything that is then live fits the L2 budget
+// (the current item's inputs and output, the next item's inputs: `copies`
+// times the item's input bytes). Past that the prefetch evicts the current
+// item's values before its output pass reads them.
+bool prefetch_fits(int64_t item_bytes, int copies, const CpuTuning& tuning) {
+  return copies * item_bytes <= tuning.fused_group_bytes;
 }
 
 // Rows (spatial positions) of about kChunk values: the grain of channels-last
