@@ -90,6 +90,38 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def retain_freed_memory():
+    """Keep freed memory in the process (glibc's malloc) instead of giving
+    large blocks back to the OS, so that no contender pays page faults on
+    fresh memory for its outputs on every call. With glibc's defaults, a
+    forward+backward that frees two large tensors returns them (past the
+    dynamic trim threshold) and touches new pages on the next call: that cost
+    more than the kernels themselves, and varied with the allocator's state.
+    Returns what the results record as the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None:
+        return "default (no glibc mallopt)"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        return "default (mallopt refused)"
+    return "glibc, freed memory retained (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
+def isa_flags():
+    """The vector extensions this CPU reports that the kernels could use."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return " ".join(w for w in wanted if w in flags) or "none of " + ", ".join(wanted)
+
+
 def make_case(shape, groups, dtype, layout, activation, backward, jit_ops, with_compile):
     """(timed functions, the ones to run once for saved bytes)."""
     x, w, b, dy = make_inputs(shape, dtype, layout, requires_grad=backward)
@@ -182,6 +214,9 @@ def main(argv=None):
     p.add_argument("--acts", default=",".join(ACTIVATIONS), help="comma-separated, of " + ", ".join(ACTIVATIONS))
     p.add_argument("--compile", action="store_true", help="also time torch.compile of GN + SiLU")
     p.add_argument("--jit", action="store_true", help="also time the JIT build of this checkout")
+    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                   help="retain (default): keep freed memory in the process, so outputs do not pay page faults on "
+                        "every call (glibc); default: the allocator as it is")
     p.add_argument("--save", action="store_true", help="write bench/results/<machine>.md and .json")
     p.add_argument("--md", help="write a markdown table here")
     p.add_argument("--json", help="write raw results here")
@@ -201,6 +236,7 @@ def main(argv=None):
         if len(shapes) != len(wanted):
             p.error("--shapes: each of " + ", ".join("x".join(map(str, sh)) for sh, _ in SHAPES))
     dtypes = [torch.float32] if args.quick else [DTYPES[d] for d in args.dtypes.split(",")]
+    allocator = retain_freed_memory() if args.malloc == "retain" else "default"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     jit_ops = None
@@ -216,7 +252,8 @@ def main(argv=None):
                "gnflex": gnflex.__version__, "python": platform.python_version(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "gnflex_variant": tuning["kernel_copy"],
-               "caches": f"L1d {tuning['l1d'] >> 10} KiB, L2 {tuning['l2'] >> 10} KiB, L3 {tuning['l3'] >> 20} MiB"}
+               "caches": f"L1d {tuning['l1d'] >> 10} KiB, L2 {tuning['l2'] >> 10} KiB, L3 {tuning['l3'] >> 20} MiB",
+               "isa": isa_flags(), "allocator": allocator}
     rows = []
     nchw_times = {}  # gnflex's NCHW time per case, for the channels_last rows' over_nchw
     for dtype in dtypes:
