@@ -124,8 +124,7 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       const bool more = prefetch && n + 1 < end;
       for (int64_t r = 0; r < s.HxW; ++r) {
         const int64_t next = offset + (s.HxW + r) * s.C;
-        const RunWrite<scalar_t, 2> w{a.stream,
-                                      {more ? a.x + next : nullptr, more ? a.dy + next : nullptr}};
+        const RunWrite<scalar_t, 2> w{a.stream, {more ? a.x + next : nullptr, more ? a.dy + next : nullptr}};
         input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C, a.dx + offset + r * s.C, s.C,
                                     row_affine, row_input_grad, w, g_out ? g_out + r * s.C : nullptr);
       }
