@@ -160,6 +160,17 @@ TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at
     return group_norm_composite(input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), num_groups, eps,
                                 parse_activation(activation));
   }
+  // Nothing to record (no_grad, inference, or no input requires grad): the
+  // kernels directly. The autograd Function would build a node, save the
+  // inputs and fill its saved_data map on every call, a good part of a small
+  // input's time, for outputs that need none of it.
+  const auto requires_grad = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() && t->requires_grad();
+  };
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return group_norm(input, weight, bias, num_groups, eps, activation);
+  }
   const auto out = GroupNormFunction::apply(input, weight, bias, num_groups, eps, activation);
   return {out[0], out[1], out[2]};
 }
