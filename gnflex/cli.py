@@ -11,9 +11,12 @@ def demo(args) -> int:
 
 
 def bench(args) -> int:
-    """Run the CPU or CUDA benchmark harness with the remaining arguments."""
+    """Run the CPU or CUDA benchmark harness, or the table of saved CPU results,
+    with the remaining arguments."""
     if args.target == "cpu":
         from .bench.cpu import main as run
+    elif args.target == "table":
+        from .bench.table import main as run
     else:
         from .bench.cuda import main as run
     return run(args.bench_args)
@@ -90,8 +93,9 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser(
         "bench", help="time gnflex against torch (see `gnflex bench cpu --help`)",
         description="Benchmark harness: `gnflex bench cpu [options]` or `gnflex bench cuda [options]`; "
+                    "`gnflex bench table [--write README.md]`: the README's table from the saved CPU results; "
                     "options after the target go to that harness (`--help` lists them).")
-    p_bench.add_argument("target", choices=("cpu", "cuda"))
+    p_bench.add_argument("target", choices=("cpu", "cuda", "table"))
     p_bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the harness")
     p_bench.set_defaults(func=bench)
 

@@ -1,0 +1,43 @@
+"""The README's CPU table is generated from the saved bench results
+(`gnflex bench table --write README.md`), never edited by hand."""
+import glob
+import json
+import os
+
+import pytest
+
+from gnflex.bench import table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_table_is_the_saved_results():
+    loaded = table.load(glob.glob(os.path.join(ROOT, table.RESULTS)))
+    assert loaded, "no saved CPU results with clone timings under bench/results"
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    start, end = readme.index(table.BEGIN), readme.index(table.END) + len(table.END)
+    assert readme[start:end] == table.render(loaded), "run `gnflex bench table --write README.md`"
+
+
+def test_files_without_clone_timings_are_left_out(tmp_path):
+    old = {"machine": {"cpu": "old"}, "rows": [{"gnflex_ms": 1.0}], "summary": []}
+    new = {"machine": {"cpu": "new", "gnflex_variant": "AVX2", "caches": "L2 1 MiB"},
+           "rows": [{"gnflex_ms": 1.0, "clone_ms": 0.5}],
+           "summary": [{"dtype": "float32", "layout": "nchw", "act": "none", "pass": "fwd",
+                        "vs_torch": 1.25, "over_clone": 2.0}],
+           "Targets": [{"met": "yes"}, {"met": "NO (1 of 2)"}]}
+    for name, results in (("a.json", old), ("b.json", new)):
+        (tmp_path / name).write_text(json.dumps(results))
+    loaded = table.load([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert [r["machine"]["cpu"] for _, r in loaded] == ["new"]
+    block = table.render(loaded)
+    assert "| float32 nchw none fwd | 1.25x torch, 2.00x clone |" in block
+    assert "| targets met | 1 of 2 |" in block
+
+
+def test_write_needs_the_markers():
+    with pytest.raises(ValueError, match="no table markers"):
+        table.replace_block("no markers here", "table")
+    text = f"before\n{table.BEGIN}\nold\n{table.END}\nafter"
+    assert table.replace_block(text, "new") == "before\nnew\nafter"
