@@ -9,8 +9,9 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 
 # (shape, groups): channels-first groups and channels-last samples that fit
 # the fused budgets, a 3-d input with ragged chunks, several samples of odd
-# sizes.
-SHAPES = [((2, 64, 20, 20), 8), ((1, 4, 12293), 2), ((3, 6, 5, 7), 3)]
+# sizes, and runs (7x7 planes, rows of 48 channels) that end in a half step
+# and a scalar tail of fp16 / bf16.
+SHAPES = [((2, 64, 20, 20), 8), ((1, 4, 12293), 2), ((3, 6, 5, 7), 3), ((2, 48, 7, 7), 6)]
 
 
 def run(monkeypatch, schedule, x, w, b, groups, activation, dy):

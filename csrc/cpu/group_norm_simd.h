@@ -63,38 +63,63 @@ struct Step {
   static constexpr int64_t lanes = lanes_of<V>();
 };
 
-// Runs body(i, Step) over [0, n): SIMD steps, then the scalar tail. The body
-// is written once, generically in V. Every pass over a run (statistics,
-// gradient sums, outputs) takes the same path for the same value, and kChunk
-// is a multiple of the SIMD step, so cutting a run into chunks does not move
-// the tail: SIMD and scalar math may round differently, and results must not
-// depend on the schedule.
+// A step of one vector where a full step is two (fp16 / bf16: 16 values of
+// AVX-512's 32), taken at most once after the full steps, so a run's scalar
+// tail is shorter than one vector.
+template <typename IO>
+using HalfStep = Step<typename IO::Vec, 1>;
+
+template <typename IO>
+constexpr bool has_half_step() {
+  return IO::kVecs == 2;
+}
+
+// Runs body(i, Step) over [0, n): SIMD steps (full, then at most one half
+// step), then the scalar tail. The body is written once, generically in V.
+// Every pass over a run (statistics, gradient sums, outputs) takes the same
+// path for the same value, and kChunk is a multiple of the SIMD step, so
+// cutting a run into chunks does not move the tail: SIMD and scalar math may
+// round differently, and results must not depend on the schedule.
 template <typename scalar_t, typename Body>
 inline void simd_for(int64_t n, const Body& body) {
   using IO = VecIO<scalar_t>;
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) body(i, Step<typename IO::Vec, IO::kVecs>{});
+  if constexpr (has_half_step<IO>()) {
+    if (i + HalfStep<IO>::lanes <= n) {
+      body(i, HalfStep<IO>{});
+      i += HalfStep<IO>::lanes;
+    }
+  }
   for (; i < n; ++i) body(i, Step<typename IO::acc_t, 1>{});
 }
 
 template <typename scalar_t, typename V, int K>
 inline void load_values(const scalar_t* p, V (&v)[K]) {
+  using IO = VecIO<scalar_t>;
   if constexpr (std::is_arithmetic_v<V>) {
     v[0] = static_cast<V>(*p);
+  } else if constexpr (K == IO::kVecs) {
+    IO::load(p, v);
   } else {
-    VecIO<scalar_t>::load(p, v);
+    IO::load_half(p, v[0]);
   }
 }
 
-// stream: a non-temporal store where the vector is aligned (see stream_vector).
+// stream: a non-temporal store where the vector is aligned (see
+// stream_vector); a half step stores normally (it only occurs in runs that
+// are not streamed: see stream_output).
 template <typename scalar_t, typename V, int K>
 inline void store_values(scalar_t* p, const V (&v)[K], bool stream = false) {
+  using IO = VecIO<scalar_t>;
   if constexpr (std::is_arithmetic_v<V>) {
     *p = static_cast<scalar_t>(v[0]);
+  } else if constexpr (K != IO::kVecs) {
+    IO::store_half(p, v[0]);
   } else if (stream) {
-    VecIO<scalar_t>::stream(p, v);
+    IO::stream(p, v);
   } else {
-    VecIO<scalar_t>::store(p, v);
+    IO::store(p, v);
   }
 }
 
@@ -142,6 +167,12 @@ inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, co
     body(i + 3 * kStep, VecStep{}, a3, b3);
   }
   for (; i + kStep <= n; i += kStep) body(i, VecStep{}, a0, b0);
+  if constexpr (has_half_step<IO>()) {
+    if (i + HalfStep<IO>::lanes <= n) {
+      body(i, HalfStep<IO>{}, a0, b0);
+      i += HalfStep<IO>::lanes;
+    }
+  }
   acc_t sa = 0, sb = 0;
   for (; i < n; ++i) body(i, Step<acc_t, 1>{}, sa, sb);
   return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
@@ -161,7 +192,7 @@ inline auto array_of(const F& f) {
 
 // ---- channels-last blocks, column tile by column tile ----------------------
 // Loops over a block of `rows` channels-last rows of C channels one column
-// tile (up to four SIMD vectors of channels) at a time, so per-channel values
+// tile (up to four SIMD vectors of channels, then a half step) at a time, so per-channel values
 // (sums, coefficients) stay in registers while the loop runs down the rows; a
 // row-at-a-time loop loads (and for sums stores) them once per row, which
 // costs more than the work itself. For the channels [i, i + Step):
@@ -190,6 +221,12 @@ inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
     tile(i, std::integral_constant<int, kTileSteps>{}, VecStep{});
   }
   for (; i + IO::kStep <= C; i += IO::kStep) tile(i, std::integral_constant<int, 1>{}, VecStep{});
+  if constexpr (has_half_step<IO>()) {
+    if (i + HalfStep<IO>::lanes <= C) {
+      tile(i, std::integral_constant<int, 1>{}, HalfStep<IO>{});
+      i += HalfStep<IO>::lanes;
+    }
+  }
   for (; i < C; ++i) tile(i, std::integral_constant<int, 1>{}, ScalarStep{});
 }
 

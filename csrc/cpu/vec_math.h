@@ -157,6 +157,12 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   static void stream(scalar_t* p, const Vec (&v)[kVecs]) {
     stream_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
   }
+  // One float vector of values (half a step), for the end of a run: a 7x7
+  // plane would otherwise leave 17 of its 49 values to the scalar tail.
+  static void load_half(const scalar_t* p, Vec& v) { at::vec::load_to_float(p, v); }
+  static void store_half(scalar_t* p, const Vec& v) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+  }
 };
 
 // Broadcast of a scalar, or a load of per-channel values, as value type V
