@@ -67,13 +67,13 @@ void forward_typed(const ForwardParams& p) {
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     switch (choose_schedule(s, p.layout, bytes, p.tuning)) {
-      case Schedule::Fused:
+      case Schedule::Fused: {
         // Items prefetch the next one where x and y of this item and x of the
         // next fit L2.
-        if (p.layout == Layout::ChannelsFirst) {
-          return forward_fused_groups<scalar_t, A>(args, s, prefetch_fits(s.group_size() * bytes, 3, p.tuning));
-        }
-        return forward_fused_samples<scalar_t, A>(args, s, prefetch_fits(s.HxW * s.C * bytes, 3, p.tuning));
+        const bool prefetch = prefetch_fits(fused_item_values(s, p.layout) * bytes, 3, p.tuning);
+        if (p.layout == Layout::ChannelsFirst) return forward_fused_groups<scalar_t, A>(args, s, prefetch);
+        return forward_fused_samples<scalar_t, A>(args, s, prefetch);
+      }
       default:
         return forward_two_pass<scalar_t, A>(args, s, p.layout);
     }
@@ -151,13 +151,13 @@ void backward_typed(const BackwardParams& p) {
     constexpr Activation A = decltype(a)::value;
     // x and dy are both read twice.
     switch (choose_schedule(s, p.layout, 2 * bytes, p.tuning)) {
-      case Schedule::Fused:
+      case Schedule::Fused: {
         // Items prefetch the next one where x, dy and dx of this item and x
         // and dy of the next fit L2.
-        if (p.layout == Layout::ChannelsFirst) {
-          return backward_fused_groups<scalar_t, A>(args, s, prefetch_fits(s.group_size() * bytes, 5, p.tuning));
-        }
-        return backward_fused_samples<scalar_t, A>(args, s, prefetch_fits(s.HxW * s.C * bytes, 5, p.tuning));
+        const bool prefetch = prefetch_fits(fused_item_values(s, p.layout) * bytes, 5, p.tuning);
+        if (p.layout == Layout::ChannelsFirst) return backward_fused_groups<scalar_t, A>(args, s, prefetch);
+        return backward_fused_samples<scalar_t, A>(args, s, prefetch);
+      }
       default:
         return backward_two_pass<scalar_t, A>(args, s, p.layout);
     }

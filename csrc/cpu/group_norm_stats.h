@@ -37,13 +37,18 @@ bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int6
 // channels-first group, a channels-last sample; input_bytes per value: x, or
 // x and dy) fits its budget and there is an item for every thread, else
 // two-pass.
+// Values of one fused item: a channels-first group, a channels-last sample.
+int64_t fused_item_values(const GroupNormShape& s, Layout layout) {
+  return layout == Layout::ChannelsFirst ? s.group_size() : s.HxW * s.C;
+}
+
 Schedule choose_schedule(const GroupNormShape& s, Layout layout, int64_t input_bytes, const CpuTuning& t) {
   if (t.schedule != Schedule::Auto) return t.schedule;
   const bool channels_first = layout == Layout::ChannelsFirst;
   const int64_t items = channels_first ? s.N * s.G : s.N;
-  const int64_t item_bytes = (channels_first ? s.group_size() : s.HxW * s.C) * input_bytes;
   const int64_t budget = channels_first ? t.fused_group_bytes : t.fused_sample_bytes;
-  return item_bytes <= budget && items >= at::get_num_threads() ? Schedule::Fused : Schedule::TwoPass;
+  return fused_item_values(s, layout) * input_bytes <= budget && items >= at::get_num_threads() ? Schedule::Fused
+                                                                                                : Schedule::TwoPass;
 }
 
 // Whether a fused schedule fetches its next item into L2 while it writes the
