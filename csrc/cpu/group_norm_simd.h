@@ -69,9 +69,15 @@ struct Step {
 template <typename IO>
 using HalfStep = Step<typename IO::Vec, 1>;
 
-template <typename IO>
-constexpr bool has_half_step() {
-  return IO::kVecs == 2;
+// Runs f(i, HalfStep) where a half step fits at i of n, and moves i past it.
+template <typename IO, typename F>
+inline void half_step(int64_t& i, int64_t n, const F& f) {
+  if constexpr (IO::kVecs == 2) {
+    if (i + HalfStep<IO>::lanes <= n) {
+      f(i, HalfStep<IO>{});
+      i += HalfStep<IO>::lanes;
+    }
+  }
 }
 
 // Runs body(i, Step) over [0, n): SIMD steps (full, then at most one half
@@ -85,12 +91,7 @@ inline void simd_for(int64_t n, const Body& body) {
   using IO = VecIO<scalar_t>;
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) body(i, Step<typename IO::Vec, IO::kVecs>{});
-  if constexpr (has_half_step<IO>()) {
-    if (i + HalfStep<IO>::lanes <= n) {
-      body(i, HalfStep<IO>{});
-      i += HalfStep<IO>::lanes;
-    }
-  }
+  half_step<IO>(i, n, body);
   for (; i < n; ++i) body(i, Step<typename IO::acc_t, 1>{});
 }
 
@@ -167,12 +168,7 @@ inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, co
     body(i + 3 * kStep, VecStep{}, a3, b3);
   }
   for (; i + kStep <= n; i += kStep) body(i, VecStep{}, a0, b0);
-  if constexpr (has_half_step<IO>()) {
-    if (i + HalfStep<IO>::lanes <= n) {
-      body(i, HalfStep<IO>{}, a0, b0);
-      i += HalfStep<IO>::lanes;
-    }
-  }
+  half_step<IO>(i, n, [&](int64_t j, auto step) { body(j, step, a0, b0); });
   acc_t sa = 0, sb = 0;
   for (; i < n; ++i) body(i, Step<acc_t, 1>{}, sa, sb);
   return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
@@ -221,12 +217,7 @@ inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
     tile(i, std::integral_constant<int, kTileSteps>{}, VecStep{});
   }
   for (; i + IO::kStep <= C; i += IO::kStep) tile(i, std::integral_constant<int, 1>{}, VecStep{});
-  if constexpr (has_half_step<IO>()) {
-    if (i + HalfStep<IO>::lanes <= C) {
-      tile(i, std::integral_constant<int, 1>{}, HalfStep<IO>{});
-      i += HalfStep<IO>::lanes;
-    }
-  }
+  half_step<IO>(i, C, [&](int64_t j, auto step) { tile(j, std::integral_constant<int, 1>{}, step); });
   for (; i < C; ++i) tile(i, std::integral_constant<int, 1>{}, ScalarStep{});
 }
 
