@@ -61,14 +61,6 @@ GNFLEX_HD float gn_reciprocal(float v) { return 1.0f / v; }
 GNFLEX_HD double gn_reciprocal(double v) { return 1.0 / v; }
 GNFLEX_HD float gn_rsqrt(float v) { return 1.0f / ::sqrtf(v); }
 GNFLEX_HD double gn_rsqrt(double v) { return 1.0 / ::sqrt(v); }
-// min(v, cap); NaN in v stays NaN.
-template <typename T>
-GNFLEX_HD T gn_min(T v, T cap) {
-  return cap < v ? cap : v;
-}
-// Largest argument whose exp is finite with room for 1 + exp (float, double).
-GNFLEX_HD float gn_exp_arg_max(float) { return 88.0f; }
-GNFLEX_HD double gn_exp_arg_max(double) { return 709.0; }
 // Machine epsilon of the accumulate type (std::numeric_limits is host-only).
 GNFLEX_HD float gn_epsilon(float) { return FLT_EPSILON; }
 GNFLEX_HD double gn_epsilon(double) { return DBL_EPSILON; }
@@ -81,6 +73,11 @@ GNFLEX_HD T gn_relu(T v) {
 template <typename T>
 GNFLEX_HD T gn_positive_mask(T v) {
   return v <= T(0) ? T(0) : T(1);
+}
+// z > 0 ? if_positive : otherwise (otherwise at NaN).
+template <typename T>
+GNFLEX_HD T gn_select_positive(T z, T if_positive, T otherwise) {
+  return z > T(0) ? if_positive : otherwise;
 }
 
 // The scalar type of a value type: itself, or a vector's element type.
@@ -114,13 +111,13 @@ GNFLEX_HD V activate_grad(V z) {
   if constexpr (A == Activation::ReLU) {
     return gn_positive_mask(z);
   } else if constexpr (A == Activation::SiLU) {
-    // 1 - sigmoid(z) as exp(-z) * sigmoid(z): 1 - sig cancels when sig -> 1
-    // (a sigmoid rounded to 1 - 2^-24 gave silu'(z) = 1 + z * 2^-24, 6e-4 off
-    // at z = 1e4). exp's argument is capped so that exp(-z) stays finite
-    // (inf * 0 would be NaN where sig underflows to 0).
-    const V e = gn_exp(gn_min(V(0) - z, V(gn_exp_arg_max(typename ScalarOf<V>::type(0)))));
+    // sig * (1 + z * (1 - sig)). Where z > 0, 1 - sig is taken as exp(-z) * sig:
+    // 1 - sig cancels when sig -> 1 (a sigmoid rounded to 1 - 2^-24 gave
+    // silu'(z) = 1 + z * 2^-24, 6e-4 off at z = 1e4). Where z <= 0, sig <= 1/2,
+    // so 1 - sig does not cancel, and exp(-z) may overflow (inf * 0 is NaN).
+    const V e = gn_exp(V(0) - z);
     const V sig = gn_reciprocal(V(1) + e);
-    return sig * (V(1) + z * (e * sig));
+    return sig * (V(1) + z * gn_select_positive(z, e * sig, V(1) - sig));
   } else if constexpr (A == Activation::GELU) {
     // 0.5 * (1 + erf(z / sqrt 2)) + z * exp(-z^2 / 2) / sqrt(2 pi)
     const V cdf = V(0.5) * (V(1) + gn_erf(z * V(M_SQRT1_2)));

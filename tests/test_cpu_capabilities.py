@@ -106,3 +106,18 @@ def test_forced_avx512_on_a_cpu_without_it_runs_avx2(tmp_path):
                           cwd=tmp_path, env=dict(os.environ, ATEN_CPU_CAPABILITY="avx512"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["AVX2"]
+
+
+# The copies the activations' vector exp runs in: AVX2 and AVX-512 have their
+# own, the portable copy ATen's.
+@pytest.mark.parametrize("copy", ["default", "avx2", "avx512"])
+def test_activations_over_the_range_of_exp_in_every_copy(copy, tmp_path):
+    if CAPABILITIES.index(copy.upper()) > (CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0):
+        pytest.skip(f"ATen runs this CPU as {HOST}: the {copy} kernels cannot run here")
+    test = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_numerics.py")
+    env = dict(os.environ, GNFLEX_CPU_COPY=copy)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k",
+                           "test_float32_activation_value_by_value"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]

@@ -79,7 +79,7 @@ def test_cpu_tuning_reads_the_caches():
     # Budgets derived from the caches: a group within L2, a sample within 4 x L2.
     assert t["fused_group_bytes"] == t["l2"] and t["fused_sample_bytes"] == 4 * t["l2"]
     # Streaming stores only for outputs that, with their input, would not stay in L3.
-    assert t["stream_output_bytes"] == min(max(t["l3"] // 2, 2 << 20), 64 << 20)
+    assert t["stream_output_bytes"] == min(max(t["l3"] // 2, 2 << 20), 16 << 20)
 
 
 def test_stream_bytes_override(monkeypatch):

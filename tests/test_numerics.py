@@ -192,6 +192,48 @@ def test_float32_fused_activation_at_large_preactivations(activation, layout):
     check_against_torch(*run_all(x, 1, w, b, dy, activation), torch.float32)
 
 
+def activation_terms(z, activation):
+    """float64 act(z), act'(z), and the magnitude of the terms each formula
+    adds up (what one rounding of the float32 computation is relative to:
+    GELU's 1 + erf(z / sqrt 2) cancels for z << 0, in torch as here)."""
+    z = z.double().requires_grad_()
+    y = act_ref(z, activation)
+    (g,) = torch.autograd.grad(y, z, torch.ones_like(z))
+    z, y = z.detach(), y.detach()
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))
+        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return y, g, z.abs() * torch.maximum(cdf, 1 - cdf), torch.maximum(cdf, 1 - cdf) + (z * pdf).abs()
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return y, g, y.abs(), sig * (1 + z.abs() * (1 - sig))
+    return y, g, y.abs(), g.abs()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_float32_activation_value_by_value(activation, layout):
+    """act(z) and act'(z) for every pre-activation z of a sweep over the whole
+    float32 range of exp (its argument's clamps, subnormal results, overflow),
+    value by value against float64: within 16 roundings of the terms the
+    formula adds up, plus a floor where sigmoid(z) is subnormal (the AVX2
+    reciprocal flushes those to 0). weight 0 makes z = bias
+    exactly; dy is 1 at one value per plane, so dbias is act'(z) there."""
+    z = torch.cat([torch.linspace(-110.0, 110.0, 2201), torch.linspace(-12.0, 12.0, 2401),
+                   torch.tensor([-103.97, -103.2, -88.73, -88.72, -87.34, 87.34, 88.72, 88.73, 103.97])])
+    x = make_input((1, len(z), 4, 4), torch.float32, layout=layout, seed=3)
+    dy = torch.zeros_like(x)
+    dy[:, :, 1, 2] = 1.0
+    w, b = torch.zeros(len(z)), z.clone()
+    y, _, _, dbias = grads_of(lambda x, w, b: gnflex.group_norm(x, 1, w, b, 1e-5, activation), x, w, b, dy)
+    y64, g64, y_terms, g_terms = activation_terms(z, activation)
+    for name, ours, ref, terms in (("act", y[0, :, 1, 2], y64, y_terms), ("act'", dbias, g64, g_terms)):
+        floor = 2.0**-126 * (1 + z.double().abs())  # sigmoid(z) below FLT_MIN, times z
+        bad = ((ours.double() - ref).abs() > 16 * 2.0**-24 * terms + floor) | (ours.isnan() != ref.isnan())
+        assert not bad.any(), f"{activation} {name}: z = {z[bad][:6].tolist()}, ours {ours[bad][:6].tolist()}, " \
+            f"float64 {ref[bad][:6].tolist()}"
+
+
 @pytest.mark.parametrize("extent", ("point", "plane"))
 @pytest.mark.parametrize("magnitude", MAGNITUDES, ids=lambda m: f"spike{m:g}")
 @pytest.mark.parametrize("position", ("first", "middle"))

@@ -115,7 +115,11 @@ CpuTuning cpu_tuning() {
   // stayed makes its reader fetch it from memory: with the bound at an eighth
   // of a 32 MiB L3, a 6.4 MB forward ran at 0.80x torch on a 2-core EPYC
   // whose L3 kept both tensors; at half of it, 1.19x (same run).
-  t.stream_output_bytes = std::clamp<int64_t>(c.l3 / 2, 2 * 1024 * 1024, 64 * 1024 * 1024);
+  // At most 16 MiB: an L3 of more than 32 MiB is a server socket's (Intel's
+  // sysfs reports the socket's, e.g. 300 MiB for dozens of cores), of which a
+  // process on a few cores keeps a few MB; there, not streaming a 32 MB
+  // output made the forward 1.3x slower (docs/performance.md).
+  t.stream_output_bytes = std::clamp<int64_t>(c.l3 / 2, 2 * 1024 * 1024, 16 * 1024 * 1024);
   if (const char* bytes = std::getenv("GNFLEX_CPU_STREAM_BYTES")) {
     const int64_t value = parse_size(bytes);
     TORCH_CHECK(value > 0, "GNFLEX_CPU_STREAM_BYTES must be a size such as 4194304, 4096K or 64M, got '", bytes, "'");

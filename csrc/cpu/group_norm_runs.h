@@ -317,25 +317,42 @@ void cl_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t row0, int
   });
 }
 
+// dx of a run from g: read back from g_saved (kept by the sums pass) or
+// recomputed from dy and x. The branch is taken once per run, so a run with
+// g_saved reads neither dy nor computes act'(z).
 template <typename scalar_t, Activation A, typename Coef>
 inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, const RunAffine<Coef> a,
                            const RunInputGrad<Coef> ig, const RunWrite<scalar_t, 2>& w,
                            const acc_type<scalar_t>* g_saved = nullptr) {
-  simd_for<scalar_t>(len, [&](int64_t i, auto step) {
-    using S = decltype(step);
-    using V = typename S::type;
-    V xv[S::count], dv[S::count];
-    if constexpr (!std::is_arithmetic_v<V>) prefetch_next(w, i);
-    load_values(x + i, xv);
-    load_values(dy + i, dv);
-    for (int k = 0; k < S::count; ++k) {
-      const int64_t j = i + k * S::lanes;
-      const auto [d, g] = g_saved != nullptr ? std::pair<V, V>{centered(xv[k], a, j), load_as<V>(g_saved + j)}
-                                             : centered_and_grad<A>(xv[k], dv[k], a, j);
-      dv[k] = ig.g_coef.template get<V>(j) * g + ig.x_coef.template get<V>(j) * d + ig.bias_coef.template get<V>(j);
-    }
-    store_values(dx + i, dv, w.stream);
-  });
+  const auto run = [&](const auto& load_grad) {
+    simd_for<scalar_t>(len, [&](int64_t i, auto step) {
+      using S = decltype(step);
+      using V = typename S::type;
+      V xv[S::count], gv[S::count];
+      if constexpr (!std::is_arithmetic_v<V>) prefetch_next(w, i);
+      load_values(x + i, xv);
+      load_grad(i, step, xv, gv);
+      for (int k = 0; k < S::count; ++k) {
+        const int64_t j = i + k * S::lanes;
+        const V d = centered(xv[k], a, j);
+        gv[k] =
+            ig.g_coef.template get<V>(j) * gv[k] + ig.x_coef.template get<V>(j) * d + ig.bias_coef.template get<V>(j);
+      }
+      store_values(dx + i, gv, w.stream);
+    });
+  };
+  if (A != Activation::None && g_saved != nullptr) {
+    run([&](int64_t i, auto step, const auto& /*xv*/, auto& gv) {
+      using S = decltype(step);
+      for (int k = 0; k < S::count; ++k) gv[k] = load_as<typename S::type>(g_saved + i + k * S::lanes);
+    });
+  } else {
+    run([&](int64_t i, auto step, const auto& xv, auto& gv) {
+      using S = decltype(step);
+      load_values(dy + i, gv);
+      for (int k = 0; k < S::count; ++k) gv[k] = centered_and_grad<A>(xv[k], gv[k], a, i + k * S::lanes).second;
+    });
+  }
 }
 
 // Two-pass elementwise passes: fn(base, len, ci, per_channel) for every run,
