@@ -136,8 +136,31 @@ inline void store_as(T* p, const V& v) {
 // The lanes' sum as a balanced tree (lane i + lane i + L/2, halving): a fixed
 // order, so results stay reproducible, and log2(L) dependent adds instead of
 // L (a lane-by-lane chain cost more than the loads of a short plane).
+// AVX2 / AVX-512: the same tree in registers (upper half onto lower half),
+// bit for bit; a tree through memory cost a store and a reload per level.
 template <typename T>
 inline T horizontal_sum(const at::vec::Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+#else
+    const __m256 h8 = v;
+#endif
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+  }
+  if constexpr (std::is_same_v<T, double>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256d h4 = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+#else
+    const __m256d h4 = v;
+#endif
+    const __m128d h2 = _mm_add_pd(_mm256_castpd256_pd128(h4), _mm256_extractf128_pd(h4, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h2, _mm_unpackhi_pd(h2, h2)));
+  }
+#endif
   constexpr int kLanes = at::vec::Vectorized<T>::size();
   T lanes[kLanes];
   v.store(lanes);
