@@ -30,42 +30,35 @@ inline namespace CPU_CAPABILITY {
 // is 0 or inf in float; the clamp keeps NaN (min/max return their second
 // operand, v, when it is NaN). 2^n is applied exactly, subnormal results
 // included: AVX-512 by vscalefps, AVX2 as 2^(n/2) * 2^(n - n/2).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// p * 2^n for whole numbers n in [-150, 128], exactly.
+inline at::vec::Vectorized<float> times_power_of_two(const at::vec::Vectorized<float>& p,
+                                                     const at::vec::Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 exp_float_vector(__m512 v) {
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), v));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 exp_float_vector(__m256 v) {
-  const __m256 x = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f), v));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  // n in [-150, 128]: each half is a normal power of two. NaN: the conversion
-  // gives INT_MIN, and p is NaN already.
+#else
+  // Each half of n is a normal power of two. NaN: p is NaN already.
   const __m256i k = _mm256_cvtps_epi32(n);
   const __m256i k1 = _mm256_srai_epi32(k, 1);
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(k, k1), bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+#endif
+}
+
+inline at::vec::Vectorized<float> exp_float_vector(const at::vec::Vectorized<float>& v) {
+  using Vec = at::vec::Vectorized<float>;
+  using at::vec::fmadd;
+  const Vec x = at::vec::clamp(v, Vec(-104.0f), Vec(89.0f));
+  const Vec n = (x * Vec(1.44269504088896341f)).round();
+  const Vec r = fmadd(n, Vec(2.12194440e-4f), fmadd(n, Vec(-0.693359375f), x));
+  Vec p = fmadd(Vec(1.9875691500e-4f), r, Vec(1.3981999507e-3f));
+  p = fmadd(p, r, Vec(8.3334519073e-3f));
+  p = fmadd(p, r, Vec(4.1665795894e-2f));
+  p = fmadd(p, r, Vec(1.6666665459e-1f));
+  p = fmadd(p, r, Vec(5.0000001201e-1f));
+  return times_power_of_two(fmadd(p, r * r, r) + Vec(1.0f), n);
 }
 #endif
 
