@@ -216,8 +216,8 @@ def test_float32_activation_value_by_value(activation, layout):
     """act(z) and act'(z) for every pre-activation z of a sweep over the whole
     float32 range of exp (its argument's clamps, subnormal results, overflow),
     value by value against float64: within 16 roundings of the terms the
-    formula adds up, plus a floor where sigmoid(z) is subnormal (the AVX2
-    reciprocal flushes those to 0). weight 0 makes z = bias
+    formula adds up, plus a floor where sigmoid(z) is subnormal (a hardware
+    reciprocal estimate flushes those to 0). weight 0 makes z = bias
     exactly; dy is 1 at one value per plane, so dbias is act'(z) there."""
     z = torch.cat([torch.linspace(-110.0, 110.0, 2201), torch.linspace(-12.0, 12.0, 2401),
                    torch.tensor([-103.97, -103.2, -88.73, -88.72, -87.34, 87.34, 88.72, 88.73, 103.97])])

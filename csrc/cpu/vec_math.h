@@ -69,32 +69,11 @@ inline at::vec::Vectorized<T> gn_exp(const at::vec::Vectorized<T>& v) {
 #endif
   return v.exp();
 }
-// 1 / v. For float vectors on AVX2 and AVX-512: the hardware estimate (12
-// and 14 bits) refined by one Newton step, about 1 ulp off (division is the
-// bottleneck of SiLU). The estimate is the CPU's, so the last bit may differ
-// between CPU models; on one machine results are reproducible. v = inf gives
-// 0, NaN stays NaN.
+// 1 / v: a division, correctly rounded and the same on every CPU model
+// (v = inf gives 0, NaN stays NaN). The hardware estimate refined by a
+// Newton step was no faster once it fixed up 0 and inf (docs/performance).
 template <typename T>
 inline at::vec::Vectorized<T> gn_reciprocal(const at::vec::Vectorized<T>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 r = _mm512_rcp14_ps(v);
-    const __m512 e = _mm512_fnmadd_ps(v, r, _mm512_set1_ps(1.0f));
-    // The estimate of +-inf (+-0) and of +-0 (+-inf) is exact, and the step
-    // would make it NaN (0 * inf): keep it.
-    const __mmask16 exact = _mm512_fpclass_ps_mask(r, 0x1e);  // +-0, +-inf
-    return _mm512_mask_mov_ps(_mm512_fmadd_ps(r, e, r), exact, r);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    // min(FLT_MAX, v) maps inf to a value whose estimate is 0 and keeps NaN
-    // (minps returns its second operand when either is NaN).
-    const __m256 d = _mm256_min_ps(_mm256_set1_ps(3.4028234663852886e38f), v);
-    const __m256 r = _mm256_rcp_ps(d);
-    const __m256 e = _mm256_fnmadd_ps(d, r, _mm256_set1_ps(1.0f));
-    return _mm256_fmadd_ps(r, e, r);
-  }
-#endif
   return at::vec::Vectorized<T>(T(1)) / v;
 }
 template <typename T>
