@@ -80,16 +80,6 @@ GNFLEX_HD T gn_select_positive(T z, T if_positive, T otherwise) {
   return z > T(0) ? if_positive : otherwise;
 }
 
-// The scalar type of a value type: itself, or a vector's element type.
-template <typename V, typename = void>
-struct ScalarOf {
-  using type = V;
-};
-template <typename V>
-struct ScalarOf<V, std::void_t<typename V::value_type>> {
-  using type = typename V::value_type;
-};
-
 // ---- activations ---------------------------------------------------------
 // GELU is the exact (erf) form, as torch.nn.functional.gelu by default.
 template <Activation A, typename V>
