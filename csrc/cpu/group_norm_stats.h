@@ -33,15 +33,15 @@ bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int6
          reinterpret_cast<uintptr_t>(out) % kLine == 0;
 }
 
-// The schedule of one call, when not forced: fused where an item (a
-// channels-first group, a channels-last sample; input_bytes per value: x, or
-// x and dy) fits its budget and there is an item for every thread, else
-// two-pass.
 // Values of one fused item: a channels-first group, a channels-last sample.
 int64_t fused_item_values(const GroupNormShape& s, Layout layout) {
   return layout == Layout::ChannelsFirst ? s.group_size() : s.HxW * s.C;
 }
 
+// The schedule of one call, when not forced: fused where an item (a
+// channels-first group, a channels-last sample; input_bytes per value: x, or
+// x and dy) fits its budget and there is an item for every thread, else
+// two-pass.
 Schedule choose_schedule(const GroupNormShape& s, Layout layout, int64_t input_bytes, const CpuTuning& t) {
   if (t.schedule != Schedule::Auto) return t.schedule;
   const bool channels_first = layout == Layout::ChannelsFirst;
