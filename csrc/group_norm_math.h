@@ -161,6 +161,22 @@ GNFLEX_HD WelfordStats<T> welford_from_centered_sums(int64_t count, T center, T 
   return s;
 }
 
+// sum over j in [0, k) of term(j), in kLanes interleaved partial sums (lane
+// j % kLanes) added pairwise at the end: a fixed order, so the same bits on
+// every run, and no chain of k dependent adds (the compiler can put the lanes
+// in one vector).
+template <typename T, typename Term>
+GNFLEX_HD T lane_sum(int64_t k, const Term& term) {
+  constexpr int kLanes = 8;
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += term(j + l);
+  }
+  for (int l = 0; j + l < k; ++l) lane[l] += term(j + l);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
 // Stats of k parts of n values each (the channels of a group within a
 // channels-last row block), part j given as chunk stats are: its center c[j]
 // and the sums s1[j], s2[j] of d = x - c[j] and d^2. Chan's merge for equal
@@ -172,15 +188,13 @@ GNFLEX_HD WelfordStats<T> welford_from_equal_parts(int64_t k, int64_t n, const T
   WelfordStats<T> s;
   if (k == 0 || n == 0) return s;
   const T inv_n = T(1) / T(n);
-  T offset_sum = T(0);
-  for (int64_t j = 0; j < k; ++j) offset_sum += (c[j] - c[0]) + s1[j] * inv_n;
-  const T offset = offset_sum / T(k);
-  T within = T(0), between = T(0);
-  for (int64_t j = 0; j < k; ++j) {
-    within += s2[j] - s1[j] * (s1[j] * inv_n);
-    const T dev = (c[j] - c[0]) + s1[j] * inv_n - offset;
-    between += dev * dev;
-  }
+  const auto part_mean = [&](int64_t j) { return (c[j] - c[0]) + s1[j] * inv_n; };
+  const T offset = lane_sum<T>(k, part_mean) / T(k);
+  const T within = lane_sum<T>(k, [&](int64_t j) { return s2[j] - s1[j] * (s1[j] * inv_n); });
+  const T between = lane_sum<T>(k, [&](int64_t j) {
+    const T dev = part_mean(j) - offset;
+    return dev * dev;
+  });
   const T m2 = within + T(n) * between;
   s.count = k * n;
   s.center = c[0];

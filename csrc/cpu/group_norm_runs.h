@@ -79,11 +79,8 @@ void group_backward_tables(T mean_shift, T rstd, ParamSpan<T> w, ParamSpan<T> b,
 template <typename T>
 void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int64_t Cg, T mean_shift, T rstd,
                             int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
-  T sum_gwx = 0, sum_gw = 0;
-  for (int64_t c = 0; c < Cg; ++c) {
-    sum_gwx += w[c] * sum_gx[c];
-    sum_gw += w[c] * sum_g[c];
-  }
+  const T sum_gwx = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_gx[c]; });
+  const T sum_gw = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_g[c]; });
   const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift, rstd, group_size);
   for (int64_t c = 0; c < Cg; ++c) {
     g_coef[c] = rstd * w[c];
