@@ -8,7 +8,7 @@ A pre-grad pass of the default Inductor backend:
 - where its output is only multiplied by a per-sample (N, C, 1, ...) factor,
   then maybe shifted by a per-sample shift and activated (AdaGN, FiLM:
   diffusers' ``norm(h) * (1 + scale) + shift``), the factor and shift fold into
-  per-sample weight and bias (:func:`gnflex.functional.modulation_params`) and
+  per-sample weight and bias (:func:`gnflex._modulation.modulation_params`) and
   one op call computes it all.
 Autograd then differentiates the fused op, so the backward is fused too.
 Eager models get the activation fusion from :func:`gnflex.convert`.
@@ -27,7 +27,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ._fx_fusion import modulation_chain, per_sample_like
 from .activations import called_activation
-from .functional import modulation_params
+from ._modulation import modulation_params
 
 _OP = torch.ops.gnflex.group_norm
 _ARGUMENTS = [a.name for a in _OP.default._schema.arguments]

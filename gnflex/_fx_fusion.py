@@ -37,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .activations import called_activation, torch_function
 from .functional import group_norm as gnflex_group_norm
-from .functional import modulation_params
+from ._modulation import modulation_params
 from .modules import GroupNormFlex
 
 _GROUP_NORM_SIGNATURE = inspect.signature(F.group_norm)

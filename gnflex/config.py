@@ -104,3 +104,17 @@ class GNConfig:
                 f"num_channels ({num_channels}) must be divisible by num_groups ({self.groups})"
             )
         return self.groups
+
+
+def layer_config(mode: str, num_groups: int, eps: float, affine: bool, activation: str) -> GNConfig:
+    """The GNConfig of an existing layer. Its eps may be any value torch's
+    group_norm takes (``convert`` copies a model's eps as it is), so an eps
+    that GNConfig's own check refuses (negative, NaN, inf: a check for what
+    users write) is set without it."""
+    groups = num_groups if mode == "gn" else "auto"
+    try:
+        return GNConfig(mode=mode, groups=groups, eps=eps, affine=affine, activation=activation)
+    except ValueError:
+        config = GNConfig(mode=mode, groups=groups, affine=affine, activation=activation)
+        object.__setattr__(config, "eps", eps)
+        return config

@@ -124,16 +124,6 @@ def _factory(module: nn.Module):
     return {} if p is None else {"device": p.device, "dtype": p.dtype}
 
 
-def _with_eps(config: GNConfig, module: nn.Module) -> GNConfig:
-    """``config`` with ``module``'s eps where GNConfig accepts it (finite, >= 0);
-    the caller sets the module's eps on the new layer either way, so that any
-    eps F.group_norm takes is kept."""
-    try:
-        return config.replace(eps=module.eps)
-    except ValueError:
-        return config
-
-
 def _from_ada_groupnorm(ada: nn.Module) -> AdaGroupNorm:
     """gnflex's AdaGroupNorm around diffusers' own act and linear modules (the
     same objects: weights, keys and devices stay)."""
@@ -147,8 +137,8 @@ def _from_ada_groupnorm(ada: nn.Module) -> AdaGroupNorm:
 def _from_groupnorm(gn: nn.GroupNorm, activation: str) -> GroupNormFlex:
     has_bias = gn.affine and gn.bias is not None
     config = GNConfig(mode="gn", groups=gn.num_groups, affine=gn.affine, activation=activation)
-    new = GroupNormFlex(gn.num_channels, _with_eps(config, gn), bias=has_bias, **_factory(gn))
-    new.eps = float(gn.eps)
+    new = GroupNormFlex(gn.num_channels, config, bias=has_bias, **_factory(gn))
+    new.eps = float(gn.eps)  # any eps torch takes, even one GNConfig refuses; new.config follows
     with torch.no_grad():
         if gn.affine:
             new.weight.copy_(gn.weight)
@@ -158,8 +148,8 @@ def _from_groupnorm(gn: nn.GroupNorm, activation: str) -> GroupNormFlex:
 
 
 def _from_batchnorm(bn: nn.BatchNorm2d, config: GNConfig) -> GroupNormFlex:
-    new = GroupNormFlex(bn.num_features, _with_eps(config.replace(affine=bn.affine), bn), **_factory(bn))
-    new.eps = float(bn.eps)
+    new = GroupNormFlex(bn.num_features, config, affine=bn.affine, **_factory(bn))
+    new.eps = float(bn.eps)  # as in _from_groupnorm
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight)

@@ -6,19 +6,11 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._distributed import register_if_loaded as _register_sharding_if_loaded
-from ._ops import group_norm_op
+from ._dispatch import group_norm_dispatch
+from ._modulation import modulation_params
 from .activations import ACTIVATIONS, ALL_NAMES
-from .config import GNConfig
-from .functional import (check_more_than_one_value, in_onnx_export, modulated_group_norm, modulation_params,
-                         torch_group_norm_with_stats)
-
-
-def _resolve_config(config: Optional[GNConfig], overrides) -> GNConfig:
-    config = GNConfig() if config is None else config
-    if not isinstance(config, GNConfig):
-        raise TypeError(f"config must be a GNConfig, got {type(config).__name__}")
-    return config.replace(**overrides) if overrides else config
+from .config import GNConfig, layer_config
+from .functional import modulated_group_norm
 
 
 class GroupNormFlex(nn.GroupNorm):
@@ -27,7 +19,9 @@ class GroupNormFlex(nn.GroupNorm):
     ``GroupNormFlex(64)`` is GroupNorm with automatically chosen groups;
     ``GroupNormFlex(64, GNConfig(mode="ln_like"))`` or
     ``GroupNormFlex(64, mode="in_like", activation="silu")`` pick other modes
-    (keyword overrides replace fields of ``config``).
+    (the keywords ``mode``, ``groups``, ``eps``, ``affine``, ``activation``
+    and ``min_channels_per_group`` replace those fields of ``config``).
+    ``layer.config`` is derived from the layer's attributes.
 
     A subclass of ``nn.GroupNorm`` (as timm's GroupNormAct), so code that finds
     norm layers by type (weight-decay rules, wrap policies, model surgery)
@@ -44,24 +38,44 @@ class GroupNormFlex(nn.GroupNorm):
     _takes_activation: Optional[str] = None
     _taken_output = None
 
+    __jit_unused_properties__ = ["config"]
+
     def __init__(
         self,
         num_channels: int,
         config: Optional[GNConfig] = None,
         *,
+        mode: Optional[str] = None,
+        groups: Optional[Union[int, str]] = None,
+        eps: Optional[float] = None,
+        affine: Optional[bool] = None,
+        activation: Optional[str] = None,
+        min_channels_per_group: Optional[int] = None,
         bias: bool = True,
         device=None,
         dtype=None,
-        **overrides,
     ):
-        config = _resolve_config(config, overrides)
+        config = GNConfig() if config is None else config
+        if not isinstance(config, GNConfig):
+            raise TypeError(f"config must be a GNConfig, got {type(config).__name__}")
+        changes = {"mode": mode, "groups": groups, "eps": eps, "affine": affine, "activation": activation,
+                   "min_channels_per_group": min_channels_per_group}
+        changes = {name: value for name, value in changes.items() if value is not None}
+        if changes:
+            config = config.replace(**changes)
         super().__init__(config.num_groups(num_channels), num_channels, float(config.eps),
                          config.affine, device=device, dtype=dtype)
         if config.affine and not bias:
             self.register_parameter("bias", None)
-        self.config = config
         self.mode = config.mode
         self.activation = config.activation
+
+    @property
+    def config(self) -> GNConfig:
+        """What this layer computes, as a GNConfig (read-only: derived from
+        ``mode``, ``num_groups``, ``eps``, ``affine`` and ``activation``, so
+        it never disagrees with them; ``groups`` is the layer's count)."""
+        return layer_config(self.mode, self.num_groups, self.eps, self.affine, self.activation)
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
@@ -70,26 +84,20 @@ class GroupNormFlex(nn.GroupNorm):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        check_more_than_one_value(input, self.num_groups)
-        if not torch.jit.is_scripting():
-            if type(input) is not Tensor and not torch.compiler.is_compiling():
-                _register_sharding_if_loaded()  # a DTensor, maybe
-            if in_onnx_export():  # torch.onnx.export knows torch's group_norm, not our op
-                return torch_group_norm_with_stats(input, self.num_groups, self.weight, self.bias,
-                                                   self.eps, self.activation)[0]
-            # Registered parameters straight from their dict (nn.Module.__getattr__ is
-            # a Python call per attribute); a parametrization or a plain attribute
-            # (the old weight_norm) is not in it and is read as usual.
-            params = self._parameters
-            weight = params["weight"] if "weight" in params else self.weight
-            bias = params["bias"] if "bias" in params else self.bias
-            taken = self._takes_activation
-            if taken is not None and not torch.compiler.is_compiling():
-                output = group_norm_op(input, weight, bias, self.num_groups, self.eps, taken)[0]
-                self._taken_output = weakref.ref(output)
-                return output
-            return group_norm_op(input, weight, bias, self.num_groups, self.eps, self.activation)[0]
-        return torch.ops.gnflex.group_norm(input, self.weight, self.bias, self.num_groups, self.eps, self.activation)[0]
+        if torch.jit.is_scripting():
+            return group_norm_dispatch(input, self.num_groups, self.weight, self.bias, self.eps, self.activation)[0]
+        # Registered parameters straight from their dict (nn.Module.__getattr__ is
+        # a Python call per attribute); a parametrization or a plain attribute
+        # (the old weight_norm) is not in it and is read as usual.
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        taken = self._takes_activation
+        if taken is None or torch.compiler.is_compiling():
+            return group_norm_dispatch(input, self.num_groups, weight, bias, self.eps, self.activation)[0]
+        output = group_norm_dispatch(input, self.num_groups, weight, bias, self.eps, taken)[0]
+        self._taken_output = weakref.ref(output)
+        return output
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -176,9 +184,8 @@ class AdaGroupNorm(nn.Module):
         scale, shift = self.linear(emb).chunk(2, dim=1)
         if not torch.jit.is_scripting():
             return modulated_group_norm(x, self.num_groups, scale, shift, eps=self.eps, activation=self.activation)
-        check_more_than_one_value(x, self.num_groups)
         weight, bias = modulation_params(x, scale, shift, None, None, 1.0)
-        return torch.ops.gnflex.group_norm(x, weight, bias, self.num_groups, self.eps, self.activation)[0]
+        return group_norm_dispatch(x, self.num_groups, weight, bias, self.eps, self.activation)[0]
 
     def extra_repr(self) -> str:
         return f"groups={self.num_groups}, eps={self.eps}, activation={self.activation}"

@@ -1,4 +1,6 @@
 """Python API: GNConfig, choose_gn_groups, GroupNormFlex, ConvGNAct, GNCNN."""
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -148,11 +150,34 @@ def test_factory_kwargs_and_repr():
     assert m16(torch.randn(2, 16, 3, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_overrides_replace_config_fields():
+def test_keywords_replace_config_fields():
     base = GNConfig(mode="gn", groups=4, activation="relu")
     m = GroupNormFlex(16, base, activation="gelu", eps=1e-3)
     assert (m.num_groups, m.activation, m.eps) == (4, "gelu", 1e-3)
     assert base.activation == "relu"  # the config itself is unchanged
+    assert GroupNormFlex(16, min_channels_per_group=4).num_groups == 4
+    assert GroupNormFlex(16, mode="in_like", affine=False).config == GNConfig(mode="in_like", affine=False)
+    # The config's fields are named parameters (help(), IDEs), not **kwargs.
+    params = inspect.signature(GroupNormFlex).parameters
+    for name in ("mode", "groups", "eps", "affine", "activation", "min_channels_per_group", "bias"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'act'"):
+        GroupNormFlex(16, act="silu")
+
+
+def test_config_is_derived_from_the_layer():
+    m = GroupNormFlex(16, groups="auto", min_channels_per_group=2, activation="silu")
+    assert m.config == GNConfig(groups=8, activation="silu")  # the layer's count, not "auto"
+    m.eps, m.activation = 1e-3, "relu"
+    assert (m.config.eps, m.config.activation) == (1e-3, "relu")
+    with pytest.raises(AttributeError):
+        m.config = GNConfig()
+    # An eps GNConfig refuses but torch takes (convert copies it): the config shows it too.
+    m.eps = -0.5
+    assert m.config.eps == -0.5 and m.config.num_groups(16) == 8
+    with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+        m.config.replace(eps=float("nan"))
 
 
 def test_conv_gn_act_block():

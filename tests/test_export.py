@@ -3,6 +3,7 @@ torch.export and ONNX (run by onnxruntime)."""
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -149,7 +150,21 @@ def test_plain_torch_onnx_export(tmp_path, dynamo):
     expected = model(xn).detach().numpy()
     assert out.shape == expected.shape and np.abs(out - expected).max() <= 1e-4
     # Eager calls outside the export still run gnflex's op.
-    assert not gnflex.functional.in_onnx_export()
+    assert not gnflex._dispatch.in_onnx_export()
+
+
+def test_keep_op_switch_is_per_thread():
+    # gnflex.onnx.export's switch (keep the op in the traced graph) holds in
+    # its own thread or task only: another thread's export still gets torch's ops.
+    from gnflex._dispatch import _keep_op_in_onnx, keep_op_in_onnx_export
+
+    seen = []
+    with keep_op_in_onnx_export():
+        other = threading.Thread(target=lambda: seen.append(_keep_op_in_onnx.get()))
+        other.start()
+        other.join()
+        assert _keep_op_in_onnx.get()
+    assert seen == [False] and not _keep_op_in_onnx.get()
 
 
 @pytest.mark.parametrize("opset", (18, 21))

@@ -208,6 +208,8 @@ def test_convert_keeps_any_eps(eps):
     converted, report = gnflex.convert(model)
     assert isinstance(converted[0], GroupNormFlex) and report.skipped == []
     assert converted[0].eps == eps or math.isnan(eps) and math.isnan(converted[0].eps)
+    config_eps = converted[0].config.eps  # the layer's config says the same
+    assert config_eps == eps or math.isnan(eps) and math.isnan(config_eps)
     torch.testing.assert_close(converted(x), before, equal_nan=True)
 
 
