@@ -10,8 +10,8 @@
 
 TORCH_LIBRARY(GNFLEX_OP_NAMESPACE, m) {
   // y = act(GroupNorm(input)); mean and rstd are (N, num_groups) in the
-  // accumulate dtype (float32, float64 for float64 input). activation is one
-  // of "none", "relu", "silu", "gelu".
+  // accumulate dtype (float32, float64 for float64 input). activation: a name
+  // of the activation table (group_norm_utils.cpp).
   m.def(
       "group_norm(Tensor input, Tensor? weight, Tensor? bias, int num_groups, "
       "float eps=1e-05, str activation=\"none\") -> (Tensor, Tensor, Tensor)");

@@ -261,8 +261,8 @@ GNFLEX_HD bool needs_exact_residual(T mean, T rstd) {
 
 // ---- coefficient folding -------------------------------------------------
 // Forward: y = act((x - pivot) * scale + shift) equals
-// act((x - mean) * rstd * weight + bias), with mean_shift = mean - pivot
-// (the residual r of the scheme above, pivot = P).
+// act((x - mean) * rstd * weight + bias), with the residual r = mean - pivot
+// of the scheme above (pivot = P).
 template <typename T>
 struct ChannelAffine {
   T scale;
@@ -270,9 +270,9 @@ struct ChannelAffine {
 };
 
 template <typename T>
-GNFLEX_HD ChannelAffine<T> fold_affine(T mean_shift, T rstd, T weight, T bias) {
+GNFLEX_HD ChannelAffine<T> fold_affine(T residual, T rstd, T weight, T bias) {
   const T scale = rstd * weight;
-  return {scale, bias - mean_shift * scale};
+  return {scale, bias - residual * scale};
 }
 
 // Backward. With g = dy * act'(z) and per-group sums over the group's D values
@@ -286,18 +286,18 @@ struct InputGradCoefs {
 };
 
 template <typename T>
-GNFLEX_HD InputGradCoefs<T> input_grad_coefs(T sum_gwx, T sum_gw, T mean_shift, T rstd, int64_t group_size) {
+GNFLEX_HD InputGradCoefs<T> input_grad_coefs(T sum_gwx, T sum_gw, T residual, T rstd, int64_t group_size) {
   if (group_size == 0) return {T(0), T(0)};
   const T inv_d = T(1) / T(group_size);
-  const T k = rstd * rstd * rstd * (sum_gwx - mean_shift * sum_gw) * inv_d;
-  return {-k, k * mean_shift - rstd * sum_gw * inv_d};
+  const T k = rstd * rstd * rstd * (sum_gwx - residual * sum_gw) * inv_d;
+  return {-k, k * residual - rstd * sum_gw * inv_d};
 }
 
 // d loss / d weight[c] contribution of one (sample, channel):
-// sum(g * xhat) = rstd * (sum(g * (x - pivot)) - mean_shift * sum(g)).
+// sum(g * xhat) = rstd * (sum(g * (x - pivot)) - residual * sum(g)).
 template <typename T>
-GNFLEX_HD T weight_grad_term(T sum_gx, T sum_g, T mean_shift, T rstd) {
-  return rstd * (sum_gx - mean_shift * sum_g);
+GNFLEX_HD T weight_grad_term(T sum_gx, T sum_g, T residual, T rstd) {
+  return rstd * (sum_gx - residual * sum_g);
 }
 
 }  // namespace GNFLEX_MATH_NS

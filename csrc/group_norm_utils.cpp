@@ -6,29 +6,58 @@
 
 namespace gnflex {
 
-// The names the op accepts, aliases included: the one C++ table (Python's is
-// gnflex/activations.py; a test checks they agree).
-struct ActivationName {
+// The activations: the one C++ table (Python's is gnflex/activations.py; a
+// test checks they agree). Each canonical name, with ATen's function for the
+// composite path (GELU: the exact, erf form), then the aliases.
+struct ActivationEntry {
+  const char* name;
+  Activation value;
+  at::Tensor (*aten_function)(const at::Tensor&);
+};
+constexpr ActivationEntry kActivations[] = {
+    {"none", Activation::None, [](const at::Tensor& z) { return z; }},
+    {"relu", Activation::ReLU, [](const at::Tensor& z) { return at::relu(z); }},
+    {"silu", Activation::SiLU, [](const at::Tensor& z) { return at::silu(z); }},
+    {"gelu", Activation::GELU, [](const at::Tensor& z) { return at::gelu(z); }},
+};
+struct ActivationAlias {
   const char* name;
   Activation value;
 };
-constexpr ActivationName kActivationNames[] = {
-    {"none", Activation::None}, {"relu", Activation::ReLU},     {"silu", Activation::SiLU},
-    {"gelu", Activation::GELU}, {"identity", Activation::None}, {"swish", Activation::SiLU},
-};
+static_assert(kActivations[static_cast<int>(Activation::GELU)].value == Activation::GELU &&
+                  kActivations[static_cast<int>(Activation::SiLU)].value == Activation::SiLU &&
+                  kActivations[static_cast<int>(Activation::ReLU)].value == Activation::ReLU,
+              "kActivations is indexed by Activation");
+constexpr ActivationAlias kActivationAliases[] = {{"identity", Activation::None}, {"swish", Activation::SiLU}};
 
 Activation parse_activation(c10::string_view name) {
-  for (const ActivationName& entry : kActivationNames) {
+  for (const ActivationEntry& entry : kActivations) {
     if (name == entry.name) return entry.value;
   }
-  TORCH_CHECK(false, "gnflex.group_norm: unknown activation '", std::string(name),
-              "'; expected one of 'none', 'relu', 'silu', 'gelu'");
+  for (const ActivationAlias& alias : kActivationAliases) {
+    if (name == alias.name) return alias.value;
+  }
+  std::string expected;
+  for (const ActivationEntry& entry : kActivations)
+    expected += (expected.empty() ? "'" : ", '") + std::string(entry.name) + "'";
+  std::string aliases;
+  for (const ActivationAlias& alias : kActivationAliases) {
+    aliases += (aliases.empty() ? "" : ", ") + std::string(alias.name) + "=" +
+               kActivations[static_cast<int>(alias.value)].name;
+  }
+  TORCH_CHECK(false, "gnflex.group_norm: unknown activation '", std::string(name), "'; expected one of ", expected,
+              " (aliases: ", aliases, ")");
 }
 
 std::vector<std::string> activation_names() {
   std::vector<std::string> names;
-  for (const ActivationName& entry : kActivationNames) names.emplace_back(entry.name);
+  for (const ActivationEntry& entry : kActivations) names.emplace_back(entry.name);
+  for (const ActivationAlias& alias : kActivationAliases) names.emplace_back(alias.name);
   return names;
+}
+
+at::Tensor apply_activation(Activation act, const at::Tensor& z) {
+  return kActivations[static_cast<int>(act)].aten_function(z);
 }
 
 at::ScalarType acc_dtype_for(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }

@@ -20,6 +20,8 @@ namespace gnflex {
 Activation parse_activation(c10::string_view name);
 // Every name parse_activation accepts (aliases included).
 std::vector<std::string> activation_names();
+// act(z) from ATen's differentiable ops (the composite path).
+at::Tensor apply_activation(Activation act, const at::Tensor& z);
 
 // Accumulate dtype of an input dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType dtype);

@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from .activations import canonical
-from .functional import keep_op_in_onnx_export
+from .activations import ACTIVATIONS, canonical
+from ._dispatch import keep_op_in_onnx_export
 
 
 def translation_table(opset: int = 18):
@@ -38,6 +38,15 @@ def translation_table(opset: int = 18):
         from onnxscript import opset21 as op
     else:
         from onnxscript import opset18 as op
+
+    def gelu(y):  # the exact, erf form
+        half = op.CastLike(op.Constant(value_float=0.5), y)
+        one = op.CastLike(op.Constant(value_float=1.0), y)
+        inv_sqrt2 = op.CastLike(op.Constant(value_float=1.0 / math.sqrt(2.0)), y)
+        return op.Mul(op.Mul(half, y), op.Add(one, op.Erf(op.Mul(y, inv_sqrt2))))
+
+    activations = {"none": lambda y: y, "relu": op.Relu, "silu": lambda y: op.Mul(y, op.Sigmoid(y)), "gelu": gelu}
+    assert tuple(activations) == ACTIVATIONS, "an ONNX translation for every activation"
 
     def group_norm(input, weight=None, bias=None, num_groups=1, eps=1e-5, activation="none"):
         activation = canonical(activation)
@@ -59,16 +68,7 @@ def translation_table(opset: int = 18):
                 y3 = op.Mul(y3, op.Reshape(weight, channel_shape))
             if bias is not None:
                 y3 = op.Add(y3, op.Reshape(bias, channel_shape))
-        if activation == "relu":
-            y3 = op.Relu(y3)
-        elif activation == "silu":
-            y3 = op.Mul(y3, op.Sigmoid(y3))
-        elif activation == "gelu":
-            half = op.CastLike(op.Constant(value_float=0.5), y3)
-            one = op.CastLike(op.Constant(value_float=1.0), y3)
-            inv_sqrt2 = op.CastLike(op.Constant(value_float=1.0 / math.sqrt(2.0)), y3)
-            y3 = op.Mul(op.Mul(half, y3), op.Add(one, op.Erf(op.Mul(y3, inv_sqrt2))))
-        y = op.Reshape(y3, op.Shape(input))
+        y = op.Reshape(activations[activation](y3), op.Shape(input))
         stats_shape = op.Constant(value_ints=[0, num_groups])
         return y, op.Reshape(mean, stats_shape), op.Reshape(rstd, stats_shape)
 

@@ -38,8 +38,11 @@ def test_every_layer_accepts_every_name(name):
 @pytest.mark.parametrize("name", ["tanh", "SiLU", "gelu_tanh", ""])
 def test_every_layer_rejects_other_names(name):
     x = torch.randn(2, 8, 3)
-    with pytest.raises(RuntimeError, match="unknown activation"):
+    with pytest.raises(RuntimeError, match="unknown activation") as info:
         op(x, None, None, 4, 1e-5, name)
+    # The op's message lists the names from the C++ table, as Python's does.
+    assert all(f"'{a}'" in str(info.value) for a in ACTIVATIONS)
+    assert all(f"{alias}={canon}" in str(info.value) for alias, canon in ALIASES.items())
     with FakeTensorMode(), pytest.raises(RuntimeError, match="unknown activation"):
         op(torch.empty(2, 8, 3), None, None, 4, 1e-5, name)
     with pytest.raises(ValueError, match="unknown activation"):

@@ -50,21 +50,7 @@ TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& wei
   };
   if (weight.defined()) z = z * per_value(weight);
   if (bias.defined()) z = z + per_value(bias);
-  switch (act) {
-    case Activation::ReLU:
-      z = at::relu(z);
-      break;
-    case Activation::SiLU:
-      z = at::silu(z);
-      break;
-    case Activation::GELU:
-      z = at::gelu(z);
-      break;
-    case Activation::None:
-    default:
-      break;
-  }
-  at::Tensor y = z.to(input.scalar_type());
+  at::Tensor y = apply_activation(act, z).to(input.scalar_type());
   if (reads_channels_last(input)) {  // the kernels' rule: y keeps a channels-last input's layout
     std::vector<int64_t> to_last(input.dim()), back(input.dim());  // (N, C, *) <-> (N, *, C)
     for (int64_t d = 0; d < input.dim(); ++d) to_last[d] = d == 0 ? 0 : d == input.dim() - 1 ? 1 : d + 1;

@@ -18,17 +18,14 @@ struct BackwardArgs {
   const acc_t* mean;
   const acc_t* rstd;
   AffineParams<acc_t> params;
+  // Per group: the residual mean - pivot (the pivot is the saved mean; see
+  // backward_residuals).
+  const acc_t* residual;
   // Outputs for the parameter gradients: per-(n, c) sums of g * (x - pivot)
-  // and g, and per-group mean - pivot (the pivot is the saved mean).
+  // and g.
   acc_t* sum_gx;
   acc_t* sum_g;
-  acc_t* mean_shift;
   bool stream;  // non-temporal stores for dx
-  // Groups whose mean - pivot was recomputed from x (see exact_mean_shifts).
-  const char* has_exact_shift;
-  const acc_t* exact_shift;
-
-  acc_t group_mean_shift(int64_t ng) const { return has_exact_shift[ng] ? exact_shift[ng] : acc_t(0); }
 };
 
 // Whether the fused schedules keep g = dy * act'(z) between their two passes:
@@ -54,9 +51,8 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
       const scalar_t* gdy = a.dy + ng * D;
-      a.mean_shift[ng] = a.group_mean_shift(ng);
-      group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0),
-                            Cg, scale, shift);
+      group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+                            scale, shift);
       std::fill(pivot, pivot + Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       for (int64_t c = 0; c < Cg; ++c) {
@@ -64,7 +60,7 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
             gdy + c * s.HxW, gx + c * s.HxW, s.HxW, t, c, g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
       }
       if (a.dx == nullptr) continue;
-      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, c0), Cg, a.mean_shift[ng],
+      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, c0), Cg, a.residual[ng],
                              a.rstd[ng], D, g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
       for (int64_t c = 0; c < Cg; ++c) {
@@ -97,8 +93,7 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       fill_sample_pivots(a.mean, s, n, pivot);
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
-        a.mean_shift[ng] = a.group_mean_shift(ng);
-        group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
+        group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
                               scale + g * Cg, shift + g * Cg);
       }
       const AffineTables<acc_t> t{pivot, scale, shift};
@@ -116,7 +111,7 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
       if (a.dx == nullptr) continue;
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
-        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.params.weight(n, g * Cg), Cg, a.mean_shift[ng],
+        group_input_grad_coefs(sum_gx + g * Cg, sum_g + g * Cg, a.params.weight(n, g * Cg), Cg, a.residual[ng],
                                a.rstd[ng], s.group_size(), g_coef + g * Cg, x_coef + g * Cg, bias_coef + g * Cg);
       }
       const auto row_affine = run_affine(t, 0, PerChannel{});
@@ -142,8 +137,7 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   std::vector<acc_t> scale(planes), shift(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
-    a.mean_shift[ng] = a.group_mean_shift(ng);
-    group_backward_tables(a.mean_shift[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+    group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
                           scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
@@ -191,7 +185,7 @@ void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s,
   std::vector<acc_t> g_coef(planes), x_coef(planes), bias_coef(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t i = ng * Cg;
-    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.params.weight(ng / s.G, ng % s.G * Cg), Cg, a.mean_shift[ng],
+    group_input_grad_coefs(a.sum_gx + i, a.sum_g + i, a.params.weight(ng / s.G, ng % s.G * Cg), Cg, a.residual[ng],
                            a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
   }
   const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};

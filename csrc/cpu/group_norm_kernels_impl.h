@@ -80,47 +80,46 @@ void forward_typed(const ForwardParams& p) {
   });
 }
 
-// The saved mean P is the mean rounded to the accumulate type; the backward
-// computes about it and drops the residual mean - P, except for groups whose
-// |P| * rstd is large (math::needs_exact_residual): those recompute the
-// statistics from x with the forward's own code (bitwise the forward's) and
-// take the exact residual. Typical data never needs it, so it costs nothing
-// there.
+// Per group, the residual mean - P the backward folds in. The saved mean P
+// is the mean rounded to the accumulate type; the residual is dropped (0),
+// except for groups whose |P| * rstd is large (math::needs_exact_residual):
+// those recompute the statistics from x with the forward's own code (bitwise
+// the forward's) and take the exact residual. Typical data never needs it,
+// so it costs nothing there.
 template <typename scalar_t>
-void exact_mean_shifts(const scalar_t* x, const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd,
-                       const GroupNormShape& s, Layout layout, std::vector<char>& has_exact,
-                       std::vector<acc_type<scalar_t>>& shift) {
+std::vector<acc_type<scalar_t>> backward_residuals(const scalar_t* x, const acc_type<scalar_t>* mean,
+                                                   const acc_type<scalar_t>* rstd, const GroupNormShape& s,
+                                                   Layout layout) {
   using acc_t = acc_type<scalar_t>;
   using Stats = WelfordStats<acc_t>;
   const int64_t groups = s.N * s.G;
-  bool any = false;
-  for (int64_t ng = 0; ng < groups; ++ng) {
-    has_exact[ng] = math::needs_exact_residual(mean[ng], rstd[ng]);
-    any = any || has_exact[ng];
-  }
-  if (!any) return;
+  std::vector<acc_t> residual(groups, acc_t(0));
+  std::vector<char> exact(groups);
+  for (int64_t ng = 0; ng < groups; ++ng) exact[ng] = math::needs_exact_residual(mean[ng], rstd[ng]);
+  if (std::none_of(exact.begin(), exact.end(), [](char e) { return e != 0; })) return residual;
   if (layout == Layout::ChannelsFirst) {
     const int64_t D = s.group_size();
     at::parallel_for(0, groups, grain_of(D), [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
-        if (has_exact[ng]) shift[ng] = math::mean_residual(span_stats(x + ng * D, D), mean[ng]);
+        if (exact[ng]) residual[ng] = math::mean_residual(span_stats(x + ng * D, D), mean[ng]);
       }
     });
-    return;
+    return residual;
   }
   at::parallel_for(0, s.N, grain_of(s.HxW * s.C), [&](int64_t begin, int64_t end) {
     SampleStatsScratch<acc_t> scratch(s.C);
     std::vector<Stats> stats(s.G);
     for (int64_t n = begin; n < end; ++n) {
-      if (!std::any_of(has_exact.begin() + n * s.G, has_exact.begin() + (n + 1) * s.G, [](char f) { return f != 0; })) {
+      if (std::none_of(exact.begin() + n * s.G, exact.begin() + (n + 1) * s.G, [](char e) { return e != 0; })) {
         continue;
       }
       sample_stats(x + n * s.HxW * s.C, s, scratch, stats.data());
       for (int64_t g = 0; g < s.G; ++g) {
-        shift[n * s.G + g] = math::mean_residual(stats[g], mean[n * s.G + g]);
+        if (exact[n * s.G + g]) residual[n * s.G + g] = math::mean_residual(stats[g], mean[n * s.G + g]);
       }
     }
   });
+  return residual;
 }
 
 template <typename scalar_t>
@@ -128,11 +127,10 @@ void backward_typed(const BackwardParams& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
   const int64_t planes = s.N * s.C;
-  std::vector<acc_t> sum_gx(planes), sum_g(planes), mean_shift(s.N * s.G);
-  std::vector<char> has_exact(s.N * s.G, 0);
-  std::vector<acc_t> exact_shift(s.N * s.G);
-  exact_mean_shifts(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
-                    static_cast<const acc_t*>(p.rstd), s, p.layout, has_exact, exact_shift);
+  std::vector<acc_t> sum_gx(planes), sum_g(planes);
+  const std::vector<acc_t> residual =
+      backward_residuals(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
+                         static_cast<const acc_t*>(p.rstd), s, p.layout);
   const BackwardArgs<scalar_t> args{
       static_cast<const scalar_t*>(p.dy),
       static_cast<const scalar_t*>(p.x),
@@ -140,12 +138,10 @@ void backward_typed(const BackwardParams& p) {
       static_cast<const acc_t*>(p.mean),
       static_cast<const acc_t*>(p.rstd),
       {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias), p.weight_stride, p.bias_stride},
+      residual.data(),
       sum_gx.data(),
       sum_g.data(),
-      mean_shift.data(),
-      stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning),
-      has_exact.data(),
-      exact_shift.data()};
+      stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning)};
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
@@ -180,7 +176,7 @@ void backward_typed(const BackwardParams& p) {
       const acc_t* gx = args.sum_gx + n * s.C + c0;
       const acc_t* gs = args.sum_g + n * s.C + c0;
       for (int64_t c = 0; c < Cg; ++c) {
-        dw[c0 + c] += math::weight_grad_term(gx[c], gs[c], mean_shift[ng], args.rstd[ng]);
+        dw[c0 + c] += math::weight_grad_term(gx[c], gs[c], residual[ng], args.rstd[ng]);
         db[c0 + c] += gs[c];
       }
     }

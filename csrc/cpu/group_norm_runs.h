@@ -66,9 +66,9 @@ void group_forward_coefs(const WelfordStats<T>& stats, T eps, ParamSpan<T> w, Pa
 // The backward rebuilds the forward coefficients of one group from the
 // residual mean - pivot (to recompute z for the activation, and for dx).
 template <typename T>
-void group_backward_tables(T mean_shift, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
+void group_backward_tables(T residual, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
   for (int64_t c = 0; c < Cg; ++c) {
-    const auto affine = math::fold_affine(mean_shift, rstd, w[c], b[c]);
+    const auto affine = math::fold_affine(residual, rstd, w[c], b[c]);
     scale[c] = affine.scale;
     shift[c] = affine.shift;
   }
@@ -77,11 +77,11 @@ void group_backward_tables(T mean_shift, T rstd, ParamSpan<T> w, ParamSpan<T> b,
 // The dx coefficients of one group's Cg channels, from their sums of
 // g * (x - pivot) and g.
 template <typename T>
-void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int64_t Cg, T mean_shift, T rstd,
+void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int64_t Cg, T residual, T rstd,
                             int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
   const T sum_gwx = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_gx[c]; });
   const T sum_gw = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_g[c]; });
-  const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, mean_shift, rstd, group_size);
+  const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, residual, rstd, group_size);
   for (int64_t c = 0; c < Cg; ++c) {
     g_coef[c] = rstd * w[c];
     x_coef[c] = coefs.x_coef;
