@@ -167,8 +167,8 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   static constexpr int64_t kStep = 2 * Vec::size();
   static void load(const scalar_t* p, Vec (&v)[kVecs]) { at::vec::load_to_float(p, v[0], v[1]); }
   // ATen's conversion (integer round-to-nearest-even). AVX512-BF16's
-  // vcvtne2ps2bf16 was tried as a separate kernel copy: no faster on a
-  // Xeon with AMX and AVX512-BF16 (bench/results/cpu_xeon_avx512_vs_avx512_bf16_copy.md).
+  // vcvtne2ps2bf16 was tried as a separate kernel variant: no faster on a
+  // Xeon with AMX and AVX512-BF16 (the comparison is in git, commit 08514ec).
   static void store(scalar_t* p, const Vec (&v)[kVecs]) { at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p); }
   static void stream(scalar_t* p, const Vec (&v)[kVecs]) {
     stream_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
