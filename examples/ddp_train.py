@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 examples/ddp_train.py --steps 20
 
 GroupNorm has no batch statistics, so the result equals one process training
-on the global batch (tests/test_interop.py checks exactly that). Uses gloo on
+on the global batch (tests/test_distributed.py checks exactly that). Uses gloo on
 CPU, nccl when every rank has a GPU.
 """
 import argparse

@@ -47,9 +47,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="conflicts"):
         GNConfig(mode="ln_like", groups=4)
     with pytest.raises(ValueError):
-        GNConfig(eps=-1.0)
-    with pytest.raises(ValueError):
         GNConfig(min_channels_per_group=0)
+    # eps: tests/test_bad_inputs.py
 
 
 def test_config_modes_pick_groups():
@@ -176,8 +175,6 @@ def test_config_is_derived_from_the_layer():
     # An eps GNConfig refuses but torch takes (convert copies it): the config shows it too.
     m.eps = -0.5
     assert m.config.eps == -0.5 and m.config.num_groups(16) == 8
-    with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
-        m.config.replace(eps=float("nan"))
 
 
 def test_conv_gn_act_block():

@@ -1,5 +1,5 @@
-"""DTensor sharding rules and FSDP2 (fully_shard) with gnflex's layers, on 2
-gloo processes; both against one process on the whole batch."""
+"""DTensor sharding rules, FSDP2 (fully_shard) and DDP with gnflex's layers,
+on 2 gloo processes; each against one process on the whole batch."""
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -159,3 +159,45 @@ def test_fsdp2_training_matches_one_process(tmp_path):
     for name, value in model.state_dict().items():
         assert not torch.equal(value, init[name]), f"{name} did not train"
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _ddp_model():
+    # 64x64 inputs keep P5 at 2x2, and two channels per group keep every
+    # layer's output non-constant, so every parameter gets a gradient.
+    return gnflex.GNCNN(widths=(8, 16, 16, 16), config=gnflex.GNConfig(min_channels_per_group=2))
+
+
+def _ddp_worker(rank, init_state, inputs, targets):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _ddp_model()
+    model.load_state_dict(init_state)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    shard = inputs.shape[1] // WORLD  # inputs: (steps, global batch, ...)
+    for step in range(inputs.shape[0]):
+        opt.zero_grad()
+        batch = slice(rank * shard, (rank + 1) * shard)
+        F.cross_entropy(ddp(inputs[step, batch]), targets[step, batch]).backward()
+        opt.step()
+    return model.state_dict()
+
+
+def test_ddp_matches_one_process(tmp_path):
+    torch.manual_seed(0)
+    steps, global_batch = 3, 8
+    init = {k: v.clone() for k, v in _ddp_model().state_dict().items()}
+    inputs = torch.randn(steps, global_batch, 3, 64, 64)
+    targets = torch.randint(0, 10, (steps, global_batch))
+    ddp_state = _run(tmp_path, _ddp_worker, init, inputs, targets)
+
+    single = _ddp_model()
+    single.load_state_dict(init)
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    for step in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(single(inputs[step]), targets[step]).backward()
+        opt.step()
+    for name, value in single.state_dict().items():
+        assert not torch.equal(value, init[name]), f"{name} did not train"
+        torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -1,4 +1,6 @@
-"""Autocast policy, model conversion and DDP."""
+"""gnflex.convert: which layers it replaces (torch, torchvision, timm), what it
+keeps (groups, eps, affine, weights, dtype, device), what it leaves alone and
+why, and the activations it fuses in nn.Sequential and in forward code."""
 import collections
 import copy
 import math
@@ -9,97 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnflex
-from _helpers import CUDA_SKIP, make_input, randomize_groupnorms
-from gnflex import GNCNN, GroupNormFlex
+from _helpers import randomize_groupnorms
+from gnflex import GroupNormFlex
 from gnflex._fx_fusion import FusedForward
 
 
-# ---- autocast -------------------------------------------------------------------
-@pytest.mark.parametrize("input_dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_cpu_autocast_matches_torch_policy(input_dtype):
-    x = make_input((2, 16, 6, 6), input_dtype)
-    norm = GroupNormFlex(16, groups=4)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.normal_()
-    ref = nn.GroupNorm(4, 16)
-    ref.load_state_dict(norm.state_dict())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, theirs = norm(x), ref(x)
-    assert ours.dtype == theirs.dtype
-    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1.6e-2, atol=1.6e-2)
-
-
-def test_cpu_autocast_conv_block_trains():
-    block = gnflex.ConvGNAct(3, 16, activation="silu")
-    x = torch.randn(2, 3, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = block(x)
-    assert y.dtype == torch.bfloat16  # conv runs in bf16, GN keeps its input dtype (as torch's)
-    y.float().sum().backward()
-    assert block.norm.weight.grad.dtype == torch.float32 and torch.isfinite(block.norm.weight.grad).all()
-
-
-def test_autocast_kernel_registered_for_cuda():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("gnflex::group_norm", "AutocastCUDA")
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_cuda_autocast_matches_torch_policy(dtype):
-    x = make_input((2, 16, 6, 6), torch.float32, "cuda")
-    norm = GroupNormFlex(16, groups=4, device="cuda")
-    ref = nn.GroupNorm(4, 16, device="cuda")
-    with torch.autocast("cuda", dtype=dtype):
-        h = x.to(dtype)
-        ours, theirs = norm(h), ref(h)
-    assert ours.dtype == theirs.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture
-def autocast_half_output():
-    previous = gnflex.set_autocast_half_output(True)
-    yield
-    gnflex.set_autocast_half_output(previous)
-
-
-def test_autocast_half_output_switch(autocast_half_output):
-    assert gnflex.autocast_half_output() is True
-    assert gnflex.set_autocast_half_output(False) is True and gnflex.autocast_half_output() is False
-    with pytest.raises(TypeError, match="enabled must be a bool"):
-        gnflex.set_autocast_half_output(1)
-    # CPU autocast is unaffected: no cast, as torch.
-    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
-    gnflex.set_autocast_half_output(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert gnflex.group_norm(x.float(), 4).dtype == torch.float32
-        assert gnflex.group_norm(x, 4).dtype == torch.bfloat16
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_cuda_autocast_half_output(autocast_half_output, dtype):
-    """Opted in: float32 input and float32 parameters under autocast give the
-    autocast dtype, equal to the float32 result rounded once; the backward
-    reaches the float32 parameters."""
-    x = make_input((2, 16, 6, 6), torch.float32, "cuda")
-    norm = GroupNormFlex(16, groups=4, device="cuda", activation="silu")
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.normal_()
-    with torch.autocast("cuda", dtype=dtype):
-        y = norm(x)
-    assert y.dtype == dtype
-    expected = F.silu(F.group_norm(x.to(dtype).float(), 4, norm.weight, norm.bias))
-    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
-    y.float().sum().backward()
-    assert norm.weight.grad.dtype == torch.float32 and torch.isfinite(norm.weight.grad).all()
-
-
-# ---- conversion ------------------------------------------------------------------
 def _only_gnflex_norms(model):
     """Every GroupNorm left in ``model`` is a GroupNormFlex (itself an nn.GroupNorm)."""
     return all(isinstance(m, GroupNormFlex) for m in model.modules() if isinstance(m, nn.GroupNorm))
@@ -296,64 +212,6 @@ def test_convert_leaves_alone_timm_layers_it_cannot_compute():
     assert "Tanh" in report.skipped[0][1] and "Dropout" in report.skipped[3][1]
     assert "fast_norm" in report.skipped[4][1]
     torch.testing.assert_close(converted(x), before)
-
-
-# ---- DDP -------------------------------------------------------------------------
-def _ddp_worker(rank, world_size, store_path, init_state, inputs, targets, steps, result_path):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    # A file store, not a TCP port picked in advance: no port another process can take first.
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        model = _ddp_model()
-        model.load_state_dict(init_state)
-        ddp = DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        shard = inputs.shape[1] // world_size  # inputs: (steps, global batch, ...)
-        for step in range(steps):
-            x = inputs[step, rank * shard:(rank + 1) * shard]
-            y = targets[step, rank * shard:(rank + 1) * shard]
-            opt.zero_grad()
-            F.cross_entropy(ddp(x), y).backward()
-            opt.step()
-        if rank == 0:
-            torch.save(model.state_dict(), result_path)
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
-def _ddp_model():
-    # 64x64 inputs keep P5 at 2x2, and two channels per group keep every
-    # layer's output non-constant, so every parameter gets a gradient.
-    return GNCNN(widths=(8, 16, 16, 16), config=gnflex.GNConfig(min_channels_per_group=2))
-
-
-def test_ddp_two_processes_match_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    torch.manual_seed(0)
-    steps, global_batch = 3, 8
-    init = {k: v.clone() for k, v in _ddp_model().state_dict().items()}
-    inputs = torch.randn(steps, global_batch, 3, 64, 64)
-    targets = torch.randint(0, 10, (steps, global_batch))
-    result = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), init, inputs, targets, steps, str(result)), nprocs=2,
-             join=True)
-
-    single = _ddp_model()
-    single.load_state_dict(init)
-    opt = torch.optim.SGD(single.parameters(), lr=0.1)
-    for step in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(single(inputs[step]), targets[step]).backward()
-        opt.step()
-    ddp_state = torch.load(result)
-    for name, value in single.state_dict().items():
-        assert not torch.equal(value, init[name]), f"{name} did not train"
-        torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 # ---- fusion where forward code calls norm then activation ---------------------------
