@@ -1,4 +1,4 @@
-// Math shared by every gnflex back end: Welford statistics, activation forward
+// Math shared by every gnflex back end: exact group statistics, activation forward
 // and derivative, and the folding of normalisation + affine into per-channel
 // coefficients. Everything here is host+device so the CPU kernels (and their
 // tests) run exactly the code the CUDA kernels run.
@@ -10,8 +10,8 @@
 // (chunk_center), then the sums of d = x - center and d^2, so
 // M2 = sum d^2 - (sum d)^2 / n cancels nothing, and the chunk's mean is
 // center + sum d / n kept as two numbers. Chunks merge with Chan's formula in
-// a fixed order (welford_combine; channels of equal count at once with
-// welford_from_equal_parts). Neither a value far from the mean (a spike) nor
+// a fixed order (chan_merge; channels of equal count at once with
+// merge_equal_parts). Neither a value far from the mean (a spike) nor
 // a mean far from zero (1e4 with std 1e-2) loses accuracy: no sum is ever
 // taken about a point far from the data.
 //
@@ -118,7 +118,7 @@ GNFLEX_HD V activate_grad(V z) {
   }
 }
 
-// ---- Welford statistics --------------------------------------------------
+// ---- statistics: count, center + offset (the mean), M2 -----------------------
 // Count, mean and sum of squared deviations (M2) of a set of values. The mean
 // is center + offset: center is a value near the mean (the first chunk's
 // mean), offset the small remainder, so merging chunks of a group with a large
@@ -126,7 +126,7 @@ GNFLEX_HD V activate_grad(V z) {
 // results of disjoint parts merge with Chan et al.'s formula, so a group can
 // be split over chunks, threads or blocks and combined in a fixed order.
 template <typename T>
-struct WelfordStats {
+struct CenteredStats {
   int64_t count = 0;
   T center = T(0);
   T offset = T(0);
@@ -148,8 +148,8 @@ GNFLEX_HD T chunk_center(int64_t count, T sum) {
 // small and the correction sum_d^2 / n cancels little; it removes the offset
 // of center from M2.
 template <typename T>
-GNFLEX_HD WelfordStats<T> welford_from_centered_sums(int64_t count, T center, T sum_d, T sum_d2) {
-  WelfordStats<T> s;
+GNFLEX_HD CenteredStats<T> stats_from_centered_sums(int64_t count, T center, T sum_d, T sum_d2) {
+  CenteredStats<T> s;
   if (count == 0) return s;
   s.count = count;
   s.center = center;
@@ -184,8 +184,8 @@ GNFLEX_HD T lane_sum(int64_t k, const Term& term) {
 // mean taken about c[0]. Each part keeps its own center, so channels at
 // different levels (a dead channel, a plane of spikes) cost no accuracy.
 template <typename T>
-GNFLEX_HD WelfordStats<T> welford_from_equal_parts(int64_t k, int64_t n, const T* c, const T* s1, const T* s2) {
-  WelfordStats<T> s;
+GNFLEX_HD CenteredStats<T> merge_equal_parts(int64_t k, int64_t n, const T* c, const T* s1, const T* s2) {
+  CenteredStats<T> s;
   if (k == 0 || n == 0) return s;
   const T inv_n = T(1) / T(n);
   const auto part_mean = [&](int64_t j) { return (c[j] - c[0]) + s1[j] * inv_n; };
@@ -204,10 +204,10 @@ GNFLEX_HD WelfordStats<T> welford_from_equal_parts(int64_t k, int64_t n, const T
 }
 
 template <typename T>
-GNFLEX_HD WelfordStats<T> welford_combine(const WelfordStats<T>& a, const WelfordStats<T>& b) {
+GNFLEX_HD CenteredStats<T> chan_merge(const CenteredStats<T>& a, const CenteredStats<T>& b) {
   if (b.count == 0) return a;
   if (a.count == 0) return b;
-  WelfordStats<T> r;
+  CenteredStats<T> r;
   r.count = a.count + b.count;
   // Centers of one group's chunks are close when |mean| >> std: exact difference.
   const T delta = (b.center - a.center) + (b.offset - a.offset);
@@ -225,7 +225,7 @@ GNFLEX_HD WelfordStats<T> welford_combine(const WelfordStats<T>& a, const Welfor
 // The mean rounded to T: the `mean` output, and the point the outputs are
 // computed about.
 template <typename T>
-GNFLEX_HD T rounded_mean(const WelfordStats<T>& s) {
+GNFLEX_HD T rounded_mean(const CenteredStats<T>& s) {
   return s.center + s.offset;
 }
 
@@ -234,7 +234,7 @@ GNFLEX_HD T rounded_mean(const WelfordStats<T>& s) {
 // m are within a factor of two (always so when the residual matters), and
 // then the result is the exact residual.
 template <typename T>
-GNFLEX_HD T mean_residual(const WelfordStats<T>& s, T m) {
+GNFLEX_HD T mean_residual(const CenteredStats<T>& s, T m) {
   return (s.center - m) + s.offset;
 }
 
@@ -242,7 +242,7 @@ GNFLEX_HD T mean_residual(const WelfordStats<T>& s, T m) {
 // F.group_norm accepts: a negative eps gives what torch gives (NaN where
 // var + eps < 0).
 template <typename T>
-GNFLEX_HD T rstd_from_stats(const WelfordStats<T>& s, T eps) {
+GNFLEX_HD T rstd_from_stats(const CenteredStats<T>& s, T eps) {
   const T var = s.count > 0 ? s.m2 / T(s.count) : T(0);
   return gn_rsqrt(var + eps);
 }

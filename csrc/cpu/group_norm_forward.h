@@ -51,7 +51,7 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
 template <typename scalar_t, Activation A>
 void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
-  using Stats = WelfordStats<acc_t>;
+  using Stats = CenteredStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
   at::parallel_for(0, s.N, grain_of(s.HxW * s.C), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 3> table({s.C, s.C, s.C});

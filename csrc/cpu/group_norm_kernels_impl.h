@@ -91,7 +91,7 @@ std::vector<acc_type<scalar_t>> backward_residuals(const scalar_t* x, const acc_
                                                    const acc_type<scalar_t>* rstd, const GroupNormShape& s,
                                                    Layout layout) {
   using acc_t = acc_type<scalar_t>;
-  using Stats = WelfordStats<acc_t>;
+  using Stats = CenteredStats<acc_t>;
   const int64_t groups = s.N * s.G;
   std::vector<acc_t> residual(groups, acc_t(0));
   std::vector<char> exact(groups);

@@ -50,7 +50,7 @@ struct InputGradTables {
 // (w, b, pivot, scale, shift point at the group's first channel): the pivot
 // is the rounded mean, its residual goes into the shift.
 template <typename T>
-void group_forward_coefs(const WelfordStats<T>& stats, T eps, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* mean,
+void group_forward_coefs(const CenteredStats<T>& stats, T eps, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* mean,
                          T* rstd, T* pivot, T* scale, T* shift) {
   *mean = math::rounded_mean(stats);
   *rstd = math::rstd_from_stats(stats, eps);

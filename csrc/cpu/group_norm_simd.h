@@ -8,7 +8,7 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using math::WelfordStats;
+using math::CenteredStats;
 
 // Values per work item. Fixed so chunking never depends on the thread count.
 constexpr int64_t kChunk = 4096;

@@ -95,11 +95,11 @@ std::vector<T> channel_pivots(const T* mean, const GroupNormShape& s) {
 // are in L1 for the second pass anyway.
 int64_t center_count(int64_t n) { return (n + 3) / 4; }
 
-// Exact Welford stats of len contiguous values (one chunk, in L1 for the
+// Exact statistics of len contiguous values (one chunk, in L1 for the
 // second pass): a center from its first values, then the sums of
 // d = x - center and d^2.
 template <typename scalar_t>
-WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
+CenteredStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
   using acc_t = acc_type<scalar_t>;
   const int64_t m = center_count(len);
   const acc_t sum = simd_sum2<scalar_t>(m, [&](int64_t i, auto step, auto& a, auto& /*b*/) {
@@ -120,7 +120,7 @@ WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
       b = b + d * d;
     }
   });
-  return math::welford_from_centered_sums(len, center, sum_d, sum_d2);
+  return math::stats_from_centered_sums(len, center, sum_d, sum_d2);
 }
 
 // Merges the stats of consecutive chunks, pushed in index order, as a
@@ -131,18 +131,18 @@ WelfordStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
 template <typename T>
 class PairwiseMerge {
  public:
-  void push(WelfordStats<T> stats) {
+  void push(CenteredStats<T> stats) {
     int level = 0;
     for (uint64_t n = pushed_; n & 1; n >>= 1, ++level) {
-      stats = math::welford_combine(levels_[level].stats, stats);  // levels_[level] holds earlier chunks
+      stats = math::chan_merge(levels_[level].stats, stats);  // levels_[level] holds earlier chunks
     }
     levels_[level].stats = stats;
     ++pushed_;
   }
-  WelfordStats<T> result() const {
-    WelfordStats<T> acc;
+  CenteredStats<T> result() const {
+    CenteredStats<T> acc;
     for (int level = 0; (pushed_ >> level) != 0; ++level) {
-      if (pushed_ >> level & 1) acc = math::welford_combine(levels_[level].stats, acc);
+      if (pushed_ >> level & 1) acc = math::chan_merge(levels_[level].stats, acc);
     }
     return acc;
   }
@@ -152,7 +152,7 @@ class PairwiseMerge {
   // zeroing all 64 (1.5 KiB) cost more than a small group's statistics.
   union Level {
     Level() {}
-    WelfordStats<T> stats;
+    CenteredStats<T> stats;
   };
   Level levels_[64];  // levels_[i]: merged run of 2^i chunks (if bit i of pushed_)
   uint64_t pushed_ = 0;
@@ -160,7 +160,7 @@ class PairwiseMerge {
 
 // A channels-first group: D contiguous values, chunk by chunk.
 template <typename scalar_t>
-WelfordStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
+CenteredStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
   PairwiseMerge<acc_type<scalar_t>> merge;
   for (int64_t start = 0; start < D; start += kChunk) {
     merge.push(chunk_stats(p + start, std::min(kChunk, D - start)));
@@ -321,11 +321,11 @@ ClStatsPlan cl_stats_plan(const GroupNormShape& s) {
 }
 
 template <typename T>
-void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, WelfordStats<T>* out) {
+void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, CenteredStats<T>* out) {
   const int64_t Cg = s.channels_per_group();
   for (int64_t g = 0; g < s.G; ++g) {
     const int64_t c0 = g * Cg;
-    out[g] = math::welford_from_equal_parts(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
+    out[g] = math::merge_equal_parts(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
   }
 }
 
@@ -340,7 +340,7 @@ struct SampleStatsScratch {
 // Stats of every group of one channels-last sample (out[G]).
 template <typename scalar_t>
 void sample_stats(const scalar_t* sample, const GroupNormShape& s, SampleStatsScratch<acc_type<scalar_t>>& scratch,
-                  WelfordStats<acc_type<scalar_t>>* out) {
+                  CenteredStats<acc_type<scalar_t>>* out) {
   using acc_t = acc_type<scalar_t>;
   const ClStatsPlan plan = cl_stats_plan(s);
   acc_t* center = scratch.center.data();
@@ -364,9 +364,9 @@ void sample_stats(const scalar_t* sample, const GroupNormShape& s, SampleStatsSc
 // Two-pass statistics: every chunk / row block in parallel, then merged
 // pairwise in index order (as span_stats / sample_stats do).
 template <typename scalar_t>
-std::vector<WelfordStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, const GroupNormShape& s, Layout layout) {
+std::vector<CenteredStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
-  using Stats = WelfordStats<acc_t>;
+  using Stats = CenteredStats<acc_t>;
   const int64_t groups = s.N * s.G;
   std::vector<Stats> result(groups);
   if (s.HxW == 0 || groups == 0) return result;

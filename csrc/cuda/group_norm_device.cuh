@@ -61,7 +61,7 @@
 namespace gnflex {
 namespace cuda {
 
-using math::WelfordStats;
+using math::CenteredStats;
 
 template <typename T>
 struct Sum2 {
@@ -69,7 +69,7 @@ struct Sum2 {
   T b;
 };
 
-// WelfordStats of one chunk; its count follows from the plan.
+// CenteredStats of one chunk; its count follows from the plan.
 template <typename T>
 struct ChunkStats {
   T center;

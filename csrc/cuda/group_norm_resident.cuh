@@ -38,7 +38,7 @@ __device__ ChannelCoefs<acc_t> finalize_resident_group(const T& team, const Grou
                                                        ScaleShift<acc_t>* channels) {
   ChannelCoefs<acc_t> group{};
   if (team.rank == 0) {
-    const auto st = math::welford_from_centered_sums(run, center, d.a, d.b);
+    const auto st = math::stats_from_centered_sums(run, center, d.a, d.b);
     group.pivot = math::rounded_mean(st);
     group.scale = math::rstd_from_stats(st, eps);
     group.shift = math::mean_residual(st, group.pivot);

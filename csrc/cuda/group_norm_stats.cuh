@@ -25,24 +25,24 @@ struct StatsOut {
   Epoch epoch;
 };
 
-// Merges the Welford stats of the 32 lanes in a fixed tree; the result is
+// Merges the statistics of the 32 lanes (Chan) in a fixed tree; the result is
 // valid in lane 0.
 template <typename acc_t>
-__device__ WelfordStats<acc_t> warp_welford_merge(WelfordStats<acc_t> s) {
+__device__ CenteredStats<acc_t> warp_chan_merge(CenteredStats<acc_t> s) {
   for (int offset = 16; offset > 0; offset >>= 1) {
-    WelfordStats<acc_t> other;
+    CenteredStats<acc_t> other;
     other.count = __shfl_down_sync(0xffffffffu, s.count, offset);
     other.center = __shfl_down_sync(0xffffffffu, s.center, offset);
     other.offset = __shfl_down_sync(0xffffffffu, s.offset, offset);
     other.m2 = __shfl_down_sync(0xffffffffu, s.m2, offset);
-    s = math::welford_combine(s, other);
+    s = math::chan_merge(s, other);
   }
   return s;
 }
 
 template <typename acc_t>
-__device__ __forceinline__ WelfordStats<acc_t> welford_of(int64_t count, const ChunkStats<acc_t>& c) {
-  WelfordStats<acc_t> w;
+__device__ __forceinline__ CenteredStats<acc_t> centered_stats_of(int64_t count, const ChunkStats<acc_t>& c) {
+  CenteredStats<acc_t> w;
   w.count = count;
   w.center = c.center;
   w.offset = c.offset;
@@ -100,27 +100,27 @@ __host__ __device__ __forceinline__ int64_t band_index(const GroupNormShape& s, 
 // warp: lane l merges the group's partials l, l + 32, ... in order, then the
 // lanes merge in a fixed tree.
 template <typename acc_t>
-__device__ WelfordStats<acc_t> slot_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
-                                          const PartRange& parts, int64_t ng, int lane) {
-  WelfordStats<acc_t> stats;
+__device__ CenteredStats<acc_t> slot_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                           const PartRange& parts, int64_t ng, int lane) {
+  CenteredStats<acc_t> stats;
   for_each_group_slot(s, plan, plan.stat_rows, parts, ng, lane, [&](int64_t index, int64_t channels, int64_t part) {
     const int64_t count = plan.stat_rows.count(part, s.HxW) * channels;
-    stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + index)));
+    stats = math::chan_merge(stats, centered_stats_of(count, gload_l2(partial + index)));
   });
-  return warp_welford_merge(stats);
+  return warp_chan_merge(stats);
 }
 
 // Channels-first stats of group ng over parts `parts` of its run, in lane 0
 // of its warp (lanes over the parts, then a fixed tree).
 template <typename acc_t>
-__device__ WelfordStats<acc_t> run_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
-                                         const PartRange& parts, int64_t ng, int lane) {
-  WelfordStats<acc_t> stats;
+__device__ CenteredStats<acc_t> run_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                          const PartRange& parts, int64_t ng, int lane) {
+  CenteredStats<acc_t> stats;
   for (int64_t part = parts.first + lane; part < parts.first + parts.count; part += 32) {
     const int64_t count = plan.stat_part_len(s.group_size(), part);
-    stats = math::welford_combine(stats, welford_of(count, gload_l2(partial + ng * plan.run_parts + part)));
+    stats = math::chan_merge(stats, centered_stats_of(count, gload_l2(partial + ng * plan.run_parts + part)));
   }
-  return warp_welford_merge(stats);
+  return warp_chan_merge(stats);
 }
 
 // The statistics parts of a domain: row blocks of a sample (channels-last),
@@ -133,8 +133,8 @@ __host__ __device__ __forceinline__ RowParts stat_parts(const Plan& plan) {
 
 // Stats of group ng over its statistics parts `parts`, in lane 0.
 template <Layout L, typename acc_t>
-__device__ WelfordStats<acc_t> part_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
-                                          const PartRange& parts, int64_t ng, int lane) {
+__device__ CenteredStats<acc_t> part_stats(const GroupNormShape& s, const Plan& plan, const ChunkStats<acc_t>* partial,
+                                           const PartRange& parts, int64_t ng, int lane) {
   if constexpr (L == Layout::ChannelsFirst) return run_stats(s, plan, partial, parts, ng, lane);
   return slot_stats(s, plan, partial, parts, ng, lane);
 }
@@ -145,7 +145,7 @@ template <Layout L, typename acc_t>
 __device__ void merge_stats_band(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
                                  int64_t k, int lane) {
   const PartRange parts = band_part_range(stat_parts<L>(plan), plan.stat_bands, k);
-  const WelfordStats<acc_t> st = part_stats<L>(s, plan, out.partial, parts, ng, lane);
+  const CenteredStats<acc_t> st = part_stats<L>(s, plan, out.partial, parts, ng, lane);
   if (lane == 0) {
     gstore(out.band + band_index<L>(s, plan.stat_bands, ng, k), ChunkStats<acc_t>{st.center, st.offset, st.m2});
   }
@@ -154,20 +154,20 @@ __device__ void merge_stats_band(const GroupNormShape& s, const Plan& plan, cons
 // Stats of group ng in lane 0 of its warp: from its band partials in order
 // (two-level merges), else from its parts' partials.
 template <Layout L, typename acc_t>
-__device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out,
-                                           int64_t ng, int lane) {
+__device__ CenteredStats<acc_t> group_stats(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out,
+                                            int64_t ng, int lane) {
   const RowParts& bands = plan.stat_bands;
   const RowParts parts = stat_parts<L>(plan);
   if (bands.parts <= 1) return part_stats<L>(s, plan, out.partial, PartRange{0, parts.parts}, ng, lane);
   const int64_t per_value = L == Layout::ChannelsFirst ? 1 : s.channels_per_group();
   const int64_t total = L == Layout::ChannelsFirst ? s.group_size() : s.HxW;
-  WelfordStats<acc_t> stats;
+  CenteredStats<acc_t> stats;
   for (int64_t k = lane; k < bands.parts; k += 32) {
     const int64_t count = band_span(parts, bands, k, total) * per_value;
     const ChunkStats<acc_t> c = gload_l2(out.band + band_index<L>(s, bands, ng, k));
-    stats = math::welford_combine(stats, welford_of(count, c));
+    stats = math::chan_merge(stats, centered_stats_of(count, c));
   }
-  return warp_welford_merge(stats);
+  return warp_chan_merge(stats);
 }
 
 // Group ng's mean (the pivot), rstd and residual from its chunk partials, by
@@ -175,7 +175,7 @@ __device__ WelfordStats<acc_t> group_stats(const GroupNormShape& s, const Plan& 
 template <Layout L, typename acc_t>
 __device__ void finalize_group(const GroupNormShape& s, const Plan& plan, const StatsOut<acc_t>& out, int64_t ng,
                                int lane) {
-  const WelfordStats<acc_t> stats = group_stats<L>(s, plan, out, ng, lane);
+  const CenteredStats<acc_t> stats = group_stats<L>(s, plan, out, ng, lane);
   if (lane == 0) {
     const acc_t pivot = math::rounded_mean(stats);
     gstore(out.mean + ng, pivot);
@@ -212,7 +212,7 @@ __device__ void chunk_stats_cf(const scalar_t* __restrict__ x, const GroupNormSh
   const int64_t k = part / bands.rows;
   bool last = false;
   if (team.rank == 0) {
-    const auto st = math::welford_from_centered_sums(len, center, d.a, d.b);
+    const auto st = math::stats_from_centered_sums(len, center, d.a, d.b);
     gstore(out.partial + team.item, ChunkStats<acc_t>{st.center, st.offset, st.m2});
     last = bands.parts > 1 ? arrive(out.sw.arrivals(kBandLevel, ng * bands.parts + k), bands.count(k, plan.run_parts))
                            : arrive(out.sw.arrivals(0, ng), plan.run_parts);
@@ -286,8 +286,8 @@ struct ThreadStats {
     count += tile;
   }
 
-  __device__ __forceinline__ WelfordStats<acc_t> stats(int i) const {
-    WelfordStats<acc_t> w;
+  __device__ __forceinline__ CenteredStats<acc_t> stats(int i) const {
+    CenteredStats<acc_t> w;
     if (count > acc_t(0)) {
       w.count = static_cast<int64_t>(count);
       w.center = center[i];
@@ -342,7 +342,7 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
       mine.end_tile(m);
     }
   }
-  WelfordStats<acc_t> run[V];
+  CenteredStats<acc_t> run[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) run[i] = mine.stats(i);
   const int64_t slot = threadIdx.x * V;
@@ -357,11 +357,11 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
     const int64_t other = other_thread * V;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const auto a = welford_of(sh_count[threadIdx.x],
-                                ChunkStats<acc_t>{sh_center[slot + i], sh_offset[slot + i], sh_m2[slot + i]});
-      const auto o = welford_of(sh_count[other_thread],
-                                ChunkStats<acc_t>{sh_center[other + i], sh_offset[other + i], sh_m2[other + i]});
-      const auto merged = math::welford_combine(a, o);
+      const auto a = centered_stats_of(sh_count[threadIdx.x],
+                                       ChunkStats<acc_t>{sh_center[slot + i], sh_offset[slot + i], sh_m2[slot + i]});
+      const auto o = centered_stats_of(sh_count[other_thread],
+                                       ChunkStats<acc_t>{sh_center[other + i], sh_offset[other + i], sh_m2[other + i]});
+      const auto merged = math::chan_merge(a, o);
       sh_center[slot + i] = merged.center;
       sh_offset[slot + i] = merged.offset;
       sh_m2[slot + i] = merged.m2;
@@ -377,12 +377,12 @@ __device__ void chunk_stats_cl(const scalar_t* __restrict__ x, const GroupNormSh
   for (int64_t g = tg.first + threadIdx.x / 32; g <= tg.last; g += blockDim.x / 32) {  // uniform per warp
     const int64_t c_lo = std::max(b.c_begin, g * Cg);
     const int64_t c_hi = std::min(b.c_end, (g + 1) * Cg);
-    WelfordStats<acc_t> st;
+    CenteredStats<acc_t> st;
     for (int64_t c = c_lo + lane; c < c_hi; c += 32) {
       const int64_t k = c - b.c_begin;
-      st = math::welford_combine(st, welford_of(rows, ChunkStats<acc_t>{sh_center[k], sh_offset[k], sh_m2[k]}));
+      st = math::chan_merge(st, centered_stats_of(rows, ChunkStats<acc_t>{sh_center[k], sh_offset[k], sh_m2[k]}));
     }
-    st = warp_welford_merge(st);
+    st = warp_chan_merge(st);
     if (lane == 0) {
       gstore(out.partial + group_slot_index(plan, plan.stat_rows, b.n, b.part, b.tile, g - tg.first),
              ChunkStats<acc_t>{st.center, st.offset, st.m2});
