@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <iterator>
 
 namespace gnflex {
 
@@ -24,10 +25,14 @@ struct ActivationAlias {
   const char* name;
   Activation value;
 };
-static_assert(kActivations[static_cast<int>(Activation::GELU)].value == Activation::GELU &&
-                  kActivations[static_cast<int>(Activation::SiLU)].value == Activation::SiLU &&
-                  kActivations[static_cast<int>(Activation::ReLU)].value == Activation::ReLU,
-              "kActivations is indexed by Activation");
+// apply_activation and the error message index kActivations by the enum's value.
+constexpr bool indexed_by_value() {
+  for (size_t i = 0; i < std::size(kActivations); ++i) {
+    if (static_cast<size_t>(kActivations[i].value) != i) return false;
+  }
+  return true;
+}
+static_assert(indexed_by_value(), "kActivations must list the activations in the order of their enum values");
 constexpr ActivationAlias kActivationAliases[] = {{"identity", Activation::None}, {"swish", Activation::SiLU}};
 
 Activation parse_activation(c10::string_view name) {
