@@ -165,6 +165,11 @@ def test_bench_cpu_quick_writes_results(tmp_path, capsys):
     # Every row is measured against the copy, forward and backward alike.
     assert all(r["clone_ms"] > 0 and r["over_clone"] == pytest.approx(r["gnflex_ms"] / r["clone_ms"])
                for r in result["rows"])
+    # Forward rows also against one elementwise pass of the same per-value work.
+    fwd = [r for r in result["rows"] if r["pass"] == "fwd"]
+    assert all(r["elementwise_ms"] > 0 and r["over_elementwise"] == pytest.approx(r["gnflex_ms"] / r["elementwise_ms"])
+               for r in fwd)
+    assert not any("elementwise_ms" in r for r in bwd)
     assert {"cpu", "cpu_capability", "gnflex_variant", "caches"} <= set(result["machine"])
     targets = {t["target"]: t for t in result["Targets"]}
     assert "forward+backward time / clone" in targets and "every row vs torch" in targets
@@ -193,6 +198,11 @@ def test_bench_cpu_row_targets_name_the_worst_row():
     within = got["forward time / clone, tensors within half the L3"]
     assert within["met"] == "NO (1 of 2)" and within["value"] == 1.7 and within["worst"].endswith(" b")
     assert got["every row vs torch"]["met"] == "NO (1 of 2)" and got["every row vs torch"]["value"] == 0.9
+    # Rows that miss a goal say how far they are from one elementwise pass.
+    rows = [{**row("a", 1.2, 1.1), "over_elementwise": 1.0}, {**row("b", 1.7, 0.9), "over_elementwise": 1.1},
+            {**row("c", 1.9, 1.0), "over_elementwise": 1.3}]
+    got = {t["target"]: t for t in check_targets(rows, l3_bytes=32 << 20)}
+    assert got["forward time / clone, tensors within half the L3"]["missed_over_elementwise"] == 1.3
     # A 1 MiB tensor is beyond half of a 1 MiB L3.
     got = {t["target"]: t for t in check_targets([row("a", 1.2, 1.1)], l3_bytes=1 << 20)}
     assert got["forward time / clone, larger tensors"]["met"] == "yes"
