@@ -4,7 +4,8 @@ Environment switches:
   GNFLEX_CUDA=1 / 0   force the CUDA build on / off. Default: on when nvcc is
                       found (CUDA_HOME, else /usr/local/cuda) and csrc/cuda
                       has kernels.
-  TORCH_CUDA_ARCH_LIST  CUDA archs to compile for (default "8.0;9.0+PTX").
+  TORCH_CUDA_ARCH_LIST  CUDA archs to compile for (default: cuda_archs in
+                      csrc/build_flags.txt).
   GNFLEX_DEBUG=1      -O0 -g build for debugging kernels.
   GNFLEX_SANITIZE=address,undefined   build the C++ code with these
                       sanitizers (-fsanitize=...; run under LD_PRELOAD of
@@ -84,9 +85,10 @@ def extension():
     fingerprint = source_info["fingerprint"](ROOT)
     with_cuda = want_cuda(cuda_sources)
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["DEFAULT_CUDA_ARCHS"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["default_cuda_archs"](CSRC))
     write_build_info(with_cuda, fingerprint)
-    extra_compile_args = {"cxx": opt + list(source_info["CXX_FLAGS"])}
+    table = source_info["build_table"](CSRC)
+    extra_compile_args = {"cxx": opt + table["cxx"]}
     link_args = ["-fopenmp"]
     if sanitize:
         san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
@@ -101,7 +103,7 @@ def extension():
         define_macros=define_macros,
     )
     if with_cuda:
-        extra_compile_args["nvcc"] = opt + list(source_info["NVCC_FLAGS"])
+        extra_compile_args["nvcc"] = opt + table["nvcc"]
         define_macros.append(("GNFLEX_WITH_CUDA", None))
         kwargs["sources"] = sources + cuda_sources
         return cpp_extension.CUDAExtension(**kwargs)

@@ -1,8 +1,8 @@
 """Times gnflex's bfloat16 forward and forward+backward under each CPU kernel
-copy this CPU runs (GNFLEX_CPU_COPY caps the copy; one process per copy), to
-compare copies on one machine:
+variant this CPU runs (GNFLEX_CPU_VARIANT caps the variant; one process per variant), to
+compare variants on one machine:
 
-    python bench/cpu_copy_compare.py avx2 avx512 [--threads 2]
+    python bench/cpu_variant_compare.py avx2 avx512 [--threads 2]
 """
 import argparse
 import os
@@ -13,7 +13,7 @@ CHILD = r"""
 import sys, time, torch, gnflex
 from gnflex import _C
 torch.set_num_threads(int(sys.argv[1]))
-print(_C.cpu_tuning()["kernel_copy"])
+print(_C.cpu_tuning()["kernel_variant"])
 for shape in ((8, 64, 56, 56), (8, 256, 32, 32), (2, 512, 64, 64), (64, 1024, 7, 7)):
     for cl in (False, True):
         x = torch.randn(shape).to(torch.bfloat16)
@@ -37,13 +37,13 @@ for shape in ((8, 64, 56, 56), (8, 256, 32, 32), (2, 512, 64, 64), (64, 1024, 7,
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("copies", nargs="+", help="GNFLEX_CPU_COPY values: default, avx2, avx512")
+    p.add_argument("variants", nargs="+", help="GNFLEX_CPU_VARIANT values: default, avx2, avx512")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     results = {}
-    for copy in args.copies:
+    for variant in args.variants:
         out = subprocess.run([sys.executable, "-c", CHILD, str(args.threads)], capture_output=True, text=True,
-                             check=True, env=dict(os.environ, GNFLEX_CPU_COPY=copy)).stdout.split("\n")
+                             check=True, env=dict(os.environ, GNFLEX_CPU_VARIANT=variant)).stdout.split("\n")
         ran = out[0]
         results[ran] = {tuple(line.split()[:3]): float(line.split()[3]) for line in out[1:] if line}
     names = list(results)

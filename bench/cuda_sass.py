@@ -1,7 +1,8 @@
 """Cost of the CUDA kernels read from their compiled code, without a GPU.
 
-Compiles csrc/cuda/group_norm_cuda.cu for one architecture (default sm_90) with
-the build's own nvcc flags, disassembles it (cuobjdump / nvdisasm from the
+Compiles the kernels' translation units (csrc/cuda/launches/*.cu, one per
+dtype, in parallel) for one architecture (default sm_90) with the build's own
+nvcc flags, disassembles it (cuobjdump / nvdisasm from the
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels, or the toolkit's), and
 prints one line per kernel instantiation and phase (the phase function the
 fused kernel calls, found from the line info of its inlined code):
@@ -19,9 +20,11 @@ design (docs/design.md): <= 8 instructions per 16-bit value and <= 12 per fp32
 value, <= 64 registers, no spills, 16-byte loads where aligned; every kernel
 over a budget is listed, and --check makes that an error.
 
-    python bench/cuda_sass.py [--arch 90] [--check] [--md FILE]
+    python bench/cuda_sass.py [--arch 90] [--check] [--md FILE] [--cubin FILE ...]
 """
 import argparse
+import concurrent.futures
+import glob
 import os
 import re
 import shutil
@@ -56,18 +59,24 @@ def tool(name):
     return path if os.path.exists(path) else shutil.which(name)
 
 
-def nvcc_command(arch, out):
+def launch_sources():
+    """The translation units that instantiate the kernels, one per dtype."""
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "launches", "*.cu")))
+
+
+def nvcc_command(arch, source, out):
     import torch.utils.cpp_extension as ext
 
     sys.path.insert(0, os.path.join(ROOT, "gnflex"))
-    import _sources  # the build's flag lists (plain module, no gnflex import)
+    import _sources  # reads the build's flags (plain module, no gnflex import)
 
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [f"-I{p}" for p in ext.include_paths(device_type="cuda")]
+    nvcc_flags = _sources.build_table(os.path.join(ROOT, "csrc"))["nvcc"]
     return ([os.path.join(cuda_home, "bin", "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v",
-             *_sources.NVCC_FLAGS, *ext.COMMON_NVCC_FLAGS, "-std=c++20", "-DGNFLEX_PYTHON_MODULE",
+             *nvcc_flags, *ext.COMMON_NVCC_FLAGS, "-std=c++20", "-DGNFLEX_PYTHON_MODULE",
              "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", *includes,
-             "-o", out, os.path.join(ROOT, "csrc", "cuda", "group_norm_cuda.cu")])
+             "-o", out, source])
 
 
 def demangle(names):
@@ -300,23 +309,31 @@ def main():
     parser.add_argument("--arch", default="90")
     parser.add_argument("--check", action="store_true", help="exit 1 when a kernel misses a budget")
     parser.add_argument("--md", help="also write the table as markdown")
-    parser.add_argument("--cubin", help="read this cubin (compiled from the current sources) instead of compiling")
+    parser.add_argument("--cubin", nargs="+",
+                        help="read these cubins (compiled from the current sources) instead of compiling")
     args = parser.parse_args()
-    cubin = args.cubin
-    log_path = (cubin or "") + ".ptxas.log"
-    if cubin is None:
+    cubins = args.cubin
+    if cubins is None:
         os.makedirs(BUILD, exist_ok=True)
-        cubin = os.path.join(BUILD, f"group_norm_cuda.sm_{args.arch}.cubin")
-        log_path = cubin + ".ptxas.log"
+        sources = launch_sources()
+        cubins = [os.path.join(BUILD, f"{os.path.splitext(os.path.basename(src))[0]}.sm_{args.arch}.cubin")
+                  for src in sources]
         t0 = time.time()
-        done = subprocess.run(nvcc_command(args.arch, cubin), capture_output=True, text=True)
-        with open(log_path, "w") as f:
-            f.write(done.stdout + done.stderr)
-        if done.returncode != 0:
-            sys.exit(done.stderr[-4000:])
-        print(f"compiled for sm_{args.arch} in {time.time() - t0:.0f} s", file=sys.stderr)
-    log = open(log_path).read() if os.path.exists(log_path) else ""
-    rows = kernel_rows(cubin, ptxas_spills(log))
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            runs = list(pool.map(lambda sc: subprocess.run(nvcc_command(args.arch, *sc), capture_output=True,
+                                                           text=True), zip(sources, cubins)))
+        for cubin, done in zip(cubins, runs):
+            with open(cubin + ".ptxas.log", "w") as f:
+                f.write(done.stdout + done.stderr)
+            if done.returncode != 0:
+                sys.exit(done.stderr[-4000:])
+        print(f"compiled {len(sources)} translation units for sm_{args.arch} in {time.time() - t0:.0f} s",
+              file=sys.stderr)
+    rows = []
+    for cubin in cubins:
+        log_path = cubin + ".ptxas.log"
+        log = open(log_path).read() if os.path.exists(log_path) else ""
+        rows += kernel_rows(cubin, ptxas_spills(log))
     lines, missed = [], []
     for row in rows:
         ipv = "-" if row["loop_instr_per_value"] is None else f"{row['loop_instr_per_value']:.1f}"

@@ -67,15 +67,15 @@ namespace {
 
 // {"l1d": bytes, "l2": ..., "l3": ..., "cache_source": str, "fused_group_bytes": ...,
 //  "fused_sample_bytes": ..., "stream_output_bytes": ..., "schedule": str,
-//  "kernel_copy": "DEFAULT" | "AVX2" | "AVX512"}
+//  "kernel_variant": "DEFAULT" | "AVX2" | "AVX512"}
 PyObject* cpu_tuning_info(PyObject*, PyObject*) {
   using namespace gnflex::cpu;
   const CacheSizes& c = cache_sizes();
   CpuTuning t;
-  const char* copy = nullptr;
+  const char* variant = nullptr;
   try {
     t = cpu_tuning();
-    copy = kernel_copy().name;
+    variant = kernel_variant().name;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -85,7 +85,7 @@ PyObject* cpu_tuning_info(PyObject*, PyObject*) {
                        c.source.c_str(), "fused_group_bytes", static_cast<long long>(t.fused_group_bytes),
                        "fused_sample_bytes", static_cast<long long>(t.fused_sample_bytes), "stream_output_bytes",
                        static_cast<long long>(t.stream_output_bytes), "schedule", schedule_name(t.schedule),
-                       "kernel_copy", copy);
+                       "kernel_variant", variant);
 }
 
 // The activation names the op accepts (aliases included).
@@ -139,7 +139,7 @@ PyMethodDef methods[] = {
     {"autocast_half_output", autocast_half_output_flag, METH_VARARGS,
      "The CUDA autocast mode: half output (True) or torch's float32 rule; sets it when given."},
     {"cpu_tuning", cpu_tuning_info, METH_NOARGS,
-     "Cache sizes, budgets, schedule and the kernel copy (CPU capability) of the CPU kernels."},
+     "Cache sizes, budgets, schedule and the kernel variant (CPU capability) of the CPU kernels."},
 #ifdef GNFLEX_WITH_CUDA
     {"cuda_plan", cuda_plan, METH_VARARGS, "Path, tickets and rounds of the CUDA kernels for a shape."},
 #endif

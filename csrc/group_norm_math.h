@@ -29,8 +29,8 @@
 // included before this header), so the same templates run as SIMD code.
 //
 // Everything sits in an inline namespace named after the CPU capability the
-// including file is compiled for, so the AVX2 and the default copies of these
-// functions never merge at link time (an AVX2 copy must not run on a CPU
+// including file is compiled for, so the AVX2 and the default variants of these
+// functions never merge at link time (an AVX2 variant must not run on a CPU
 // without AVX2).
 #pragma once
 #define GNFLEX_GROUP_NORM_MATH_H

@@ -200,10 +200,10 @@ at::Tensor channel_param(const c10::optional<at::Tensor>& param, at::ScalarType 
 
 }  // namespace
 
-ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                           const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-                           c10::string_view activation, ParamMode params) {
-  ForwardSetup f;
+ForwardTensors setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                             c10::string_view activation, ParamMode params) {
+  ForwardTensors f;
   f.shape = check_forward_args(input, weight, bias, num_groups, eps);
   f.activation = parse_activation(activation);
   f.x = to_native_layout(input, &f.layout);
@@ -216,11 +216,11 @@ ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tens
   return f;
 }
 
-BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-                             const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
-                             std::array<bool, 3> output_mask, ParamMode params) {
-  BackwardSetup b;
+BackwardTensors setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                               const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
+                               std::array<bool, 3> output_mask, ParamMode params) {
+  BackwardTensors b;
   b.shape = check_backward_args(grad_out, input, mean, rstd, weight, bias, num_groups);
   b.activation = parse_activation(activation);
   b.x = to_native_layout(input, &b.layout);
@@ -237,7 +237,7 @@ BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input
   return b;
 }
 
-TensorTriple backward_result(const BackwardSetup& setup, const c10::optional<at::Tensor>& weight,
+TensorTriple backward_result(const BackwardTensors& setup, const c10::optional<at::Tensor>& weight,
                              const at::Tensor& input, std::array<bool, 3> output_mask) {
   const auto dtype = param_dtype(weight, input);
   return {defined_if(output_mask[0], setup.dx), defined_if(output_mask[1], setup.dweight.to(dtype)),

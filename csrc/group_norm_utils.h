@@ -54,7 +54,7 @@ enum class ParamMode { Accumulate, Raw };
 // native layout, parameters as (C,) or (N, C) tensors and the
 // allocated outputs (y in the input's layout, mean/rstd (N, G)). See
 // ParamMode for the parameters' dtype.
-struct ForwardSetup {
+struct ForwardTensors {
   GroupNormShape shape;
   Activation activation;
   Layout layout;
@@ -62,14 +62,14 @@ struct ForwardSetup {
   at::Tensor y, mean, rstd;
 };
 
-ForwardSetup setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                           const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-                           c10::string_view activation, ParamMode params = ParamMode::Accumulate);
+ForwardTensors setup_forward(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                             c10::string_view activation, ParamMode params = ParamMode::Accumulate);
 
 // The same for the backward: grad_out in the input's layout, contiguous
 // statistics, dx allocated when wanted (else undefined), and dweight/dbias
 // in the parameters' shapes (see ParamMode).
-struct BackwardSetup {
+struct BackwardTensors {
   GroupNormShape shape;
   Activation activation;
   Layout layout;
@@ -77,14 +77,14 @@ struct BackwardSetup {
   at::Tensor dx, dweight, dbias;
 };
 
-BackwardSetup setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
-                             const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
-                             std::array<bool, 3> output_mask, ParamMode params = ParamMode::Accumulate);
+BackwardTensors setup_backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                               const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t num_groups, c10::string_view activation,
+                               std::array<bool, 3> output_mask, ParamMode params = ParamMode::Accumulate);
 
 // The op's result: outputs left out by output_mask undefined (None), the
 // parameter gradients in the parameters' dtype.
-TensorTriple backward_result(const BackwardSetup& setup, const c10::optional<at::Tensor>& weight,
+TensorTriple backward_result(const BackwardTensors& setup, const c10::optional<at::Tensor>& weight,
                              const at::Tensor& input, std::array<bool, 3> output_mask);
 
 // Undefined tensor (-> None in Python) for outputs output_mask leaves out.

@@ -1,4 +1,6 @@
-"""The C++/CUDA sources of the op library, shared by setup.py and gnflex.jit.
+"""The C++/CUDA sources of the op library and their flags (read from
+csrc/build_flags.txt), shared by setup.py, gnflex.jit and bench/cuda_sass.py;
+the build fingerprint .ci/setup.sh compares.
 
 Plain module with no imports from gnflex, so setup.py can run it by path
 before the package is built.
@@ -8,26 +10,31 @@ import hashlib
 import os
 import sys
 
-CPP_DIRS = ("", "cpu", "autograd", "autocast")
-# CUDA archs built when TORCH_CUDA_ARCH_LIST is unset: A100, H100/H200, PTX for newer GPUs.
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
-CUDA_DIRS = ("cuda",)
-# Host compiler flags besides optimization. OpenMP: at::parallel_for expands to
-# `#pragma omp parallel` in our code. No FMA contraction: the kernels inline the
-# same math into differently shaped loops (fused and two-pass schedules, SIMD
-# bodies and tails), and contraction chosen per context would make results
-# depend on the schedule, i.e. on the thread count. Explicit fused
-# multiply-adds in the code are unaffected.
-CXX_FLAGS = ("-fopenmp", "-ffp-contract=off")
-# nvcc flags besides optimization and archs (setup.py, gnflex.jit, bench/cuda_sass.py).
-NVCC_FLAGS = ("-lineinfo", "--expt-relaxed-constexpr")
+
+def build_table(csrc_dir):
+    """csrc/build_flags.txt, the one description of the build: {name: [words]}."""
+    table = {}
+    with open(os.path.join(csrc_dir, "build_flags.txt")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                name, _, words = line.partition(":")
+                table[name.strip()] = words.split()
+    return table
 
 
 def sources(csrc_dir):
     """(cpp_sources, cuda_sources) under csrc_dir, sorted."""
-    cpp = sorted(p for d in CPP_DIRS for p in glob.glob(os.path.join(csrc_dir, d, "*.cpp")))
-    cuda = sorted(p for d in CUDA_DIRS for p in glob.glob(os.path.join(csrc_dir, d, "*.cu")))
-    return cpp, cuda
+    table = build_table(csrc_dir)
+    def under(dirs, pattern):
+        return sorted(os.path.normpath(p) for d in dirs for p in glob.glob(os.path.join(csrc_dir, d, pattern)))
+
+    return under(table["cpp_dirs"], "*.cpp"), under(table["cuda_dirs"], "*.cu")
+
+
+def default_cuda_archs(csrc_dir):
+    """TORCH_CUDA_ARCH_LIST's value when it is unset."""
+    return ";".join(build_table(csrc_dir)["cuda_archs"])
 
 
 # Build settings read from the environment; part of the fingerprint.

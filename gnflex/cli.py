@@ -58,8 +58,8 @@ def info_lines():
            if _build_info.with_cuda else ""),
         f"CUDA available: {torch.cuda.is_available()}"
         + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-        f"CPU capability: {torch.backends.cpu.get_cpu_capability()} | CPU kernel copy: "
-        f"{_C.cpu_tuning()['kernel_copy']} (ATEN_CPU_CAPABILITY; GNFLEX_CPU_COPY caps it) | "
+        f"CPU capability: {torch.backends.cpu.get_cpu_capability()} | CPU kernel variant: "
+        f"{_C.cpu_tuning()['kernel_variant']} (ATEN_CPU_CAPABILITY; GNFLEX_CPU_VARIANT caps it) | "
         f"intra-op threads: {torch.get_num_threads()}",
     ]
     lines.append(cpu_tuning_line())

@@ -16,7 +16,7 @@ Environment: ``GNFLEX_SOURCE_DIR`` (the checkout; default: the one this package
 lives in), ``GNFLEX_JIT_CACHE`` (build directory; default
 ``~/.cache/gnflex/jit``). The CUDA kernels are built when ``with_cuda=True``,
 or by default when a GPU is visible (``GNFLEX_CUDA=0/1`` overrides), for
-``TORCH_CUDA_ARCH_LIST`` (default: the package's, 8.0;9.0+PTX).
+``TORCH_CUDA_ARCH_LIST`` (default: cuda_archs in csrc/build_flags.txt).
 """
 import os
 import runpy
@@ -58,16 +58,17 @@ def load(*, namespace=NAMESPACE, build_directory=None, with_cuda=None, verbose=F
         with_cuda = flag == "1" if flag in ("0", "1") else torch.cuda.is_available()
     if with_cuda:
         # Without it torch derives the archs from the visible GPUs (and fails without one).
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["DEFAULT_CUDA_ARCHS"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["default_cuda_archs"](csrc))
     build_directory = build_directory or os.environ.get("GNFLEX_JIT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "gnflex", "jit", namespace)
     os.makedirs(build_directory, exist_ok=True)
-    flags = ["-O3", *source_info["CXX_FLAGS"], f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
+    table = source_info["build_table"](csrc)
+    flags = ["-O3", *table["cxx"], f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
     cpp_extension.load(
         name=f"{namespace}_ops",
         sources=cpp + (cuda if with_cuda else []),
         extra_cflags=flags,
-        extra_cuda_cflags=["-O3", *source_info["NVCC_FLAGS"], f"-DGNFLEX_OP_NAMESPACE={namespace}"],
+        extra_cuda_cflags=["-O3", *table["nvcc"], f"-DGNFLEX_OP_NAMESPACE={namespace}"],
         extra_ldflags=["-fopenmp"],
         build_directory=build_directory,
         with_cuda=with_cuda,

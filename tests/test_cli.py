@@ -143,8 +143,8 @@ def test_info_lists_versions_and_kernels(tmp_path):
     assert f"gnflex {gnflex.__version__}" in out and f"torch {torch.__version__}" in out
     assert "gnflex::group_norm: CPU" in out and "Meta" in out and "Autograd" in out
     assert "CPU caches: L1d " in out and "fused budgets: group " in out and "schedule: auto" in out
-    from gnflex import _C  # same environment as the command, so the same copy
-    assert f"CPU kernel copy: {_C.cpu_tuning()['kernel_copy']}" in out
+    from gnflex import _C  # same environment as the command, so the same variant
+    assert f"CPU kernel variant: {_C.cpu_tuning()['kernel_variant']}" in out
     keys = out.split("gnflex::group_norm:")[1].splitlines()[0].strip().split(", ")
     assert ("CUDA" in keys) == gnflex.built_with_cuda()
 
@@ -372,3 +372,28 @@ def test_build_fingerprint_tracks_sources_and_settings(tmp_path, monkeypatch):
     assert changed != base
     monkeypatch.setenv("GNFLEX_CUDA", "1")
     assert _sources.fingerprint(str(tmp_path)) not in (base, changed)
+
+
+def test_build_flags_are_described_once():
+    # csrc/build_flags.txt is the one description of the build: every build
+    # reads it, and none of its flags (OpenMP aside: a link flag too) or source
+    # folders is written down again elsewhere.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "gnflex"))
+    try:
+        import _sources  # the checkout's, as setup.py runs it
+    finally:
+        sys.path.pop(0)
+    table = _sources.build_table(os.path.join(root, "csrc"))
+    assert {"cpp_dirs", "cuda_dirs", "cxx", "nvcc", "cuda_archs"} <= set(table)
+    cpp, cuda = _sources.sources(os.path.join(root, "csrc"))
+    assert any(p.endswith("group_norm_kernels_avx512.cpp") for p in cpp) and len(cuda) >= 5
+    builds = {"setup.py": "build_table", "gnflex/jit.py": "build_table", "bench/cuda_sass.py": "build_table",
+              "CMakeLists.txt": "build_flags.txt", ".ci/cuda-sim": "build_flags.txt"}
+    for path, reads in builds.items():
+        with open(os.path.join(root, path)) as f:
+            text = f.read()
+        assert reads in text, path
+        for flag in table["cxx"] + table["nvcc"]:
+            assert flag == "-fopenmp" or flag not in text, (path, flag)
+        assert "autograd" not in text and "autocast" not in text, path  # source folders

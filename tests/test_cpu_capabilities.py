@@ -1,8 +1,8 @@
-"""Every CPU kernel copy (portable, AVX2, AVX-512) gives the reference results.
+"""Every CPU kernel variant (portable, AVX2, AVX-512) gives the reference results.
 
-ATen's CPU capability picks the copy; ATEN_CPU_CAPABILITY (default, avx2,
-avx512) forces one and GNFLEX_CPU_COPY caps gnflex's alone, which needs a
-fresh process. A copy wider than this
+ATen's CPU capability picks the variant; ATEN_CPU_CAPABILITY (default, avx2,
+avx512) forces one and GNFLEX_CPU_VARIANT caps gnflex's alone, which needs a
+fresh process. A variant wider than this
 process's capability cannot run on this CPU and is skipped: ATen takes a forced
 avx512 on trust, and its own kernels (the float64 reference) would fault.
 """
@@ -38,12 +38,12 @@ SCRIPT = textwrap.dedent(
                 for a, r in zip((y,) + grads, (yr,) + rgrads):
                     err = ((a.double() - r).abs().max() / r.abs().max().clamp_min(1)).item()
                     worst = max(worst, err / tol)
-    print(torch.backends.cpu.get_cpu_capability(), _C.cpu_tuning()["kernel_copy"], worst)
+    print(torch.backends.cpu.get_cpu_capability(), _C.cpu_tuning()["kernel_variant"], worst)
     """
 )
 
 
-# ATen's x86 capabilities, narrowest first; other CPUs run the portable copy.
+# ATen's x86 capabilities, narrowest first; other CPUs run the portable variant.
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 # The widest this CPU runs (lower if ATEN_CPU_CAPABILITY is set for the tests).
 HOST = torch.backends.cpu.get_cpu_capability()
@@ -58,66 +58,102 @@ def cpu_flags():
         return set()
 
 
-def run_with_capability(capability, cwd, copy=None):
+def run_with_capability(capability, cwd, variant=None):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    env.pop("GNFLEX_CPU_COPY", None)
-    if copy is not None:
-        env["GNFLEX_CPU_COPY"] = copy
+    env.pop("GNFLEX_CPU_VARIANT", None)
+    if variant is not None:
+        env["GNFLEX_CPU_VARIANT"] = variant
     # cwd outside the checkout so the installed gnflex is imported.
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
-    cap, copy, worst = proc.stdout.split()
-    return cap, copy, float(worst)
+    cap, variant, worst = proc.stdout.split()
+    return cap, variant, float(worst)
 
 
-# (ATEN_CPU_CAPABILITY, GNFLEX_CPU_COPY, the copy that must run): every copy
+# (ATEN_CPU_CAPABILITY, GNFLEX_CPU_VARIANT, the variant that must run): every variant
 # gnflex has, chosen by ATen's capability and by gnflex's own cap.
-COPIES = [("default", None, "DEFAULT"), ("avx2", None, "AVX2"), ("avx512", None, "AVX512"),
+VARIANTS = [("default", None, "DEFAULT"), ("avx2", None, "AVX2"), ("avx512", None, "AVX512"),
           ("avx512", "avx2", "AVX2")]
 
 
-@pytest.mark.parametrize("capability,copy_limit,want", COPIES,
+@pytest.mark.parametrize("capability,variant_limit,want", VARIANTS,
                          ids=["DEFAULT", "AVX2", "AVX512", "AVX2-under-AVX512"])
-def test_kernel_copy_matches_reference(capability, copy_limit, want, tmp_path):
+def test_kernel_variant_matches_reference(capability, variant_limit, want, tmp_path):
     host_rank = CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0
     if CAPABILITIES.index(capability.upper()) > host_rank:
         pytest.skip(f"ATen runs this CPU as {HOST}: the {want} kernels cannot run here")
-    cap, copy, worst = run_with_capability(capability, tmp_path, copy_limit)
+    cap, variant, worst = run_with_capability(capability, tmp_path, variant_limit)
     if cap != capability.upper():
         pytest.skip(f"ATEN_CPU_CAPABILITY={capability}: ATen runs {cap}")
-    assert copy == want
+    assert variant == want
     assert worst <= 1.0
 
 
-def test_copy_limit_is_checked(tmp_path):
+def test_variant_limit_is_checked(tmp_path):
     code = "from gnflex import _C; _C.cpu_tuning()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=dict(os.environ, GNFLEX_CPU_COPY="avx1024"))
-    assert proc.returncode != 0 and "GNFLEX_CPU_COPY must be default, avx2 or avx512" in proc.stderr
+                          cwd=tmp_path, env=dict(os.environ, GNFLEX_CPU_VARIANT="avx1024"))
+    assert proc.returncode != 0 and "GNFLEX_CPU_VARIANT must be default, avx2 or avx512" in proc.stderr
 
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags() or "avx512f" in cpu_flags(),
                     reason="needs a CPU with AVX2 and without AVX-512")
 def test_forced_avx512_on_a_cpu_without_it_runs_avx2(tmp_path):
-    # ATen takes ATEN_CPU_CAPABILITY=avx512 on trust; gnflex must still pick a copy this CPU runs.
-    code = "from gnflex import _C; print(_C.cpu_tuning()['kernel_copy'])"
+    # ATen takes ATEN_CPU_CAPABILITY=avx512 on trust; gnflex must still pick a variant this CPU runs.
+    code = "from gnflex import _C; print(_C.cpu_tuning()['kernel_variant'])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=dict(os.environ, ATEN_CPU_CAPABILITY="avx512"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["AVX2"]
 
 
-# The copies the activations' vector exp runs in: AVX2 and AVX-512 have their
-# own, the portable copy ATen's.
-@pytest.mark.parametrize("copy", ["default", "avx2", "avx512"])
-def test_activations_over_the_range_of_exp_in_every_copy(copy, tmp_path):
-    if CAPABILITIES.index(copy.upper()) > (CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0):
-        pytest.skip(f"ATen runs this CPU as {HOST}: the {copy} kernels cannot run here")
+# The variants the activations' vector exp runs in: AVX2 and AVX-512 have their
+# own, the portable variant ATen's.
+@pytest.mark.parametrize("variant", ["default", "avx2", "avx512"])
+def test_activations_over_the_range_of_exp_in_every_variant(variant, tmp_path):
+    if CAPABILITIES.index(variant.upper()) > (CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0):
+        pytest.skip(f"ATen runs this CPU as {HOST}: the {variant} kernels cannot run here")
     test = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_numerics.py")
-    env = dict(os.environ, GNFLEX_CPU_COPY=copy)
+    env = dict(os.environ, GNFLEX_CPU_VARIANT=variant)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k",
                            "test_float32_activation_value_by_value"], capture_output=True, text=True, env=env,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+
+
+def wide_vector_functions(library):
+    """Functions of `library` (demangled) that use AVX or wider instructions."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", library], capture_output=True, text=True,
+                             check=True).stdout
+    found, name = set(), None
+    for line in listing.splitlines():
+        if line.endswith(">:"):  # "0000000000001234 <function>:"
+            name = line[line.index("<") + 1:-2]
+        elif name is not None and "\t" in line:
+            mnemonic = line.split("\t", 1)[1].split(" ", 1)[0]
+            if (mnemonic.startswith("v") and mnemonic not in ("verr", "verw")) or mnemonic.startswith("k"):
+                found.add(name)
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 Linux build only")
+def test_only_the_simd_variants_use_wide_vectors():
+    """Everything outside the AVX2 / AVX-512 variants runs on any x86-64. Each
+    variant's target pragma covers only the code after it, so a template or
+    inline function the variant shares with other files (std::vector, c10) is
+    compiled for the baseline there too, and the linker cannot keep a wider
+    build of it for the whole library (capability_prelude.h). Compiling the
+    variants with per-file -mavx512f flags would break this: every such
+    function instantiated in the variant would be built for AVX-512."""
+    import shutil
+
+    from gnflex import _C
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    wide = wide_vector_functions(_C.__file__)
+    assert any("::AVX512::" in f for f in wide)  # the variants themselves are found
+    outside = sorted(f for f in wide if "::AVX2::" not in f and "::AVX512::" not in f)
+    assert not outside, f"{len(outside)} functions outside the SIMD variants use AVX: {outside[:5]}"

@@ -1,7 +1,7 @@
-// Included by each SIMD copy of the CPU kernels after its target pragma and
+// Included by each SIMD variant of the CPU kernels after its target pragma and
 // its CPU_CAPABILITY_<X> define: the feature macros g++ does not define for a
 // target pragma (see capability_prelude.h), for the headers that test them.
-// Not guarded: each copy is its own translation unit and includes it once.
+// Not guarded: each variant is its own translation unit and includes it once.
 #if defined(CPU_CAPABILITY_AVX512)
 #ifndef __AVX512F__
 #define __AVX512F__ 1

@@ -2,7 +2,7 @@
 // budgets derived from them, and the schedule (automatic, or forced for
 // tests and experiments with GNFLEX_CPU_SCHEDULE). Budgets only choose
 // between schedules that compute the same numbers, so no result depends on
-// them. Plain data: the kernel copies (one per CPU capability) receive it in
+// them. Plain data: the kernel variants (one per CPU capability) receive it in
 // their parameters.
 #pragma once
 

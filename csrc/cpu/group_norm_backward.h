@@ -10,7 +10,7 @@ namespace {
 
 // ---- backward ------------------------------------------------------------------
 template <typename scalar_t>
-struct BackwardArgs {
+struct TypedBackwardArgs {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* dy;
   const scalar_t* x;
@@ -38,7 +38,7 @@ bool keeps_grad(const Args& a) {
 // Channels-first, one group per work item: sums, then dx from cache.
 // prefetch: fetch the next group while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
-void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
+void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
@@ -78,7 +78,7 @@ void backward_fused_groups(const BackwardArgs<scalar_t>& a, const GroupNormShape
 
 // Channels-last, one sample per work item. prefetch: as in backward_fused_groups.
 template <typename scalar_t, Activation A>
-void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
+void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t block_rows = sum_rows_per_block(s.C);
@@ -129,7 +129,7 @@ void backward_fused_samples(const BackwardArgs<scalar_t>& a, const GroupNormShap
 }
 
 template <typename scalar_t, Activation A>
-void backward_two_pass(const BackwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
+void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   const int64_t planes = s.N * s.C;
   const int64_t Cg = s.channels_per_group();

@@ -1,5 +1,5 @@
 // CPU implementations of the gnflex ops: shared argument checks and output
-// allocation (group_norm_utils), then the kernel copy for this CPU (AVX-512,
+// allocation (group_norm_utils), then the kernel variant for this CPU (AVX-512,
 // AVX2 or portable).
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
@@ -16,23 +16,23 @@
 namespace gnflex {
 namespace cpu {
 
-// The one place that maps ATen's CPU capability to a copy. ATEN_CPU_CAPABILITY
+// The one place that maps ATen's CPU capability to a kernel variant. ATEN_CPU_CAPABILITY
 // lowers it (default, avx2) on any CPU, but ATen takes avx512 on trust, without
 // asking the CPU (its own kernels then fault where AVX-512 is missing), so the
-// copy is also capped by what the CPU and OS support: the features ATen itself
-// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA). GNFLEX_CPU_COPY
+// variant is also capped by what the CPU and OS support: the features ATen itself
+// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA). GNFLEX_CPU_VARIANT
 // (default, avx2, avx512) caps it without changing ATen's own kernels, so
-// benchmarks can compare copies against the same torch.
-const KernelCopy& kernel_copy() {
-  static const KernelCopy copy = []() -> KernelCopy {
+// benchmarks can compare variants against the same torch.
+const KernelVariant& kernel_variant() {
+  static const KernelVariant variant = []() -> KernelVariant {
     const std::string cap = at::get_cpu_capability();
-    static const char* const kCopies[] = {"default", "avx2", "avx512"};
-    const char* env = std::getenv("GNFLEX_CPU_COPY");
+    static const char* const kVariants[] = {"default", "avx2", "avx512"};
+    const char* env = std::getenv("GNFLEX_CPU_VARIANT");
     int limit = 2;
     if (env != nullptr && *env != '\0') {
-      const auto it = std::find(std::begin(kCopies), std::end(kCopies), std::string(env));
-      TORCH_CHECK(it != std::end(kCopies), "GNFLEX_CPU_COPY must be default, avx2 or avx512, got '", env, "'");
-      limit = static_cast<int>(it - std::begin(kCopies));
+      const auto it = std::find(std::begin(kVariants), std::end(kVariants), std::string(env));
+      TORCH_CHECK(it != std::end(kVariants), "GNFLEX_CPU_VARIANT must be default, avx2 or avx512, got '", env, "'");
+      limit = static_cast<int>(it - std::begin(kVariants));
     }
 #if defined(GNFLEX_HAVE_AVX2_KERNELS) && defined(GNFLEX_HAVE_AVX512_KERNELS)
     __builtin_cpu_init();
@@ -48,7 +48,7 @@ const KernelCopy& kernel_copy() {
 #endif
     return {"DEFAULT", &DEFAULT::group_norm_forward_kernel, &DEFAULT::group_norm_backward_kernel};
   }();
-  return copy;
+  return variant;
 }
 
 namespace {
@@ -59,8 +59,8 @@ const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_dat
 TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                             c10::string_view activation) {
-  ForwardSetup f = setup_forward(input, weight, bias, num_groups, eps, activation);
-  ForwardParams p;
+  ForwardTensors f = setup_forward(input, weight, bias, num_groups, eps, activation);
+  ErasedForwardArgs p;
   p.dtype = f.x.scalar_type();
   p.shape = f.shape;
   p.layout = f.layout;
@@ -75,7 +75,7 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   p.mean = f.mean.data_ptr();
   p.rstd = f.rstd.data_ptr();
   p.tuning = cpu_tuning();
-  kernel_copy().forward(p);
+  kernel_variant().forward(p);
   return {f.y, f.mean, f.rstd};
 }
 
@@ -83,8 +83,8 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
                                      const c10::optional<at::Tensor>& bias, int64_t num_groups,
                                      c10::string_view activation, std::array<bool, 3> output_mask) {
-  BackwardSetup b = setup_backward(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask);
-  BackwardParams p;
+  BackwardTensors b = setup_backward(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask);
+  ErasedBackwardArgs p;
   p.dtype = b.x.scalar_type();
   p.shape = b.shape;
   p.layout = b.layout;
@@ -101,7 +101,7 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   p.dweight = b.dweight.data_ptr();
   p.dbias = b.dbias.data_ptr();
   p.tuning = cpu_tuning();
-  kernel_copy().backward(p);
+  kernel_variant().backward(p);
   return backward_result(b, weight, input, output_mask);
 }
 

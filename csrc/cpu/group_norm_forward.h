@@ -10,7 +10,7 @@ namespace {
 
 // ---- forward -------------------------------------------------------------------
 template <typename scalar_t>
-struct ForwardArgs {
+struct TypedForwardArgs {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x;
   scalar_t* y;
@@ -24,7 +24,7 @@ struct ForwardArgs {
 // Channels-first, one group per work item. prefetch: fetch the next group
 // while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
-void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
+void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
@@ -49,7 +49,7 @@ void forward_fused_groups(const ForwardArgs<scalar_t>& a, const GroupNormShape& 
 // Channels-last, one sample per work item. prefetch: fetch the next sample
 // while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
-void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
+void forward_fused_samples(const TypedForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   using Stats = CenteredStats<acc_t>;
   const int64_t Cg = s.channels_per_group();
@@ -73,7 +73,7 @@ void forward_fused_samples(const ForwardArgs<scalar_t>& a, const GroupNormShape&
 }
 
 template <typename scalar_t, Activation A>
-void forward_two_pass(const ForwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
+void forward_two_pass(const TypedForwardArgs<scalar_t>& a, const GroupNormShape& s, Layout layout) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const auto stats = group_stats(a.x, s, layout);

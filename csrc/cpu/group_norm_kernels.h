@@ -1,6 +1,6 @@
-// Entry points of the CPU kernels, one copy per CPU capability. Pointers are
+// Entry points of the CPU kernels, one variant per CPU capability. Pointers are
 // type-erased so this header needs no ATen tensor code: group_norm_cpu.cpp
-// checks arguments, allocates outputs and calls the copy for this CPU.
+// checks arguments, allocates outputs and calls the variant for this CPU.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -11,9 +11,15 @@
 namespace gnflex {
 namespace cpu {
 
+// A call's arguments travel in three bundles: ForwardTensors (ATen tensors,
+// validated and allocated: group_norm_utils.h), ErasedForwardArgs (their
+// type-erased pointers, across the boundary to the variant) and
+// TypedForwardArgs<scalar_t> (the same pointers typed, inside the kernels);
+// the backward's likewise.
+//
 // Pointers to contiguous buffers in `layout`; statistics and per-channel
 // parameters are in the accumulate type (double for double input, else float).
-struct ForwardParams {
+struct ErasedForwardArgs {
   c10::ScalarType dtype;
   GroupNormShape shape;
   Layout layout;
@@ -29,7 +35,7 @@ struct ForwardParams {
   CpuTuning tuning;
 };
 
-struct BackwardParams {
+struct ErasedBackwardArgs {
   c10::ScalarType dtype;
   GroupNormShape shape;
   Layout layout;
@@ -40,17 +46,17 @@ struct BackwardParams {
   const void* rstd;
   const void* weight;
   const void* bias;
-  int64_t weight_stride, bias_stride;  // as in ForwardParams
+  int64_t weight_stride, bias_stride;  // as in ErasedForwardArgs
   void* dx;                            // null: not wanted
   void* dweight;                       // accumulate type, in weight's shape, always written
   void* dbias;                         // accumulate type, in bias's shape, always written
   CpuTuning tuning;
 };
 
-#define GNFLEX_DECLARE_CPU_KERNELS(capability)                   \
-  namespace capability {                                         \
-  void group_norm_forward_kernel(const ForwardParams& params);   \
-  void group_norm_backward_kernel(const BackwardParams& params); \
+#define GNFLEX_DECLARE_CPU_KERNELS(capability)                       \
+  namespace capability {                                             \
+  void group_norm_forward_kernel(const ErasedForwardArgs& params);   \
+  void group_norm_backward_kernel(const ErasedBackwardArgs& params); \
   }
 
 GNFLEX_DECLARE_CPU_KERNELS(DEFAULT)
@@ -62,14 +68,14 @@ GNFLEX_DECLARE_CPU_KERNELS(AVX512)
 #endif
 #undef GNFLEX_DECLARE_CPU_KERNELS
 
-// The copy this process runs (group_norm_cpu.cpp): the one for ATen's CPU
+// The variant this process runs (group_norm_cpu.cpp): the one for ATen's CPU
 // capability (which ATEN_CPU_CAPABILITY sets) that this CPU can run.
-struct KernelCopy {
+struct KernelVariant {
   const char* name;  // "DEFAULT", "AVX2" or "AVX512"
-  void (*forward)(const ForwardParams&);
-  void (*backward)(const BackwardParams&);
+  void (*forward)(const ErasedForwardArgs&);
+  void (*backward)(const ErasedBackwardArgs&);
 };
-const KernelCopy& kernel_copy();
+const KernelVariant& kernel_variant();
 
 }  // namespace cpu
 }  // namespace gnflex

@@ -1,4 +1,4 @@
-// The AVX2 + FMA copy of the CPU kernels, chosen at run time on CPUs that
+// The AVX2 + FMA variant of the CPU kernels, chosen at run time on CPUs that
 // ATen rates AVX2 (see capability_prelude.h for the target pragma).
 #if defined(__x86_64__) || defined(_M_X64)
 

@@ -1,4 +1,4 @@
-// The AVX-512 copy of the CPU kernels (512-bit at::vec::Vectorized), chosen
+// The AVX-512 variant of the CPU kernels (512-bit at::vec::Vectorized), chosen
 // at run time on CPUs that ATen rates AVX512 (see capability_prelude.h for
 // the target pragma). The target is ATen's own for its AVX512 kernels:
 // AVX-512 F, BW, VL and DQ, plus FMA.

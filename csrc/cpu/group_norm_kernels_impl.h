@@ -1,6 +1,6 @@
 // CPU GroupNorm kernels, compiled once per CPU capability (DEFAULT, AVX2,
-// AVX512): group_norm_kernels.cpp and group_norm_kernels_{avx2,avx512}.cpp
-// define CPU_CAPABILITY and include this file, so each copy of
+// AVX512): group_norm_kernels_{default,avx2,avx512}.cpp
+// define CPU_CAPABILITY and include this file, so each variant of
 // at::vec::Vectorized (namespace at::vec::CPU_CAPABILITY) and of these kernels
 // (namespace gnflex::cpu::CPU_CAPABILITY) is distinct. group_norm_cpu.cpp picks
 // one at run time from ATen's CPU capability.
@@ -17,7 +17,7 @@
 // identical whatever at::get_num_threads() is.
 //
 // Parts, in include order: group_norm_simd.h (loop helpers), group_norm_stats.h
-// (statistics), group_norm_runs.h (coefficients, elementwise runs),
+// (statistics), group_norm_values.h (coefficients, per-value operations over runs),
 // group_norm_forward.h, group_norm_backward.h (schedules); this file: the typed
 // drivers and the entry points.
 #pragma once
@@ -41,7 +41,7 @@
 #include "group_norm_kernels.h"
 #include "group_norm_simd.h"
 #include "group_norm_stats.h"
-#include "group_norm_runs.h"
+#include "group_norm_values.h"
 #include "group_norm_forward.h"
 #include "group_norm_backward.h"
 
@@ -52,11 +52,11 @@ namespace {
 
 // ---- typed drivers -------------------------------------------------------------
 template <typename scalar_t>
-void forward_typed(const ForwardParams& p) {
+void forward_typed(const ErasedForwardArgs& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
-  const ForwardArgs<scalar_t> args{
+  const TypedForwardArgs<scalar_t> args{
       static_cast<const scalar_t*>(p.x),
       static_cast<scalar_t*>(p.y),
       {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias), p.weight_stride, p.bias_stride},
@@ -123,7 +123,7 @@ std::vector<acc_type<scalar_t>> backward_residuals(const scalar_t* x, const acc_
 }
 
 template <typename scalar_t>
-void backward_typed(const BackwardParams& p) {
+void backward_typed(const ErasedBackwardArgs& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
   const int64_t planes = s.N * s.C;
@@ -131,7 +131,7 @@ void backward_typed(const BackwardParams& p) {
   const std::vector<acc_t> residual =
       backward_residuals(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
                          static_cast<const acc_t*>(p.rstd), s, p.layout);
-  const BackwardArgs<scalar_t> args{
+  const TypedBackwardArgs<scalar_t> args{
       static_cast<const scalar_t*>(p.dy),
       static_cast<const scalar_t*>(p.x),
       static_cast<scalar_t*>(p.dx),
@@ -201,11 +201,11 @@ void dispatch_dtype(c10::ScalarType dtype, F&& f) {
 
 }  // namespace
 
-void group_norm_forward_kernel(const ForwardParams& params) {
+void group_norm_forward_kernel(const ErasedForwardArgs& params) {
   dispatch_dtype(params.dtype, [&](auto tag) { forward_typed<decltype(tag)>(params); });
 }
 
-void group_norm_backward_kernel(const BackwardParams& params) {
+void group_norm_backward_kernel(const ErasedBackwardArgs& params) {
   dispatch_dtype(params.dtype, [&](auto tag) { backward_typed<decltype(tag)>(params); });
 }
 

@@ -199,7 +199,7 @@ inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, co
 
 // The array {f(0), ..., f(K - 1)}, built without default-constructing its
 // elements (g++ leaves Vectorized's default constructor out of line in the
-// SIMD copies: a call per vector).
+// SIMD variants: a call per vector).
 template <typename F, int... I>
 inline auto array_of_impl(const F& f, std::integer_sequence<int, I...>) {
   return std::array<decltype(f(0)), sizeof...(I)>{f(I)...};

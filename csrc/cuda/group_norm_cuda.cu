@@ -1,6 +1,7 @@
 // CUDA GroupNorm ops: argument handling and allocation around the launches
 // of group_norm_launch.cuh (kernels in group_norm_*.cuh, which the CPU
-// simulator test in tests/cuda_sim/ runs unchanged).
+// simulator test in tests/cuda_sim/ runs unchanged), compiled per dtype in
+// launches/*.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,6 +21,12 @@
 
 namespace gnflex {
 namespace cuda {
+
+GNFLEX_LAUNCHES(extern, float)
+GNFLEX_LAUNCHES(extern, double)
+GNFLEX_LAUNCHES(extern, c10::Half)
+GNFLEX_LAUNCHES(extern, c10::BFloat16)
+
 namespace {
 
 void check_grid(const LaunchNeeds& needs) {
@@ -93,7 +100,7 @@ TensorTriple group_norm_cuda(const at::Tensor& input, const c10::optional<at::Te
                              const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                              c10::string_view activation) {
   c10::cuda::CUDAGuard device_guard(input.device());
-  ForwardSetup f = setup_forward(input, weight, bias, num_groups, eps, activation, ParamMode::Raw);
+  ForwardTensors f = setup_forward(input, weight, bias, num_groups, eps, activation, ParamMode::Raw);
   const GroupNormShape& s = f.shape;
   if (s.N * s.C == 0) return {f.y, f.mean, f.rstd};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -114,7 +121,7 @@ TensorTriple group_norm_backward_cuda(const at::Tensor& grad_out, const at::Tens
                                       const c10::optional<at::Tensor>& bias, int64_t num_groups,
                                       c10::string_view activation, std::array<bool, 3> output_mask) {
   c10::cuda::CUDAGuard device_guard(input.device());
-  BackwardSetup bs =
+  BackwardTensors bs =
       setup_backward(grad_out, input, mean, rstd, weight, bias, num_groups, activation, output_mask, ParamMode::Raw);
   const GroupNormShape& s = bs.shape;
   if (s.N * s.C == 0) {  // no samples: zero parameter gradients

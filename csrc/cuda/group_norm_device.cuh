@@ -63,10 +63,26 @@ namespace cuda {
 
 using math::CenteredStats;
 
+// Two sums reduced together (block_sum2, Team::sum2): of d and d^2 in the
+// statistics, of g * (x - pivot) and g in the gradient sums (ChannelSums).
 template <typename T>
 struct Sum2 {
   T a;
   T b;
+};
+
+// Per-channel coefficients of an output: y = act((x - pivot) * scale + shift).
+template <typename T>
+struct ScaleShift {
+  T scale;
+  T shift;
+};
+
+// A group's saved mean (its pivot) and rstd, read and broadcast together.
+template <typename T>
+struct MeanRstd {
+  T mean;
+  T rstd;
 };
 
 // CenteredStats of one chunk; its count follows from the plan.
@@ -86,7 +102,19 @@ struct GroupCoefs {
   T bias_coef;
 };
 
-// What an output value needs of its channel.
+// What a group's channels share: the pivot (its mean rounded to T), rstd,
+// the residual mean - pivot and, in the backward, the dx coefficients.
+template <typename T>
+struct GroupValues {
+  T pivot;
+  T rstd;
+  T residual;
+  T x_coef;
+  T bias_coef;
+};
+
+// What an output value needs of its channel (channel_coefs: a group's values
+// with the channel's weight and bias folded in).
 template <typename T>
 struct ChannelCoefs {
   T pivot;  // the group's mean rounded to T
@@ -188,8 +216,8 @@ __device__ __forceinline__ T warp_broadcast(T v) {
   return __shfl_sync(0xffffffffu, v, 0);
 }
 template <typename T>
-__device__ __forceinline__ Sum2<T> warp_broadcast(Sum2<T> v) {
-  return {warp_broadcast(v.a), warp_broadcast(v.b)};
+__device__ __forceinline__ MeanRstd<T> warp_broadcast(MeanRstd<T> v) {
+  return {warp_broadcast(v.mean), warp_broadcast(v.rstd)};
 }
 
 // Sum over the block (blockDim.x a multiple of 32) in a fixed order; the

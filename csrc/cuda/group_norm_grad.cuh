@@ -28,7 +28,7 @@ __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, int64_
                                const ChannelParam<acc_t>& weight, const ChannelParam<acc_t>& bias, F&& f) {
   constexpr bool kInputGrad = Op::kInputGrad;
   const int64_t Cg = s.channels_per_group();
-  const auto coefs_of = [&](int64_t plane, ChannelCoefs<acc_t> group) {
+  const auto coefs_of = [&](int64_t plane, const GroupValues<acc_t>& group) {
     return channel_coefs<Op>(group, weight, bias, plane / s.C, plane % s.C);
   };
   const auto ng_of = [&](int64_t plane) { return plane / s.C * s.G + plane % s.C / Cg; };
@@ -47,7 +47,7 @@ __device__ void for_each_plane(const GroupNormShape& s, const Plan& plan, int64_
   const int64_t first = block * plan.planes_per_block + threadIdx.x / 32 * per_warp;
   const int64_t last = std::min({first + per_warp, (block + 1) * plan.planes_per_block, s.N * s.C});
   int64_t cached_ng = -1;
-  ChannelCoefs<acc_t> group{};
+  GroupValues<acc_t> group{};
   for (int64_t plane = first; plane < last; ++plane) {  // uniform per warp
     ChannelCoefs<acc_t> k{};
     if (lane == 0) {
@@ -105,14 +105,14 @@ constexpr int64_t kTileSlots = kMaxTileChannels * 4 / static_cast<int64_t>(sizeo
 template <typename Op, typename acc_t>
 struct TileCoefs {
   static constexpr bool kInputGrad = Op::kInputGrad;
-  ChannelCoefs<acc_t>* groups;  // [g - first group]
-  Sum2<acc_t>* affine;          // [c - c_begin]: scale, shift
+  GroupValues<acc_t>* groups;  // [g - first group]
+  ScaleShift<acc_t>* affine;   // [c - c_begin]
 
-  static constexpr int64_t kArenaBytes = kTileSlots<acc_t> * (sizeof(ChannelCoefs<acc_t>) + sizeof(Sum2<acc_t>));
+  static constexpr int64_t kArenaBytes = kTileSlots<acc_t> * (sizeof(GroupValues<acc_t>) + sizeof(ScaleShift<acc_t>));
   // The tables in a block's shared arena of at least kArenaBytes.
   __device__ static TileCoefs in(unsigned char* arena) {
-    ChannelCoefs<acc_t>* groups = reinterpret_cast<ChannelCoefs<acc_t>*>(arena);
-    return {groups, reinterpret_cast<Sum2<acc_t>*>(groups + kTileSlots<acc_t>)};
+    GroupValues<acc_t>* groups = reinterpret_cast<GroupValues<acc_t>*>(arena);
+    return {groups, reinterpret_cast<ScaleShift<acc_t>*>(groups + kTileSlots<acc_t>)};
   }
 
   __device__ void fill(const GroupNormShape& s, const RowBlock& b, const GroupSource<acc_t>& src,
@@ -125,23 +125,21 @@ struct TileCoefs {
     __syncthreads();
     for (int64_t c = b.c_begin + threadIdx.x; c < b.c_end; c += blockDim.x) {
       const ChannelCoefs<acc_t> k = channel_coefs<Op>(groups[c / Cg - tg.first], weight, bias, n, c);
-      affine[c - b.c_begin] = Sum2<acc_t>{k.scale, k.shift};
+      affine[c - b.c_begin] = ScaleShift<acc_t>{k.scale, k.shift};
     }
     __syncthreads();
   }
 
   // Channel c's coefficients (c in the tile).
   __device__ ChannelCoefs<acc_t> at(const GroupNormShape& s, const RowBlock& b, int64_t c) const {
-    ChannelCoefs<acc_t> k = groups[c / s.channels_per_group() - b.c_begin / s.channels_per_group()];
-    const Sum2<acc_t> a = affine[c - b.c_begin];
-    k.scale = a.a;
-    k.shift = a.b;
-    return k;
+    const GroupValues<acc_t>& group = groups[c / s.channels_per_group() - b.c_begin / s.channels_per_group()];
+    const ScaleShift<acc_t> a = affine[c - b.c_begin];
+    return {group.pivot, a.scale, a.shift, group.x_coef, group.bias_coef};
   }
 };
 
 // ---- gradient sums ---------------------------------------------------------------
-// Per-channel partial sums, `parts` per (n, c): at (n * C + c) * parts + part
+// Per-channel partial sums (a: of g * (x - pivot), b: of g), `parts` per (n, c): at (n * C + c) * parts + part
 // channels-first, (n * parts + part) * C + c channels-last.
 template <typename acc_t>
 struct ChannelSums {
@@ -430,12 +428,15 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int
   // The lane that loads channel c's group values: its group's first lane.
   const int group_lane = static_cast<int>(std::max<int64_t>(0, g * Cg - c_first));
   // Group g of sample n: its residual mean - pivot and rstd.
+  struct Group {
+    acc_t residual, rstd;
+  };
   const auto group_of = [&](int64_t n) {
     const int64_t ng = n * s.G + g;
-    Sum2<acc_t> group{acc_t(0), acc_t(0)};
-    if (lane == group_lane) group = Sum2<acc_t>{gload_l2(&src.coefs[ng].residual), gload(src.rstd + ng)};
-    group.a = __shfl_sync(0xffffffffu, group.a, group_lane);
-    group.b = __shfl_sync(0xffffffffu, group.b, group_lane);
+    Group group{acc_t(0), acc_t(0)};
+    if (lane == group_lane) group = Group{gload_l2(&src.coefs[ng].residual), gload(src.rstd + ng)};
+    group.residual = __shfl_sync(0xffffffffu, group.residual, group_lane);
+    group.rstd = __shfl_sync(0xffffffffu, group.rstd, group_lane);
     return group;
   };
   acc_t dw = acc_t(0), db = acc_t(0);
@@ -443,11 +444,11 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int
   const bool valid = c_first + lane < s.C;
   if (pg.dweight.sample_stride != 0 || pg.dbias.sample_stride != 0) {
     for (int64_t n = slice; n < s.N; n += slices) {  // uniform per warp
-      const Sum2<acc_t> group = group_of(n);
+      const Group group = group_of(n);
       acc_t dw_n = acc_t(0), db_n = acc_t(0);
       for (int64_t k = 0; k < parts; ++k) {
         const Sum2<acc_t> p = gload_l2(pg.sums.data + pg.sums.index(s, n, c, k));
-        dw_n += math::weight_grad_term(p.a, p.b, group.a, group.b);
+        dw_n += math::weight_grad_term(p.a, p.b, group.residual, group.rstd);
         db_n += p.b;
       }
       if (valid && pg.dweight.sample_stride != 0) pg.dweight.store(n * s.C + c, dw_n);
@@ -459,9 +460,9 @@ __device__ void param_grads_block(const GroupNormShape& s, const Plan& plan, int
 #pragma unroll 4
     for (int64_t item = slice; item < s.N * parts; item += slices) {  // uniform per warp
       const int64_t n = item / parts;
-      const Sum2<acc_t> group = group_of(n);
+      const Group group = group_of(n);
       const Sum2<acc_t> p = gload_l2(pg.sums.data + pg.sums.index(s, n, c, item - n * parts));
-      dw += math::weight_grad_term(p.a, p.b, group.a, group.b);
+      dw += math::weight_grad_term(p.a, p.b, group.residual, group.rstd);
       db += p.b;
     }
   }

@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 // What the backward reads and writes besides x, dy and dx.
 template <typename acc_t>
-struct BackwardArgs {
+struct TypedBackwardArgs {
   const acc_t* mean;
   const acc_t* rstd;
   ChannelParam<acc_t> weight, bias;
@@ -287,7 +287,7 @@ struct BackwardArgs {
 template <bool kChannelsLast, Activation A, int V, typename scalar_t, typename acc_t>
 __device__ void backward_work(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                               scalar_t* __restrict__ dx, const GroupNormShape& s, const Plan& plan, const Work& w,
-                              const BackwardArgs<acc_t>& a, unsigned char* arena) {
+                              const TypedBackwardArgs<acc_t>& a, unsigned char* arena) {
   const GradOut<acc_t>& out = a.out;
   const GroupSource<acc_t> coefs{a.mean, a.rstd, out.coefs};
   if (w.stage == 0) {
@@ -317,7 +317,7 @@ __device__ void backward_work(const scalar_t* __restrict__ dy, const scalar_t* _
 template <Activation A, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_cf_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-                       GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
+                       GroupNormShape s, Plan plan, Schedule sc, TypedBackwardArgs<acc_t> a) {
   const Ticket ticket = take_ticket(a.out.sw);
   a.out.epoch = ticket.epoch;
   backward_work<false, A, 1>(dy, x, dx, s, plan, locate(sc, ticket.value), a, nullptr);
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 template <Activation A, int V, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_cl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-                       GroupNormShape s, Plan plan, Schedule sc, BackwardArgs<acc_t> a) {
+                       GroupNormShape s, Plan plan, Schedule sc, TypedBackwardArgs<acc_t> a) {
   __shared__ SharedArena<kGradClArena<V, acc_t>> arena;
   const Ticket ticket = take_ticket(a.out.sw);
   a.out.epoch = ticket.epoch;
@@ -393,7 +393,7 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
   // dweight / dbias from the per-band channel sums where there are bands
   // (channels-last only).
   const ParamGrads<acc_t> pg{plan.grad_bands.parts > 1 ? out.band : out.partial, dweight, dbias};
-  const BackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out, pg};
+  const TypedBackwardArgs<acc_t> args{mean, rstd, weight, bias, ws.residual_sums(workspace), out, pg};
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if (layout == Layout::ChannelsFirst) {
@@ -408,6 +408,20 @@ void launch_backward(const scalar_t* dy, const scalar_t* x, const acc_t* mean, c
     }
   });
 }
+
+// Each dtype's launches (and so its kernels) compile in a translation unit of
+// their own, launches/<dtype>.cu, so a build compiles them in parallel; the
+// op's file declares them extern: GNFLEX_LAUNCHES(extern, float).
+#define GNFLEX_LAUNCHES(prefix, scalar_t)                                                                             \
+  prefix template void launch_forward<scalar_t>(const scalar_t*, scalar_t*, ChannelParam<acc_type<scalar_t>>,         \
+                                                ChannelParam<acc_type<scalar_t>>, acc_type<scalar_t>, Activation,     \
+                                                const GroupNormShape&, Layout, acc_type<scalar_t>*,                   \
+                                                acc_type<scalar_t>*, void*, SequenceWords, cudaStream_t);             \
+  prefix template void launch_backward<scalar_t>(const scalar_t*, const scalar_t*, const acc_type<scalar_t>*,         \
+                                                 const acc_type<scalar_t>*, ChannelParam<acc_type<scalar_t>>,         \
+                                                 ChannelParam<acc_type<scalar_t>>, Activation, const GroupNormShape&, \
+                                                 Layout, scalar_t*, ChannelGrad<acc_type<scalar_t>>,                  \
+                                                 ChannelGrad<acc_type<scalar_t>>, void*, SequenceWords, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace gnflex

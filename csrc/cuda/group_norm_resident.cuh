@@ -12,11 +12,6 @@
 namespace gnflex {
 namespace cuda {
 
-template <typename acc_t>
-struct ScaleShift {
-  acc_t scale, shift;
-};
-
 // Shared memory of a resident block: the channels of its teams' groups.
 template <typename acc_t>
 constexpr int64_t kResidentArena = kResidentChannels * static_cast<int64_t>(sizeof(ScaleShift<acc_t>));
@@ -28,22 +23,22 @@ inline int64_t resident_blocks(const GroupNormShape& s, const Plan& plan) {
 
 // Once per group, from its team's centered sums: mean (the pivot) and rstd
 // written, the channels' scale and shift in the team's table, and the
-// group's pivot, rstd and residual (as scale and shift) in every thread.
+// group's values in every thread.
 template <typename Op, typename T, typename acc_t>
-__device__ ChannelCoefs<acc_t> finalize_resident_group(const T& team, const GroupNormShape& s, int64_t ng, int64_t run,
-                                                       acc_t center, const Sum2<acc_t>& d,
-                                                       const ChannelParam<acc_t>& weight,
-                                                       const ChannelParam<acc_t>& bias, acc_t eps,
-                                                       acc_t* __restrict__ mean, acc_t* __restrict__ rstd,
-                                                       ScaleShift<acc_t>* channels) {
-  ChannelCoefs<acc_t> group{};
+__device__ GroupValues<acc_t> finalize_resident_group(const T& team, const GroupNormShape& s, int64_t ng, int64_t run,
+                                                      acc_t center, const Sum2<acc_t>& d,
+                                                      const ChannelParam<acc_t>& weight,
+                                                      const ChannelParam<acc_t>& bias, acc_t eps,
+                                                      acc_t* __restrict__ mean, acc_t* __restrict__ rstd,
+                                                      ScaleShift<acc_t>* channels) {
+  GroupValues<acc_t> group{};
   if (team.rank == 0) {
     const auto st = math::stats_from_centered_sums(run, center, d.a, d.b);
     group.pivot = math::rounded_mean(st);
-    group.scale = math::rstd_from_stats(st, eps);
-    group.shift = math::mean_residual(st, group.pivot);
+    group.rstd = math::rstd_from_stats(st, eps);
+    group.residual = math::mean_residual(st, group.pivot);
     gstore(mean + ng, group.pivot);
-    gstore(rstd + ng, group.scale);
+    gstore(rstd + ng, group.rstd);
   }
   group = team.broadcast(group);
   const int64_t Cg = s.channels_per_group();
@@ -76,7 +71,7 @@ __device__ void resident_cf(const scalar_t* __restrict__ x, scalar_t* __restrict
     const acc_t dv = v - center;
     return Sum2<acc_t>{dv, dv * dv};
   }));
-  const ChannelCoefs<acc_t> group =
+  const GroupValues<acc_t> group =
       finalize_resident_group<Op>(team, s, ng, run, center, d, weight, bias, eps, mean, rstd, channels);
   // The channel of span index i: i / HxW, exact in float (i + 1/2 is at
   // least 1 / (2 HxW) from a multiple of HxW, far above the rounding, for

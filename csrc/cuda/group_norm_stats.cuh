@@ -439,9 +439,11 @@ __device__ void residual_sums(const scalar_t* __restrict__ x, const GroupNormSha
   if (team.item >= s.N * s.G * plan.residual_splits) return;  // uniform per team
   const int64_t ng = team.item / plan.residual_splits;
   const int64_t split = team.item % plan.residual_splits;
-  const Sum2<acc_t> group = team.broadcast(team.rank == 0 ? Sum2<acc_t>{gload(mean + ng), gload(rstd + ng)}
-                                                          : Sum2<acc_t>{acc_t(0), acc_t(0)});
-  if (math::needs_exact_residual(group.a, group.b)) residual_split_sum(x, s, plan, team, ng, split, group.a, sums);
+  const MeanRstd<acc_t> group = team.broadcast(team.rank == 0 ? MeanRstd<acc_t>{gload(mean + ng), gload(rstd + ng)}
+                                                              : MeanRstd<acc_t>{acc_t(0), acc_t(0)});
+  if (math::needs_exact_residual(group.mean, group.rstd)) {
+    residual_split_sum(x, s, plan, team, ng, split, group.mean, sums);
+  }
   if (team.rank == 0 && arrive(sw.arrivals(0, ng), plan.residual_splits)) publish(sw.ready(0, ng), epoch);
 }
 

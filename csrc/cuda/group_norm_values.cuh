@@ -33,15 +33,14 @@ __device__ acc_t summed_residual(const GroupSource<acc_t>& src, int64_t ng, acc_
   return total / static_cast<acc_t>(src.group_size);
 }
 
-// Group ng's values as ChannelCoefs with scale = rstd and shift = residual
-// (channel_coefs folds in a channel's weight and bias).
+// Group ng's values (channel_coefs folds in a channel's weight and bias).
 template <bool kInputGrad, typename acc_t>
-__device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64_t ng) {
-  ChannelCoefs<acc_t> v{gload_l2(src.mean + ng), gload_l2(src.rstd + ng), acc_t(0), acc_t(0), acc_t(0)};
+__device__ GroupValues<acc_t> group_values(const GroupSource<acc_t>& src, int64_t ng) {
+  GroupValues<acc_t> v{gload_l2(src.mean + ng), gload_l2(src.rstd + ng), acc_t(0), acc_t(0), acc_t(0)};
   if (src.residual_sums != nullptr) {
-    v.shift = summed_residual(src, ng, v.pivot, v.scale);
+    v.residual = summed_residual(src, ng, v.pivot, v.rstd);
   } else {
-    v.shift = gload_l2(&src.coefs[ng].residual);
+    v.residual = gload_l2(&src.coefs[ng].residual);
   }
   if constexpr (kInputGrad) {
     v.x_coef = gload_l2(&src.coefs[ng].x_coef);
@@ -54,21 +53,24 @@ __device__ ChannelCoefs<acc_t> group_values(const GroupSource<acc_t>& src, int64
 // (group_values) and its weight and bias, loaded only where the operation Op
 // reads them.
 template <typename Op, typename acc_t>
-__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(ChannelCoefs<acc_t> group,
+__device__ __forceinline__ ChannelCoefs<acc_t> channel_coefs(const GroupValues<acc_t>& group,
                                                              const ChannelParam<acc_t>& weight,
                                                              const ChannelParam<acc_t>& bias, int64_t n, int64_t c) {
   const acc_t w = Op::kUsesWeight ? weight.at(n, c, acc_t(1)) : acc_t(1);
   const acc_t b = Op::kUsesBias ? bias.at(n, c, acc_t(0)) : acc_t(0);
-  const auto affine = math::fold_affine(group.shift, group.scale, w, b);
-  group.scale = affine.scale;
-  group.shift = affine.shift;
-  return group;
+  const auto affine = math::fold_affine(group.residual, group.rstd, w, b);
+  return {group.pivot, affine.scale, affine.shift, group.x_coef, group.bias_coef};
 }
 
 template <typename acc_t>
 __device__ __forceinline__ ChannelCoefs<acc_t> warp_broadcast(const ChannelCoefs<acc_t>& k) {
   return {warp_broadcast(k.pivot), warp_broadcast(k.scale), warp_broadcast(k.shift), warp_broadcast(k.x_coef),
           warp_broadcast(k.bias_coef)};
+}
+template <typename acc_t>
+__device__ __forceinline__ GroupValues<acc_t> warp_broadcast(const GroupValues<acc_t>& v) {
+  return {warp_broadcast(v.pivot), warp_broadcast(v.rstd), warp_broadcast(v.residual), warp_broadcast(v.x_coef),
+          warp_broadcast(v.bias_coef)};
 }
 
 // ---- per-value operations ----------------------------------------------------

@@ -261,7 +261,7 @@ def main(argv=None):
     machine = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                "gnflex": gnflex.__version__, "python": platform.python_version(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "gnflex_variant": tuning["kernel_copy"],
+               "gnflex_variant": tuning["kernel_variant"],
                "caches": f"L1d {tuning['l1d'] >> 10} KiB, L2 {tuning['l2'] >> 10} KiB, L3 {tuning['l3'] >> 20} MiB",
                "isa": isa_flags(), "allocator": allocator}
     rows = []

@@ -1,3 +1,0 @@
-// The portable copy of the CPU kernels (any x86-64 or other CPU).
-#define CPU_CAPABILITY DEFAULT
-#include "group_norm_kernels_impl.h"
