@@ -77,7 +77,7 @@ def extension():
     # Sanitized builds at -O1, as ASan's docs advise: with the checks, -O3
     # compiles the SIMD variants several times slower.
     opt = ["-O0", "-g"] if debug else ["-O1"] if sanitize else ["-O3"]
-    # The source list lives in gnflex/_sources.py (also used by gnflex.jit).
+    # Sources and flags: csrc/build_flags.txt, read through gnflex/_sources.py (as gnflex.jit does).
     source_info = runpy.run_path(os.path.join(ROOT, "gnflex", "_sources.py"))
     sources, cuda_sources = source_info["sources"](CSRC)
     # Before the defaults below change the environment: the fingerprint is
