@@ -9,9 +9,10 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 
 # (shape, groups): channels-first groups and channels-last samples that fit
 # the fused budgets, a 3-d input with ragged chunks, several samples of odd
-# sizes, and runs (7x7 planes, rows of 48 channels) that end in a half step
-# and a scalar tail of fp16 / bf16.
-SHAPES = [((2, 64, 20, 20), 8), ((1, 4, 12293), 2), ((3, 6, 5, 7), 3), ((2, 48, 7, 7), 6)]
+# sizes, runs (7x7 planes, rows of 48 channels) that end in a half step and a
+# scalar tail of fp16 / bf16, and channels-last row blocks (two per sample)
+# that two threads split inside a sample.
+SHAPES = [((2, 64, 20, 20), 8), ((1, 4, 12293), 2), ((3, 6, 5, 7), 3), ((2, 48, 7, 7), 6), ((3, 256, 10, 10), 32)]
 
 
 def run(monkeypatch, schedule, x, w, b, groups, activation, dy):
@@ -80,15 +81,19 @@ def test_cpu_tuning_reads_the_caches():
     assert t["fused_group_bytes"] == t["l2"] and t["fused_sample_bytes"] == 4 * t["l2"]
     # Streaming stores only for outputs that, with their input, would not stay in L3.
     assert t["stream_output_bytes"] == min(max(t["l3"] // 2, 2 << 20), 16 << 20)
+    # Elementwise passes walk backward after a thread read more than its L2.
+    assert t["walk_back_bytes"] == t["l2"]
 
 
-def test_stream_bytes_override(monkeypatch):
+@pytest.mark.parametrize("variable,key", [("GNFLEX_CPU_STREAM_BYTES", "stream_output_bytes"),
+                                          ("GNFLEX_CPU_WALK_BACK_BYTES", "walk_back_bytes")])
+def test_size_overrides(monkeypatch, variable, key):
     from gnflex import _C
 
-    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "64K")
-    assert _C.cpu_tuning()["stream_output_bytes"] == 64 << 10
-    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "lots")
-    with pytest.raises(RuntimeError, match="GNFLEX_CPU_STREAM_BYTES must be a size"):
+    monkeypatch.setenv(variable, "64K")
+    assert _C.cpu_tuning()[key] == 64 << 10
+    monkeypatch.setenv(variable, "lots")
+    with pytest.raises(RuntimeError, match=f"{variable} must be a size"):
         _C.cpu_tuning()
 
 
@@ -111,3 +116,26 @@ def test_streaming_stores_write_the_same_values(monkeypatch, schedule, layout, s
     cached = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
     for s, c in zip(streamed, cached):
         assert torch.equal(s, c)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ("none", "silu"))
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("schedule", ("fused", "two_pass"))
+def test_walking_back_writes_the_same_values(monkeypatch, schedule, layout, shape, groups, activation, dtype):
+    # Elementwise passes walk last to first only after a thread read more than
+    # its L2, so force it (every size) against never, on two threads.
+    x, dy, w, b = case_tensors(shape, dtype, layout)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("GNFLEX_CPU_WALK_BACK_BYTES", "1")
+        back = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
+        monkeypatch.setenv("GNFLEX_CPU_WALK_BACK_BYTES", "1G")
+        forward = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(back, forward):
+        assert torch.equal(got, want)

@@ -83,6 +83,16 @@ CacheSizes read_caches() {
   return c;
 }
 
+// A size from the environment variable `name` (for experiments and tests),
+// if set.
+void size_override(const char* name, int64_t& value) {
+  const char* text = std::getenv(name);
+  if (text == nullptr) return;
+  const int64_t parsed = parse_size(text);
+  TORCH_CHECK(parsed > 0, name, " must be a size such as 4194304, 4096K or 64M, got '", text, "'");
+  value = parsed;
+}
+
 }  // namespace
 
 const CacheSizes& cache_sizes() {
@@ -120,11 +130,11 @@ CpuTuning cpu_tuning() {
   // process on a few cores keeps a few MB; there, not streaming a 32 MB
   // output made the forward 1.3x slower (docs/performance.md).
   t.stream_output_bytes = std::clamp<int64_t>(c.l3 / 2, 2 * 1024 * 1024, 16 * 1024 * 1024);
-  if (const char* bytes = std::getenv("GNFLEX_CPU_STREAM_BYTES")) {
-    const int64_t value = parse_size(bytes);
-    TORCH_CHECK(value > 0, "GNFLEX_CPU_STREAM_BYTES must be a size such as 4194304, 4096K or 64M, got '", bytes, "'");
-    t.stream_output_bytes = value;
-  }
+  // What one thread reads before its elementwise pass stays in its L2 up to
+  // the L2's size (walks_back in the kernels).
+  t.walk_back_bytes = c.l2;
+  size_override("GNFLEX_CPU_STREAM_BYTES", t.stream_output_bytes);
+  size_override("GNFLEX_CPU_WALK_BACK_BYTES", t.walk_back_bytes);
   const char* env = std::getenv("GNFLEX_CPU_SCHEDULE");
   const std::string schedule = env == nullptr ? "" : env;
   if (schedule == "fused") {

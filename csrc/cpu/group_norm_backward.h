@@ -25,7 +25,8 @@ struct TypedBackwardArgs {
   // and g.
   acc_t* sum_gx;
   acc_t* sum_g;
-  bool stream;  // non-temporal stores for dx
+  bool stream;     // non-temporal stores for dx
+  bool walk_back;  // the dx pass walks its items last to first (walks_back)
 };
 
 // Whether the fused schedules keep g = dy * act'(z) between their two passes:
@@ -63,14 +64,14 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, c0), Cg, a.residual[ng],
                              a.rstd[ng], D, g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
-      for (int64_t c = 0; c < Cg; ++c) {
+      for_each_item(0, Cg, a.walk_back, [&](int64_t c, int64_t /*ahead*/) {
         const bool more = prefetch && ng + 1 < end;
         const RunWrite<scalar_t, 2> w{a.stream,
                                       {more ? gx + D + c * s.HxW : nullptr, more ? gdy + D + c * s.HxW : nullptr}};
         input_grad_run<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, a.dx + ng * D + c * s.HxW, s.HxW,
                                     run_affine(t, c, PerRun{}), run_input_grad(gt, c, PerRun{}), w,
                                     g_saved.empty() ? nullptr : g_saved.data() + c * s.HxW);
-      }
+      });
     }
     stream_fence();
   });
@@ -117,12 +118,25 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
       const auto row_affine = run_affine(t, 0, PerChannel{});
       const auto row_input_grad = run_input_grad(InputGradTables<acc_t>{g_coef, x_coef, bias_coef}, 0, PerChannel{});
       const bool more = prefetch && n + 1 < end;
-      for (int64_t r = 0; r < s.HxW; ++r) {
-        const int64_t next = offset + (s.HxW + r) * s.C;
-        const RunWrite<scalar_t, 2> w{a.stream, {more ? a.x + next : nullptr, more ? a.dy + next : nullptr}};
+      for_each_item(0, s.HxW, a.walk_back, [&](int64_t r, int64_t ahead) {
+        // Fetch ahead: the same row of the next sample (x and dy, for its
+        // sums), or else what this pass reads of the row walked next.
+        RunWrite<scalar_t, 2> w{a.stream, {}};
+        if (more) {
+          const int64_t next = offset + (s.HxW + r) * s.C;
+          w.next[0] = a.x + next;
+          w.next[1] = a.dy + next;
+        } else if (ahead >= 0) {
+          w.next[0] = a.x + offset + ahead * s.C;
+          if (g_out != nullptr) {
+            prefetch_lines(g_out + ahead * s.C, s.C);
+          } else {
+            w.next[1] = a.dy + offset + ahead * s.C;
+          }
+        }
         input_grad_run<scalar_t, A>(a.dy + offset + r * s.C, a.x + offset + r * s.C, a.dx + offset + r * s.C, s.C,
                                     row_affine, row_input_grad, w, g_out ? g_out + r * s.C : nullptr);
-      }
+      });
     }
     stream_fence();
   });
@@ -189,9 +203,10 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
                            a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
   }
   const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
-  for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+  for_each_run(s, layout, a.walk_back, [&](int64_t base, int64_t len, int64_t ci, auto per_channel, int64_t ahead) {
+    const RunWrite<scalar_t, 2> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr, ahead >= 0 ? a.dy + ahead : nullptr}};
     input_grad_run<scalar_t, A>(a.dy + base, a.x + base, a.dx + base, len, run_affine(t, ci, per_channel),
-                                run_input_grad(gt, ci, per_channel), RunWrite<scalar_t, 2>{a.stream, {}});
+                                run_input_grad(gt, ci, per_channel), w);
   });
 }
 

@@ -18,7 +18,8 @@ struct TypedForwardArgs {
   acc_t eps;
   acc_t* mean;
   acc_t* rstd;
-  bool stream;  // non-temporal stores for y
+  bool stream;     // non-temporal stores for y
+  bool walk_back;  // the output pass walks its items last to first (walks_back)
 };
 
 // Channels-first, one group per work item. prefetch: fetch the next group
@@ -37,10 +38,10 @@ void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormSh
       group_forward_coefs(span_stats(gx, D), a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
                           a.mean + ng, a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
-      for (int64_t c = 0; c < Cg; ++c) {
+      for_each_item(0, Cg, a.walk_back, [&](int64_t c, int64_t /*ahead*/) {
         const RunWrite<scalar_t, 1> w{a.stream, {prefetch && ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
         forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW, run_affine(t, c, PerRun{}), w);
-      }
+      });
     }
     stream_fence();
   });
@@ -66,7 +67,7 @@ void forward_fused_samples(const TypedForwardArgs<scalar_t>& a, const GroupNormS
                             a.mean + n * s.G + g, a.rstd + n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
       const RunWrite<scalar_t, 1> w{a.stream, {prefetch && n + 1 < end ? xs + s.HxW * s.C : nullptr}};
-      cl_forward_rows<scalar_t, A>(xs, a.y + n * s.HxW * s.C, s.HxW, s.C, {pivot, scale, shift}, w);
+      cl_forward_rows<scalar_t, A>(xs, a.y + n * s.HxW * s.C, s.HxW, s.C, {pivot, scale, shift}, w, a.walk_back);
     }
     stream_fence();
   });
@@ -84,17 +85,18 @@ void forward_two_pass(const TypedForwardArgs<scalar_t>& a, const GroupNormShape&
                         a.rstd + ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
-  const RunWrite<scalar_t, 1> w{a.stream, {}};
   if (layout == Layout::ChannelsFirst) {
-    for_each_run(s, layout, [&](int64_t base, int64_t len, int64_t ci, auto per_channel) {
+    for_each_run(s, layout, a.walk_back, [&](int64_t base, int64_t len, int64_t ci, auto per_channel, int64_t ahead) {
+      const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};
       forward_run<scalar_t, A>(a.x + base, a.y + base, len, run_affine(t, ci, per_channel), w);
     });
     return;
   }
-  for_each_row_block(s, [&](int64_t n, int64_t row0, int64_t rows) {
+  const RunWrite<scalar_t, 1> w{a.stream, {}};
+  for_each_row_range(s, a.walk_back, [&](int64_t n, int64_t row0, int64_t rows) {
     const int64_t base = (n * s.HxW + row0) * s.C;
     cl_forward_rows<scalar_t, A>(a.x + base, a.y + base, rows, s.C,
-                                 {t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C}, w);
+                                 {t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C}, w, a.walk_back);
   });
 }
 

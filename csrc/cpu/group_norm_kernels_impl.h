@@ -56,6 +56,7 @@ void forward_typed(const ErasedForwardArgs& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
+  const Schedule schedule = choose_schedule(s, p.layout, bytes, p.tuning);
   const TypedForwardArgs<scalar_t> args{
       static_cast<const scalar_t*>(p.x),
       static_cast<scalar_t*>(p.y),
@@ -63,10 +64,11 @@ void forward_typed(const ErasedForwardArgs& p) {
       static_cast<acc_t>(p.eps),
       static_cast<acc_t*>(p.mean),
       static_cast<acc_t*>(p.rstd),
-      stream_output(p.y, s, p.layout, bytes, p.tuning)};
+      stream_output(p.y, s, p.layout, bytes, p.tuning),
+      walks_back(read_per_thread(s, p.layout, schedule, bytes), p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    switch (choose_schedule(s, p.layout, bytes, p.tuning)) {
+    switch (schedule) {
       case Schedule::Fused: {
         // Items prefetch the next one where x and y of this item and x of the
         // next fit L2.
@@ -127,6 +129,9 @@ void backward_typed(const ErasedBackwardArgs& p) {
   using acc_t = acc_type<scalar_t>;
   const GroupNormShape& s = p.shape;
   const int64_t planes = s.N * s.C;
+  const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
+  // x and dy are both read twice.
+  const Schedule schedule = choose_schedule(s, p.layout, 2 * bytes, p.tuning);
   std::vector<acc_t> sum_gx(planes), sum_g(planes);
   const std::vector<acc_t> residual =
       backward_residuals(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
@@ -141,12 +146,11 @@ void backward_typed(const ErasedBackwardArgs& p) {
       residual.data(),
       sum_gx.data(),
       sum_g.data(),
-      stream_output(p.dx, s, p.layout, sizeof(scalar_t), p.tuning)};
-  const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
+      stream_output(p.dx, s, p.layout, bytes, p.tuning),
+      walks_back(read_per_thread(s, p.layout, schedule, 2 * bytes), p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
-    // x and dy are both read twice.
-    switch (choose_schedule(s, p.layout, 2 * bytes, p.tuning)) {
+    switch (schedule) {
       case Schedule::Fused: {
         // Items prefetch the next one where x, dy and dx of this item and x
         // and dy of the next fit L2.

@@ -21,6 +21,20 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // depend on how items are split among threads.
 int64_t grain_of(int64_t item_values) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(item_values, 1)); }
 
+// fn(item, ahead) for the items [begin, end) first to last, or last to first
+// where `backward` (an elementwise pass after a walk over the same values:
+// see walks_back). ahead: in a backward walk the item walked next, for fn to
+// fetch (the hardware prefetchers follow forward walks but lag on backward
+// ones); -1 otherwise.
+template <typename Fn>
+inline void for_each_item(int64_t begin, int64_t end, bool backward, const Fn& fn) {
+  if (backward) {
+    for (int64_t item = end; item-- > begin;) fn(item, item > begin ? item - 1 : int64_t(-1));
+  } else {
+    for (int64_t item = begin; item < end; ++item) fn(item, int64_t(-1));
+  }
+}
+
 // Named arrays laid out one after another from `base`: carve(base, {n0, n1})
 // gives pointers to an array of n0 values and one of n1 after it.
 template <typename T, size_t K>

@@ -60,6 +60,23 @@ bool prefetch_fits(int64_t item_bytes, int copies, const CpuTuning& tuning) {
   return copies * item_bytes <= tuning.fused_group_bytes;
 }
 
+// Whether an elementwise pass walks its items last to first: where the pass
+// before it (statistics, gradient sums) read more on one thread
+// (thread_bytes) than that thread's L2 holds. That pass walked the same items
+// first to last on the same thread (a fused item; at::parallel_for splits a
+// range the same way each time), so a backward walk starts on the values
+// still in L2, while a forward one would miss on every value, each evicted
+// just before it is read again. Within the L2 the forward walk is faster: the
+// hardware prefetchers run ahead of its stores.
+bool walks_back(int64_t thread_bytes, const CpuTuning& t) { return thread_bytes > t.walk_back_bytes; }
+
+// The bytes one thread reads in the pass before an elementwise pass: a fused
+// item's inputs, or its share of the whole tensor's (input_bytes per value).
+int64_t read_per_thread(const GroupNormShape& s, Layout layout, Schedule schedule, int64_t input_bytes) {
+  if (schedule == Schedule::Fused) return fused_item_values(s, layout) * input_bytes;
+  return ceil_div(s.numel() * input_bytes, std::max(at::get_num_threads(), 1));
+}
+
 // Rows (spatial positions) of about kChunk values: the grain of channels-last
 // elementwise passes.
 int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1)); }

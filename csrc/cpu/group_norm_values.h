@@ -182,6 +182,14 @@ struct RunWrite {
   const scalar_t* next[Inputs] = {};
 };
 
+// Fetches the n values from p into L2, a cache line at a time.
+template <typename T>
+inline void prefetch_lines(const T* p, int64_t n) {
+  constexpr int64_t kLine = 64;
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t at = 0; at < n * static_cast<int64_t>(sizeof(T)); at += kLine) __builtin_prefetch(bytes + at, 0, 2);
+}
+
 template <typename scalar_t, int Inputs>
 inline void prefetch_next(const RunWrite<scalar_t, Inputs>& w, int64_t i) {
   for (const scalar_t* p : w.next) {
@@ -240,21 +248,27 @@ struct ForwardColumnsOp {
   void finish(const State& /*a*/, int64_t /*i*/, S /*step*/) const {}
 };
 
+// Blocks go first to last, or last to first where `backward` (walks_back).
 template <typename scalar_t, Activation A>
 void cl_forward_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const AffineTables<acc_type<scalar_t>>& t,
-                     const RunWrite<scalar_t, 1>& w) {
+                     const RunWrite<scalar_t, 1>& w, bool backward) {
   const int64_t block = sum_rows_per_block(C);
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+  const int64_t blocks = ceil_div(rows, block);
+  for_each_item(0, blocks, backward, [&](int64_t b, int64_t /*ahead*/) {
+    const int64_t r0 = b * block;
     const int64_t n = std::min(block, rows - r0);
-    // Fetch ahead: the next item's rows, or else the rows after this block
-    // (a column tile's walk down the rows defeats the hardware prefetchers).
-    const scalar_t* next = w.next[0] == nullptr ? x + (r0 + n) * C : w.next[0] + r0 * C;
+    // Fetch ahead, either way (a column tile's walk down the rows defeats the
+    // hardware prefetchers): the next item's rows, or else the block walked next.
+    const int64_t ahead = backward ? b - 1 : b + 1;
+    const scalar_t* next = w.next[0] != nullptr           ? w.next[0] + r0 * C
+                           : ahead >= 0 && ahead < blocks ? x + ahead * block * C
+                                                          : nullptr;
     if (w.stream) {
       simd_for_columns<scalar_t>(C, n, ForwardColumnsOp<scalar_t, A, true>{x + r0 * C, y + r0 * C, C, t, next});
     } else {
       simd_for_columns<scalar_t>(C, n, ForwardColumnsOp<scalar_t, A, false>{x + r0 * C, y + r0 * C, C, t, next});
     }
-  }
+  });
 }
 
 // The loop body adding g * (x - pivot) and g of a run into two accumulators:
@@ -352,39 +366,47 @@ inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   }
 }
 
-// Two-pass elementwise passes: fn(base, len, ci, per_channel) for every run,
-// in parallel, with coefficients in (N * C) tables.
+// Two-pass elementwise passes: fn(base, len, ci, per_channel, ahead) for
+// every run, in parallel, with coefficients in (N * C) tables; each thread
+// walks its runs backward where `backward` (walks_back). ahead: in a backward
+// walk, where the run walked next starts (to fetch); -1 otherwise.
 template <typename Fn>
-void for_each_run(const GroupNormShape& s, Layout layout, const Fn& fn) {
+void for_each_run(const GroupNormShape& s, Layout layout, bool backward, const Fn& fn) {
   if (layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
+    const auto base = [&](int64_t item) { return item / chunks * s.HxW + item % chunks * kChunk; };
     at::parallel_for(0, s.N * s.C * chunks, grain_of(std::min(kChunk, s.HxW)), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t plane = item / chunks;
-        const int64_t start = item % chunks * kChunk;
-        fn(plane * s.HxW + start, std::min(kChunk, s.HxW - start), plane, PerRun{});
-      }
+      for_each_item(begin, end, backward, [&](int64_t item, int64_t ahead) {
+        fn(base(item), std::min(kChunk, s.HxW - item % chunks * kChunk), item / chunks, PerRun{},
+           ahead >= 0 ? base(ahead) : int64_t(-1));
+      });
       stream_fence();
     });
   } else {
     at::parallel_for(0, s.N * s.HxW, rows_per_block(s.C), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) fn(row * s.C, s.C, row / s.HxW * s.C, PerChannel{});
+      for_each_item(begin, end, backward, [&](int64_t row, int64_t ahead) {
+        fn(row * s.C, s.C, row / s.HxW * s.C, PerChannel{}, ahead >= 0 ? ahead * s.C : int64_t(-1));
+      });
       stream_fence();
     });
   }
 }
 
-// Channels-last two-pass elementwise passes: fn(n, row0, rows) for blocks of
-// rows of each sample (sum_rows_per_block), in parallel.
+// Channels-last two-pass elementwise passes: fn(n, row0, rows) for the rows
+// of each sample that one thread takes (split as the statistics' row blocks,
+// sum_rows_per_block), in parallel; pieces in different samples go in the
+// order of `backward` (walks_back).
 template <typename Fn>
-void for_each_row_block(const GroupNormShape& s, const Fn& fn) {
+void for_each_row_range(const GroupNormShape& s, bool backward, const Fn& fn) {
   const int64_t block = sum_rows_per_block(s.C);
   const int64_t blocks = ceil_div(s.HxW, block);
   at::parallel_for(0, s.N * blocks, grain_of(block * s.C), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row0 = item % blocks * block;
-      fn(item / blocks, row0, std::min(block, s.HxW - row0));
-    }
+    const int64_t first = begin / blocks, last = (end - 1) / blocks;
+    for_each_item(first, last + 1, backward, [&](int64_t n, int64_t /*ahead*/) {
+      const int64_t row0 = n == first ? begin % blocks * block : 0;
+      const int64_t row_end = n == last ? std::min(s.HxW, ((end - 1) % blocks + 1) * block) : s.HxW;
+      fn(n, row0, row_end - row0);
+    });
     stream_fence();
   });
 }
