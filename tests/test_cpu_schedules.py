@@ -10,9 +10,20 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 # (shape, groups): channels-first groups and channels-last samples that fit
 # the fused budgets, a 3-d input with ragged chunks, several samples of odd
 # sizes, runs (7x7 planes, rows of 48 channels) that end in a half step and a
-# scalar tail of fp16 / bf16, and channels-last row blocks (two per sample)
-# that two threads split inside a sample.
-SHAPES = [((2, 64, 20, 20), 8), ((1, 4, 12293), 2), ((3, 6, 5, 7), 3), ((2, 48, 7, 7), 6), ((3, 256, 10, 10), 32)]
+# scalar tail of fp16 / bf16, channels-last row blocks (two per sample)
+# that two threads split inside a sample, and tails taken as one overlapping
+# vector: 10x10 planes, rows of 40 channels and 6x6 planes, and a run whose
+# tail vector stays inside its last chunk (4116 = 4096 + 20; 12293 above ends
+# in a chunk of 5, so scalar).
+SHAPES = [
+    ((2, 64, 20, 20), 8),
+    ((1, 4, 12293), 2),
+    ((3, 6, 5, 7), 3),
+    ((2, 48, 7, 7), 6),
+    ((3, 256, 10, 10), 32),
+    ((2, 40, 6, 6), 8),
+    ((1, 4, 4116), 2),
+]
 
 
 def run(monkeypatch, schedule, x, w, b, groups, activation, dy):

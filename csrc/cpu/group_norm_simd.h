@@ -94,18 +94,41 @@ inline void half_step(int64_t& i, int64_t n, const F& f) {
   }
 }
 
+// The tail of a run (fewer values than a vector, after its SIMD steps) is
+// one more vector step ending at the run's end (a TailStep at n - lanes),
+// which redoes values the steps before it did: lanes compute independently,
+// so those come out bit for bit the same (an output or a per-channel sum is
+// written again with its own value; simd_sum2 masks them out of its sums).
+// Scalar instead for tails of under kMinVectorTail values (a vector step
+// costs more than one to three scalar ones with an activation), and where
+// that step would reach before the run or into an earlier chunk of kChunk
+// values: a schedule may cut the run there, and a value must take the same
+// path in every schedule. Decided from n alone, so every pass agrees.
+template <typename IO>
+using TailStep = Step<typename IO::Vec, 1>;
+
+constexpr int64_t kMinVectorTail = 4;
+
+template <typename IO>
+inline bool tail_as_vector(int64_t n) {
+  const int64_t in_last_chunk = (n - 1) % kChunk + 1;
+  return n % TailStep<IO>::lanes >= kMinVectorTail && in_last_chunk >= TailStep<IO>::lanes;
+}
+
 // Runs body(i, Step) over [0, n): SIMD steps (full, then at most one half
-// step), then the scalar tail. The body is written once, generically in V.
-// Every pass over a run (statistics, gradient sums, outputs) takes the same
-// path for the same value, and kChunk is a multiple of the SIMD step, so
-// cutting a run into chunks does not move the tail: SIMD and scalar math may
-// round differently, and results must not depend on the schedule.
+// step), then the tail (tail_as_vector: one overlapping vector step, or
+// scalar steps). The body is written once, generically in V. Every pass over
+// a run (statistics, gradient sums, outputs) takes the same path for the same
+// value, and kChunk is a multiple of the SIMD step, so cutting a run into
+// chunks does not move the tail: SIMD and scalar math may round differently,
+// and results must not depend on the schedule.
 template <typename scalar_t, typename Body>
 inline void simd_for(int64_t n, const Body& body) {
   using IO = VecIO<scalar_t>;
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) body(i, Step<typename IO::Vec, IO::kVecs>{});
   half_step<IO>(i, n, body);
+  if (i < n && tail_as_vector<IO>(n)) return body(n - TailStep<IO>::lanes, TailStep<IO>{});
   for (; i < n; ++i) body(i, Step<typename IO::acc_t, 1>{});
 }
 
@@ -206,6 +229,16 @@ inline std::pair<acc_type<scalar_t>, acc_type<scalar_t>> simd_sum2(int64_t n, co
   }
   for (; i + kStep <= n; i += kStep) body(i, VecStep{}, a0, b0);
   half_step<IO>(i, n, [&](int64_t j, auto step) { body(j, step, a0, b0); });
+  if (i < n && tail_as_vector<IO>(n)) {
+    // Only the lanes past the values already summed count.
+    constexpr int64_t lanes = TailStep<IO>::lanes;
+    Vec ta(acc_t(0)), tb(acc_t(0));
+    body(n - lanes, TailStep<IO>{}, ta, tb);
+    const Vec fresh = Vec::arange(acc_t(0), acc_t(1)) >= Vec(static_cast<acc_t>(lanes - (n - i)));
+    a0 = a0 + Vec::blendv(Vec(acc_t(0)), ta, fresh);
+    b0 = b0 + Vec::blendv(Vec(acc_t(0)), tb, fresh);
+    i = n;
+  }
   acc_t sa = 0, sb = 0;
   for (; i < n; ++i) body(i, Step<acc_t, 1>{}, sa, sb);
   return {horizontal_sum((a0 + a1) + (a2 + a3)) + sa, horizontal_sum((b0 + b1) + (b2 + b3)) + sb};
@@ -255,6 +288,8 @@ inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
   }
   for (; i + IO::kStep <= C; i += IO::kStep) tile(i, std::integral_constant<int, 1>{}, VecStep{});
   half_step<IO>(i, C, [&](int64_t j, auto step) { tile(j, std::integral_constant<int, 1>{}, step); });
+  if (i < C && tail_as_vector<IO>(C))
+    return tile(C - TailStep<IO>::lanes, std::integral_constant<int, 1>{}, TailStep<IO>{});
   for (; i < C; ++i) tile(i, std::integral_constant<int, 1>{}, ScalarStep{});
 }
 
