@@ -108,45 +108,34 @@ def test_size_overrides(monkeypatch, variable, key):
         _C.cpu_tuning()
 
 
-# Runs of whole cache lines (streaming stores engage) and one that is not.
+# Run-time settings that change only how the kernels write, never what: each
+# forced on for every size against off, with the shapes that reach its paths.
+# Streaming stores (from a few MiB on): runs of whole cache lines, where they
+# engage, and one that is not. Walking back (after a thread read more than
+# its L2): SHAPES, on two threads, whose split of channels-last row blocks
+# falls inside a sample.
 STREAM_SHAPES = [((2, 64, 16, 16), 8), ((3, 32, 8, 8), 4), ((2, 48, 5, 7), 6)]
+FORCED_SETTINGS = [("GNFLEX_CPU_STREAM_BYTES", shape, groups) for shape, groups in STREAM_SHAPES] + [
+    ("GNFLEX_CPU_WALK_BACK_BYTES", shape, groups) for shape, groups in SHAPES
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ("none", "silu"))
-@pytest.mark.parametrize("shape,groups", STREAM_SHAPES, ids=str)
+@pytest.mark.parametrize("setting,shape,groups", FORCED_SETTINGS, ids=str)
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("schedule", ("fused", "two_pass"))
-def test_streaming_stores_write_the_same_values(monkeypatch, schedule, layout, shape, groups, activation, dtype):
-    # Outputs are streamed only from a few MiB on, so force it: every output
-    # of at least 1 byte, against none at all.
-    x, dy, w, b = case_tensors(shape, dtype, layout)
-    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "1")
-    streamed = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
-    monkeypatch.setenv("GNFLEX_CPU_STREAM_BYTES", "1G")
-    cached = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
-    for s, c in zip(streamed, cached):
-        assert torch.equal(s, c)
-
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", ("none", "silu"))
-@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
-@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-@pytest.mark.parametrize("schedule", ("fused", "two_pass"))
-def test_walking_back_writes_the_same_values(monkeypatch, schedule, layout, shape, groups, activation, dtype):
-    # Elementwise passes walk last to first only after a thread read more than
-    # its L2, so force it (every size) against never, on two threads.
+def test_forced_settings_write_the_same_values(monkeypatch, schedule, layout, setting, shape, groups, activation,
+                                               dtype):
     x, dy, w, b = case_tensors(shape, dtype, layout)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setenv("GNFLEX_CPU_WALK_BACK_BYTES", "1")
-        back = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
-        monkeypatch.setenv("GNFLEX_CPU_WALK_BACK_BYTES", "1G")
-        forward = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
+        monkeypatch.setenv(setting, "1")
+        forced = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
+        monkeypatch.setenv(setting, "1G")
+        unforced = run(monkeypatch, schedule, x, w, b, groups, activation, dy)
     finally:
         torch.set_num_threads(threads)
-    for got, want in zip(back, forward):
+    for got, want in zip(forced, unforced):
         assert torch.equal(got, want)
