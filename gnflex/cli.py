@@ -37,7 +37,7 @@ def cpu_tuning_line():
     return (f"CPU caches: L1d {_size(t['l1d'])}, L2 {_size(t['l2'])}, L3 {_size(t['l3'])} "
             f"({t['cache_source']}) | fused budgets: group {_size(t['fused_group_bytes'])}, sample "
             f"{_size(t['fused_sample_bytes'])} | streaming stores from {_size(t['stream_output_bytes'])} | "
-            f"walking back after {_size(t['walk_back_bytes'])} | "
+            f"walking back from {_size(t['walk_back_bytes'])} to {_size(t['walk_back_max_bytes'])} | "
             f"schedule: {t['schedule']} (GNFLEX_CPU_SCHEDULE)")
 
 

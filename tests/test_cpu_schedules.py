@@ -93,7 +93,7 @@ def test_cpu_tuning_reads_the_caches():
     # Streaming stores only for outputs that, with their input, would not stay in L3.
     assert t["stream_output_bytes"] == min(max(t["l3"] // 2, 2 << 20), 16 << 20)
     # Elementwise passes walk backward after a thread read more than its L2.
-    assert t["walk_back_bytes"] == t["l2"]
+    assert t["walk_back_bytes"] == t["l2"] and t["walk_back_max_bytes"] == 4 * t["l2"]
 
 
 @pytest.mark.parametrize("variable,key", [("GNFLEX_CPU_STREAM_BYTES", "stream_output_bytes"),

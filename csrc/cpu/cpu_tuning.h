@@ -30,9 +30,10 @@ struct CpuTuning {
   // (GNFLEX_CPU_STREAM_BYTES overrides it, e.g. 1G or 64K, for experiments).
   int64_t stream_output_bytes = 0;
   // Elementwise passes walk their items last to first where the pass before
-  // them read more than this on one thread (GNFLEX_CPU_WALK_BACK_BYTES
-  // overrides it).
+  // them read more than walk_back_bytes on one thread
+  // (GNFLEX_CPU_WALK_BACK_BYTES overrides it) and at most walk_back_max_bytes.
   int64_t walk_back_bytes = 0;
+  int64_t walk_back_max_bytes = 0;
   Schedule schedule = Schedule::Auto;
 };
 

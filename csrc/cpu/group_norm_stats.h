@@ -62,13 +62,16 @@ bool prefetch_fits(int64_t item_bytes, int copies, const CpuTuning& tuning) {
 
 // Whether an elementwise pass walks its items last to first: where the pass
 // before it (statistics, gradient sums) read more on one thread
-// (thread_bytes) than that thread's L2 holds. That pass walked the same items
+// (thread_bytes) than that thread's L2 holds, up to a few L2s (see
+// cpu_tuning.cpp). That pass walked the same items
 // first to last on the same thread (a fused item; at::parallel_for splits a
 // range the same way each time), so a backward walk starts on the values
 // still in L2, while a forward one would miss on every value, each evicted
 // just before it is read again. Within the L2 the forward walk is faster: the
 // hardware prefetchers run ahead of its stores.
-bool walks_back(int64_t thread_bytes, const CpuTuning& t) { return thread_bytes > t.walk_back_bytes; }
+bool walks_back(int64_t thread_bytes, const CpuTuning& t) {
+  return thread_bytes > t.walk_back_bytes && thread_bytes <= t.walk_back_max_bytes;
+}
 
 // The bytes one thread reads in the pass before an elementwise pass: a fused
 // item's inputs, or its share of the whole tensor's (input_bytes per value).
