@@ -13,6 +13,9 @@ using math::CenteredStats;
 // Values per work item. Fixed so chunking never depends on the thread count.
 constexpr int64_t kChunk = 4096;
 
+// Bytes per cache line (x86): the unit of streaming stores and prefetches.
+constexpr int64_t kCacheLine = 64;
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Work items per thread at least, for at::parallel_for: about ATen's grain of

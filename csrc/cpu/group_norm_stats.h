@@ -27,10 +27,9 @@ namespace {
 // by normal stores (a run boundary inside it) is far slower than either.
 bool stream_output(const void* out, const GroupNormShape& s, Layout layout, int64_t elem_bytes,
                    const CpuTuning& tuning) {
-  constexpr int64_t kLine = 64;
   const int64_t run = layout == Layout::ChannelsFirst ? s.HxW : s.C;
-  return s.numel() * elem_bytes >= tuning.stream_output_bytes && run * elem_bytes % kLine == 0 &&
-         reinterpret_cast<uintptr_t>(out) % kLine == 0;
+  return s.numel() * elem_bytes >= tuning.stream_output_bytes && run * elem_bytes % kCacheLine == 0 &&
+         reinterpret_cast<uintptr_t>(out) % kCacheLine == 0;
 }
 
 // Values of one fused item: a channels-first group, a channels-last sample.
@@ -63,12 +62,12 @@ bool prefetch_fits(int64_t item_bytes, int copies, const CpuTuning& tuning) {
 // Whether an elementwise pass walks its items last to first: where the pass
 // before it (statistics, gradient sums) read more on one thread
 // (thread_bytes) than that thread's L2 holds, up to a few L2s (see
-// cpu_tuning.cpp). That pass walked the same items
-// first to last on the same thread (a fused item; at::parallel_for splits a
-// range the same way each time), so a backward walk starts on the values
-// still in L2, while a forward one would miss on every value, each evicted
-// just before it is read again. Within the L2 the forward walk is faster: the
-// hardware prefetchers run ahead of its stores.
+// cpu_tuning.cpp). That pass walked the same items first to last on the same
+// thread (a fused item; at::parallel_for splits a range the same way each
+// time), so a backward walk starts on the values still in L2, while a forward
+// one would miss on every value, each evicted just before it is read again.
+// Within the L2 the forward walk is faster: the hardware prefetchers run
+// ahead of its stores.
 bool walks_back(int64_t thread_bytes, const CpuTuning& t) {
   return thread_bytes > t.walk_back_bytes && thread_bytes <= t.walk_back_max_bytes;
 }

@@ -185,16 +185,15 @@ struct RunWrite {
 // Fetches the n values from p into L2, a cache line at a time.
 template <typename T>
 inline void prefetch_lines(const T* p, int64_t n) {
-  constexpr int64_t kLine = 64;
   const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t at = 0; at < n * static_cast<int64_t>(sizeof(T)); at += kLine) __builtin_prefetch(bytes + at, 0, 2);
+  for (int64_t at = 0; at < n * static_cast<int64_t>(sizeof(T)); at += kCacheLine) __builtin_prefetch(bytes + at, 0, 2);
 }
 
 // Called at every SIMD step i of a run; fetches once per cache line (an
 // AVX2 step covers half a line).
 template <typename scalar_t, int Inputs>
 inline void prefetch_next(const RunWrite<scalar_t, Inputs>& w, int64_t i) {
-  constexpr int64_t kLineValues = 64 / sizeof(scalar_t);
+  constexpr int64_t kLineValues = kCacheLine / sizeof(scalar_t);
   if (i % kLineValues != 0) return;
   for (const scalar_t* p : w.next) {
     if (p != nullptr) __builtin_prefetch(p + i, 0, 2);
