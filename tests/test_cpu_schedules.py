@@ -14,7 +14,9 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 # that two threads split inside a sample, and tails taken as one overlapping
 # vector: 10x10 planes, rows of 40 channels and 6x6 planes, and a run whose
 # tail vector stays inside its last chunk (4116 = 4096 + 20; 12293 above ends
-# in a chunk of 5, so scalar).
+# in a chunk of 5, so scalar). Short planes (5x7, 7x7, 6x6, 10x10) are walked
+# in blocks whose vectors straddle planes; 200 of them in one group make two
+# blocks, which two threads split.
 SHAPES = [
     ((2, 64, 20, 20), 8),
     ((1, 4, 12293), 2),
@@ -23,6 +25,7 @@ SHAPES = [
     ((3, 256, 10, 10), 32),
     ((2, 40, 6, 6), 8),
     ((1, 4, 4116), 2),
+    ((1, 200, 5, 7), 1),
 ]
 
 

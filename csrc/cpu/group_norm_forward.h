@@ -38,8 +38,19 @@ void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormSh
       group_forward_coefs(span_stats(gx, D), a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
                           a.mean + ng, a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
+      const bool more = prefetch && ng + 1 < end;
+      if (forward_walks_plane_blocks<scalar_t>(s.HxW)) {
+        const int64_t per_block = planes_per_block<scalar_t>(s.HxW);
+        for_each_item(0, ceil_div(Cg, per_block), a.walk_back, [&](int64_t b, int64_t /*ahead*/) {
+          const int64_t c = b * per_block, at = c * s.HxW;
+          const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + at : nullptr}};
+          forward_planes<scalar_t, A>(gx + at, a.y + ng * D + at, std::min(per_block, Cg - c), s.HxW,
+                                      {pivot + c, scale + c, shift + c}, w);
+        });
+        continue;
+      }
       for_each_item(0, Cg, a.walk_back, [&](int64_t c, int64_t /*ahead*/) {
-        const RunWrite<scalar_t, 1> w{a.stream, {prefetch && ng + 1 < end ? gx + D + c * s.HxW : nullptr}};
+        const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + c * s.HxW : nullptr}};
         forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW, run_affine(t, c, PerRun{}), w);
       });
     }
@@ -85,6 +96,14 @@ void forward_two_pass(const TypedForwardArgs<scalar_t>& a, const GroupNormShape&
                         a.rstd + ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
+  if (layout == Layout::ChannelsFirst && forward_walks_plane_blocks<scalar_t>(s.HxW)) {
+    for_each_plane_block<scalar_t>(s, a.walk_back, [&](int64_t ng, int64_t c, int64_t planes, int64_t ahead) {
+      const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
+      const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};
+      forward_planes<scalar_t, A>(a.x + at, a.y + at, planes, s.HxW, {t.pivot + ci, t.scale + ci, t.shift + ci}, w);
+    });
+    return;
+  }
   if (layout == Layout::ChannelsFirst) {
     for_each_run(s, layout, a.walk_back, [&](int64_t base, int64_t len, int64_t ci, auto per_channel, int64_t ahead) {
       const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};

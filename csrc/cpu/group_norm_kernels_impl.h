@@ -18,6 +18,7 @@
 //
 // Parts, in include order: group_norm_simd.h (loop helpers), group_norm_stats.h
 // (statistics), group_norm_values.h (coefficients, per-value operations over runs),
+// group_norm_planes.h (short channels-first planes, walked in blocks),
 // group_norm_forward.h, group_norm_backward.h (schedules); this file: the typed
 // drivers and the entry points.
 #pragma once
@@ -42,6 +43,7 @@
 #include "group_norm_simd.h"
 #include "group_norm_stats.h"
 #include "group_norm_values.h"
+#include "group_norm_planes.h"
 #include "group_norm_forward.h"
 #include "group_norm_backward.h"
 
