@@ -53,6 +53,12 @@ const KernelVariant& kernel_variant() {
 
 namespace {
 
+// The layout the kernels take: planes of one value (an (N, C) input, or
+// spatial sizes all 1) lie in memory as channels-last rows too, and the
+// channels-last kernels run along them in vectors, where the channels-first
+// ones would take each value as a plane of its own.
+Layout kernel_layout(const GroupNormShape& s, Layout layout) { return s.HxW == 1 ? Layout::ChannelsLast : layout; }
+
 // An absent parameter passes as null (read as 1 / 0 by the kernels).
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
@@ -63,7 +69,7 @@ TensorTriple group_norm_cpu(const at::Tensor& input, const c10::optional<at::Ten
   ErasedForwardArgs p;
   p.dtype = f.x.scalar_type();
   p.shape = f.shape;
-  p.layout = f.layout;
+  p.layout = kernel_layout(f.shape, f.layout);
   p.activation = f.activation;
   p.eps = eps;
   p.x = f.x.const_data_ptr();
@@ -87,7 +93,7 @@ TensorTriple group_norm_backward_cpu(const at::Tensor& grad_out, const at::Tenso
   ErasedBackwardArgs p;
   p.dtype = b.x.scalar_type();
   p.shape = b.shape;
-  p.layout = b.layout;
+  p.layout = kernel_layout(b.shape, b.layout);
   p.activation = b.activation;
   p.dy = b.dy.const_data_ptr();
   p.x = b.x.const_data_ptr();
