@@ -161,7 +161,8 @@ bool is_channels_last_dense(const at::Tensor& t) {
 }  // namespace
 
 bool reads_channels_last(const at::Tensor& input) {
-  // A tensor that is both (e.g. C == 1 or HxW == 1) is read as channels-first.
+  // A tensor that is both (e.g. C == 1 or HxW == 1) is read as channels-first
+  // (the CPU kernels then run HxW == 1 as channels-last rows: the same memory).
   return !input.is_contiguous() && is_channels_last_dense(input);
 }
 

@@ -16,8 +16,9 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 # tail vector stays inside its last chunk (4116 = 4096 + 20; 12293 above ends
 # in a chunk of 5, so scalar). Short planes (5x7, 7x7, 6x6, 10x10) are walked
 # in blocks whose vectors straddle planes; 200 of them in one group make two
-# blocks, which two threads split. Planes of one value ((N, C), (N, C, 1, 1))
-# run through the channels-last kernels.
+# blocks, which two threads split; planes under a vector (3x3, 2x2, 5) go in
+# rounds that fill whole vectors, 1200 of them in two blocks. Planes of one
+# value ((N, C), (N, C, 1, 1)) run through the channels-last kernels.
 SHAPES = [
     ((2, 64, 20, 20), 8),
     ((1, 4, 12293), 2),
@@ -27,6 +28,9 @@ SHAPES = [
     ((2, 40, 6, 6), 8),
     ((1, 4, 4116), 2),
     ((1, 200, 5, 7), 1),
+    ((2, 64, 3, 3), 8),
+    ((1, 1200, 2, 2), 1),
+    ((3, 48, 5), 6),
     ((48, 96), 8),
     ((5, 40, 1, 1), 4),
 ]

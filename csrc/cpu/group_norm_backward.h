@@ -57,7 +57,7 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       std::fill(pivot, pivot + Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
-      const bool blocks = backward_walks_plane_blocks<scalar_t>(s.HxW);
+      const bool blocks = backward_walks_plane_blocks<scalar_t, A>(s.HxW);
       const int64_t per_block = planes_per_block<scalar_t>(s.HxW);
       const auto block_planes = [&](int64_t c) { return std::min(per_block, Cg - c); };
       if (blocks) {
@@ -181,7 +181,7 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   // Pass 1: per-(n, c) sums, chunks / row blocks in parallel, merged in order.
   std::fill(a.sum_gx, a.sum_gx + planes, acc_t(0));
   std::fill(a.sum_g, a.sum_g + planes, acc_t(0));
-  const bool blocks = layout == Layout::ChannelsFirst && backward_walks_plane_blocks<scalar_t>(s.HxW);
+  const bool blocks = layout == Layout::ChannelsFirst && backward_walks_plane_blocks<scalar_t, A>(s.HxW);
   const auto block_tables = [&](int64_t ci) { return AffineTables<acc_t>{t.pivot + ci, t.scale + ci, t.shift + ci}; };
   if (blocks) {
     for_each_plane_block<scalar_t>(s, false, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t /*ahead*/) {

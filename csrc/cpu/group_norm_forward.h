@@ -39,7 +39,7 @@ void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormSh
                           a.mean + ng, a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       const bool more = prefetch && ng + 1 < end;
-      if (forward_walks_plane_blocks<scalar_t>(s.HxW)) {
+      if (forward_walks_plane_blocks<scalar_t, A>(s.HxW)) {
         const int64_t per_block = planes_per_block<scalar_t>(s.HxW);
         for_each_item(0, ceil_div(Cg, per_block), a.walk_back, [&](int64_t b, int64_t /*ahead*/) {
           const int64_t c = b * per_block, at = c * s.HxW;
@@ -96,7 +96,7 @@ void forward_two_pass(const TypedForwardArgs<scalar_t>& a, const GroupNormShape&
                         a.rstd + ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
-  if (layout == Layout::ChannelsFirst && forward_walks_plane_blocks<scalar_t>(s.HxW)) {
+  if (layout == Layout::ChannelsFirst && forward_walks_plane_blocks<scalar_t, A>(s.HxW)) {
     for_each_plane_block<scalar_t>(s, a.walk_back, [&](int64_t ng, int64_t c, int64_t planes, int64_t ahead) {
       const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
       const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};

@@ -13,6 +13,8 @@
 // vector code, so it comes out the same wherever block and vector boundaries
 // fall; the per-plane sums, which depend on where the lanes fall, come from
 // the same blocks in every schedule (docs/performance.md has the timings).
+// Planes under one vector (tiny: 2x2, 3x3) go in rounds of planes that fill
+// whole vectors (simd_for_tiny_planes).
 #pragma once
 
 namespace gnflex {
@@ -26,26 +28,34 @@ namespace {
 // in blocks).
 constexpr int64_t kShortPlaneVectors = 16;
 
-// Whether channels-first planes of HxW values are short: at least one vector
-// (so a vector straddles at most two planes), under kShortPlaneVectors.
-template <typename scalar_t>
-bool short_planes(int64_t HxW) {
-  constexpr int64_t lanes = VecIO<scalar_t>::Vec::size();
-  return HxW >= lanes && HxW < kShortPlaneVectors * lanes;
+// Whether channels-first planes of HxW values are walked in blocks: under
+// kShortPlaneVectors. Planes under one vector (tiny: see
+// simd_for_tiny_planes) only where a value costs more than a few scalar
+// operations: with an activation (an exp or erf each) or converting fp16 /
+// bf16; plain fp32 / fp64 values cost less one plane at a time, scalar, than
+// the lane permutations of the walk.
+template <typename scalar_t, Activation A>
+bool walks_short_planes(int64_t HxW) {
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t lanes = IO::Vec::size();
+  if (HxW < 1 || HxW >= kShortPlaneVectors * lanes) return false;
+  return HxW >= lanes || A != Activation::None || IO::kVecs == 2;
 }
 
-// The backward walks short planes in blocks. The forward only those of up to
-// half that which end inside a step: a plane of whole steps runs as fast on
-// its own, and on longer planes the per-plane walk's steps of two vectors
-// (fp16 / bf16) beat the block walk's one (bf16 SiLU 12x12-15x15).
-template <typename scalar_t>
+// The backward walks them all in blocks. The forward only those of up to
+// half kShortPlaneVectors which end inside a step: a plane of whole steps
+// runs as fast on its own, and on longer planes the per-plane walk's steps
+// of two vectors (fp16 / bf16) beat the block walk's one (bf16 SiLU 12x12 to
+// 15x15).
+template <typename scalar_t, Activation A>
 bool forward_walks_plane_blocks(int64_t HxW) {
   using IO = VecIO<scalar_t>;
-  return short_planes<scalar_t>(HxW) && HxW % IO::kStep != 0 && HxW <= kShortPlaneVectors / 2 * IO::Vec::size();
+  return walks_short_planes<scalar_t, A>(HxW) && HxW % IO::kStep != 0 &&
+         HxW <= kShortPlaneVectors / 2 * IO::Vec::size();
 }
-template <typename scalar_t>
+template <typename scalar_t, Activation A>
 bool backward_walks_plane_blocks(int64_t HxW) {
-  return short_planes<scalar_t>(HxW);
+  return walks_short_planes<scalar_t, A>(HxW);
 }
 
 // Planes per block: about kChunk values, whole vectors (so that only a
@@ -116,7 +126,7 @@ struct Last {};
 
 #define GNFLEX_ALWAYS_INLINE __attribute__((always_inline))
 
-// Walks `planes` consecutive planes of HxW values (short_planes) as one
+// Walks `planes` consecutive planes of HxW values (at least a vector each) as one
 // run of vectors: body(i, kind, coefs, c, split) for the vector at value i
 // (kind, c, split: see Interior), where coefs[t] holds, lane by lane, the
 // entry of tables[t] (per-plane coefficients, from the block's first plane)
@@ -146,6 +156,74 @@ GNFLEX_ALWAYS_INLINE inline void simd_for_planes(int64_t planes, int64_t HxW,
   }
 }
 
+// Lane j of v[idx[j]] for each j.
+template <typename V>
+inline V spread_lanes(const V& v, const int32_t* idx) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(idx), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    return _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)));
+  }
+#endif
+  using T = typename V::value_type;
+  T in[V::size()], out[V::size()];
+  v.store(in);
+  for (int64_t j = 0; j < V::size(); ++j) out[j] = in[idx[j]];
+  return V::loadu(out);
+}
+
+// The walk of planes shorter than a vector (tiny), in rounds of q = L /
+// gcd(HxW, L) planes, which fill m = HxW / gcd(HxW, L) vectors exactly: lane
+// j of the round's vector k holds its value k * L + j, of its plane
+// (k * L + j) / HxW. body(i, kind, coefs, c, valid) as simd_for_planes's
+// (Interior or, for a group's last round, Last with `valid` lanes), c the
+// round's first plane; round_done(c, n) after each round of n planes. The
+// coefficients of a round's planes load as one vector, spread to the lanes
+// by one permutation per vector.
+template <typename scalar_t, size_t N, typename Body, typename RoundDone>
+GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, int64_t HxW,
+                                                      const std::array<const acc_type<scalar_t>*, N>& tables,
+                                                      const Body& body, const RoundDone& round_done) {
+  using Vec = typename VecIO<scalar_t>::Vec;
+  constexpr int64_t L = Vec::size();
+  const int64_t q = L / std::gcd(HxW, L);
+  int32_t lane_plane[L][L];
+  for (int32_t v = 0, plane = 0, at = 0; v < q * HxW; ++v) {
+    lane_plane[v / L][v % L] = plane;
+    if (++at == HxW) {
+      at = 0;
+      ++plane;
+    }
+  }
+  for (int64_t c = 0; c < planes; c += q) {
+    const int64_t n = std::min(q, planes - c), values = n * HxW;
+    const auto round = array_of<N>([&](int t) { return Vec::loadu(tables[t] + c, n); });
+    for (int64_t k = 0; k * L < values; ++k) {
+      const auto coefs = array_of<N>([&](int t) { return spread_lanes(round[t], lane_plane[k]); });
+      const int64_t i = c * HxW + k * L;
+      if (values - k * L >= L) {
+        body(i, Interior{}, coefs, c, L);
+      } else {
+        body(i, Last{}, coefs, c, values - k * L);
+      }
+    }
+    round_done(c, n);
+  }
+}
+
+// An elementwise pass over a block of short planes, tiny or not.
+template <typename scalar_t, size_t N, typename Body>
+GNFLEX_ALWAYS_INLINE inline void walk_planes(int64_t planes, int64_t HxW,
+                                             const std::array<const acc_type<scalar_t>*, N>& tables, const Body& body) {
+  if (HxW < VecIO<scalar_t>::Vec::size()) {
+    return simd_for_tiny_planes<scalar_t, N>(planes, HxW, tables, body, [](int64_t, int64_t) {});
+  }
+  simd_for_planes<scalar_t, N>(planes, HxW, tables, body);
+}
+
 template <typename V, size_t N>
 inline RunAffine<Broadcast<V>> lane_affine(const std::array<V, N>& coefs) {
   return {{coefs[0]}, {coefs[1]}, {coefs[2]}};
@@ -161,7 +239,7 @@ void forward_planes(const scalar_t* x, scalar_t* y, int64_t planes, int64_t HxW,
                     const AffineTables<acc_type<scalar_t>>& t, const RunWrite<scalar_t, 1>& write) {
   using IO = VectorIO<scalar_t>;
   const RunWrite<scalar_t, 1> w = write;  // a local copy: vector stores may alias `write`
-  simd_for_planes<scalar_t, 3>(
+  walk_planes<scalar_t, 3>(
       planes, HxW, {t.pivot, t.scale, t.shift},
       [&](int64_t i, auto kind, const auto& coefs, int64_t /*c*/, int64_t split) GNFLEX_ALWAYS_INLINE {
         constexpr bool last = kIsLast<decltype(kind)>;
@@ -177,6 +255,40 @@ void forward_planes(const scalar_t* x, scalar_t* y, int64_t planes, int64_t HxW,
       });
 }
 
+// plane_block_grad_sums of tiny planes: a round's terms go to a buffer, each
+// plane's sums add them in order.
+template <typename scalar_t, Activation A>
+void tiny_plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes, int64_t HxW,
+                          const AffineTables<acc_type<scalar_t>>& t, acc_type<scalar_t>* sum_gx,
+                          acc_type<scalar_t>* sum_g, acc_type<scalar_t>* g_out) {
+  using acc_t = acc_type<scalar_t>;
+  using IO = VectorIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  acc_t round_gx[IO::kLanes * IO::kLanes], round_g[IO::kLanes * IO::kLanes];
+  simd_for_tiny_planes<scalar_t, 3>(
+      planes, HxW, {t.pivot, t.scale, t.shift},
+      [&](int64_t i, auto kind, const auto& coefs, int64_t c, int64_t valid) GNFLEX_ALWAYS_INLINE {
+        constexpr bool last = kIsLast<decltype(kind)>;
+        const Vec xv = last ? IO::load(x + i, valid) : IO::load(x + i);
+        const Vec dv = last ? IO::load(dy + i, valid) : IO::load(dy + i);
+        const auto [d, g] = centered_and_grad<A>(xv, dv, lane_affine(coefs), 0);
+        if (A != Activation::None && g_out != nullptr) g.store(g_out + i, valid);
+        (g * d).store(round_gx + i - c * HxW);
+        g.store(round_g + i - c * HxW);
+      },
+      [&](int64_t c, int64_t n) {
+        for (int64_t p = 0; p < n; ++p) {
+          acc_t gx = 0, gs = 0;
+          for (int64_t h = p * HxW; h < (p + 1) * HxW; ++h) {
+            gx += round_gx[h];
+            gs += round_g[h];
+          }
+          sum_gx[c + p] = gx;
+          sum_g[c + p] = gs;
+        }
+      });
+}
+
 // Per-plane sums of g * (x - pivot) and g (as plane_grad_sums) into sum_gx,
 // sum_g; g_out: as grad_sums_body's.
 template <typename scalar_t, Activation A>
@@ -185,6 +297,7 @@ void plane_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes
                            acc_type<scalar_t>* sum_g, acc_type<scalar_t>* g_out) {
   using IO = VectorIO<scalar_t>;
   using Vec = typename IO::Vec;
+  if (HxW < IO::kLanes) return tiny_plane_grad_sums<scalar_t, A>(dy, x, planes, HxW, t, sum_gx, sum_g, g_out);
   const Vec zero(0);
   Vec part_gx = zero, part_g = zero;  // of the plane in progress
   simd_for_planes<scalar_t, 3>(planes, HxW, {t.pivot, t.scale, t.shift},
@@ -219,21 +332,21 @@ void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
   using Vec = typename IO::Vec;
   const RunWrite<scalar_t, 2> w = write;  // as in forward_planes
   const auto run = [&](const auto& grad) GNFLEX_ALWAYS_INLINE {
-    simd_for_planes<scalar_t, 6>(planes, HxW, {t.pivot, t.scale, t.shift, gt.g_coef, gt.x_coef, gt.bias_coef},
-                                 [&](int64_t i, auto kind, const auto& coefs, int64_t /*c*/, int64_t split)
-                                     GNFLEX_ALWAYS_INLINE {
-                                       constexpr bool last = kIsLast<decltype(kind)>;
-                                       prefetch_next(w, i);
-                                       const Vec xv = last ? IO::load(x + i, split) : IO::load(x + i);
-                                       const auto a = lane_affine(coefs);
-                                       const Vec g = grad(i, last ? split : IO::kLanes, xv, a);
-                                       const Vec v = coefs[3] * g + coefs[4] * centered(xv, a, 0) + coefs[5];
-                                       if constexpr (last) {
-                                         IO::store(dx + i, v, split);
-                                       } else {
-                                         IO::store(dx + i, v, w.stream);
-                                       }
-                                     });
+    walk_planes<scalar_t, 6>(planes, HxW, {t.pivot, t.scale, t.shift, gt.g_coef, gt.x_coef, gt.bias_coef},
+                             [&](int64_t i, auto kind, const auto& coefs, int64_t /*c*/, int64_t split)
+                                 GNFLEX_ALWAYS_INLINE {
+                                   constexpr bool last = kIsLast<decltype(kind)>;
+                                   prefetch_next(w, i);
+                                   const Vec xv = last ? IO::load(x + i, split) : IO::load(x + i);
+                                   const auto a = lane_affine(coefs);
+                                   const Vec g = grad(i, last ? split : IO::kLanes, xv, a);
+                                   const Vec v = coefs[3] * g + coefs[4] * centered(xv, a, 0) + coefs[5];
+                                   if constexpr (last) {
+                                     IO::store(dx + i, v, split);
+                                   } else {
+                                     IO::store(dx + i, v, w.stream);
+                                   }
+                                 });
   };
   if (A != Activation::None && g_saved != nullptr) {
     run([&](int64_t i, int64_t n, const Vec& /*xv*/, const auto& /*a*/)
