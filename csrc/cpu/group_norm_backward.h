@@ -43,6 +43,7 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
+  const auto pb = plane_blocks_if<scalar_t>(backward_walks_plane_blocks<scalar_t>(s.HxW), s.HxW);
   at::parallel_for(0, s.N * s.G, grain_of(2 * D), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 6> table({Cg, Cg, Cg, Cg, Cg, Cg});
     auto [pivot, scale, shift, g_coef, x_coef, bias_coef] = table.arrays;
@@ -57,15 +58,12 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       std::fill(pivot, pivot + Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
-      const bool blocks = backward_walks_plane_blocks<scalar_t, A>(s.HxW);
-      const int64_t per_block = planes_per_block<scalar_t>(s.HxW);
-      const auto block_planes = [&](int64_t c) { return std::min(per_block, Cg - c); };
-      if (blocks) {
-        for (int64_t c = 0; c < Cg; c += per_block) {
-          plane_block_grad_sums<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, block_planes(c), s.HxW,
+      if (pb) {
+        pb->for_each_block(Cg, false, [&](int64_t c, int64_t planes) {
+          plane_block_grad_sums<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, planes, *pb,
                                              {pivot + c, scale + c, shift + c}, a.sum_gx + ng * Cg + c,
                                              a.sum_g + ng * Cg + c, g_out ? g_out + c * s.HxW : nullptr);
-        }
+        });
       } else {
         for (int64_t c = 0; c < Cg; ++c) {
           std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) = plane_grad_sums<scalar_t, A>(
@@ -77,11 +75,11 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
                              a.rstd[ng], D, g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
       const bool more = prefetch && ng + 1 < end;
-      if (blocks) {
-        for_each_item(0, ceil_div(Cg, per_block), a.walk_back, [&](int64_t b, int64_t /*ahead*/) {
-          const int64_t c = b * per_block, at = c * s.HxW;
+      if (pb) {
+        pb->for_each_block(Cg, a.walk_back, [&](int64_t c, int64_t planes) {
+          const int64_t at = c * s.HxW;
           const RunWrite<scalar_t, 2> w{a.stream, {more ? gx + D + at : nullptr, more ? gdy + D + at : nullptr}};
-          input_grad_planes<scalar_t, A>(gdy + at, gx + at, a.dx + ng * D + at, block_planes(c), s.HxW,
+          input_grad_planes<scalar_t, A>(gdy + at, gx + at, a.dx + ng * D + at, planes, *pb,
                                          {pivot + c, scale + c, shift + c}, {g_coef + c, x_coef + c, bias_coef + c}, w,
                                          g_out ? g_out + at : nullptr);
         });
@@ -181,12 +179,13 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   // Pass 1: per-(n, c) sums, chunks / row blocks in parallel, merged in order.
   std::fill(a.sum_gx, a.sum_gx + planes, acc_t(0));
   std::fill(a.sum_g, a.sum_g + planes, acc_t(0));
-  const bool blocks = layout == Layout::ChannelsFirst && backward_walks_plane_blocks<scalar_t, A>(s.HxW);
+  const auto pb =
+      plane_blocks_if<scalar_t>(layout == Layout::ChannelsFirst && backward_walks_plane_blocks<scalar_t>(s.HxW), s.HxW);
   const auto block_tables = [&](int64_t ci) { return AffineTables<acc_t>{t.pivot + ci, t.scale + ci, t.shift + ci}; };
-  if (blocks) {
-    for_each_plane_block<scalar_t>(s, false, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t /*ahead*/) {
+  if (pb) {
+    for_each_plane_block<scalar_t>(s, *pb, false, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t /*ahead*/) {
       const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
-      plane_block_grad_sums<scalar_t, A>(a.dy + at, a.x + at, n_planes, s.HxW, block_tables(ci), a.sum_gx + ci,
+      plane_block_grad_sums<scalar_t, A>(a.dy + at, a.x + at, n_planes, *pb, block_tables(ci), a.sum_gx + ci,
                                          a.sum_g + ci, nullptr);
     });
   } else if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
@@ -233,12 +232,12 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
                            a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
   }
   const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
-  if (blocks) {
-    for_each_plane_block<scalar_t>(s, a.walk_back, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t ahead) {
+  if (pb) {
+    for_each_plane_block<scalar_t>(s, *pb, a.walk_back, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t ahead) {
       const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
       const RunWrite<scalar_t, 2> w{a.stream,
                                     {ahead >= 0 ? a.x + ahead : nullptr, ahead >= 0 ? a.dy + ahead : nullptr}};
-      input_grad_planes<scalar_t, A>(a.dy + at, a.x + at, a.dx + at, n_planes, s.HxW, block_tables(ci),
+      input_grad_planes<scalar_t, A>(a.dy + at, a.x + at, a.dx + at, n_planes, *pb, block_tables(ci),
                                      {gt.g_coef + ci, gt.x_coef + ci, gt.bias_coef + ci}, w, nullptr);
     });
     return;

@@ -29,6 +29,7 @@ void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormSh
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
+  const auto pb = plane_blocks_if<scalar_t>(forward_walks_plane_blocks<scalar_t>(s.HxW), s.HxW);
   at::parallel_for(0, s.N * s.G, grain_of(D), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 3> table({Cg, Cg, Cg});
     auto [pivot, scale, shift] = table.arrays;
@@ -39,13 +40,11 @@ void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormSh
                           a.mean + ng, a.rstd + ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       const bool more = prefetch && ng + 1 < end;
-      if (forward_walks_plane_blocks<scalar_t, A>(s.HxW)) {
-        const int64_t per_block = planes_per_block<scalar_t>(s.HxW);
-        for_each_item(0, ceil_div(Cg, per_block), a.walk_back, [&](int64_t b, int64_t /*ahead*/) {
-          const int64_t c = b * per_block, at = c * s.HxW;
+      if (pb) {
+        pb->for_each_block(Cg, a.walk_back, [&](int64_t c, int64_t planes) {
+          const int64_t at = c * s.HxW;
           const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + at : nullptr}};
-          forward_planes<scalar_t, A>(gx + at, a.y + ng * D + at, std::min(per_block, Cg - c), s.HxW,
-                                      {pivot + c, scale + c, shift + c}, w);
+          forward_planes<scalar_t, A>(gx + at, a.y + ng * D + at, planes, *pb, {pivot + c, scale + c, shift + c}, w);
         });
         continue;
       }
@@ -96,11 +95,12 @@ void forward_two_pass(const TypedForwardArgs<scalar_t>& a, const GroupNormShape&
                         a.rstd + ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
-  if (layout == Layout::ChannelsFirst && forward_walks_plane_blocks<scalar_t, A>(s.HxW)) {
-    for_each_plane_block<scalar_t>(s, a.walk_back, [&](int64_t ng, int64_t c, int64_t planes, int64_t ahead) {
+  if (layout == Layout::ChannelsFirst && forward_walks_plane_blocks<scalar_t>(s.HxW)) {
+    const PlaneBlocks<scalar_t> pb(s.HxW);
+    for_each_plane_block<scalar_t>(s, pb, a.walk_back, [&](int64_t ng, int64_t c, int64_t planes, int64_t ahead) {
       const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
       const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};
-      forward_planes<scalar_t, A>(a.x + at, a.y + at, planes, s.HxW, {t.pivot + ci, t.scale + ci, t.shift + ci}, w);
+      forward_planes<scalar_t, A>(a.x + at, a.y + at, planes, pb, {t.pivot + ci, t.scale + ci, t.shift + ci}, w);
     });
     return;
   }

@@ -28,79 +28,105 @@ namespace {
 // in blocks).
 constexpr int64_t kShortPlaneVectors = 16;
 
-// Whether channels-first planes of HxW values are walked in blocks: under
-// kShortPlaneVectors. Planes under one vector (tiny: see
-// simd_for_tiny_planes) only where a value costs more than a few scalar
-// operations: with an activation (an exp or erf each) or converting fp16 /
-// bf16; plain fp32 / fp64 values cost less one plane at a time, scalar, than
-// the lane permutations of the walk.
-template <typename scalar_t, Activation A>
-bool walks_short_planes(int64_t HxW) {
-  using IO = VecIO<scalar_t>;
-  constexpr int64_t lanes = IO::Vec::size();
-  if (HxW < 1 || HxW >= kShortPlaneVectors * lanes) return false;
-  return HxW >= lanes || A != Activation::None || IO::kVecs == 2;
+// Whether the backward walks channels-first planes of HxW values in blocks:
+// all short ones (under kShortPlaneVectors), tiny ones (under one vector:
+// see simd_for_tiny_planes) included.
+template <typename scalar_t>
+bool backward_walks_plane_blocks(int64_t HxW) {
+  return HxW >= 1 && HxW < kShortPlaneVectors * VecIO<scalar_t>::Vec::size();
 }
 
-// The backward walks them all in blocks. The forward only those of up to
-// half kShortPlaneVectors which end inside a step: a plane of whole steps
-// runs as fast on its own, and on longer planes the per-plane walk's steps
-// of two vectors (fp16 / bf16) beat the block walk's one (bf16 SiLU 12x12 to
-// 15x15).
-template <typename scalar_t, Activation A>
+// The forward only those of up to half kShortPlaneVectors which end inside
+// a step: a plane of whole steps runs as fast on its own, and on longer
+// planes the per-plane walk's steps of two vectors (fp16 / bf16) beat the
+// block walk's one (bf16 SiLU 12x12 to 15x15).
+template <typename scalar_t>
 bool forward_walks_plane_blocks(int64_t HxW) {
   using IO = VecIO<scalar_t>;
-  return walks_short_planes<scalar_t, A>(HxW) && HxW % IO::kStep != 0 &&
+  return backward_walks_plane_blocks<scalar_t>(HxW) && HxW % IO::kStep != 0 &&
          HxW <= kShortPlaneVectors / 2 * IO::Vec::size();
 }
-template <typename scalar_t, Activation A>
-bool backward_walks_plane_blocks(int64_t HxW) {
-  return walks_short_planes<scalar_t, A>(HxW);
+
+// How a pass cuts a group's short planes of HxW values into blocks, set up
+// once per pass: per_block planes a block, about kChunk values in whole
+// vectors (so that only a group's last block ends inside one). Planes under
+// one vector (tiny) go in rounds of `round` planes, which fill whole vectors
+// (see simd_for_tiny_planes); lane j of a round's vector k is in the round's
+// plane lane_plane[k][j].
+template <typename scalar_t>
+struct PlaneBlocks {
+  static constexpr int64_t kLanes = VecIO<scalar_t>::Vec::size();
+  int64_t HxW;
+  int64_t round;
+  int64_t per_block;
+  int32_t lane_plane[kLanes][kLanes];
+
+  explicit PlaneBlocks(int64_t HxW_) : HxW(HxW_), round(kLanes / std::gcd(HxW_, kLanes)) {
+    per_block = round * std::max<int64_t>(1, kChunk / (round * HxW));
+    if (!tiny()) return;
+    for (int32_t v = 0; v < round * HxW; ++v) lane_plane[v / kLanes][v % kLanes] = static_cast<int32_t>(v / HxW);
+  }
+  bool tiny() const { return HxW < kLanes; }
+  int64_t blocks(int64_t Cg) const { return ceil_div(Cg, per_block); }
+  // fn(c, planes) for each block (planes [c, c + planes)) of a group of Cg,
+  // last to first where `backward`.
+  template <typename Fn>
+  void for_each_block(int64_t Cg, bool backward, const Fn& fn) const {
+    for_each_item(0, blocks(Cg), backward, [&](int64_t b, int64_t /*ahead*/) {
+      const int64_t c = b * per_block;
+      fn(c, std::min(per_block, Cg - c));
+    });
+  }
+};
+
+// The PlaneBlocks of a pass that walks blocks (`walks`); none otherwise.
+template <typename scalar_t>
+std::optional<PlaneBlocks<scalar_t>> plane_blocks_if(bool walks, int64_t HxW) {
+  if (!walks) return std::nullopt;
+  return PlaneBlocks<scalar_t>(HxW);
 }
 
-// Planes per block: about kChunk values, whole vectors (so that only a
-// group's last block ends inside one).
-template <typename scalar_t>
-int64_t planes_per_block(int64_t HxW) {
-  constexpr int64_t lanes = VecIO<scalar_t>::Vec::size();
-  const int64_t unit = lanes / std::gcd(HxW, lanes);
-  return unit * std::max<int64_t>(1, kChunk / (unit * HxW));
-}
+// Where a vector of a block walk lies: inside plane c (Interior); across the
+// end of plane c, its first `split` lanes in c and the others in c + 1
+// (Edge; split == lanes where c ends with the vector); or at the block's end,
+// only its first `split` lanes in the block, all in c (Last).
+struct Interior {};
+struct Edge {};
+struct Last {};
+
+template <typename Kind>
+constexpr bool kIsLast = std::is_same_v<Kind, Last>;
 
 // The walk goes one accumulate-type vector at a time (fp16 / bf16: half a
-// VecIO step). Loads and stores of one vector of values, or of its first n
-// through a buffer (zeros past them), for a block's last values.
+// VecIO step). Loads and stores of the vector at p; of a Last one only its
+// first n values (zeros past them), through ATen's partial loads and stores
+// (masked where the ISA has them).
 template <typename scalar_t>
 struct VectorIO {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   static constexpr int64_t kLanes = Vec::size();
-  static Vec load(const scalar_t* p) {
+  template <typename Kind>
+  static Vec load(const scalar_t* p, Kind, int64_t n) {
     if constexpr (IO::kVecs == 1) {
-      return Vec::loadu(p);
+      return kIsLast<Kind> ? Vec::loadu(p, n) : Vec::loadu(p);
+    } else if constexpr (kIsLast<Kind>) {
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
     } else {
-      Vec v(0);
+      Vec v;
       IO::load_half(p, v);
       return v;
     }
   }
-  static Vec load(const scalar_t* p, int64_t n) {
-    scalar_t buf[kLanes];
-    std::fill(std::copy(p, p + n, buf), buf + kLanes, scalar_t(0));
-    return load(buf);
-  }
-  static void store(scalar_t* p, const Vec& v, bool stream) {
+  template <typename Kind>
+  static void store(scalar_t* p, const Vec& v, Kind, int64_t n, bool stream) {
     if constexpr (IO::kVecs == 1) {
+      if constexpr (kIsLast<Kind>) return v.store(p, n);
       if (stream) return stream_vector(p, v);
       v.store(p);
     } else {
-      IO::store_half(p, v);
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, kIsLast<Kind> ? n : kLanes);
     }
-  }
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
-    scalar_t buf[kLanes];
-    store(buf, v, false);
-    std::copy(buf, buf + n, p);
   }
 };
 
@@ -115,14 +141,6 @@ inline V first_lanes(const V& rest, const V& first, int64_t count) {
   using T = typename V::value_type;
   return V::blendv(rest, first, V::arange(T(0), T(1)) < V(static_cast<T>(count)));
 }
-
-// Where a vector of a block walk lies: inside plane c (Interior); across the
-// end of plane c, its first `split` lanes in c and the others in c + 1
-// (Edge; split == lanes where c ends with the vector); or at the block's end,
-// only its first `split` lanes in the block, all in c (Last).
-struct Interior {};
-struct Edge {};
-struct Last {};
 
 #define GNFLEX_ALWAYS_INLINE __attribute__((always_inline))
 
@@ -176,33 +194,25 @@ inline V spread_lanes(const V& v, const int32_t* idx) {
 }
 
 // The walk of planes shorter than a vector (tiny), in rounds of q = L /
-// gcd(HxW, L) planes, which fill m = HxW / gcd(HxW, L) vectors exactly: lane
-// j of the round's vector k holds its value k * L + j, of its plane
+// gcd(HxW, L) planes, which fill HxW / gcd(HxW, L) vectors exactly: lane j
+// of the round's vector k holds its value k * L + j, of its plane
 // (k * L + j) / HxW. body(i, kind, coefs, c, valid) as simd_for_planes's
 // (Interior or, for a group's last round, Last with `valid` lanes), c the
 // round's first plane; round_done(c, n) after each round of n planes. The
 // coefficients of a round's planes load as one vector, spread to the lanes
 // by one permutation per vector.
 template <typename scalar_t, size_t N, typename Body, typename RoundDone>
-GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, int64_t HxW,
+GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, const PlaneBlocks<scalar_t>& pb,
                                                       const std::array<const acc_type<scalar_t>*, N>& tables,
                                                       const Body& body, const RoundDone& round_done) {
   using Vec = typename VecIO<scalar_t>::Vec;
   constexpr int64_t L = Vec::size();
-  const int64_t q = L / std::gcd(HxW, L);
-  int32_t lane_plane[L][L];
-  for (int32_t v = 0, plane = 0, at = 0; v < q * HxW; ++v) {
-    lane_plane[v / L][v % L] = plane;
-    if (++at == HxW) {
-      at = 0;
-      ++plane;
-    }
-  }
-  for (int64_t c = 0; c < planes; c += q) {
-    const int64_t n = std::min(q, planes - c), values = n * HxW;
+  const int64_t HxW = pb.HxW;
+  for (int64_t c = 0; c < planes; c += pb.round) {
+    const int64_t n = std::min(pb.round, planes - c), values = n * HxW;
     const auto round = array_of<N>([&](int t) { return Vec::loadu(tables[t] + c, n); });
     for (int64_t k = 0; k * L < values; ++k) {
-      const auto coefs = array_of<N>([&](int t) { return spread_lanes(round[t], lane_plane[k]); });
+      const auto coefs = array_of<N>([&](int t) { return spread_lanes(round[t], pb.lane_plane[k]); });
       const int64_t i = c * HxW + k * L;
       if (values - k * L >= L) {
         body(i, Interior{}, coefs, c, L);
@@ -216,12 +226,10 @@ GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, int64_t Hx
 
 // An elementwise pass over a block of short planes, tiny or not.
 template <typename scalar_t, size_t N, typename Body>
-GNFLEX_ALWAYS_INLINE inline void walk_planes(int64_t planes, int64_t HxW,
+GNFLEX_ALWAYS_INLINE inline void walk_planes(int64_t planes, const PlaneBlocks<scalar_t>& pb,
                                              const std::array<const acc_type<scalar_t>*, N>& tables, const Body& body) {
-  if (HxW < VecIO<scalar_t>::Vec::size()) {
-    return simd_for_tiny_planes<scalar_t, N>(planes, HxW, tables, body, [](int64_t, int64_t) {});
-  }
-  simd_for_planes<scalar_t, N>(planes, HxW, tables, body);
+  if (pb.tiny()) return simd_for_tiny_planes<scalar_t, N>(planes, pb, tables, body, [](int64_t, int64_t) {});
+  simd_for_planes<scalar_t, N>(planes, pb.HxW, tables, body);
 }
 
 template <typename V, size_t N>
@@ -229,49 +237,38 @@ inline RunAffine<Broadcast<V>> lane_affine(const std::array<V, N>& coefs) {
   return {{coefs[0]}, {coefs[1]}, {coefs[2]}};
 }
 
-template <typename Kind>
-constexpr bool kIsLast = std::is_same_v<Kind, Last>;
-
 // ---- passes over a block -------------------------------------------------------
 // The forward's output (as forward_run).
 template <typename scalar_t, Activation A>
-void forward_planes(const scalar_t* x, scalar_t* y, int64_t planes, int64_t HxW,
+void forward_planes(const scalar_t* x, scalar_t* y, int64_t planes, const PlaneBlocks<scalar_t>& pb,
                     const AffineTables<acc_type<scalar_t>>& t, const RunWrite<scalar_t, 1>& write) {
   using IO = VectorIO<scalar_t>;
   const RunWrite<scalar_t, 1> w = write;  // a local copy: vector stores may alias `write`
   walk_planes<scalar_t, 3>(
-      planes, HxW, {t.pivot, t.scale, t.shift},
+      planes, pb, {t.pivot, t.scale, t.shift},
       [&](int64_t i, auto kind, const auto& coefs, int64_t /*c*/, int64_t split) GNFLEX_ALWAYS_INLINE {
-        constexpr bool last = kIsLast<decltype(kind)>;
         prefetch_next(w, i);
         const auto a = lane_affine(coefs);
-        const auto v =
-            math::activate<A>(pre_activation(centered(last ? IO::load(x + i, split) : IO::load(x + i), a, 0), a, 0));
-        if constexpr (last) {
-          IO::store(y + i, v, split);
-        } else {
-          IO::store(y + i, v, w.stream);
-        }
+        const auto v = math::activate<A>(pre_activation(centered(IO::load(x + i, kind, split), a, 0), a, 0));
+        IO::store(y + i, v, kind, split, w.stream);
       });
 }
 
 // plane_block_grad_sums of tiny planes: a round's terms go to a buffer, each
 // plane's sums add them in order.
 template <typename scalar_t, Activation A>
-void tiny_plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes, int64_t HxW,
+void tiny_plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes, const PlaneBlocks<scalar_t>& pb,
                           const AffineTables<acc_type<scalar_t>>& t, acc_type<scalar_t>* sum_gx,
                           acc_type<scalar_t>* sum_g, acc_type<scalar_t>* g_out) {
   using acc_t = acc_type<scalar_t>;
   using IO = VectorIO<scalar_t>;
-  using Vec = typename IO::Vec;
+  const int64_t HxW = pb.HxW;
   acc_t round_gx[IO::kLanes * IO::kLanes], round_g[IO::kLanes * IO::kLanes];
   simd_for_tiny_planes<scalar_t, 3>(
-      planes, HxW, {t.pivot, t.scale, t.shift},
+      planes, pb, {t.pivot, t.scale, t.shift},
       [&](int64_t i, auto kind, const auto& coefs, int64_t c, int64_t valid) GNFLEX_ALWAYS_INLINE {
-        constexpr bool last = kIsLast<decltype(kind)>;
-        const Vec xv = last ? IO::load(x + i, valid) : IO::load(x + i);
-        const Vec dv = last ? IO::load(dy + i, valid) : IO::load(dy + i);
-        const auto [d, g] = centered_and_grad<A>(xv, dv, lane_affine(coefs), 0);
+        const auto [d, g] =
+            centered_and_grad<A>(IO::load(x + i, kind, valid), IO::load(dy + i, kind, valid), lane_affine(coefs), 0);
         if (A != Activation::None && g_out != nullptr) g.store(g_out + i, valid);
         (g * d).store(round_gx + i - c * HxW);
         g.store(round_g + i - c * HxW);
@@ -292,70 +289,62 @@ void tiny_plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes,
 // Per-plane sums of g * (x - pivot) and g (as plane_grad_sums) into sum_gx,
 // sum_g; g_out: as grad_sums_body's.
 template <typename scalar_t, Activation A>
-void plane_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes, int64_t HxW,
+void plane_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes, const PlaneBlocks<scalar_t>& pb,
                            const AffineTables<acc_type<scalar_t>>& t, acc_type<scalar_t>* sum_gx,
                            acc_type<scalar_t>* sum_g, acc_type<scalar_t>* g_out) {
   using IO = VectorIO<scalar_t>;
   using Vec = typename IO::Vec;
-  if (HxW < IO::kLanes) return tiny_plane_grad_sums<scalar_t, A>(dy, x, planes, HxW, t, sum_gx, sum_g, g_out);
+  if (pb.tiny()) return tiny_plane_grad_sums<scalar_t, A>(dy, x, planes, pb, t, sum_gx, sum_g, g_out);
   const Vec zero(0);
   Vec part_gx = zero, part_g = zero;  // of the plane in progress
-  simd_for_planes<scalar_t, 3>(planes, HxW, {t.pivot, t.scale, t.shift},
-                               [&](int64_t i, auto kind, const auto& coefs, int64_t c, int64_t split)
-                                   GNFLEX_ALWAYS_INLINE {
-                                     using Kind = decltype(kind);
-                                     constexpr bool last = kIsLast<Kind>;
-                                     const Vec xv = last ? IO::load(x + i, split) : IO::load(x + i);
-                                     const Vec dv = last ? IO::load(dy + i, split) : IO::load(dy + i);
-                                     const auto [d, g] = centered_and_grad<A>(xv, dv, lane_affine(coefs), 0);
-                                     if (A != Activation::None && g_out != nullptr)
-                                       g.store(g_out + i, last ? split : IO::kLanes);
-                                     const Vec gd = g * d;
-                                     if constexpr (std::is_same_v<Kind, Interior>) {
-                                       part_gx = part_gx + gd;
-                                       part_g = part_g + g;
-                                     } else {
-                                       sum_gx[c] = horizontal_sum(part_gx + first_lanes(zero, gd, split));
-                                       sum_g[c] = horizontal_sum(part_g + first_lanes(zero, g, split));
-                                       part_gx = first_lanes(gd, zero, split);
-                                       part_g = first_lanes(g, zero, split);
-                                     }
-                                   });
+  simd_for_planes<scalar_t, 3>(
+      planes, pb.HxW, {t.pivot, t.scale, t.shift},
+      [&](int64_t i, auto kind, const auto& coefs, int64_t c, int64_t split) GNFLEX_ALWAYS_INLINE {
+        using Kind = decltype(kind);
+        const auto [d, g] =
+            centered_and_grad<A>(IO::load(x + i, kind, split), IO::load(dy + i, kind, split), lane_affine(coefs), 0);
+        if (A != Activation::None && g_out != nullptr) g.store(g_out + i, kIsLast<Kind> ? split : IO::kLanes);
+        const Vec gd = g * d;
+        if constexpr (std::is_same_v<Kind, Interior>) {
+          part_gx = part_gx + gd;
+          part_g = part_g + g;
+        } else {
+          sum_gx[c] = horizontal_sum(part_gx + first_lanes(zero, gd, split));
+          sum_g[c] = horizontal_sum(part_g + first_lanes(zero, g, split));
+          part_gx = first_lanes(gd, zero, split);
+          part_g = first_lanes(g, zero, split);
+        }
+      });
 }
 
 // dx (as input_grad_run), from g_saved where the sums kept g.
 template <typename scalar_t, Activation A>
-void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t planes, int64_t HxW,
-                       const AffineTables<acc_type<scalar_t>>& t, const InputGradTables<acc_type<scalar_t>>& gt,
-                       const RunWrite<scalar_t, 2>& write, const acc_type<scalar_t>* g_saved) {
+void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t planes,
+                       const PlaneBlocks<scalar_t>& pb, const AffineTables<acc_type<scalar_t>>& t,
+                       const InputGradTables<acc_type<scalar_t>>& gt, const RunWrite<scalar_t, 2>& write,
+                       const acc_type<scalar_t>* g_saved) {
   using IO = VectorIO<scalar_t>;
   using Vec = typename IO::Vec;
   const RunWrite<scalar_t, 2> w = write;  // as in forward_planes
   const auto run = [&](const auto& grad) GNFLEX_ALWAYS_INLINE {
-    walk_planes<scalar_t, 6>(planes, HxW, {t.pivot, t.scale, t.shift, gt.g_coef, gt.x_coef, gt.bias_coef},
+    walk_planes<scalar_t, 6>(planes, pb, {t.pivot, t.scale, t.shift, gt.g_coef, gt.x_coef, gt.bias_coef},
                              [&](int64_t i, auto kind, const auto& coefs, int64_t /*c*/, int64_t split)
                                  GNFLEX_ALWAYS_INLINE {
-                                   constexpr bool last = kIsLast<decltype(kind)>;
                                    prefetch_next(w, i);
-                                   const Vec xv = last ? IO::load(x + i, split) : IO::load(x + i);
+                                   const Vec xv = IO::load(x + i, kind, split);
                                    const auto a = lane_affine(coefs);
-                                   const Vec g = grad(i, last ? split : IO::kLanes, xv, a);
+                                   const Vec g = grad(i, kind, split, xv, a);
                                    const Vec v = coefs[3] * g + coefs[4] * centered(xv, a, 0) + coefs[5];
-                                   if constexpr (last) {
-                                     IO::store(dx + i, v, split);
-                                   } else {
-                                     IO::store(dx + i, v, w.stream);
-                                   }
+                                   IO::store(dx + i, v, kind, split, w.stream);
                                  });
   };
   if (A != Activation::None && g_saved != nullptr) {
-    run([&](int64_t i, int64_t n, const Vec& /*xv*/, const auto& /*a*/)
-            GNFLEX_ALWAYS_INLINE { return Vec::loadu(g_saved + i, n); });
-  } else {
-    run([&](int64_t i, int64_t n, const Vec& xv, const auto& a) GNFLEX_ALWAYS_INLINE {
-      const Vec dv = n < IO::kLanes ? IO::load(dy + i, n) : IO::load(dy + i);
-      return centered_and_grad<A>(xv, dv, a, 0).second;
+    run([&](int64_t i, auto kind, int64_t n, const Vec& /*xv*/, const auto& /*a*/) GNFLEX_ALWAYS_INLINE {
+      return kIsLast<decltype(kind)> ? Vec::loadu(g_saved + i, n) : Vec::loadu(g_saved + i);
     });
+  } else {
+    run([&](int64_t i, auto kind, int64_t n, const Vec& xv, const auto& a)
+            GNFLEX_ALWAYS_INLINE { return centered_and_grad<A>(xv, IO::load(dy + i, kind, n), a, 0).second; });
   }
 }
 
@@ -364,10 +353,10 @@ void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
 // blocks backward where `backward` (walks_back). ahead: in a backward walk,
 // the value offset of the block walked next (to fetch); -1 otherwise.
 template <typename scalar_t, typename Fn>
-void for_each_plane_block(const GroupNormShape& s, bool backward, const Fn& fn) {
+void for_each_plane_block(const GroupNormShape& s, const PlaneBlocks<scalar_t>& pb, bool backward, const Fn& fn) {
   const int64_t Cg = s.channels_per_group();
-  const int64_t per_block = planes_per_block<scalar_t>(s.HxW);
-  const int64_t blocks = ceil_div(Cg, per_block);
+  const int64_t per_block = pb.per_block;
+  const int64_t blocks = pb.blocks(Cg);
   const auto offset = [&](int64_t item) { return item / blocks * s.group_size() + item % blocks * per_block * s.HxW; };
   at::parallel_for(0, s.N * s.G * blocks, grain_of(per_block * s.HxW), [&](int64_t begin, int64_t end) {
     for_each_item(begin, end, backward, [&](int64_t item, int64_t ahead) {
