@@ -17,8 +17,10 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 # in a chunk of 5, so scalar). Short planes (5x7, 7x7, 6x6, 10x10) are walked
 # in blocks whose vectors straddle planes; 200 of them in one group make two
 # blocks, which two threads split; planes under a vector (3x3, 2x2, 5) go in
-# rounds that fill whole vectors, 1200 of them in two blocks. Planes of one
-# value ((N, C), (N, C, 1, 1)) run through the channels-last kernels.
+# rounds of a vector's worth of planes, 1200 of them in two blocks. Planes of one
+# value ((N, C), (N, C, 1, 1)) run through the channels-last kernels. Small
+# groups are set up in batches: 5120 groups of 8 values, in whole batches
+# that two threads split, and 18 groups of 40 (3x48x5: a batch and a part).
 SHAPES = [
     ((2, 64, 20, 20), 8),
     ((1, 4, 12293), 2),
@@ -33,6 +35,7 @@ SHAPES = [
     ((3, 48, 5), 6),
     ((48, 96), 8),
     ((5, 40, 1, 1), 4),
+    ((160, 64, 2, 2), 32),
 ]
 
 

@@ -22,35 +22,43 @@ struct TypedForwardArgs {
   bool walk_back;  // the output pass walks its items last to first (walks_back)
 };
 
-// Channels-first, one group per work item. prefetch: fetch the next group
-// while writing this one (see prefetch_fits).
+// Channels-first, one group per work item, set up in batches
+// (groups_per_batch). prefetch: fetch the next group while writing this one
+// (see prefetch_fits).
 template <typename scalar_t, Activation A>
 void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormShape& s, bool prefetch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
+  const int64_t batch = groups_per_batch(D);
   const auto pb = plane_blocks_if<scalar_t>(forward_walks_plane_blocks<scalar_t>(s.HxW), s.HxW);
   at::parallel_for(0, s.N * s.G, grain_of(D), [&](int64_t begin, int64_t end) {
-    Scratch<acc_t, 3> table({Cg, Cg, Cg});
-    auto [pivot, scale, shift] = table.arrays;
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t c0 = ng % s.G * Cg;
-      const scalar_t* gx = a.x + ng * D;
-      group_forward_coefs(span_stats(gx, D), a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
-                          a.mean + ng, a.rstd + ng, pivot, scale, shift);
-      const AffineTables<acc_t> t{pivot, scale, shift};
-      const bool more = prefetch && ng + 1 < end;
-      if (pb) {
-        pb->for_each_block(Cg, a.walk_back, [&](int64_t c, int64_t planes) {
-          const int64_t at = c * s.HxW;
-          const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + at : nullptr}};
-          forward_planes<scalar_t, A>(gx + at, a.y + ng * D + at, planes, *pb, {pivot + c, scale + c, shift + c}, w);
-        });
-        continue;
+    Scratch<acc_t, 3> table({batch * Cg, batch * Cg, batch * Cg});
+    std::array<CenteredStats<acc_t>, kMaxBatch> stats;
+    for (int64_t first = begin; first < end; first += batch) {
+      const int64_t last = std::min(end, first + batch);
+      for (int64_t ng = first; ng < last; ++ng) stats[ng - first] = span_stats(a.x + ng * D, D);
+      for (int64_t ng = first; ng < last; ++ng) {
+        const int64_t c0 = ng % s.G * Cg, at = (ng - first) * Cg;
+        group_forward_coefs(stats[ng - first], a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+                            a.mean + ng, a.rstd + ng, table.arrays[0] + at, table.arrays[1] + at, table.arrays[2] + at);
       }
-      for_each_item(0, Cg, a.walk_back, [&](int64_t c, int64_t /*ahead*/) {
-        const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + c * s.HxW : nullptr}};
-        forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW, run_affine(t, c, PerRun{}), w);
+      for_each_item(first, last, a.walk_back, [&](int64_t ng, int64_t /*ahead*/) {
+        const int64_t at = (ng - first) * Cg;
+        const AffineTables<acc_t> t{table.arrays[0] + at, table.arrays[1] + at, table.arrays[2] + at};
+        const scalar_t* gx = a.x + ng * D;
+        const bool more = prefetch && ng + 1 < end;
+        if (pb) {
+          return pb->for_each_block(Cg, a.walk_back, [&](int64_t c, int64_t planes) {
+            const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + c * s.HxW : nullptr}};
+            forward_planes<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, planes, *pb,
+                                        {t.pivot + c, t.scale + c, t.shift + c}, w);
+          });
+        }
+        for_each_item(0, Cg, a.walk_back, [&](int64_t c, int64_t /*ahead*/) {
+          const RunWrite<scalar_t, 1> w{a.stream, {more ? gx + D + c * s.HxW : nullptr}};
+          forward_run<scalar_t, A>(gx + c * s.HxW, a.y + ng * D + c * s.HxW, s.HxW, run_affine(t, c, PerRun{}), w);
+        });
       });
     }
     stream_fence();

@@ -9,12 +9,12 @@
 // instead in blocks of consecutive planes of one group, as one contiguous
 // run of vectors: a vector may straddle two planes, its lanes then take the
 // coefficients of their own plane (a blend). Every value, a block's last ones
-// included (a partial vector through a buffer), is computed by the same
+// included (a partial vector, loaded and stored masked), is computed by the same
 // vector code, so it comes out the same wherever block and vector boundaries
 // fall; the per-plane sums, which depend on where the lanes fall, come from
 // the same blocks in every schedule (docs/performance.md has the timings).
-// Planes under one vector (tiny: 2x2, 3x3) go in rounds of planes that fill
-// whole vectors (simd_for_tiny_planes).
+// Planes under one vector (tiny: 2x2, 3x3) go in rounds of a vector's worth
+// of planes (simd_for_tiny_planes).
 #pragma once
 
 namespace gnflex {
@@ -50,21 +50,23 @@ bool forward_walks_plane_blocks(int64_t HxW) {
 // How a pass cuts a group's short planes of HxW values into blocks, set up
 // once per pass: per_block planes a block, about kChunk values in whole
 // vectors (so that only a group's last block ends inside one). Planes under
-// one vector (tiny) go in rounds of `round` planes, which fill whole vectors
-// (see simd_for_tiny_planes); lane j of a round's vector k is in the round's
-// plane lane_plane[k][j].
+// one vector (tiny) go in rounds of a vector's worth of planes (see
+// simd_for_tiny_planes); lane j of a round's vector k is in the round's plane
+// lane_plane[k][j].
 template <typename scalar_t>
 struct PlaneBlocks {
   static constexpr int64_t kLanes = VecIO<scalar_t>::Vec::size();
   int64_t HxW;
-  int64_t round;
   int64_t per_block;
   int32_t lane_plane[kLanes][kLanes];
 
-  explicit PlaneBlocks(int64_t HxW_) : HxW(HxW_), round(kLanes / std::gcd(HxW_, kLanes)) {
-    per_block = round * std::max<int64_t>(1, kChunk / (round * HxW));
+  explicit PlaneBlocks(int64_t HxW_) : HxW(HxW_) {
+    // Blocks are whole rounds, or whole multiples of the planes that fill
+    // whole vectors.
+    const int64_t unit = tiny() ? kLanes : kLanes / std::gcd(HxW, kLanes);
+    per_block = unit * std::max<int64_t>(1, kChunk / (unit * HxW));
     if (!tiny()) return;
-    for (int32_t v = 0; v < round * HxW; ++v) lane_plane[v / kLanes][v % kLanes] = static_cast<int32_t>(v / HxW);
+    for (int32_t v = 0; v < kLanes * HxW; ++v) lane_plane[v / kLanes][v % kLanes] = static_cast<int32_t>(v / HxW);
   }
   bool tiny() const { return HxW < kLanes; }
   int64_t blocks(int64_t Cg) const { return ceil_div(Cg, per_block); }
@@ -180,10 +182,18 @@ inline V spread_lanes(const V& v, const int32_t* idx) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
     return _mm512_permutexvar_ps(_mm512_loadu_si512(idx), v);
+  } else if constexpr (std::is_same_v<V, at::vec::Vectorized<double>>) {
+    return _mm512_permutexvar_pd(_mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx))), v);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
     return _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)));
+  } else if constexpr (std::is_same_v<V, at::vec::Vectorized<double>>) {
+    // Double j is floats 2j, 2j + 1: each 64-bit index k becomes the pair.
+    const __m256i twice =
+        _mm256_slli_epi64(_mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx))), 1);
+    const __m256i pairs = _mm256_or_si256(twice, _mm256_slli_epi64(_mm256_add_epi64(twice, _mm256_set1_epi64x(1)), 32));
+    return _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(v), pairs));
   }
 #endif
   using T = typename V::value_type;
@@ -193,14 +203,14 @@ inline V spread_lanes(const V& v, const int32_t* idx) {
   return V::loadu(out);
 }
 
-// The walk of planes shorter than a vector (tiny), in rounds of q = L /
-// gcd(HxW, L) planes, which fill HxW / gcd(HxW, L) vectors exactly: lane j
-// of the round's vector k holds its value k * L + j, of its plane
-// (k * L + j) / HxW. body(i, kind, coefs, c, valid) as simd_for_planes's
-// (Interior or, for a group's last round, Last with `valid` lanes), c the
-// round's first plane; round_done(c, n) after each round of n planes. The
-// coefficients of a round's planes load as one vector, spread to the lanes
-// by one permutation per vector.
+// The walk of planes shorter than a vector (tiny), in rounds of L planes
+// (a vector's worth), which fill HxW vectors: lane j of the round's vector k
+// holds its value k * L + j, of its plane (k * L + j) / HxW.
+// body(i, kind, coefs, c, valid) as simd_for_planes's (Interior or, for a
+// group's last round, Last with `valid` lanes), c the round's first plane;
+// round_done(c, n) after each round of n planes. The coefficients of a
+// round's planes load as one vector, spread to the lanes by one permutation
+// per vector.
 template <typename scalar_t, size_t N, typename Body, typename RoundDone>
 GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, const PlaneBlocks<scalar_t>& pb,
                                                       const std::array<const acc_type<scalar_t>*, N>& tables,
@@ -208,8 +218,8 @@ GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, const Plan
   using Vec = typename VecIO<scalar_t>::Vec;
   constexpr int64_t L = Vec::size();
   const int64_t HxW = pb.HxW;
-  for (int64_t c = 0; c < planes; c += pb.round) {
-    const int64_t n = std::min(pb.round, planes - c), values = n * HxW;
+  for (int64_t c = 0; c < planes; c += L) {
+    const int64_t n = std::min(L, planes - c), values = n * HxW;
     const auto round = array_of<N>([&](int t) { return Vec::loadu(tables[t] + c, n); });
     for (int64_t k = 0; k * L < values; ++k) {
       const auto coefs = array_of<N>([&](int t) { return spread_lanes(round[t], pb.lane_plane[k]); });

@@ -24,6 +24,21 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // depend on how items are split among threads.
 int64_t grain_of(int64_t item_values) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(item_values, 1)); }
 
+// The forward's fused schedule sets small groups up in batches: the
+// statistics, then the coefficients, of up to kMaxBatch groups of up to
+// kBatchValues values in all before their outputs. A small group's set-up is
+// a chain of dependent horizontal sums, divisions and a square root that
+// costs more than its values; the chains of independent groups overlap.
+// Groups too large for a batch of four go one at a time (batches of two and
+// three measured slower), and so does the backward (batched: slower on every
+// shape measured; docs/performance.md).
+constexpr int64_t kMaxBatch = 16;
+constexpr int64_t kBatchValues = kChunk;
+int64_t groups_per_batch(int64_t group_values) {
+  const int64_t fit = kBatchValues / std::max<int64_t>(group_values, 1);
+  return fit < 4 ? 1 : std::min(fit, kMaxBatch);
+}
+
 // fn(item, ahead) for the items [begin, end) first to last, or last to first
 // where `backward` (an elementwise pass after a walk over the same values:
 // see walks_back). ahead: in a backward walk the item walked next, for fn to
