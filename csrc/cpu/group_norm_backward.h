@@ -55,7 +55,7 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       const scalar_t* gdy = a.dy + ng * D;
       group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
                             scale, shift);
-      std::fill(pivot, pivot + Cg, a.mean[ng]);
+      fill_table(pivot, Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
       if (pb) {

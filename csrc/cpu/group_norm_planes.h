@@ -112,11 +112,13 @@ struct VectorIO {
   static Vec load(const scalar_t* p, Kind, int64_t n) {
     if constexpr (IO::kVecs == 1) {
       return kIsLast<Kind> ? Vec::loadu(p, n) : Vec::loadu(p);
-    } else if constexpr (kIsLast<Kind>) {
-      return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
     } else {
       Vec v;
-      IO::load_half(p, v);
+      if constexpr (kIsLast<Kind>) {
+        IO::load_half(p, v, n);
+      } else {
+        IO::load_half(p, v);
+      }
       return v;
     }
   }
@@ -127,7 +129,7 @@ struct VectorIO {
       if (stream) return stream_vector(p, v);
       v.store(p);
     } else {
-      at::vec::convert_from_float<scalar_t>(v, v).store(p, kIsLast<Kind> ? n : kLanes);
+      IO::store_half(p, v, kIsLast<Kind> ? n : kLanes);
     }
   }
 };

@@ -46,32 +46,55 @@ struct InputGradTables {
   const T* bias_coef;
 };
 
-// mean and rstd of one group and the pivot/scale/shift of its Cg channels
-// (w, b, pivot, scale, shift point at the group's first channel): the pivot
-// is the rounded mean, its residual goes into the shift.
+// The per-channel tables of a group are written a vector at a time (the
+// last one masked): the elementwise pass that follows loads them as vectors,
+// and vector loads of values just stored one scalar at a time stall until
+// those stores complete. Lanes compute what the scalar code would, bit for
+// bit.
 template <typename T>
-void group_forward_coefs(const CenteredStats<T>& stats, T eps, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* mean,
-                         T* rstd, T* pivot, T* scale, T* shift) {
-  *mean = math::rounded_mean(stats);
-  *rstd = math::rstd_from_stats(stats, eps);
-  const T residual = math::mean_residual(stats, *mean);
-  for (int64_t c = 0; c < Cg; ++c) {
-    const auto affine = math::fold_affine(residual, *rstd, w[c], b[c]);
-    pivot[c] = *mean;
-    scale[c] = affine.scale;
-    shift[c] = affine.shift;
-  }
+using TableVec = at::vec::Vectorized<T>;
+
+template <typename T>
+TableVec<T> load_params(ParamSpan<T> p, int64_t c, int64_t n) {
+  return p.data != nullptr ? TableVec<T>::loadu(p.data + c, n) : TableVec<T>(p.absent);
+}
+
+// fn(c, n) for the vectors [c, c + n) of a group's Cg channels.
+template <typename T, typename Fn>
+void for_each_table_vector(int64_t Cg, const Fn& fn) {
+  constexpr int64_t L = TableVec<T>::size();
+  for (int64_t c = 0; c < Cg; c += L) fn(c, std::min(L, Cg - c));
+}
+
+template <typename T>
+void fill_table(T* p, int64_t Cg, T value) {
+  for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) { TableVec<T>(value).store(p + c, n); });
 }
 
 // The backward rebuilds the forward coefficients of one group from the
 // residual mean - pivot (to recompute z for the activation, and for dx).
 template <typename T>
 void group_backward_tables(T residual, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
-  for (int64_t c = 0; c < Cg; ++c) {
-    const auto affine = math::fold_affine(residual, rstd, w[c], b[c]);
-    scale[c] = affine.scale;
-    shift[c] = affine.shift;
-  }
+  for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
+    const auto affine =
+        math::fold_affine(TableVec<T>(residual), TableVec<T>(rstd), load_params(w, c, n), load_params(b, c, n));
+    affine.scale.store(scale + c, n);
+    affine.shift.store(shift + c, n);
+  });
+}
+
+// mean and rstd of one group and the pivot/scale/shift of its Cg channels
+// (w, b, pivot, scale, shift point at the group's first channel): the pivot
+// is the rounded mean, its residual goes into the shift.
+template <typename T>
+void group_forward_coefs(const CenteredStats<T>& stats, T eps, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* mean,
+                         T* rstd, T* pivot, T* scale, T* shift) {
+  const T m = math::rounded_mean(stats);
+  const T r = math::rstd_from_stats(stats, eps);
+  *mean = m;
+  *rstd = r;
+  fill_table(pivot, Cg, m);
+  group_backward_tables(math::mean_residual(stats, m), r, w, b, Cg, scale, shift);
 }
 
 // The dx coefficients of one group's Cg channels, from their sums of
@@ -82,11 +105,11 @@ void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int
   const T sum_gwx = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_gx[c]; });
   const T sum_gw = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_g[c]; });
   const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, residual, rstd, group_size);
-  for (int64_t c = 0; c < Cg; ++c) {
-    g_coef[c] = rstd * w[c];
-    x_coef[c] = coefs.x_coef;
-    bias_coef[c] = coefs.bias_coef;
-  }
+  for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
+    (TableVec<T>(rstd) * load_params(w, c, n)).store(g_coef + c, n);
+    TableVec<T>(coefs.x_coef).store(x_coef + c, n);
+    TableVec<T>(coefs.bias_coef).store(bias_coef + c, n);
+  });
 }
 
 // ---- elementwise runs --------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 namespace gnflex {
@@ -174,10 +175,14 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
     stream_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
   }
   // One float vector of values (half a step), for the end of a run: a 7x7
-  // plane would otherwise leave 17 of its 49 values to the scalar tail.
+  // plane would otherwise leave 17 of its 49 values to the scalar tail. Or
+  // only its first n values (zeros past them), for the end of a block walk.
   static void load_half(const scalar_t* p, Vec& v) { at::vec::load_to_float(p, v); }
-  static void store_half(scalar_t* p, const Vec& v) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vec::size());
+  static void load_half(const scalar_t* p, Vec& v, int64_t n) {
+    v = std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
+  }
+  static void store_half(scalar_t* p, const Vec& v, int64_t n = Vec::size()) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
   }
 };
 
