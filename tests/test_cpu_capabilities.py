@@ -22,7 +22,9 @@ SCRIPT = textwrap.dedent(
     worst = 0.0
     tolerances = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
     # C = 72: channels-last rows of whole 512-bit vectors (16 floats, 32 halves) and a tail.
-    cases = [((2, 24, 9, 7), 6), ((2, 72, 5, 6), 6)]
+    # Planes of 3 values: under one vector in every variant and dtype (the lane permutations
+    # of each ISA), 20 to a group: more than one round of planes.
+    cases = [((2, 24, 9, 7), 6), ((2, 72, 5, 6), 6), ((2, 80, 1, 3), 4)]
     for (shape, groups), (dtype, tol) in itertools.product(cases, tolerances.items()):
         for fmt in (torch.contiguous_format, torch.channels_last):
             for act, f in (("none", lambda t: t), ("silu", F.silu), ("gelu", F.gelu), ("relu", F.relu)):
