@@ -53,8 +53,8 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
       const scalar_t* gdy = a.dy + ng * D;
-      group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
-                            scale, shift);
+      fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+                        scale, shift);
       fill_table(pivot, Cg, a.mean[ng]);
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
@@ -114,8 +114,8 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
       fill_sample_pivots(a.mean, s, n, pivot);
       for (int64_t g = 0; g < s.G; ++g) {
         const int64_t ng = n * s.G + g;
-        group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
-                              scale + g * Cg, shift + g * Cg);
+        fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
+                          scale + g * Cg, shift + g * Cg);
       }
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* sum_gx = a.sum_gx + n * s.C;
@@ -171,8 +171,8 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   std::vector<acc_t> scale(planes), shift(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
     const int64_t c0 = ng % s.G * Cg;
-    group_backward_tables(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
-                          scale.data() + ng * Cg, shift.data() + ng * Cg);
+    fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
+                      scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
 

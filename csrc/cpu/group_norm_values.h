@@ -66,15 +66,17 @@ void for_each_table_vector(int64_t Cg, const Fn& fn) {
   for (int64_t c = 0; c < Cg; c += L) fn(c, std::min(L, Cg - c));
 }
 
+// Cg copies of value (a group's pivots).
 template <typename T>
 void fill_table(T* p, int64_t Cg, T value) {
   for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) { TableVec<T>(value).store(p + c, n); });
 }
 
-// The backward rebuilds the forward coefficients of one group from the
-// residual mean - pivot (to recompute z for the activation, and for dx).
+// The scale and shift of one group's Cg channels from its residual
+// mean - pivot and rstd: the forward's, and the backward's rebuild of them
+// (to recompute z for the activation, and for dx).
 template <typename T>
-void group_backward_tables(T residual, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
+void fold_group_affine(T residual, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
   for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
     const auto affine =
         math::fold_affine(TableVec<T>(residual), TableVec<T>(rstd), load_params(w, c, n), load_params(b, c, n));
@@ -94,7 +96,7 @@ void group_forward_coefs(const CenteredStats<T>& stats, T eps, ParamSpan<T> w, P
   *mean = m;
   *rstd = r;
   fill_table(pivot, Cg, m);
-  group_backward_tables(math::mean_residual(stats, m), r, w, b, Cg, scale, shift);
+  fold_group_affine(math::mean_residual(stats, m), r, w, b, Cg, scale, shift);
 }
 
 // The dx coefficients of one group's Cg channels, from their sums of
