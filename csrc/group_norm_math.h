@@ -164,16 +164,16 @@ GNFLEX_HD CenteredStats<T> stats_from_centered_sums(int64_t count, T center, T s
 // sum over j in [0, k) of term(j), in kLanes interleaved partial sums (lane
 // j % kLanes) added pairwise at the end: a fixed order, so the same bits on
 // every run, and no chain of k dependent adds (the compiler can put the lanes
-// in one vector).
+// in one vector). The last step adds +0 for its missing terms, which leaves
+// a lane as it was (lanes start at +0, so none holds -0), and every step is
+// the same fixed-size one, so the lanes stay in registers.
 template <typename T, typename Term>
 GNFLEX_HD T lane_sum(int64_t k, const Term& term) {
   constexpr int kLanes = 8;
   T lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= k; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane[l] += term(j + l);
+  for (int64_t j = 0; j < k; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += j + l < k ? term(j + l) : T(0);
   }
-  for (int l = 0; j + l < k; ++l) lane[l] += term(j + l);
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 

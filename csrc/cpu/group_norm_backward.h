@@ -29,6 +29,21 @@ struct TypedBackwardArgs {
   bool walk_back;  // the dx pass walks its items last to first (walks_back)
 };
 
+// A group's pivot / scale / shift tables (pointers at its first channel),
+// rebuilt from the saved statistics: outputs are computed about the group's
+// rounded mean (the pivot). Scale and shift give z for act'(z), so without an
+// activation they are not read and not built.
+template <typename scalar_t, Activation A>
+void group_affine_tables(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s, int64_t ng,
+                         acc_type<scalar_t>* pivot, acc_type<scalar_t>* scale, acc_type<scalar_t>* shift) {
+  const int64_t Cg = s.channels_per_group();
+  const int64_t n = ng / s.G, c0 = ng % s.G * Cg;
+  fill_table(pivot, Cg, a.mean[ng]);
+  if constexpr (A != Activation::None) {
+    fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(n, c0), a.params.bias(n, c0), Cg, scale, shift);
+  }
+}
+
 // Whether the fused schedules keep g = dy * act'(z) between their two passes:
 // with an activation and when dx is wanted.
 template <Activation A, typename Args>
@@ -53,9 +68,7 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       const int64_t c0 = ng % s.G * Cg;
       const scalar_t* gx = a.x + ng * D;
       const scalar_t* gdy = a.dy + ng * D;
-      fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
-                        scale, shift);
-      fill_table(pivot, Cg, a.mean[ng]);
+      group_affine_tables<scalar_t, A>(a, s, ng, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
       if (pb) {
@@ -109,18 +122,16 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
     // g = dy * act'(z) of the current sample, kept for its dx pass.
     std::vector<acc_t> g_saved(keeps_grad<A>(a) ? s.HxW * s.C : 0);
     acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
+    PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * s.HxW * s.C;
-      fill_sample_pivots(a.mean, s, n, pivot);
       for (int64_t g = 0; g < s.G; ++g) {
-        const int64_t ng = n * s.G + g;
-        fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(n, g * Cg), a.params.bias(n, g * Cg), Cg,
-                          scale + g * Cg, shift + g * Cg);
+        group_affine_tables<scalar_t, A>(a, s, n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* sum_gx = a.sum_gx + n * s.C;
       acc_t* sum_g = a.sum_g + n * s.C;
-      PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
+      total.clear();
       for (int64_t row0 = 0; row0 < s.HxW; row0 += block_rows) {
         cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0), s.C, t,
                                         block_gx, block_g, g_out);
@@ -167,12 +178,9 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   using acc_t = acc_type<scalar_t>;
   const int64_t planes = s.N * s.C;
   const int64_t Cg = s.channels_per_group();
-  const auto pivots = channel_pivots(a.mean, s);
-  std::vector<acc_t> scale(planes), shift(planes);
+  std::vector<acc_t> pivots(planes), scale(planes), shift(planes);
   for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
-    const int64_t c0 = ng % s.G * Cg;
-    fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
-                      scale.data() + ng * Cg, shift.data() + ng * Cg);
+    group_affine_tables<scalar_t, A>(a, s, ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
 

@@ -35,6 +35,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -135,7 +136,8 @@ void backward_typed(const ErasedBackwardArgs& p) {
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
   // x and dy are both read twice.
   const Schedule schedule = choose_schedule(s, p.layout, 2 * bytes, p.tuning);
-  std::vector<acc_t> sum_gx(planes), sum_g(planes);
+  // Written whole by every schedule, so not zeroed here.
+  const std::unique_ptr<acc_t[]> sum_gx(new acc_t[planes]), sum_g(new acc_t[planes]);
   const std::vector<acc_t> residual =
       backward_residuals(static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.mean),
                          static_cast<const acc_t*>(p.rstd), s, p.layout);
@@ -147,8 +149,8 @@ void backward_typed(const ErasedBackwardArgs& p) {
       static_cast<const acc_t*>(p.rstd),
       {static_cast<const acc_t*>(p.weight), static_cast<const acc_t*>(p.bias), p.weight_stride, p.bias_stride},
       residual.data(),
-      sum_gx.data(),
-      sum_g.data(),
+      sum_gx.get(),
+      sum_g.get(),
       stream_output(p.dx, s, p.layout, bytes, p.tuning),
       walks_back(read_per_thread(s, p.layout, schedule, 2 * bytes), p.tuning)};
   dispatch_activation(p.activation, [&](auto a) {
@@ -178,14 +180,9 @@ void backward_typed(const ErasedBackwardArgs& p) {
     acc_t* dw = dweight + (p.weight_stride ? n * s.C : 0);
     acc_t* db = dbias + (p.bias_stride ? n * s.C : 0);
     for (int64_t g = 0; g < s.G; ++g) {
-      const int64_t ng = n * s.G + g;
-      const int64_t c0 = g * Cg;
-      const acc_t* gx = args.sum_gx + n * s.C + c0;
-      const acc_t* gs = args.sum_g + n * s.C + c0;
-      for (int64_t c = 0; c < Cg; ++c) {
-        dw[c0 + c] += math::weight_grad_term(gx[c], gs[c], residual[ng], args.rstd[ng]);
-        db[c0 + c] += gs[c];
-      }
+      const int64_t ng = n * s.G + g, c0 = g * Cg;
+      add_group_param_grads(args.sum_gx + n * s.C + c0, args.sum_g + n * s.C + c0, Cg, residual[ng], args.rstd[ng],
+                            dw + c0, db + c0);
     }
   }
 }

@@ -1,4 +1,4 @@
-// CPU GroupNorm kernels, part 2: schedule choice, pivots and the statistics
+// CPU GroupNorm kernels, part 2: schedule choice and the statistics
 // of chunks, groups and samples. Part of group_norm_kernels_impl.h, which includes the
 // parts in order inside one translation unit per CPU capability.
 #pragma once
@@ -90,22 +90,6 @@ int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kChunk / std::ma
 // another, and a long chain after a spike loses its small terms (682 rows:
 // 1e-6 of M2).
 int64_t sum_rows_per_block(int64_t C) { return std::clamp<int64_t>(4 * kChunk / std::max<int64_t>(C, 1), 1, 64); }
-
-// ---- pivots -----------------------------------------------------------------
-// Outputs are computed about each group's rounded mean P (the pivot): the
-// (N * C) table of it per channel, from the (N * G) means.
-template <typename T>
-void fill_sample_pivots(const T* mean, const GroupNormShape& s, int64_t n, T* out) {
-  const int64_t Cg = s.channels_per_group();
-  for (int64_t c = 0; c < s.C; ++c) out[c] = mean[n * s.G + c / Cg];
-}
-
-template <typename T>
-std::vector<T> channel_pivots(const T* mean, const GroupNormShape& s) {
-  std::vector<T> pivots(s.N * s.C);
-  for (int64_t n = 0; n < s.N; ++n) fill_sample_pivots(mean, s, n, pivots.data() + n * s.C);
-  return pivots;
-}
 
 // ---- statistics ------------------------------------------------------------
 // The center of a chunk of n values is the mean of its first center_count(n):

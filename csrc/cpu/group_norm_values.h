@@ -104,13 +104,34 @@ void group_forward_coefs(const CenteredStats<T>& stats, T eps, ParamSpan<T> w, P
 template <typename T>
 void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int64_t Cg, T residual, T rstd,
                             int64_t group_size, T* g_coef, T* x_coef, T* bias_coef) {
-  const T sum_gwx = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_gx[c]; });
-  const T sum_gw = math::lane_sum<T>(Cg, [&](int64_t c) { return w[c] * sum_g[c]; });
+  // Weighted sums a vector of channels at a time, then across lanes: a fixed
+  // order, the same in every schedule.
+  TableVec<T> gwx(0), gw(0);
+  for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
+    const TableVec<T> wc = load_params(w, c, n);
+    gwx = gwx + wc * TableVec<T>::loadu(sum_gx + c, n);
+    gw = gw + wc * TableVec<T>::loadu(sum_g + c, n);
+  });
+  const T sum_gwx = horizontal_sum(gwx);
+  const T sum_gw = horizontal_sum(gw);
   const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, residual, rstd, group_size);
   for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
     (TableVec<T>(rstd) * load_params(w, c, n)).store(g_coef + c, n);
     TableVec<T>(coefs.x_coef).store(x_coef + c, n);
     TableVec<T>(coefs.bias_coef).store(bias_coef + c, n);
+  });
+}
+
+// One group's terms of the parameter gradients, added to dweight and dbias
+// (pointers at the group's first channel).
+template <typename T>
+void add_group_param_grads(const T* sum_gx, const T* sum_g, int64_t Cg, T residual, T rstd, T* dweight, T* dbias) {
+  for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
+    const TableVec<T> gs = TableVec<T>::loadu(sum_g + c, n);
+    const TableVec<T> term =
+        math::weight_grad_term(TableVec<T>::loadu(sum_gx + c, n), gs, TableVec<T>(residual), TableVec<T>(rstd));
+    (TableVec<T>::loadu(dweight + c, n) + term).store(dweight + c, n);
+    (TableVec<T>::loadu(dbias + c, n) + gs).store(dbias + c, n);
   });
 }
 
