@@ -10,8 +10,8 @@
 // (chunk_center), then the sums of d = x - center and d^2, so
 // M2 = sum d^2 - (sum d)^2 / n cancels nothing, and the chunk's mean is
 // center + sum d / n kept as two numbers. Chunks merge with Chan's formula in
-// a fixed order (chan_merge; channels of equal count at once with
-// merge_equal_parts). Neither a value far from the mean (a spike) nor
+// a fixed order (chan_merge; the CPU merges a channels-last group's
+// channels, of equal counts, at once: merge_channel_stats). Neither a value far from the mean (a spike) nor
 // a mean far from zero (1e4 with std 1e-2) loses accuracy: no sum is ever
 // taken about a point far from the data.
 //
@@ -158,48 +158,6 @@ GNFLEX_HD CenteredStats<T> stats_from_centered_sums(int64_t count, T center, T s
   // Clamp rounding below zero, but keep NaN (from inf or NaN input): the
   // group's output must be NaN then, as torch's, not normalized by eps.
   s.m2 = m2 < T(0) ? T(0) : m2;
-  return s;
-}
-
-// sum over j in [0, k) of term(j), in kLanes interleaved partial sums (lane
-// j % kLanes) added pairwise at the end: a fixed order, so the same bits on
-// every run, and no chain of k dependent adds (the compiler can put the lanes
-// in one vector). The last step adds +0 for its missing terms, which leaves
-// a lane as it was (lanes start at +0, so none holds -0), and every step is
-// the same fixed-size one, so the lanes stay in registers.
-template <typename T, typename Term>
-GNFLEX_HD T lane_sum(int64_t k, const Term& term) {
-  constexpr int kLanes = 8;
-  T lane[kLanes] = {};
-  for (int64_t j = 0; j < k; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane[l] += j + l < k ? term(j + l) : T(0);
-  }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
-// Stats of k parts of n values each (the channels of a group within a
-// channels-last row block), part j given as chunk stats are: its center c[j]
-// and the sums s1[j], s2[j] of d = x - c[j] and d^2. Chan's merge for equal
-// counts: M2 = sum_j (s2 - s1^2 / n) + n * sum_j (mean_j - mean)^2, with every
-// mean taken about c[0]. Each part keeps its own center, so channels at
-// different levels (a dead channel, a plane of spikes) cost no accuracy.
-template <typename T>
-GNFLEX_HD CenteredStats<T> merge_equal_parts(int64_t k, int64_t n, const T* c, const T* s1, const T* s2) {
-  CenteredStats<T> s;
-  if (k == 0 || n == 0) return s;
-  const T inv_n = T(1) / T(n);
-  const auto part_mean = [&](int64_t j) { return (c[j] - c[0]) + s1[j] * inv_n; };
-  const T offset = lane_sum<T>(k, part_mean) / T(k);
-  const T within = lane_sum<T>(k, [&](int64_t j) { return s2[j] - s1[j] * (s1[j] * inv_n); });
-  const T between = lane_sum<T>(k, [&](int64_t j) {
-    const T dev = part_mean(j) - offset;
-    return dev * dev;
-  });
-  const T m2 = within + T(n) * between;
-  s.count = k * n;
-  s.center = c[0];
-  s.offset = offset;
-  s.m2 = m2 < T(0) ? T(0) : m2;  // NaN stays NaN
   return s;
 }
 

@@ -76,6 +76,23 @@ struct Scratch {
   std::array<T*, K> arrays;
 };
 
+// ---- per-channel vectors ------------------------------------------------------
+// A group's per-channel values (coefficient tables, sums) are handled a
+// vector of channels at a time, the last one masked. Tables are written so
+// because the elementwise pass that follows loads them as vectors, and vector
+// loads of values just stored one scalar at a time stall until those stores
+// complete. Sums over a group's channels add lanes, then across lanes
+// (horizontal_sum): a fixed order, the same in every schedule.
+template <typename T>
+using TableVec = at::vec::Vectorized<T>;
+
+// fn(c, n) for the vectors [c, c + n) of Cg channels.
+template <typename T, typename Fn>
+void for_each_table_vector(int64_t Cg, const Fn& fn) {
+  constexpr int64_t L = TableVec<T>::size();
+  for (int64_t c = 0; c < Cg; c += L) fn(c, std::min(L, Cg - c));
+}
+
 // ---- the vectorized loop driver ------------------------------------------
 // A step of the loop handles `count` values of type V: whole SIMD vectors of
 // the accumulate type in the body, one scalar in the tail.

@@ -323,12 +323,59 @@ ClStatsPlan cl_stats_plan(const GroupNormShape& s) {
   return {block_rows, center_rows, ceil_div(center_rows, block_rows), ceil_div(s.HxW, block_rows)};
 }
 
+// The per-channel centers: the mean of the first `count` rows from their sum
+// (math::chunk_center, a vector at a time).
+template <typename T>
+void centers_from_sums(int64_t count, int64_t C, T* center) {
+  if (count == 0) return std::fill(center, center + C, T(0));
+  for_each_table_vector<T>(C, [&](int64_t c, int64_t n) {
+    (TableVec<T>::loadu(center + c, n) / TableVec<T>(T(count))).store(center + c, n);
+  });
+}
+
+// Stats of one group of Cg channels of n rows each, channel j given as chunk
+// stats are: its center c[j] and the sums s1[j], s2[j] of d = x - c[j] and
+// d^2. Chan's merge for equal counts: M2 = sum_j (s2 - s1^2 / n) +
+// n * sum_j (mean_j - mean)^2, with every mean taken about c[0]. Each channel
+// keeps its own center, so channels at different levels (a dead channel, a
+// plane of spikes) cost no accuracy.
+template <typename T>
+CenteredStats<T> merge_channel_stats(int64_t Cg, int64_t n, const T* c, const T* s1, const T* s2) {
+  using Vec = TableVec<T>;
+  CenteredStats<T> s;
+  if (Cg == 0 || n == 0) return s;
+  const Vec zero(0), inv_n(T(1) / T(n)), c0(c[0]);
+  // Lanes past the group's last channel are 0 in every sum.
+  const auto in_group = [&](const Vec& v, int64_t m) { return m < Vec::size() ? Vec::set(zero, v, m) : v; };
+  const auto part_mean = [&](int64_t j, int64_t m) {
+    return in_group((Vec::loadu(c + j, m) - c0) + Vec::loadu(s1 + j, m) * inv_n, m);
+  };
+  Vec mean_sum = zero, m2_sum = zero;
+  for_each_table_vector<T>(Cg, [&](int64_t j, int64_t m) {
+    mean_sum = mean_sum + part_mean(j, m);
+    const Vec sum = Vec::loadu(s1 + j, m);
+    m2_sum = m2_sum + (Vec::loadu(s2 + j, m) - sum * (sum * inv_n));
+  });
+  const T offset = horizontal_sum(mean_sum) / T(Cg);
+  const Vec rows(static_cast<T>(n));
+  for_each_table_vector<T>(Cg, [&](int64_t j, int64_t m) {
+    const Vec dev = in_group(part_mean(j, m) - Vec(offset), m);
+    m2_sum = m2_sum + rows * (dev * dev);
+  });
+  const T m2 = horizontal_sum(m2_sum);
+  s.count = Cg * n;
+  s.center = c[0];
+  s.offset = offset;
+  s.m2 = m2 < T(0) ? T(0) : m2;  // NaN stays NaN
+  return s;
+}
+
 template <typename T>
 void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, CenteredStats<T>* out) {
   const int64_t Cg = s.channels_per_group();
   for (int64_t g = 0; g < s.G; ++g) {
     const int64_t c0 = g * Cg;
-    out[g] = math::merge_equal_parts(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
+    out[g] = merge_channel_stats(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
   }
 }
 
@@ -354,7 +401,7 @@ void sample_stats(const scalar_t* sample, const GroupNormShape& s, SampleStatsSc
     scratch.center_sum.commit();
   }
   scratch.center_sum.result(center);
-  for (int64_t c = 0; c < s.C; ++c) center[c] = math::chunk_center(plan.center_rows, center[c]);
+  centers_from_sums(plan.center_rows, s.C, center);
   scratch.total.clear();
   for (int64_t b = 0; b < plan.blocks; ++b) {
     cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, s.HxW), s.C, center, scratch.total.next());
@@ -403,7 +450,7 @@ std::vector<CenteredStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, co
       [&](int64_t n, const acc_t* parts) {
         acc_t* center = centers.data() + n * C;
         PairwiseArraySum<acc_t>::sum_of(parts, plan.center_blocks, C, center);
-        for (int64_t c = 0; c < C; ++c) center[c] = math::chunk_center(plan.center_rows, center[c]);
+        centers_from_sums(plan.center_rows, C, center);
       });
   // Pass 2: sums about the centers over every row block.
   std::vector<acc_t> sums(2 * C);

@@ -46,24 +46,10 @@ struct InputGradTables {
   const T* bias_coef;
 };
 
-// The per-channel tables of a group are written a vector at a time (the
-// last one masked): the elementwise pass that follows loads them as vectors,
-// and vector loads of values just stored one scalar at a time stall until
-// those stores complete. Lanes compute what the scalar code would, bit for
-// bit.
-template <typename T>
-using TableVec = at::vec::Vectorized<T>;
-
+// Entries [c, c + n) of a parameter as a vector (TableVec).
 template <typename T>
 TableVec<T> load_params(ParamSpan<T> p, int64_t c, int64_t n) {
   return p.data != nullptr ? TableVec<T>::loadu(p.data + c, n) : TableVec<T>(p.absent);
-}
-
-// fn(c, n) for the vectors [c, c + n) of a group's Cg channels.
-template <typename T, typename Fn>
-void for_each_table_vector(int64_t Cg, const Fn& fn) {
-  constexpr int64_t L = TableVec<T>::size();
-  for (int64_t c = 0; c < Cg; c += L) fn(c, std::min(L, Cg - c));
 }
 
 // Cg copies of value (a group's pivots).
