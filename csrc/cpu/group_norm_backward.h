@@ -34,10 +34,10 @@ struct TypedBackwardArgs {
 // rounded mean (the pivot). Scale and shift give z for act'(z), so without an
 // activation they are not read and not built.
 template <typename scalar_t, Activation A>
-void group_affine_tables(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s, int64_t ng,
+void group_affine_tables(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s, int64_t n, int64_t g,
                          acc_type<scalar_t>* pivot, acc_type<scalar_t>* scale, acc_type<scalar_t>* shift) {
   const int64_t Cg = s.channels_per_group();
-  const int64_t n = ng / s.G, c0 = ng % s.G * Cg;
+  const int64_t ng = n * s.G + g, c0 = g * Cg;
   fill_table(pivot, Cg, a.mean[ng]);
   if constexpr (A != Activation::None) {
     fold_group_affine(a.residual[ng], a.rstd[ng], a.params.weight(n, c0), a.params.bias(n, c0), Cg, scale, shift);
@@ -65,10 +65,10 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
     // g = dy * act'(z) of the current group, kept for its dx pass.
     std::vector<acc_t> g_saved(keeps_grad<A>(a) ? D : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t c0 = ng % s.G * Cg;
+      const int64_t n = ng / s.G, g = ng - n * s.G, c0 = g * Cg;
       const scalar_t* gx = a.x + ng * D;
       const scalar_t* gdy = a.dy + ng * D;
-      group_affine_tables<scalar_t, A>(a, s, ng, pivot, scale, shift);
+      group_affine_tables<scalar_t, A>(a, s, n, g, pivot, scale, shift);
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
       if (pb) {
@@ -84,7 +84,7 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
         }
       }
       if (a.dx == nullptr) continue;
-      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, c0), Cg, a.residual[ng],
+      group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(n, c0), Cg, a.residual[ng],
                              a.rstd[ng], D, g_coef, x_coef, bias_coef);
       const InputGradTables<acc_t> gt{g_coef, x_coef, bias_coef};
       const bool more = prefetch && ng + 1 < end;
@@ -126,7 +126,7 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * s.HxW * s.C;
       for (int64_t g = 0; g < s.G; ++g) {
-        group_affine_tables<scalar_t, A>(a, s, n * s.G + g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
+        group_affine_tables<scalar_t, A>(a, s, n, g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* sum_gx = a.sum_gx + n * s.C;
@@ -179,8 +179,11 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   const int64_t planes = s.N * s.C;
   const int64_t Cg = s.channels_per_group();
   std::vector<acc_t> pivots(planes), scale(planes), shift(planes);
-  for (int64_t ng = 0; ng < s.N * s.G; ++ng) {
-    group_affine_tables<scalar_t, A>(a, s, ng, pivots.data() + ng * Cg, scale.data() + ng * Cg, shift.data() + ng * Cg);
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t g = 0; g < s.G; ++g) {
+      const int64_t at = (n * s.G + g) * Cg;
+      group_affine_tables<scalar_t, A>(a, s, n, g, pivots.data() + at, scale.data() + at, shift.data() + at);
+    }
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
 
