@@ -10,10 +10,10 @@
 // (chunk_center), then the sums of d = x - center and d^2, so
 // M2 = sum d^2 - (sum d)^2 / n cancels nothing, and the chunk's mean is
 // center + sum d / n kept as two numbers. Chunks merge with Chan's formula in
-// a fixed order (chan_merge; the CPU merges a channels-last group's
-// channels, of equal counts, at once: merge_channel_stats). Neither a value far from the mean (a spike) nor
-// a mean far from zero (1e4 with std 1e-2) loses accuracy: no sum is ever
-// taken about a point far from the data.
+// a fixed order (chan_merge; the CPU merges a channels-last group's channels,
+// of equal counts, at once: merge_channel_stats). Neither a value far from
+// the mean (a spike) nor a mean far from zero (1e4 with std 1e-2) loses
+// accuracy: no sum is ever taken about a point far from the data.
 //
 // The output is computed about P, the group mean rounded to the accumulate
 // type (what the op returns as `mean`), and the rounding residual
