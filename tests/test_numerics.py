@@ -299,6 +299,31 @@ def test_channels_last_agrees_with_nchw_on_spikes(shape, position, magnitude, ex
     assert not failures, "\n".join(rows)
 
 
+# ---- 2b. channels_last groups of many channels at different levels -----------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_channels_last_wide_groups_at_different_levels(dtype):
+    """Groups of 42 channels: the channels-last merge of a group's channel
+    sums runs over several SIMD vectors of channels and a masked partial one
+    in every CPU variant and dtype. Each channel at its own level (means 0 to
+    4100), one constant channel, one plane of spikes; float64 within 1e-9 of
+    the reference, float32 within the torch-relative bound."""
+    shape, groups = (2, 84, 5, 7), 2
+    x = make_input(shape, torch.float64, layout="channels_last", seed=11)
+    x = x + 100.0 * torch.arange(shape[1], dtype=torch.float64).remainder(42).view(1, -1, 1, 1)
+    x[:, 5] = 7.0
+    x[1, 47] = 1000.0
+    x = x.to(dtype)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    w, b = make_params(shape[1], dtype)
+    dy = make_input(shape, dtype, layout="channels_last", seed=7)
+    ours, theirs, ref = run_all(x, groups, w, b, dy)
+    if dtype == torch.float64:
+        check_float64(ours, ref, [r.abs().max().item() for r in ref])
+    else:
+        check_against_torch(ours, theirs, ref, dtype)
+
+
 # ---- 3. eps: everything F.group_norm accepts ---------------------------------
 
 # (eps, data std): with std 2 every group's variance is ~4 > 0.5, so var + eps > 0.
