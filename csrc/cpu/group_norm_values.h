@@ -60,7 +60,7 @@ void fill_table(T* p, int64_t Cg, T value) {
 
 // The scale and shift of one group's Cg channels from its residual
 // mean - pivot and rstd: the forward's, and the backward's rebuild of them
-// (to recompute z for the activation, and for dx).
+// (to recompute z for the activation's derivative).
 template <typename T>
 void fold_group_affine(T residual, T rstd, ParamSpan<T> w, ParamSpan<T> b, int64_t Cg, T* scale, T* shift) {
   for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
@@ -97,12 +97,12 @@ void group_input_grad_coefs(const T* sum_gx, const T* sum_g, ParamSpan<T> w, int
     const TableVec<T> wc = load_params(w, c, n);
     gwx = gwx + wc * TableVec<T>::loadu(sum_gx + c, n);
     gw = gw + wc * TableVec<T>::loadu(sum_g + c, n);
+    (TableVec<T>(rstd) * wc).store(g_coef + c, n);
   });
   const T sum_gwx = horizontal_sum(gwx);
   const T sum_gw = horizontal_sum(gw);
   const auto coefs = math::input_grad_coefs(sum_gwx, sum_gw, residual, rstd, group_size);
   for_each_table_vector<T>(Cg, [&](int64_t c, int64_t n) {
-    (TableVec<T>(rstd) * load_params(w, c, n)).store(g_coef + c, n);
     TableVec<T>(coefs.x_coef).store(x_coef + c, n);
     TableVec<T>(coefs.bias_coef).store(bias_coef + c, n);
   });
