@@ -33,9 +33,10 @@ except ImportError as exc:
     ) from exc
 
 ops = torch.ops.gnflex
-# The op itself, for the Python layer's calls (a global, not three attribute
-# lookups per call).
-group_norm_op = ops.group_norm
+# The op itself, for the Python layer's calls: a global (not three attribute
+# lookups per call), and its one overload rather than the packet, which
+# resolves the overload on every call.
+group_norm_op = ops.group_norm.default
 
 
 def library_path():
