@@ -86,7 +86,7 @@ def check_more_than_one_value(input: Tensor, num_groups: int) -> None:
     normalization would be over single values (N * C * HxW / num_groups == 1,
     e.g. one sample, one channel per group, no spatial extent), which makes
     the output constant. Kept so gnflex's Python API is a drop-in; the op
-    ``torch.ops.gnflex.group_norm`` itself accepts such input. Not for an
+    ``torch.ops.gnflex.group_norm`` itself accepts such input. Not for a
     ``torch.fx.Proxy`` (no size to check; the traced graph runs the op)."""
     if num_groups > 0 and input.numel() == num_groups and input.dim() >= 2:
         raise ValueError(
