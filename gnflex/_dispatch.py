@@ -102,13 +102,11 @@ def group_norm_dispatch(input: Tensor, num_groups: int, weight: Optional[Tensor]
     common call (a plain tensor, eager) takes the fewest checks first: the
     per-call host time is measured by bench/host_overhead.py."""
     if not torch.jit.is_scripting():
-        if type(input) is not Tensor:
-            if not isinstance(input, torch.fx.Proxy):
-                check_more_than_one_value(input, num_groups)
-            if not torch.compiler.is_compiling():
-                _register_sharding_if_loaded()  # a DTensor, maybe
-        else:
+        plain = type(input) is Tensor
+        if plain or not isinstance(input, torch.fx.Proxy):
             check_more_than_one_value(input, num_groups)
+        if not plain and not torch.compiler.is_compiling():
+            _register_sharding_if_loaded()  # a DTensor, maybe
         if in_onnx_export():
             return torch_group_norm_with_stats(input, num_groups, weight, bias, eps, activation)
         return group_norm_op(input, weight, bias, num_groups, eps, activation)
