@@ -218,8 +218,7 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   } else if (s.HxW > 0) {
     const int64_t block_rows = sum_rows_per_block(s.C);
     const int64_t blocks = ceil_div(s.HxW, block_rows);
-    std::vector<acc_t> sums(2 * s.C);
-    chunked_reduce<acc_t>(
+    pairwise_block_sums<acc_t>(
         s.N, blocks, 2 * s.C, 2 * block_rows * s.C,
         [&](int64_t n, int64_t b, acc_t* out) {
           const int64_t offset = n * s.HxW * s.C, row0 = b * block_rows;
@@ -227,10 +226,9 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
           cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0), s.C,
                                           sample_t, out, out + s.C);
         },
-        [&](int64_t n, const acc_t* parts) {
-          PairwiseArraySum<acc_t>::sum_of(parts, blocks, 2 * s.C, sums.data());
-          std::copy(sums.begin(), sums.begin() + s.C, a.sum_gx + n * s.C);
-          std::copy(sums.begin() + s.C, sums.end(), a.sum_g + n * s.C);
+        [&](int64_t n, const acc_t* sums) {
+          std::copy_n(sums, s.C, a.sum_gx + n * s.C);
+          std::copy_n(sums + s.C, s.C, a.sum_g + n * s.C);
         });
   }
   if (a.dx == nullptr) return;

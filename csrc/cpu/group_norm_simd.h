@@ -321,6 +321,14 @@ inline void simd_for_columns(int64_t C, int64_t rows, const Op op) {
   for (; i + kTileSteps * IO::kStep <= C; i += kTileSteps * IO::kStep) {
     tile(i, std::integral_constant<int, kTileSteps>{}, VecStep{});
   }
+  // Whole steps left over (fewer than a tile's) go as one narrower tile, so
+  // each row's values are read together rather than in one walk per step.
+  if constexpr (kTileSteps == 4) {
+    const int64_t left = (C - i) / IO::kStep;
+    if (left == 3) tile(i, std::integral_constant<int, 3>{}, VecStep{});
+    if (left == 2) tile(i, std::integral_constant<int, 2>{}, VecStep{});
+    if (left >= 2) i += left * IO::kStep;
+  }
   for (; i + IO::kStep <= C; i += IO::kStep) tile(i, std::integral_constant<int, 1>{}, VecStep{});
   half_step<IO>(i, C, [&](int64_t j, auto step) { tile(j, std::integral_constant<int, 1>{}, step); });
   if (i < C && tail_as_vector<IO>(C))

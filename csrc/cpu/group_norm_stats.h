@@ -171,48 +171,75 @@ CenteredStats<acc_type<scalar_t>> span_stats(const scalar_t* p, int64_t D) {
   return merge.result();
 }
 
-// Sums of arrays of `width` values pushed in index order, as a balanced
+// Arrays of `width` values pushed in index order, merged as a balanced
 // binary tree (as PairwiseMerge): accurate over many row blocks, and the
-// result depends only on the count. An array is written in place (next(),
-// then commit()), so nothing is copied: each commit only adds.
-template <typename T>
-class PairwiseArraySum {
+// result depends only on the number pushed. An array is written in place
+// (next(), then commit()), so nothing is copied. Merge(earlier, its count,
+// later, its count, dest, width) combines two adjacent parts (dest may be
+// `later`); each array pushed stands for `count` rows.
+template <typename T, typename Merge>
+class PairwiseArrays {
  public:
-  explicit PairwiseArraySum(int64_t width) : width_(width), carry_(width) {}
+  explicit PairwiseArrays(int64_t width) : width_(width), carry_(width) {}
   // Where the next array goes; commit() adds it in.
   T* next() { return pushed_ & 1 ? carry_.data() : level(0); }
-  void commit() {
-    if (pushed_ & 1) {  // level 0 holds the previous array: add up the levels
-      int64_t lvl = 0;  // the new array is in carry_
-      for (uint64_t n = pushed_; n & 1; n >>= 1, ++lvl) {
-        T* dest = (n >> 1 & 1) ? carry_.data() : level(lvl + 1);
-        const T* earlier = level(lvl);  // after level(lvl + 1), which may grow levels_
-        for (int64_t i = 0; i < width_; ++i) dest[i] = earlier[i] + carry_[i];
-      }
+  void commit(int64_t count = 1) {
+    if (pushed_ & 1) {  // level 0 holds the previous array; the new one is in carry_
+      carry_count_ = count;
+      carry_up(pushed_, 0);
+    } else {
+      counts_[0] = count;
     }
     ++pushed_;
   }
-  void push(const T* values) {
+  // Adds a merged run of 2^lvl arrays at once, a whole subtree of the tree
+  // the pushes so far build, so pushed_ must be a multiple of 2^lvl: pushing
+  // a run's levels (level_values) joins it with the same bits as pushing its
+  // arrays one at a time.
+  void push_level(const T* values, int lvl, int64_t count) {
+    const uint64_t n = pushed_ >> lvl;
+    if (n & 1) {
+      std::copy(values, values + width_, carry_.data());
+      carry_count_ = count;
+      carry_up(n, lvl);
+    } else {
+      std::copy(values, values + width_, level(lvl));
+      counts_[lvl] = count;
+    }
+    pushed_ += uint64_t(1) << lvl;
+  }
+  // The merge of 2^lvl arrays kept for bit lvl of pushed() (where it is set).
+  const T* level_values(int lvl) const { return levels_.data() + lvl * width_; }
+  int64_t level_count(int lvl) const { return counts_[lvl]; }
+  uint64_t pushed() const { return pushed_; }
+  void push(const T* values, int64_t count = 1) {
     std::copy(values, values + width_, next());
-    commit();
+    commit(count);
   }
   void clear() { pushed_ = 0; }
-  // The pairwise sum of `count` consecutive arrays of `width` values.
-  static void sum_of(const T* parts, int64_t count, int64_t width, T* out) {
-    PairwiseArraySum sum(width);
-    for (int64_t i = 0; i < count; ++i) sum.push(parts + i * width);
-    sum.result(out);
-  }
+  // The levels merged from the lowest (latest) up; zeros if nothing was pushed.
   void result(T* out) const {
     std::fill(out, out + width_, T(0));
-    for (int64_t lvl = 0; (pushed_ >> lvl) != 0; ++lvl) {
+    int64_t count = 0;
+    for (int lvl = 0; (pushed_ >> lvl) != 0; ++lvl) {
       if ((pushed_ >> lvl & 1) == 0) continue;
-      const T* sum = levels_.data() + lvl * width_;
-      for (int64_t i = 0; i < width_; ++i) out[i] = sum[i] + out[i];
+      Merge{}(level_values(lvl), counts_[lvl], static_cast<const T*>(out), count, out, width_);
+      count += counts_[lvl];
     }
   }
 
  private:
+  // Merges carry_ into the levels from lvl up while bit 0 of n (the pushes
+  // counted in runs of 2^lvl) says the level holds an earlier part.
+  void carry_up(uint64_t n, int lvl) {
+    for (; n & 1; n >>= 1, ++lvl) {
+      T* dest = (n >> 1 & 1) ? carry_.data() : level(lvl + 1);
+      const T* earlier = level(lvl);  // after level(lvl + 1), which may grow levels_
+      Merge{}(earlier, counts_[lvl], static_cast<const T*>(carry_.data()), carry_count_, dest, width_);
+      carry_count_ += counts_[lvl];
+      if ((n >> 1 & 1) == 0) counts_[lvl + 1] = carry_count_;
+    }
+  }
   T* level(int64_t lvl) {
     if (static_cast<int64_t>(levels_.size()) < (lvl + 1) * width_) levels_.resize((lvl + 1) * width_);
     return levels_.data() + lvl * width_;
@@ -220,9 +247,23 @@ class PairwiseArraySum {
 
   int64_t width_;
   std::vector<T> carry_;
-  std::vector<T> levels_;  // level i: the sum of 2^i arrays (if bit i of pushed_)
+  int64_t carry_count_ = 0;
+  std::vector<T> levels_;  // level i: the merge of 2^i arrays (if bit i of pushed_)
+  std::array<int64_t, 64> counts_{};  // the rows each level stands for
   uint64_t pushed_ = 0;
 };
+
+// PairwiseArrays' merge for plain sums, element by element.
+struct AddArrays {
+  template <typename T>
+  void operator()(const T* earlier, int64_t /*earlier_count*/, const T* later, int64_t /*later_count*/, T* dest,
+                  int64_t width) const {
+    for (int64_t i = 0; i < width; ++i) dest[i] = earlier[i] + later[i];
+  }
+};
+
+template <typename T>
+using PairwiseArraySum = PairwiseArrays<T, AddArrays>;
 
 // The two-pass schedules' pattern: partial results in parallel, reduced in a
 // fixed order. compute(outer, part, out) writes `width` values of T for each
@@ -240,6 +281,56 @@ void chunked_reduce(int64_t outer_count, int64_t parts, int64_t width, int64_t i
   });
   for (int64_t outer = 0; outer < outer_count; ++outer) {
     reduce(outer, static_cast<const T*>(scratch.data() + outer * parts * width));
+  }
+}
+
+// The channels-last two-pass pattern: per outer index (a sample), the
+// pairwise sum (PairwiseArraySum) of `blocks` arrays of `width` values, in
+// parallel. block(outer, b, out) writes block b's array; reduce(outer, sum)
+// then runs for each outer index in order on the calling thread. Blocks go in
+// runs of 2^levels: a run's blocks summed in order are whole subtrees of the
+// tree of all blocks, so runs are summed on any thread and joined in order
+// (push_level) with the bits of one sum over every block in order, which is
+// what the fused schedules take. So the run length may follow the thread
+// count: long runs keep the joining, on one thread, short.
+template <typename T, typename Block, typename Reduce>
+void pairwise_block_sums(int64_t outer_count, int64_t blocks, int64_t width, int64_t block_values, Block&& block,
+                         Reduce&& reduce) {
+  if (outer_count == 0 || blocks == 0) return;
+  // About 8 runs a thread, of at most 64 blocks.
+  const int64_t wanted_runs = ceil_div(8 * std::max(at::get_num_threads(), 1), outer_count);
+  int levels = 0;
+  while (levels < 6 && (blocks >> (levels + 1)) >= wanted_runs) ++levels;
+  const int64_t run = int64_t(1) << levels, runs = ceil_div(blocks, run);
+  // A run's level sums, slot l for bit l of its block count.
+  const int64_t slots = levels + 1;
+  const std::unique_ptr<T[]> scratch(new T[outer_count * runs * slots * width]);
+  at::parallel_for(0, outer_count * runs, grain_of(run * block_values), [&](int64_t begin, int64_t end) {
+    PairwiseArraySum<T> sum(width);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t outer = item / runs, b0 = item % runs * run, count = std::min(run, blocks - b0);
+      sum.clear();
+      for (int64_t b = b0; b < b0 + count; ++b) {
+        block(outer, b, sum.next());
+        sum.commit();
+      }
+      for (int l = 0; l < slots; ++l) {
+        if (count >> l & 1) std::copy_n(sum.level_values(l), width, scratch.get() + (item * slots + l) * width);
+      }
+    }
+  });
+  PairwiseArraySum<T> total(width);
+  std::vector<T> result(width);
+  for (int64_t outer = 0; outer < outer_count; ++outer) {
+    total.clear();
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t item = outer * runs + r, count = std::min(run, blocks - r * run);
+      for (int l = levels; l >= 0; --l) {  // larger subtrees hold earlier blocks
+        if (count >> l & 1) total.push_level(scratch.get() + (item * slots + l) * width, l, int64_t(1) << l);
+      }
+    }
+    total.result(result.data());
+    reduce(outer, static_cast<const T*>(result.data()));
   }
 }
 
@@ -301,26 +392,32 @@ void cl_block_sums(const scalar_t* sample, int64_t row0, int64_t rows, int64_t C
   }
 }
 
-// Channels-last statistics of a sample, in two phases over row blocks:
-//   centers  per-channel mean of the first center_count(HxW) rows (a subset
-//            bounds M2's rounding as a whole-chunk mean would: see
+// Channels-last statistics of a sample, run by run. A run is a fixed number
+// of rows (whole row blocks, about kRunValues values: its first rows are
+// still in cache when they are read again) with exact per-channel statistics
+// of its own, in two phases:
+//   centers  per-channel mean of the run's first center_count(rows) rows (a
+//            subset bounds M2's rounding as a whole-chunk mean would: see
 //            math::chunk_center);
-//   sums     per-channel sums of d = x - center and d^2 over all rows;
-// block results are summed pairwise in row order, then each group's channels
-// merge as equal parts (channels at different levels cost no accuracy). The
-// fused schedule runs the blocks of a sample in order, the two-pass schedule
-// in parallel; both sum the same blocks in the same order.
+//   sums     per-channel sums of d = x - center and d^2 over the run's rows,
+//            row block by row block, summed pairwise;
+// so x is read from memory once. Runs merge per channel with Chan's formula,
+// pairwise in row order (MergeChannelStats), then each group's channels merge
+// as equal parts (channels at different levels cost no accuracy). The fused
+// schedule runs the runs of a sample in order, the two-pass schedule in
+// parallel; both merge the same runs in the same order.
+constexpr int64_t kRunValues = 16 * kChunk;
+
 struct ClStatsPlan {
-  int64_t block_rows, center_rows, center_blocks, blocks;
-  int64_t rows_of(int64_t block, int64_t total_rows) const {
-    return std::min(block_rows, total_rows - block * block_rows);
-  }
+  int64_t block_rows, run_rows, runs;
+  int64_t rows_of_run(int64_t run, int64_t HxW) const { return std::min(run_rows, HxW - run * run_rows); }
 };
 
 ClStatsPlan cl_stats_plan(const GroupNormShape& s) {
   const int64_t block_rows = sum_rows_per_block(s.C);
-  const int64_t center_rows = center_count(s.HxW);
-  return {block_rows, center_rows, ceil_div(center_rows, block_rows), ceil_div(s.HxW, block_rows)};
+  int64_t run_rows = block_rows;
+  while (2 * run_rows * s.C <= kRunValues) run_rows *= 2;
+  return {block_rows, run_rows, ceil_div(s.HxW, run_rows)};
 }
 
 // The per-channel centers: the mean of the first `count` rows from their sum
@@ -333,28 +430,55 @@ void centers_from_sums(int64_t count, int64_t C, T* center) {
   });
 }
 
-// Stats of one group of Cg channels of n rows each, channel j given as chunk
-// stats are: its center c[j] and the sums s1[j], s2[j] of d = x - c[j] and
-// d^2. Chan's merge for equal counts: M2 = sum_j (s2 - s1^2 / n) +
-// n * sum_j (mean_j - mean)^2, with every mean taken about c[0]. Each channel
-// keeps its own center, so channels at different levels (a dead channel, a
-// plane of spikes) cost no accuracy.
+// Per-channel statistics of C channels of equal count, as three arrays of C:
+// centers, offsets (mean - center) and M2s (math::CenteredStats, a channel a
+// lane). PairwiseArrays' merge of two adjacent row ranges: math::chan_merge
+// for every channel at once.
+struct MergeChannelStats {
+  template <typename T>
+  void operator()(const T* a, int64_t na, const T* b, int64_t nb, T* dest, int64_t width) const {
+    using Vec = TableVec<T>;
+    if (nb == 0 || na == 0) {
+      const T* only = nb == 0 ? a : b;
+      if (dest != only) std::copy(only, only + width, dest);
+      return;
+    }
+    const int64_t C = width / 3;
+    const T b_frac = T(nb) / T(na + nb);
+    const Vec frac(b_frac), weight(T(na) * b_frac);
+    for_each_table_vector<T>(C, [&](int64_t c, int64_t m) {
+      const Vec ca = Vec::loadu(a + c, m), oa = Vec::loadu(a + C + c, m);
+      const Vec delta = (Vec::loadu(b + c, m) - ca) + (Vec::loadu(b + C + c, m) - oa);
+      const Vec offset = oa + delta * frac;
+      const Vec center = ca + offset;
+      const Vec m2 = Vec::loadu(a + 2 * C + c, m) + Vec::loadu(b + 2 * C + c, m) + delta * delta * weight;
+      center.store(dest + c, m);
+      ((ca - center) + offset).store(dest + C + c, m);
+      m2.store(dest + 2 * C + c, m);
+    });
+  }
+};
+
+// Stats of one group of Cg channels of n rows each (centers c, offsets o,
+// M2s m2, as MergeChannelStats holds them). Chan's merge for equal counts:
+// M2 = sum_j m2[j] + n * sum_j (mean_j - mean)^2, with every mean taken about
+// c[0]. Each channel keeps its own center, so channels at different levels (a
+// dead channel, a plane of spikes) cost no accuracy.
 template <typename T>
-CenteredStats<T> merge_channel_stats(int64_t Cg, int64_t n, const T* c, const T* s1, const T* s2) {
+CenteredStats<T> merge_channel_stats(int64_t Cg, int64_t n, const T* c, const T* o, const T* m2) {
   using Vec = TableVec<T>;
   CenteredStats<T> s;
   if (Cg == 0 || n == 0) return s;
-  const Vec zero(0), inv_n(T(1) / T(n)), c0(c[0]);
-  // Lanes past the group's last channel are 0 in every sum.
+  const Vec zero(0), c0(c[0]);
+  // Lanes past the group's last channel load as 0; their means are not.
   const auto in_group = [&](const Vec& v, int64_t m) { return m < Vec::size() ? Vec::set(zero, v, m) : v; };
   const auto part_mean = [&](int64_t j, int64_t m) {
-    return in_group((Vec::loadu(c + j, m) - c0) + Vec::loadu(s1 + j, m) * inv_n, m);
+    return in_group((Vec::loadu(c + j, m) - c0) + Vec::loadu(o + j, m), m);
   };
   Vec mean_sum = zero, m2_sum = zero;
   for_each_table_vector<T>(Cg, [&](int64_t j, int64_t m) {
     mean_sum = mean_sum + part_mean(j, m);
-    const Vec sum = Vec::loadu(s1 + j, m);
-    m2_sum = m2_sum + (Vec::loadu(s2 + j, m) - sum * (sum * inv_n));
+    m2_sum = m2_sum + Vec::loadu(m2 + j, m);
   });
   const T offset = horizontal_sum(mean_sum) / T(Cg);
   const Vec rows(static_cast<T>(n));
@@ -362,56 +486,94 @@ CenteredStats<T> merge_channel_stats(int64_t Cg, int64_t n, const T* c, const T*
     const Vec dev = in_group(part_mean(j, m) - Vec(offset), m);
     m2_sum = m2_sum + rows * (dev * dev);
   });
-  const T m2 = horizontal_sum(m2_sum);
+  const T total = horizontal_sum(m2_sum);
   s.count = Cg * n;
   s.center = c[0];
   s.offset = offset;
-  s.m2 = m2 < T(0) ? T(0) : m2;  // NaN stays NaN
+  s.m2 = total < T(0) ? T(0) : total;  // NaN stays NaN
   return s;
 }
 
+// Every group's stats from the per-channel stats of a whole sample.
 template <typename T>
-void cl_stats_from_sums(const GroupNormShape& s, const T* center, const T* sums, CenteredStats<T>* out) {
+void cl_stats_from_channels(const GroupNormShape& s, const T* channels, CenteredStats<T>* out) {
   const int64_t Cg = s.channels_per_group();
   for (int64_t g = 0; g < s.G; ++g) {
-    const int64_t c0 = g * Cg;
-    out[g] = merge_channel_stats(Cg, s.HxW, center + c0, sums + c0, sums + s.C + c0);
+    const T* first = channels + g * Cg;
+    out[g] = merge_channel_stats(Cg, s.HxW, first, first + s.C, first + 2 * s.C);
   }
+}
+
+// What a run's statistics keep between runs: one per work item.
+template <typename T>
+struct ClRunScratch {
+  explicit ClRunScratch(int64_t C) : center_sum(C), total(2 * C), sums(2 * C) {}
+  PairwiseArraySum<T> center_sum, total;
+  std::vector<T> sums;
+};
+
+// Per-channel stats (MergeChannelStats' arrays, out: 3 * C values) of run
+// `run` of a channels-last sample; returns its rows.
+template <typename scalar_t>
+int64_t cl_run_stats(const scalar_t* sample, const GroupNormShape& s, const ClStatsPlan& plan, int64_t run,
+                     ClRunScratch<acc_type<scalar_t>>& scratch, acc_type<scalar_t>* out) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = TableVec<acc_t>;
+  const int64_t C = s.C, row0 = run * plan.run_rows, rows = plan.rows_of_run(run, s.HxW);
+  const int64_t center_rows = center_count(rows);
+  acc_t* center = out;
+  scratch.center_sum.clear();
+  for (int64_t r = 0; r < center_rows; r += plan.block_rows) {
+    cl_block_sums(sample, row0 + r, std::min(plan.block_rows, center_rows - r), C, static_cast<const acc_t*>(nullptr),
+                  scratch.center_sum.next());
+    scratch.center_sum.commit();
+  }
+  scratch.center_sum.result(center);
+  centers_from_sums(center_rows, C, center);
+  scratch.total.clear();
+  for (int64_t r = 0; r < rows; r += plan.block_rows) {
+    cl_block_sums(sample, row0 + r, std::min(plan.block_rows, rows - r), C, static_cast<const acc_t*>(center),
+                  scratch.total.next());
+    scratch.total.commit();
+  }
+  const acc_t* sum_d = scratch.sums.data();
+  scratch.total.result(scratch.sums.data());
+  // math::stats_from_centered_sums, a vector of channels at a time.
+  const Vec count(static_cast<acc_t>(rows)), zero(0);
+  for_each_table_vector<acc_t>(C, [&](int64_t c, int64_t m) {
+    const Vec d = Vec::loadu(sum_d + c, m);
+    const Vec offset = d / count;
+    const Vec m2 = Vec::loadu(sum_d + C + c, m) - d * offset;
+    offset.store(out + C + c, m);
+    Vec::blendv(m2, zero, m2 < zero).store(out + 2 * C + c, m);  // NaN stays NaN
+  });
+  return rows;
 }
 
 // What sample_stats keeps between samples: one per work item.
 template <typename T>
 struct SampleStatsScratch {
-  explicit SampleStatsScratch(int64_t C) : center(C), sums(2 * C), center_sum(C), total(2 * C) {}
-  std::vector<T> center, sums;
-  PairwiseArraySum<T> center_sum, total;
+  explicit SampleStatsScratch(int64_t C) : run(C), runs(3 * C), channels(3 * C) {}
+  ClRunScratch<T> run;
+  PairwiseArrays<T, MergeChannelStats> runs;
+  std::vector<T> channels;
 };
 
 // Stats of every group of one channels-last sample (out[G]).
 template <typename scalar_t>
 void sample_stats(const scalar_t* sample, const GroupNormShape& s, SampleStatsScratch<acc_type<scalar_t>>& scratch,
                   CenteredStats<acc_type<scalar_t>>* out) {
-  using acc_t = acc_type<scalar_t>;
   const ClStatsPlan plan = cl_stats_plan(s);
-  acc_t* center = scratch.center.data();
-  scratch.center_sum.clear();
-  for (int64_t b = 0; b < plan.center_blocks; ++b) {
-    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, plan.center_rows), s.C,
-                  static_cast<const acc_t*>(nullptr), scratch.center_sum.next());
-    scratch.center_sum.commit();
+  scratch.runs.clear();
+  for (int64_t r = 0; r < plan.runs; ++r) {
+    acc_type<scalar_t>* next = scratch.runs.next();
+    scratch.runs.commit(cl_run_stats(sample, s, plan, r, scratch.run, next));
   }
-  scratch.center_sum.result(center);
-  centers_from_sums(plan.center_rows, s.C, center);
-  scratch.total.clear();
-  for (int64_t b = 0; b < plan.blocks; ++b) {
-    cl_block_sums(sample, b * plan.block_rows, plan.rows_of(b, s.HxW), s.C, center, scratch.total.next());
-    scratch.total.commit();
-  }
-  scratch.total.result(scratch.sums.data());
-  cl_stats_from_sums(s, center, scratch.sums.data(), out);
+  scratch.runs.result(scratch.channels.data());
+  cl_stats_from_channels(s, scratch.channels.data(), out);
 }
 
-// Two-pass statistics: every chunk / row block in parallel, then merged
+// Two-pass statistics: every chunk / run in parallel, then merged
 // pairwise in index order (as span_stats / sample_stats do).
 template <typename scalar_t>
 std::vector<CenteredStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, const GroupNormShape& s, Layout layout) {
@@ -438,31 +600,22 @@ std::vector<CenteredStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, co
   }
 
   const ClStatsPlan plan = cl_stats_plan(s);
-  const int64_t C = s.C;
-  // Pass 1: per-channel centers from the first rows' sums.
-  std::vector<acc_t> centers(s.N * C);
-  chunked_reduce<acc_t>(
-      s.N, plan.center_blocks, C, plan.block_rows * C,
-      [&](int64_t n, int64_t b, acc_t* out) {
-        cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, plan.center_rows), C,
-                      static_cast<const acc_t*>(nullptr), out);
-      },
-      [&](int64_t n, const acc_t* parts) {
-        acc_t* center = centers.data() + n * C;
-        PairwiseArraySum<acc_t>::sum_of(parts, plan.center_blocks, C, center);
-        centers_from_sums(plan.center_rows, C, center);
-      });
-  // Pass 2: sums about the centers over every row block.
-  std::vector<acc_t> sums(2 * C);
-  chunked_reduce<acc_t>(
-      s.N, plan.blocks, 2 * C, plan.block_rows * C,
-      [&](int64_t n, int64_t b, acc_t* out) {
-        cl_block_sums(x + n * s.HxW * C, b * plan.block_rows, plan.rows_of(b, s.HxW), C, centers.data() + n * C, out);
-      },
-      [&](int64_t n, const acc_t* parts) {
-        PairwiseArraySum<acc_t>::sum_of(parts, plan.blocks, 2 * C, sums.data());
-        cl_stats_from_sums(s, centers.data() + n * C, sums.data(), result.data() + n * s.G);
-      });
+  const int64_t width = 3 * s.C, items = s.N * plan.runs;
+  const std::unique_ptr<acc_t[]> parts(new acc_t[items * width]);  // written whole below
+  at::parallel_for(0, items, grain_of(plan.run_rows * s.C), [&](int64_t begin, int64_t end) {
+    ClRunScratch<acc_t> scratch(s.C);
+    for (int64_t item = begin; item < end; ++item) {
+      cl_run_stats(x + item / plan.runs * s.HxW * s.C, s, plan, item % plan.runs, scratch, parts.get() + item * width);
+    }
+  });
+  PairwiseArrays<acc_t, MergeChannelStats> runs(width);
+  std::vector<acc_t> channels(width);
+  for (int64_t n = 0; n < s.N; ++n) {
+    runs.clear();
+    for (int64_t r = 0; r < plan.runs; ++r) runs.push(parts.get() + (n * plan.runs + r) * width, plan.rows_of_run(r, s.HxW));
+    runs.result(channels.data());
+    cl_stats_from_channels(s, channels.data(), result.data() + n * s.G);
+  }
   return result;
 }
 
