@@ -248,7 +248,7 @@ class PairwiseArrays {
   int64_t width_;
   std::vector<T> carry_;
   int64_t carry_count_ = 0;
-  std::vector<T> levels_;  // level i: the merge of 2^i arrays (if bit i of pushed_)
+  std::vector<T> levels_;             // level i: the merge of 2^i arrays (if bit i of pushed_)
   std::array<int64_t, 64> counts_{};  // the rows each level stands for
   uint64_t pushed_ = 0;
 };
@@ -612,7 +612,8 @@ std::vector<CenteredStats<acc_type<scalar_t>>> group_stats(const scalar_t* x, co
   std::vector<acc_t> channels(width);
   for (int64_t n = 0; n < s.N; ++n) {
     runs.clear();
-    for (int64_t r = 0; r < plan.runs; ++r) runs.push(parts.get() + (n * plan.runs + r) * width, plan.rows_of_run(r, s.HxW));
+    for (int64_t r = 0; r < plan.runs; ++r)
+      runs.push(parts.get() + (n * plan.runs + r) * width, plan.rows_of_run(r, s.HxW));
     runs.result(channels.data());
     cl_stats_from_channels(s, channels.data(), result.data() + n * s.G);
   }
