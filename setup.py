@@ -88,7 +88,7 @@ def extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", source_info["default_cuda_archs"](CSRC))
     write_build_info(with_cuda, fingerprint)
     table = source_info["build_table"](CSRC)
-    extra_compile_args = {"cxx": opt + table["cxx"]}
+    extra_compile_args = {"cxx": opt + source_info["host_flags"](table, cpp_extension.get_cxx_compiler())}
     link_args = ["-fopenmp"]
     if sanitize:
         san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]

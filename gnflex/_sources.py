@@ -8,6 +8,7 @@ before the package is built.
 import glob
 import hashlib
 import os
+import subprocess
 import sys
 
 
@@ -30,6 +31,21 @@ def sources(csrc_dir):
         return sorted(os.path.normpath(p) for d in dirs for p in glob.glob(os.path.join(csrc_dir, d, pattern)))
 
     return under(table["cpp_dirs"], "*.cpp"), under(table["cuda_dirs"], "*.cu")
+
+
+def is_gcc(compiler):
+    """Whether `compiler` (a command) is g++ rather than clang++ or another."""
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Free Software Foundation" in out and "clang" not in out.lower()
+
+
+def host_flags(table, compiler):
+    """The host compiler flags of build_flags.txt for `compiler`: cxx, and
+    cxx_gcc for g++."""
+    return table["cxx"] + (table.get("cxx_gcc", []) if is_gcc(compiler) else [])
 
 
 def default_cuda_archs(csrc_dir):

@@ -63,7 +63,8 @@ def load(*, namespace=NAMESPACE, build_directory=None, with_cuda=None, verbose=F
         os.path.expanduser("~"), ".cache", "gnflex", "jit", namespace)
     os.makedirs(build_directory, exist_ok=True)
     table = source_info["build_table"](csrc)
-    flags = ["-O3", *table["cxx"], f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
+    host = source_info["host_flags"](table, cpp_extension.get_cxx_compiler())
+    flags = ["-O3", *host, f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
     cpp_extension.load(
         name=f"{namespace}_ops",
         sources=cpp + (cuda if with_cuda else []),
