@@ -63,7 +63,9 @@ def load(*, namespace=NAMESPACE, build_directory=None, with_cuda=None, verbose=F
         os.path.expanduser("~"), ".cache", "gnflex", "jit", namespace)
     os.makedirs(build_directory, exist_ok=True)
     table = source_info["build_table"](csrc)
-    host = source_info["host_flags"](table, cpp_extension.get_cxx_compiler())
+    # A checkout from before build_flags.txt had compiler-specific lines has no host_flags.
+    host_flags = source_info.get("host_flags", lambda table, compiler: table["cxx"])
+    host = host_flags(table, cpp_extension.get_cxx_compiler())
     flags = ["-O3", *host, f"-DGNFLEX_OP_NAMESPACE={namespace}", *extra_cflags]
     cpp_extension.load(
         name=f"{namespace}_ops",
