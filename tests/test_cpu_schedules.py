@@ -21,6 +21,9 @@ from _helpers import ACTIVATIONS, DTYPES, grads_of, make_input, make_params
 # value ((N, C), (N, C, 1, 1)) run through the channels-last kernels. Small
 # groups are set up in batches: 5120 groups of 8 values, in whole batches
 # that two threads split, and 18 groups of 40 (3x48x5: a batch and a part).
+# A channels-last sample of 16900 rows of 8 channels takes its statistics in
+# three runs (the last partial), which two threads split, and its backward
+# gradient sums in runs of row blocks joined across threads.
 SHAPES = [
     ((2, 64, 20, 20), 8),
     ((1, 4, 12293), 2),
@@ -36,6 +39,7 @@ SHAPES = [
     ((48, 96), 8),
     ((5, 40, 1, 1), 4),
     ((160, 64, 2, 2), 32),
+    ((1, 8, 130, 130), 2),
 ]
 
 

@@ -324,6 +324,32 @@ def test_channels_last_wide_groups_at_different_levels(dtype):
         check_against_torch(ours, theirs, ref, dtype)
 
 
+# ---- 2c. channels-last samples of several statistics runs --------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_channels_last_runs_at_different_levels(dtype):
+    """A channels-last sample of 16900 rows of 8 channels: the CPU kernels take
+    its statistics in runs of rows (three here, the last partial), each about
+    its own centers, and merge them per channel. Mean 1e4, std 1e-2, and the
+    rows of the middle run 0.1 higher: float64 within 1e-9 of the reference;
+    float32's y within 1e-3 and dx no worse than torch's."""
+    shape, groups = (1, 8, 130, 130), 2
+    x = make_input(shape, torch.float64, layout="channels_last", seed=13)
+    x = 1e4 + 1e-2 * x
+    x[:, :, 64:126] += 0.1
+    x = x.to(dtype)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    w, b = make_params(shape[1], dtype)
+    dy = make_input(shape, dtype, layout="channels_last", seed=7)
+    ours, theirs, ref = run_all(x, groups, w, b, dy)
+    if dtype == torch.float64:
+        return check_float64(ours, ref, [r.abs().max().item() for r in ref])
+    y_err, dx_err, dx_err_torch = max_err(ours[0], ref[0]), max_err(ours[1], ref[1]), max_err(theirs[1], ref[1])
+    numbers = f"y err {y_err:.3e}, dx err {dx_err:.3e} (torch {dx_err_torch:.3e})"
+    assert y_err <= 1e-3 * ref[0].abs().max().item(), numbers
+    assert dx_err <= dx_err_torch, numbers
+
+
 # ---- 3. eps: everything F.group_norm accepts ---------------------------------
 
 # (eps, data std): with std 2 every group's variance is ~4 > 0.5, so var + eps > 0.

@@ -536,8 +536,8 @@ int64_t cl_run_stats(const scalar_t* sample, const GroupNormShape& s, const ClSt
                   scratch.total.next());
     scratch.total.commit();
   }
-  const acc_t* sum_d = scratch.sums.data();
   scratch.total.result(scratch.sums.data());
+  const acc_t* sum_d = scratch.sums.data();
   // math::stats_from_centered_sums, a vector of channels at a time.
   const Vec count(static_cast<acc_t>(rows)), zero(0);
   for_each_table_vector<acc_t>(C, [&](int64_t c, int64_t m) {
