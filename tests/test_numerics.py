@@ -301,6 +301,14 @@ def test_channels_last_agrees_with_nchw_on_spikes(shape, position, magnitude, ex
 
 # ---- 2b. channels_last groups of many channels at different levels -----------
 
+def run_channels_last(x, groups):
+    """run_all on a channels-last x with parameters and dy of its dtype."""
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    w, b = make_params(x.shape[1], x.dtype)
+    dy = make_input(x.shape, x.dtype, layout="channels_last", seed=7)
+    return run_all(x, groups, w, b, dy)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_channels_last_wide_groups_at_different_levels(dtype):
     """Groups of 42 channels: the channels-last merge of a group's channel
@@ -313,11 +321,7 @@ def test_channels_last_wide_groups_at_different_levels(dtype):
     x = x + 100.0 * torch.arange(shape[1], dtype=torch.float64).remainder(42).view(1, -1, 1, 1)
     x[:, 5] = 7.0
     x[1, 47] = 1000.0
-    x = x.to(dtype)
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    w, b = make_params(shape[1], dtype)
-    dy = make_input(shape, dtype, layout="channels_last", seed=7)
-    ours, theirs, ref = run_all(x, groups, w, b, dy)
+    ours, theirs, ref = run_channels_last(x.to(dtype), groups)
     if dtype == torch.float64:
         check_float64(ours, ref, [r.abs().max().item() for r in ref])
     else:
@@ -337,11 +341,7 @@ def test_channels_last_runs_at_different_levels(dtype):
     x = make_input(shape, torch.float64, layout="channels_last", seed=13)
     x = 1e4 + 1e-2 * x
     x[:, :, 64:126] += 0.1
-    x = x.to(dtype)
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    w, b = make_params(shape[1], dtype)
-    dy = make_input(shape, dtype, layout="channels_last", seed=7)
-    ours, theirs, ref = run_all(x, groups, w, b, dy)
+    ours, theirs, ref = run_channels_last(x.to(dtype), groups)
     if dtype == torch.float64:
         return check_float64(ours, ref, [r.abs().max().item() for r in ref])
     y_err, dx_err, dx_err_torch = max_err(ours[0], ref[0]), max_err(ours[1], ref[1]), max_err(theirs[1], ref[1])
