@@ -208,10 +208,8 @@ class PairwiseArrays {
     }
     pushed_ += uint64_t(1) << lvl;
   }
-  // The merge of 2^lvl arrays kept for bit lvl of pushed() (where it is set).
+  // The merge of 2^lvl arrays kept for bit lvl of the number pushed (where it is set).
   const T* level_values(int lvl) const { return levels_.data() + lvl * width_; }
-  int64_t level_count(int lvl) const { return counts_[lvl]; }
-  uint64_t pushed() const { return pushed_; }
   void push(const T* values, int64_t count = 1) {
     std::copy(values, values + width_, next());
     commit(count);
