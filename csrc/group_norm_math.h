@@ -87,7 +87,7 @@ GNFLEX_HD V activate(V z) {
   if constexpr (A == Activation::ReLU) {
     return gn_relu(z);
   } else if constexpr (A == Activation::SiLU) {
-    return z * gn_reciprocal(V(1) + gn_exp(V(0) - z));
+    return z / (V(1) + gn_exp(V(0) - z));  // torch's form: one division, no product
   } else if constexpr (A == Activation::GELU) {
     return z * V(0.5) * (V(1) + gn_erf(z * V(M_SQRT1_2)));
   } else {

@@ -25,12 +25,14 @@ namespace math {
 inline namespace CPU_CAPABILITY {
 
 // exp of float vectors on AVX2 / AVX-512: 2^n * exp(r) with n = round(v / ln 2)
-// and r = v - n ln 2 (ln 2 in two parts, Cody-Waite), exp(r) by Cephes'
-// polynomial (|r| <= ln 2 / 2): about 1 ulp, against ~20 for ATen's exp_u20,
-// in fewer instructions. v is clamped to [-104, 89] first, beyond which exp
-// is 0 or inf in float; the clamp keeps NaN (min/max return their second
-// operand, v, when it is NaN). 2^n is applied exactly, subnormal results
-// included: AVX-512 by vscalefps, AVX2 as 2^(n/2) * 2^(n - n/2).
+// and r = v - n ln 2 (ln 2 in two parts, Cody-Waite), exp(r) as
+// 1 + r (1 + r s(r)) with s of degree 4, fitted to exp over |r| <= ln 2 / 2
+// (relative error 3e-9 before rounding) and evaluated by Horner's rule in
+// six fused multiply-adds: under 1 ulp over the float range, against ~20 for
+// ATen's exp_u20, in fewer instructions. v is clamped to [-104, 89] first,
+// beyond which exp is 0 or inf in float; the clamp keeps NaN (min/max return
+// their second operand, v, when it is NaN). 2^n is applied exactly, subnormal
+// results included: AVX-512 by vscalefps, AVX2 as 2^(n/2) * 2^(n - n/2).
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // p * 2^n for whole numbers n in [-150, 128], exactly.
 inline at::vec::Vectorized<float> times_power_of_two(const at::vec::Vectorized<float>& p,
@@ -54,12 +56,12 @@ inline at::vec::Vectorized<float> exp_float_vector(const at::vec::Vectorized<flo
   const Vec x = at::vec::clamp(v, Vec(-104.0f), Vec(89.0f));
   const Vec n = (x * Vec(1.44269504088896341f)).round();
   const Vec r = fmadd(n, Vec(2.12194440e-4f), fmadd(n, Vec(-0.693359375f), x));
-  Vec p = fmadd(Vec(1.9875691500e-4f), r, Vec(1.3981999507e-3f));
-  p = fmadd(p, r, Vec(8.3334519073e-3f));
-  p = fmadd(p, r, Vec(4.1665795894e-2f));
-  p = fmadd(p, r, Vec(1.6666665459e-1f));
-  p = fmadd(p, r, Vec(5.0000001201e-1f));
-  return times_power_of_two(fmadd(p, r * r, r) + Vec(1.0f), n);
+  Vec p = fmadd(Vec(1.381461275741458e-3f), r, Vec(8.368710055947304e-3f));
+  p = fmadd(p, r, Vec(4.166838899254799e-2f));
+  p = fmadd(p, r, Vec(1.666652113199234e-1f));
+  p = fmadd(p, r, Vec(4.999999403953552e-1f));
+  p = fmadd(p, r, Vec(1.0f));
+  return times_power_of_two(fmadd(p, r, Vec(1.0f)), n);
 }
 #endif
 
@@ -85,9 +87,18 @@ template <typename T>
 inline at::vec::Vectorized<T> gn_relu(const at::vec::Vectorized<T>& v) {
   return at::vec::clamp_min(v, at::vec::Vectorized<T>(T(0)));
 }
+// AVX-512 compares into a mask register and blends by it; ATen's blendv
+// would widen the compare to a vector and compare that again.
 template <typename T>
 inline at::vec::Vectorized<T> gn_positive_mask(const at::vec::Vectorized<T>& v) {
   using Vec = at::vec::Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ), _mm512_set1_ps(1.0f));
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_NLE_UQ), _mm512_set1_pd(1.0));
+  }
+#endif
   return Vec::blendv(Vec(T(1)), Vec(T(0)), v <= Vec(T(0)));  // 1 at NaN, as torch
 }
 template <typename T>
@@ -95,6 +106,13 @@ inline at::vec::Vectorized<T> gn_select_positive(const at::vec::Vectorized<T>& z
                                                  const at::vec::Vectorized<T>& if_positive,
                                                  const at::vec::Vectorized<T>& otherwise) {
   using Vec = at::vec::Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ), otherwise, if_positive);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ), otherwise, if_positive);
+  }
+#endif
   return Vec::blendv(otherwise, if_positive, z > Vec(T(0)));
 }
 
