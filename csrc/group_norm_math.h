@@ -55,6 +55,8 @@ inline namespace GNFLEX_MATH_NS {
 // ---- scalar primitives (float and double) --------------------------------
 GNFLEX_HD float gn_exp(float v) { return ::expf(v); }
 GNFLEX_HD double gn_exp(double v) { return ::exp(v); }
+GNFLEX_HD float gn_exp_neg(float v) { return ::expf(0.0f - v); }
+GNFLEX_HD double gn_exp_neg(double v) { return ::exp(0.0 - v); }
 GNFLEX_HD float gn_erf(float v) { return ::erff(v); }
 GNFLEX_HD double gn_erf(double v) { return ::erf(v); }
 GNFLEX_HD float gn_reciprocal(float v) { return 1.0f / v; }
@@ -87,7 +89,7 @@ GNFLEX_HD V activate(V z) {
   if constexpr (A == Activation::ReLU) {
     return gn_relu(z);
   } else if constexpr (A == Activation::SiLU) {
-    return z / (V(1) + gn_exp(V(0) - z));  // torch's form: one division, no product
+    return z / (V(1) + gn_exp_neg(z));  // torch's form: one division, no product
   } else if constexpr (A == Activation::GELU) {
     return z * V(0.5) * (V(1) + gn_erf(z * V(M_SQRT1_2)));
   } else {
@@ -105,7 +107,7 @@ GNFLEX_HD V activate_grad(V z) {
     // 1 - sig cancels when sig -> 1 (a sigmoid rounded to 1 - 2^-24 gave
     // silu'(z) = 1 + z * 2^-24, 6e-4 off at z = 1e4). Where z <= 0, sig <= 1/2,
     // so 1 - sig does not cancel, and exp(-z) may overflow (inf * 0 is NaN).
-    const V e = gn_exp(V(0) - z);
+    const V e = gn_exp_neg(z);
     const V sig = gn_reciprocal(V(1) + e);
     return sig * (V(1) + z * gn_select_positive(z, e * sig, V(1) - sig));
   } else if constexpr (A == Activation::GELU) {

@@ -119,12 +119,24 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
   at::parallel_for(0, s.N, grain_of(2 * s.HxW * s.C), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 8> table({s.C, s.C, s.C, s.C, s.C, s.C, s.C, s.C});
     auto [pivot, scale, shift, g_coef, x_coef, bias_coef, block_gx, block_g] = table.arrays;
-    // g = dy * act'(z) of the current sample, kept for its dx pass.
-    std::vector<acc_t> g_saved(keeps_grad<A>(a) ? s.HxW * s.C : 0);
-    acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
+    // g = dy * act'(z) of the current sample, kept for its dx pass: in dx
+    // itself where it holds the accumulate type (the dx pass reads each value
+    // before overwriting it), so no scratch as large as a sample goes through
+    // the caches besides dx; else in scratch (not zeroed: every value read
+    // is written first).
+    constexpr bool kGradInDx = std::is_same_v<scalar_t, acc_t>;
+    const auto g_saved = std::make_unique_for_overwrite<acc_t[]>(keeps_grad<A>(a) && !kGradInDx ? s.HxW * s.C : 0);
     PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * s.HxW * s.C;
+      acc_t* g_out = nullptr;
+      if (keeps_grad<A>(a)) {
+        if constexpr (kGradInDx) {
+          g_out = a.dx + offset;
+        } else {
+          g_out = g_saved.get();
+        }
+      }
       for (int64_t g = 0; g < s.G; ++g) {
         group_affine_tables<scalar_t, A>(a, s, n, g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }

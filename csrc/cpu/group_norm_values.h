@@ -388,8 +388,22 @@ inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
     });
   };
   if (A != Activation::None && g_saved != nullptr) {
+    // g_saved may be dx itself, each value read before it is written; the
+    // tail step redoes values the steps before it wrote (simd_for), so its g
+    // is read first.
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t L = Vec::size();
+    const bool overlapping_tail = len % L != 0 && tail_as_vector<IO>(len);
+    const Vec tail_g = overlapping_tail ? Vec::loadu(g_saved + len - L) : Vec(0);
     run([&](int64_t i, auto step, const auto& /*xv*/, auto& gv) {
       using S = decltype(step);
+      if constexpr (std::is_same_v<typename S::type, Vec> && S::count == 1) {
+        if (overlapping_tail && i == len - L) {
+          gv[0] = tail_g;
+          return;
+        }
+      }
       for (int k = 0; k < S::count; ++k) gv[k] = load_as<typename S::type>(g_saved + i + k * S::lanes);
     });
   } else {

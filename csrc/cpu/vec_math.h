@@ -50,12 +50,24 @@ inline at::vec::Vectorized<float> times_power_of_two(const at::vec::Vectorized<f
 #endif
 }
 
+// exp(v), or exp(-v) where kNegated: the same bits as exp(0 - v) (the clamp,
+// n and r mirrored exactly), without the negation.
+template <bool kNegated = false>
 inline at::vec::Vectorized<float> exp_float_vector(const at::vec::Vectorized<float>& v) {
   using Vec = at::vec::Vectorized<float>;
   using at::vec::fmadd;
-  const Vec x = at::vec::clamp(v, Vec(-104.0f), Vec(89.0f));
-  const Vec n = (x * Vec(1.44269504088896341f)).round();
-  const Vec r = fmadd(n, Vec(2.12194440e-4f), fmadd(n, Vec(-0.693359375f), x));
+  constexpr float kLog2e = 1.44269504088896341f;
+  // x = the argument, -x where kNegated; r = x - n ln2_hi + n ln2_lo.
+  Vec n, r;
+  if constexpr (kNegated) {
+    const Vec x = at::vec::clamp(v, Vec(-89.0f), Vec(104.0f));
+    n = (x * Vec(-kLog2e)).round();
+    r = fmadd(n, Vec(2.12194440e-4f), at::vec::fmsub(n, Vec(-0.693359375f), x));
+  } else {
+    const Vec x = at::vec::clamp(v, Vec(-104.0f), Vec(89.0f));
+    n = (x * Vec(kLog2e)).round();
+    r = fmadd(n, Vec(2.12194440e-4f), fmadd(n, Vec(-0.693359375f), x));
+  }
   Vec p = fmadd(Vec(1.381461275741458e-3f), r, Vec(8.368710055947304e-3f));
   p = fmadd(p, r, Vec(4.166838899254799e-2f));
   p = fmadd(p, r, Vec(1.666652113199234e-1f));
@@ -71,6 +83,13 @@ inline at::vec::Vectorized<T> gn_exp(const at::vec::Vectorized<T>& v) {
   if constexpr (std::is_same_v<T, float>) return exp_float_vector(v);
 #endif
   return v.exp();
+}
+template <typename T>
+inline at::vec::Vectorized<T> gn_exp_neg(const at::vec::Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return exp_float_vector<true>(v);
+#endif
+  return (at::vec::Vectorized<T>(T(0)) - v).exp();
 }
 // 1 / v: a division, correctly rounded and the same on every CPU model
 // (v = inf gives 0, NaN stays NaN). The hardware estimate refined by a
