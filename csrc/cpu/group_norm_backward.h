@@ -51,6 +51,20 @@ bool keeps_grad(const Args& a) {
   return A != Activation::None && a.dx != nullptr;
 }
 
+// Where g = dy * act'(z) can wait in dx itself for the dx pass, which reads
+// each value before writing it: dx of the accumulate type (fp32, fp64), an
+// activation, and dx written through the cache; null otherwise. The dx pass
+// then reads x and g where it would read x and dy, and skips recomputing
+// act'(z). A streamed dx does not stay in cache: there g would make a round
+// trip to memory that costs more than recomputing it.
+template <Activation A, typename scalar_t>
+acc_type<scalar_t>* grad_in_dx(const TypedBackwardArgs<scalar_t>& a) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    if (keeps_grad<A>(a) && !a.stream) return a.dx;
+  }
+  return nullptr;
+}
+
 // Channels-first, one group per work item: sums, then dx from cache.
 // prefetch: fetch the next group while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
@@ -120,23 +134,15 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
     Scratch<acc_t, 8> table({s.C, s.C, s.C, s.C, s.C, s.C, s.C, s.C});
     auto [pivot, scale, shift, g_coef, x_coef, bias_coef, block_gx, block_g] = table.arrays;
     // g = dy * act'(z) of the current sample, kept for its dx pass: in dx
-    // itself where it holds the accumulate type (the dx pass reads each value
-    // before overwriting it), so no scratch as large as a sample goes through
-    // the caches besides dx; else in scratch (not zeroed: every value read
-    // is written first).
-    constexpr bool kGradInDx = std::is_same_v<scalar_t, acc_t>;
-    const auto g_saved = std::make_unique_for_overwrite<acc_t[]>(keeps_grad<A>(a) && !kGradInDx ? s.HxW * s.C : 0);
+    // (grad_in_dx), so no scratch as large as a sample goes through the
+    // caches besides it; else in scratch (not zeroed: every value read is
+    // written first).
+    acc_t* const g_dx = grad_in_dx<A>(a);
+    const auto g_saved = std::make_unique_for_overwrite<acc_t[]>(keeps_grad<A>(a) && g_dx == nullptr ? s.HxW * s.C : 0);
     PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * s.HxW * s.C;
-      acc_t* g_out = nullptr;
-      if (keeps_grad<A>(a)) {
-        if constexpr (kGradInDx) {
-          g_out = a.dx + offset;
-        } else {
-          g_out = g_saved.get();
-        }
-      }
+      acc_t* const g_out = g_dx != nullptr ? g_dx + offset : keeps_grad<A>(a) ? g_saved.get() : nullptr;
       for (int64_t g = 0; g < s.G; ++g) {
         group_affine_tables<scalar_t, A>(a, s, n, g, pivot + g * Cg, scale + g * Cg, shift + g * Cg);
       }
@@ -199,7 +205,10 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
   }
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
 
-  // Pass 1: per-(n, c) sums, chunks / row blocks in parallel, merged in order.
+  // Pass 1: per-(n, c) sums, chunks / row blocks in parallel, merged in order;
+  // g into dx where it can wait there (grad_in_dx).
+  acc_t* const g_dx = grad_in_dx<A>(a);
+  const auto g_at = [&](int64_t offset) { return g_dx != nullptr ? g_dx + offset : nullptr; };
   std::fill(a.sum_gx, a.sum_gx + planes, acc_t(0));
   std::fill(a.sum_g, a.sum_g + planes, acc_t(0));
   const auto pb =
@@ -209,7 +218,7 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
     for_each_plane_block<scalar_t>(s, *pb, false, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t /*ahead*/) {
       const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
       plane_block_grad_sums<scalar_t, A>(a.dy + at, a.x + at, n_planes, *pb, block_tables(ci), a.sum_gx + ci,
-                                         a.sum_g + ci, nullptr);
+                                         a.sum_g + ci, g_at(at));
     });
   } else if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
@@ -217,9 +226,9 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
         planes, chunks, 1, 2 * std::min(kChunk, s.HxW),
         [&](int64_t plane, int64_t k, std::pair<acc_t, acc_t>* out) {
           const int64_t base = plane * s.HxW + k * kChunk;
-          *out =
-              simd_sum2<scalar_t>(std::min(kChunk, s.HxW - k * kChunk),
-                                  grad_sums_body<scalar_t, A>(a.dy + base, a.x + base, run_affine(t, plane, PerRun{})));
+          *out = simd_sum2<scalar_t>(
+              std::min(kChunk, s.HxW - k * kChunk),
+              grad_sums_body<scalar_t, A>(a.dy + base, a.x + base, run_affine(t, plane, PerRun{}), g_at(base)));
         },
         [&](int64_t plane, const std::pair<acc_t, acc_t>* parts) {
           for (int64_t k = 0; k < chunks; ++k) {
@@ -236,7 +245,7 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
           const int64_t offset = n * s.HxW * s.C, row0 = b * block_rows;
           const AffineTables<acc_t> sample_t{t.pivot + n * s.C, t.scale + n * s.C, t.shift + n * s.C};
           cl_block_grad_sums<scalar_t, A>(a.dy + offset, a.x + offset, row0, std::min(block_rows, s.HxW - row0), s.C,
-                                          sample_t, out, out + s.C);
+                                          sample_t, out, out + s.C, g_at(offset));
         },
         [&](int64_t n, const acc_t* sums) {
           std::copy_n(sums, s.C, a.sum_gx + n * s.C);
@@ -253,20 +262,22 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
                            a.rstd[ng], s.group_size(), g_coef.data() + i, x_coef.data() + i, bias_coef.data() + i);
   }
   const InputGradTables<acc_t> gt{g_coef.data(), x_coef.data(), bias_coef.data()};
+  // What pass 2 reads besides x: g in dx, or dy.
+  const scalar_t* other = g_dx != nullptr ? a.dx : a.dy;
+  const auto fetch = [&](int64_t ahead) {
+    return RunWrite<scalar_t, 2>{a.stream, {ahead >= 0 ? a.x + ahead : nullptr, ahead >= 0 ? other + ahead : nullptr}};
+  };
   if (pb) {
     for_each_plane_block<scalar_t>(s, *pb, a.walk_back, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t ahead) {
       const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
-      const RunWrite<scalar_t, 2> w{a.stream,
-                                    {ahead >= 0 ? a.x + ahead : nullptr, ahead >= 0 ? a.dy + ahead : nullptr}};
       input_grad_planes<scalar_t, A>(a.dy + at, a.x + at, a.dx + at, n_planes, *pb, block_tables(ci),
-                                     {gt.g_coef + ci, gt.x_coef + ci, gt.bias_coef + ci}, w, nullptr);
+                                     {gt.g_coef + ci, gt.x_coef + ci, gt.bias_coef + ci}, fetch(ahead), g_at(at));
     });
     return;
   }
   for_each_run(s, layout, a.walk_back, [&](int64_t base, int64_t len, int64_t ci, auto per_channel, int64_t ahead) {
-    const RunWrite<scalar_t, 2> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr, ahead >= 0 ? a.dy + ahead : nullptr}};
     input_grad_run<scalar_t, A>(a.dy + base, a.x + base, a.dx + base, len, run_affine(t, ci, per_channel),
-                                run_input_grad(gt, ci, per_channel), w);
+                                run_input_grad(gt, ci, per_channel), fetch(ahead), g_at(base));
   });
 }
 
