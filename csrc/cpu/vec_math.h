@@ -57,7 +57,8 @@ inline at::vec::Vectorized<float> exp_float_vector(const at::vec::Vectorized<flo
   using Vec = at::vec::Vectorized<float>;
   using at::vec::fmadd;
   constexpr float kLog2e = 1.44269504088896341f;
-  // x = the argument, -x where kNegated; r = x - n ln2_hi + n ln2_lo.
+  // n = round(a / ln 2), r = a - n ln2_hi + n ln2_lo for the argument a: v,
+  // or -v where kNegated (x is v clamped to the mirrored range, a = -x).
   Vec n, r;
   if constexpr (kNegated) {
     const Vec x = at::vec::clamp(v, Vec(-89.0f), Vec(104.0f));
