@@ -65,6 +65,65 @@ acc_type<scalar_t>* grad_in_dx(const TypedBackwardArgs<scalar_t>& a) {
   return nullptr;
 }
 
+// Channels-first small groups of short planes, in batches
+// (backward_groups_per_batch): each step (tables, sums, dx coefficients, dx)
+// runs over the whole batch. A group of a few dozen values costs less than
+// its set-up chain (sums stored as scalars, read back as vectors, horizontal
+// sums, a division); batched, the chains of independent groups overlap. The
+// dx pass walks the batch's planes as one run, and so do the sums where they
+// may cross groups (PlaneBlocks::crosses_groups), else they walk each group's
+// blocks as backward_fused_groups does: the bits of one group at a time.
+template <typename scalar_t, Activation A>
+void backward_fused_group_batches(const TypedBackwardArgs<scalar_t>& a, const GroupNormShape& s,
+                                  const PlaneBlocks<scalar_t>& pb, bool prefetch) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Cg = s.channels_per_group();
+  const int64_t D = s.group_size();
+  const int64_t batch = backward_groups_per_batch(D);
+  at::parallel_for(0, s.N * s.G, grain_of(2 * D), [&](int64_t begin, int64_t end) {
+    const int64_t width = std::min(batch, end - begin) * Cg;
+    Scratch<acc_t, 6> table({width, width, width, width, width, width});
+    auto [pivot, scale, shift, g_coef, x_coef, bias_coef] = table.arrays;
+    // g = dy * act'(z) of the current batch, kept for its dx pass.
+    std::vector<acc_t> g_saved(keeps_grad<A>(a) ? width * s.HxW : 0);
+    acc_t* const g_out = g_saved.empty() ? nullptr : g_saved.data();
+    for (int64_t first = begin; first < end; first += batch) {
+      const int64_t last = std::min(end, first + batch), planes = (last - first) * Cg;
+      for (int64_t ng = first; ng < last; ++ng) {
+        const int64_t at = (ng - first) * Cg;
+        group_affine_tables<scalar_t, A>(a, s, ng / s.G, ng % s.G, pivot + at, scale + at, shift + at);
+      }
+      const AffineTables<acc_t> t{pivot, scale, shift};
+      const scalar_t* bx = a.x + first * D;
+      const scalar_t* bdy = a.dy + first * D;
+      if (pb.crosses_groups(D, true)) {
+        plane_block_grad_sums<scalar_t, A>(bdy, bx, planes, pb, t, a.sum_gx + first * Cg, a.sum_g + first * Cg, g_out);
+      } else {
+        for (int64_t ng = first; ng < last; ++ng) {
+          const int64_t at = (ng - first) * Cg, off = (ng - first) * D;
+          pb.for_each_block(Cg, false, [&](int64_t c, int64_t n_planes) {
+            const int64_t ci = at + c, vi = off + c * s.HxW;
+            plane_block_grad_sums<scalar_t, A>(bdy + vi, bx + vi, n_planes, pb, {pivot + ci, scale + ci, shift + ci},
+                                               a.sum_gx + first * Cg + ci, a.sum_g + first * Cg + ci,
+                                               g_out ? g_out + vi : nullptr);
+          });
+        }
+      }
+      if (a.dx == nullptr) continue;
+      for (int64_t ng = first; ng < last; ++ng) {
+        const int64_t at = (ng - first) * Cg;
+        group_input_grad_coefs(a.sum_gx + ng * Cg, a.sum_g + ng * Cg, a.params.weight(ng / s.G, ng % s.G * Cg), Cg,
+                               a.residual[ng], a.rstd[ng], D, g_coef + at, x_coef + at, bias_coef + at);
+      }
+      const bool more = prefetch && last < end;
+      const RunWrite<scalar_t, 2> w{a.stream,
+                                    {more ? bx + planes * s.HxW : nullptr, more ? bdy + planes * s.HxW : nullptr}};
+      input_grad_planes<scalar_t, A>(bdy, bx, a.dx + first * D, planes, pb, t, {g_coef, x_coef, bias_coef}, w, g_out);
+    }
+    stream_fence();
+  });
+}
+
 // Channels-first, one group per work item: sums, then dx from cache.
 // prefetch: fetch the next group while writing this one (see prefetch_fits).
 template <typename scalar_t, Activation A>
@@ -73,6 +132,9 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
   const int64_t Cg = s.channels_per_group();
   const int64_t D = s.group_size();
   const auto pb = plane_blocks_if<scalar_t>(backward_walks_plane_blocks<scalar_t>(s.HxW), s.HxW);
+  if (pb && backward_groups_per_batch(D) >= 2 && !a.walk_back) {
+    return backward_fused_group_batches<scalar_t, A>(a, s, *pb, prefetch);
+  }
   at::parallel_for(0, s.N * s.G, grain_of(2 * D), [&](int64_t begin, int64_t end) {
     Scratch<acc_t, 6> table({Cg, Cg, Cg, Cg, Cg, Cg});
     auto [pivot, scale, shift, g_coef, x_coef, bias_coef] = table.arrays;
@@ -215,11 +277,12 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
       plane_blocks_if<scalar_t>(layout == Layout::ChannelsFirst && backward_walks_plane_blocks<scalar_t>(s.HxW), s.HxW);
   const auto block_tables = [&](int64_t ci) { return AffineTables<acc_t>{t.pivot + ci, t.scale + ci, t.shift + ci}; };
   if (pb) {
-    for_each_plane_block<scalar_t>(s, *pb, false, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t /*ahead*/) {
-      const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
-      plane_block_grad_sums<scalar_t, A>(a.dy + at, a.x + at, n_planes, *pb, block_tables(ci), a.sum_gx + ci,
-                                         a.sum_g + ci, g_at(at));
-    });
+    for_each_plane_block<scalar_t>(
+        s, *pb, false, true, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t /*ahead*/) {
+          const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
+          plane_block_grad_sums<scalar_t, A>(a.dy + at, a.x + at, n_planes, *pb, block_tables(ci), a.sum_gx + ci,
+                                             a.sum_g + ci, g_at(at));
+        });
   } else if (s.HxW > 0 && layout == Layout::ChannelsFirst) {
     const int64_t chunks = ceil_div(s.HxW, kChunk);
     chunked_reduce<std::pair<acc_t, acc_t>>(
@@ -268,11 +331,12 @@ void backward_two_pass(const TypedBackwardArgs<scalar_t>& a, const GroupNormShap
     return RunWrite<scalar_t, 2>{a.stream, {ahead >= 0 ? a.x + ahead : nullptr, ahead >= 0 ? other + ahead : nullptr}};
   };
   if (pb) {
-    for_each_plane_block<scalar_t>(s, *pb, a.walk_back, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t ahead) {
-      const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
-      input_grad_planes<scalar_t, A>(a.dy + at, a.x + at, a.dx + at, n_planes, *pb, block_tables(ci),
-                                     {gt.g_coef + ci, gt.x_coef + ci, gt.bias_coef + ci}, fetch(ahead), g_at(at));
-    });
+    for_each_plane_block<scalar_t>(
+        s, *pb, a.walk_back, false, [&](int64_t ng, int64_t c, int64_t n_planes, int64_t ahead) {
+          const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
+          input_grad_planes<scalar_t, A>(a.dy + at, a.x + at, a.dx + at, n_planes, *pb, block_tables(ci),
+                                         {gt.g_coef + ci, gt.x_coef + ci, gt.bias_coef + ci}, fetch(ahead), g_at(at));
+        });
     return;
   }
   for_each_run(s, layout, a.walk_back, [&](int64_t base, int64_t len, int64_t ci, auto per_channel, int64_t ahead) {

@@ -43,6 +43,13 @@ void forward_fused_groups(const TypedForwardArgs<scalar_t>& a, const GroupNormSh
         group_forward_coefs(stats[ng - first], a.eps, a.params.weight(ng / s.G, c0), a.params.bias(ng / s.G, c0), Cg,
                             a.mean + ng, a.rstd + ng, table.arrays[0] + at, table.arrays[1] + at, table.arrays[2] + at);
       }
+      if (pb && !a.walk_back) {
+        // The batch's planes in one walk (PlaneBlocks::crosses_groups).
+        const RunWrite<scalar_t, 1> w{a.stream, {prefetch && last < end ? a.x + last * D : nullptr}};
+        forward_planes<scalar_t, A>(a.x + first * D, a.y + first * D, (last - first) * Cg, *pb,
+                                    {table.arrays[0], table.arrays[1], table.arrays[2]}, w);
+        continue;
+      }
       for_each_item(first, last, a.walk_back, [&](int64_t ng, int64_t /*ahead*/) {
         const int64_t at = (ng - first) * Cg;
         const AffineTables<acc_t> t{table.arrays[0] + at, table.arrays[1] + at, table.arrays[2] + at};
@@ -105,11 +112,12 @@ void forward_two_pass(const TypedForwardArgs<scalar_t>& a, const GroupNormShape&
   const AffineTables<acc_t> t{pivots.data(), scale.data(), shift.data()};
   if (layout == Layout::ChannelsFirst && forward_walks_plane_blocks<scalar_t>(s.HxW)) {
     const PlaneBlocks<scalar_t> pb(s.HxW);
-    for_each_plane_block<scalar_t>(s, pb, a.walk_back, [&](int64_t ng, int64_t c, int64_t planes, int64_t ahead) {
-      const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
-      const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};
-      forward_planes<scalar_t, A>(a.x + at, a.y + at, planes, pb, {t.pivot + ci, t.scale + ci, t.shift + ci}, w);
-    });
+    for_each_plane_block<scalar_t>(
+        s, pb, a.walk_back, false, [&](int64_t ng, int64_t c, int64_t planes, int64_t ahead) {
+          const int64_t at = ng * s.group_size() + c * s.HxW, ci = ng * Cg + c;
+          const RunWrite<scalar_t, 1> w{a.stream, {ahead >= 0 ? a.x + ahead : nullptr}};
+          forward_planes<scalar_t, A>(a.x + at, a.y + at, planes, pb, {t.pivot + ci, t.scale + ci, t.shift + ci}, w);
+        });
     return;
   }
   if (layout == Layout::ChannelsFirst) {

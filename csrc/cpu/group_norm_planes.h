@@ -69,6 +69,13 @@ struct PlaneBlocks {
     for (int32_t v = 0; v < kLanes * HxW; ++v) lane_plane[v / kLanes][v % kLanes] = static_cast<int32_t>(v / HxW);
   }
   bool tiny() const { return HxW < kLanes; }
+  // Whether a pass may walk the planes of consecutive groups as one run
+  // (batches of small groups, two-pass blocks): an elementwise pass always,
+  // each lane computing with its own plane's coefficients; the gradient
+  // sums where every plane keeps the lanes it has in its own group's walk,
+  // on which they depend: tiny planes (their sums add a plane's terms in
+  // order, lane by lane) or groups of whole vectors.
+  bool crosses_groups(int64_t group_size, bool sums) const { return !sums || tiny() || group_size % kLanes == 0; }
   int64_t blocks(int64_t Cg) const { return ceil_div(Cg, per_block); }
   // fn(c, planes) for each block (planes [c, c + planes)) of a group of Cg,
   // last to first where `backward`.
@@ -212,7 +219,9 @@ inline V spread_lanes(const V& v, const int32_t* idx) {
 // group's last round, Last with `valid` lanes), c the round's first plane;
 // round_done(c, n) after each round of n planes. The coefficients of a
 // round's planes load as one vector, spread to the lanes by one permutation
-// per vector.
+// per vector. Each lane computes with its own plane's coefficients only, and
+// tiny_plane_grad_sums adds a plane's terms in order, so a plane's results
+// are the same wherever its round starts.
 template <typename scalar_t, size_t N, typename Body, typename RoundDone>
 GNFLEX_ALWAYS_INLINE inline void simd_for_tiny_planes(int64_t planes, const PlaneBlocks<scalar_t>& pb,
                                                       const std::array<const acc_type<scalar_t>*, N>& tables,
@@ -364,13 +373,19 @@ void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
 // (planes [c, c + planes) of group ng), in parallel; each thread walks its
 // blocks backward where `backward` (walks_back). ahead: in a backward walk,
 // the value offset of the block walked next (to fetch); -1 otherwise.
+// Where the pass may cross groups (sums: whether it is the gradient sums; see
+// PlaneBlocks::crosses_groups), blocks run across group boundaries, as if
+// all N * C planes were group 0.
 template <typename scalar_t, typename Fn>
-void for_each_plane_block(const GroupNormShape& s, const PlaneBlocks<scalar_t>& pb, bool backward, const Fn& fn) {
-  const int64_t Cg = s.channels_per_group();
+void for_each_plane_block(const GroupNormShape& s, const PlaneBlocks<scalar_t>& pb, bool backward, bool sums,
+                          const Fn& fn) {
+  const bool across = pb.crosses_groups(s.group_size(), sums);
+  const int64_t groups = across ? 1 : s.N * s.G;
+  const int64_t Cg = across ? s.N * s.C : s.channels_per_group();
   const int64_t per_block = pb.per_block;
   const int64_t blocks = pb.blocks(Cg);
-  const auto offset = [&](int64_t item) { return item / blocks * s.group_size() + item % blocks * per_block * s.HxW; };
-  at::parallel_for(0, s.N * s.G * blocks, grain_of(per_block * s.HxW), [&](int64_t begin, int64_t end) {
+  const auto offset = [&](int64_t item) { return item / blocks * Cg * s.HxW + item % blocks * per_block * s.HxW; };
+  at::parallel_for(0, groups * blocks, grain_of(per_block * s.HxW), [&](int64_t begin, int64_t end) {
     for_each_item(begin, end, backward, [&](int64_t item, int64_t ahead) {
       const int64_t c = item % blocks * per_block;
       fn(item / blocks, c, std::min(per_block, Cg - c), ahead >= 0 ? offset(ahead) : int64_t(-1));

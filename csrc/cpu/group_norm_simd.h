@@ -30,13 +30,22 @@ int64_t grain_of(int64_t item_values) { return std::max<int64_t>(1, 32768 / std:
 // a chain of dependent horizontal sums, divisions and a square root that
 // costs more than its values; the chains of independent groups overlap.
 // Groups too large for a batch of four go one at a time (batches of two and
-// three measured slower), and so does the backward (batched: slower on every
-// shape measured; docs/performance.md).
+// three measured slower).
 constexpr int64_t kMaxBatch = 16;
 constexpr int64_t kBatchValues = kChunk;
 int64_t groups_per_batch(int64_t group_values) {
   const int64_t fit = kBatchValues / std::max<int64_t>(group_values, 1);
   return fit < 4 ? 1 : std::min(fit, kMaxBatch);
+}
+
+// The backward's fused schedule batches groups of short planes, at least two
+// to a batch of up to kBackwardBatchValues values (backward_fused_group_batches).
+// Larger batches were slower where their groups were larger: x, dy and dx of
+// a batch then no longer stay in L1 between the sums and the dx pass
+// (docs/performance.md).
+constexpr int64_t kBackwardBatchValues = 1024;
+int64_t backward_groups_per_batch(int64_t group_values) {
+  return kBackwardBatchValues / std::max<int64_t>(group_values, 1);
 }
 
 // fn(item, ahead) for the items [begin, end) first to last, or last to first
