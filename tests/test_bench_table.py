@@ -41,3 +41,22 @@ def test_write_needs_the_markers():
         table.replace_block("no markers here", "table")
     text = f"before\n{table.BEGIN}\nold\n{table.END}\nafter"
     assert table.replace_block(text, "new") == "before\nnew\nafter"
+
+
+def test_cpu_floor_microbenchmark_builds_and_reports(tmp_path):
+    """bench/cpu_floor.cpp (the fused forward's floor without gnflex or torch)
+    compiles as its header says and prints one row per contender."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    binary = tmp_path / "cpu_floor"
+    subprocess.run([compiler, "-O2", "-fopenmp", os.path.join(ROOT, "bench", "cpu_floor.cpp"), "-o", str(binary)],
+                   check=True)
+    out = subprocess.run([str(binary), "1", "1"], check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "contender" not in line]
+    assert [r[0].strip() for r in rows][0] == "memcpy" and len(rows) == 7
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
