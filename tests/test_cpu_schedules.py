@@ -21,10 +21,8 @@ from _helpers import ACTIVATIONS, DTYPES, assert_close_to_ref, grads_of, make_in
 # value ((N, C), (N, C, 1, 1)) run through the channels-last kernels. Small
 # groups are set up in batches: 5120 groups of 8 values, in whole batches
 # that two threads split, and 18 groups of 40 (3x48x5: a batch and a part).
-# A batch's planes are walked as one run across its groups: tiny planes
-# (3x3 in groups of 3), 4x4 planes in groups of 4 (whole vectors: the
-# backward's sums cross groups too, five batches a thread), 6x6 in groups of
-# 2 (72 values: whole vectors of 8 lanes but not of 16).
+# Short planes in batches of small groups are walked as one run across
+# groups (ACROSS_SHAPES, below).
 # A channels-last sample of 16900 rows of 8 channels takes its statistics in
 # three runs (the last partial), which two threads split, and its backward
 # gradient sums in runs of row blocks joined across threads.
@@ -44,10 +42,14 @@ SHAPES = [
     ((5, 40, 1, 1), 4),
     ((160, 64, 2, 2), 32),
     ((1, 8, 130, 130), 2),
-    ((9, 60, 3, 3), 20),
-    ((40, 64, 4, 4), 16),
-    ((3, 24, 6, 6), 12),
 ]
+# Short planes walked as one run across groups (a batch of small groups, a
+# two-pass block): 3x3 in groups of 3 (tiny under 16 lanes; two batches and a
+# part a thread), 4x4 in groups of 4 (whole vectors, so the backward's sums
+# cross groups too; twenty batches a thread), 6x6 in groups of 2 (72 values:
+# whole vectors of 8 lanes but not of 16, so fp32 sums walk each group).
+ACROSS_SHAPES = [((9, 60, 3, 3), 20), ((40, 64, 4, 4), 16), ((3, 24, 6, 6), 12)]
+SHAPES += ACROSS_SHAPES
 
 
 def run(monkeypatch, schedule, x, w, b, groups, activation, dy):
@@ -103,7 +105,7 @@ def test_gradients_kept_in_dx_match_the_reference(monkeypatch, schedule, layout,
 # agreement would not see an error both make.
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("activation", ("none", "silu"))
-@pytest.mark.parametrize("shape,groups", SHAPES[-3:], ids=str)
+@pytest.mark.parametrize("shape,groups", ACROSS_SHAPES, ids=str)
 @pytest.mark.parametrize("schedule", ("fused", "two_pass"))
 def test_walks_across_groups_match_the_reference(monkeypatch, schedule, shape, groups, activation, dtype):
     x, dy, w, b = case_tensors(shape, dtype, "contiguous")
