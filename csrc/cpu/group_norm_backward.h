@@ -101,12 +101,8 @@ void backward_fused_group_batches(const TypedBackwardArgs<scalar_t>& a, const Gr
       } else {
         for (int64_t ng = first; ng < last; ++ng) {
           const int64_t at = (ng - first) * Cg, off = (ng - first) * D;
-          pb.for_each_block(Cg, false, [&](int64_t c, int64_t n_planes) {
-            const int64_t ci = at + c, vi = off + c * s.HxW;
-            plane_block_grad_sums<scalar_t, A>(bdy + vi, bx + vi, n_planes, pb, {pivot + ci, scale + ci, shift + ci},
-                                               a.sum_gx + first * Cg + ci, a.sum_g + first * Cg + ci,
-                                               g_out ? g_out + vi : nullptr);
-          });
+          group_plane_grad_sums<scalar_t, A>(bdy + off, bx + off, Cg, pb, {pivot + at, scale + at, shift + at},
+                                             a.sum_gx + ng * Cg, a.sum_g + ng * Cg, g_out ? g_out + off : nullptr);
         }
       }
       if (a.dx == nullptr) continue;
@@ -148,11 +144,7 @@ void backward_fused_groups(const TypedBackwardArgs<scalar_t>& a, const GroupNorm
       const AffineTables<acc_t> t{pivot, scale, shift};
       acc_t* g_out = g_saved.empty() ? nullptr : g_saved.data();
       if (pb) {
-        pb->for_each_block(Cg, false, [&](int64_t c, int64_t planes) {
-          plane_block_grad_sums<scalar_t, A>(gdy + c * s.HxW, gx + c * s.HxW, planes, *pb,
-                                             {pivot + c, scale + c, shift + c}, a.sum_gx + ng * Cg + c,
-                                             a.sum_g + ng * Cg + c, g_out ? g_out + c * s.HxW : nullptr);
-        });
+        group_plane_grad_sums<scalar_t, A>(gdy, gx, Cg, *pb, t, a.sum_gx + ng * Cg, a.sum_g + ng * Cg, g_out);
       } else {
         for (int64_t c = 0; c < Cg; ++c) {
           std::tie(a.sum_gx[ng * Cg + c], a.sum_g[ng * Cg + c]) = plane_grad_sums<scalar_t, A>(

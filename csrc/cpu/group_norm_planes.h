@@ -338,6 +338,21 @@ void plane_block_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t planes
       });
 }
 
+// plane_block_grad_sums of one channels-first group of Cg short planes, block
+// by block as the two-pass schedule cuts them (for sums that may not cross
+// groups); tables and sums at the group's first channel, g_out (if any) at
+// its first value.
+template <typename scalar_t, Activation A>
+void group_plane_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t Cg, const PlaneBlocks<scalar_t>& pb,
+                           const AffineTables<acc_type<scalar_t>>& t, acc_type<scalar_t>* sum_gx,
+                           acc_type<scalar_t>* sum_g, acc_type<scalar_t>* g_out) {
+  const int64_t HxW = pb.HxW;
+  pb.for_each_block(Cg, false, [&](int64_t c, int64_t planes) {
+    plane_block_grad_sums<scalar_t, A>(dy + c * HxW, x + c * HxW, planes, pb, {t.pivot + c, t.scale + c, t.shift + c},
+                                       sum_gx + c, sum_g + c, g_out ? g_out + c * HxW : nullptr);
+  });
+}
+
 // dx (as input_grad_run), from g_saved where the sums kept g.
 template <typename scalar_t, Activation A>
 void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t planes,
