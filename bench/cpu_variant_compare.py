@@ -2,7 +2,7 @@
 variant this CPU runs (GNFLEX_CPU_VARIANT caps the variant; one process per variant), to
 compare variants on one machine:
 
-    python bench/cpu_variant_compare.py avx2 avx512 [--threads 2]
+    python bench/cpu_variant_compare.py avx2 avx512 avx512_bf16 [--threads 2]
 """
 import argparse
 import os
@@ -37,7 +37,7 @@ for shape in ((8, 64, 56, 56), (8, 256, 32, 32), (2, 512, 64, 64), (64, 1024, 7,
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("variants", nargs="+", help="GNFLEX_CPU_VARIANT values: default, avx2, avx512")
+    p.add_argument("variants", nargs="+", help="GNFLEX_CPU_VARIANT values: default, avx2, avx512, avx512_bf16")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     results = {}

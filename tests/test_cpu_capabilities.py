@@ -1,4 +1,5 @@
-"""Every CPU kernel variant (portable, AVX2, AVX-512) gives the reference results.
+"""Every CPU kernel variant (portable, AVX2, AVX-512, AVX-512 with AVX512-BF16
+conversions) gives the reference results.
 
 ATen's CPU capability picks the variant; ATEN_CPU_CAPABILITY (default, avx2,
 avx512) forces one and GNFLEX_CPU_VARIANT caps gnflex's alone, which needs a
@@ -73,18 +74,25 @@ def run_with_capability(capability, cwd, variant=None):
     return cap, variant, float(worst)
 
 
+# The variant an AVX512 process runs unless capped: with AVX512-BF16's
+# conversions where the CPU has them.
+WIDEST = "AVX512_BF16" if "avx512_bf16" in cpu_flags() else "AVX512"
 # (ATEN_CPU_CAPABILITY, GNFLEX_CPU_VARIANT, the variant that must run): every variant
 # gnflex has, chosen by ATen's capability and by gnflex's own cap.
-VARIANTS = [("default", None, "DEFAULT"), ("avx2", None, "AVX2"), ("avx512", None, "AVX512"),
-          ("avx512", "avx2", "AVX2")]
+VARIANTS = [("default", None, "DEFAULT"), ("avx2", None, "AVX2"), ("avx512", "avx512", "AVX512"),
+            ("avx512", None, WIDEST), ("avx512", "avx2", "AVX2")]
+
+
+def skip_unless_runs(capability):
+    host_rank = CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0
+    if CAPABILITIES.index(capability.upper()) > host_rank:
+        pytest.skip(f"ATen runs this CPU as {HOST}: the {capability} kernels cannot run here")
 
 
 @pytest.mark.parametrize("capability,variant_limit,want", VARIANTS,
-                         ids=["DEFAULT", "AVX2", "AVX512", "AVX2-under-AVX512"])
+                         ids=["DEFAULT", "AVX2", "AVX512", "uncapped-AVX512", "AVX2-under-AVX512"])
 def test_kernel_variant_matches_reference(capability, variant_limit, want, tmp_path):
-    host_rank = CAPABILITIES.index(HOST) if HOST in CAPABILITIES else 0
-    if CAPABILITIES.index(capability.upper()) > host_rank:
-        pytest.skip(f"ATen runs this CPU as {HOST}: the {want} kernels cannot run here")
+    skip_unless_runs(capability)
     cap, variant, worst = run_with_capability(capability, tmp_path, variant_limit)
     if cap != capability.upper():
         pytest.skip(f"ATEN_CPU_CAPABILITY={capability}: ATen runs {cap}")
@@ -96,7 +104,59 @@ def test_variant_limit_is_checked(tmp_path):
     code = "from gnflex import _C; _C.cpu_tuning()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=dict(os.environ, GNFLEX_CPU_VARIANT="avx1024"))
-    assert proc.returncode != 0 and "GNFLEX_CPU_VARIANT must be default, avx2 or avx512" in proc.stderr
+    assert proc.returncode != 0 and "GNFLEX_CPU_VARIANT must be default, avx2, avx512 or avx512_bf16" in proc.stderr
+
+
+# bfloat16 outputs of every kind of store (whole vectors, tails of short planes
+# and rows, streamed), with outputs that are denormal floats (a tiny weight),
+# NaN and inf, forward and backward: printed as bits, one line per tensor.
+BF16_BITS = textwrap.dedent(
+    """
+    import hashlib, torch, gnflex
+    from gnflex import _C
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    lines, denormals = [], 0
+    cases = [((2, 64, 9, 7), 8), ((2, 72, 5, 6), 6), ((3, 40, 3, 3), 10), ((2, 64, 16, 16), 8)]
+    for (shape, groups), fmt, special in [(c, f, s) for c in cases
+                                          for f in (torch.contiguous_format, torch.channels_last)
+                                          for s in ("tiny", "nan", "inf")]:
+        x = (torch.randn(shape) * 3 + 1).to(torch.bfloat16, memory_format=fmt)
+        w, b = torch.randn(shape[1]).bfloat16(), torch.randn(shape[1]).bfloat16()
+        w[::2], b[::2] = 1e-38, 0
+        flat = x.as_strided((x.numel(),), (1,))
+        if special != "tiny":
+            flat[len(flat) // 3] = float(special)
+        for act in ("none", "silu"):
+            xg = x.clone().requires_grad_()
+            y = gnflex.group_norm(xg, groups, w, b, activation=act)
+            dy = torch.randn_like(y) * 1e-37
+            dx, = torch.autograd.grad(y, xg, dy)
+            denormals += int(((y.float().abs() < 1.17e-38) & (y != 0)).sum())
+            for t in (y, dx):
+                lines.append(t.detach().contiguous().view(torch.int16).flatten().tolist())
+    print(_C.cpu_tuning()["kernel_variant"], denormals, hashlib.sha256(str(lines).encode()).hexdigest())
+    """
+)
+
+
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("stream", ["1G", "1"], ids=["cached", "streamed"])
+def test_bf16_conversions_match_the_avx512_variant(stream, tmp_path):
+    """The hardware conversion reads float denormals as 0 and writes its own
+    NaN: those vectors must still round as ATen's (and AVX512's) do."""
+    skip_unless_runs("avx512")
+    results = {}
+    for variant in ("avx512", "avx512_bf16"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY="avx512", GNFLEX_CPU_VARIANT=variant, GNFLEX_CPU_STREAM_BYTES=stream)
+        proc = subprocess.run([sys.executable, "-c", BF16_BITS], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        name, denormals, digest = proc.stdout.split()
+        results[name] = (int(denormals), digest)
+    assert set(results) == {"AVX512", "AVX512_BF16"}
+    assert results["AVX512"][0] > 1000  # the case reaches denormal outputs
+    assert results["AVX512"] == results["AVX512_BF16"]
 
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags() or "avx512f" in cpu_flags(),
@@ -157,5 +217,31 @@ def test_only_the_simd_variants_use_wide_vectors():
         pytest.skip("needs objdump (binutils)")
     wide = wide_vector_functions(_C.__file__)
     assert any("::AVX512::" in f for f in wide)  # the variants themselves are found
-    outside = sorted(f for f in wide if "::AVX2::" not in f and "::AVX512::" not in f)
+    variants = ("::AVX2::", "::AVX512::", "::AVX512BF16::")
+    outside = sorted(f for f in wide if not any(v in f for v in variants))
     assert not outside, f"{len(outside)} functions outside the SIMD variants use AVX: {outside[:5]}"
+
+
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs a CPU with AVX512-BF16")
+def test_bf16_conversion_rounds_every_float_as_aten(tmp_path):
+    """tests/cpu/bf16_narrow_check.cpp: the AVX512-BF16 kernels' conversion
+    against ATen's over all 2^32 floats, compiled as that variant is."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    binary = tmp_path / "bf16_narrow_check"
+    flags = ["-O2", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+             "-mf16c", "-DCPU_CAPABILITY=AVX512BF16", "-DCPU_CAPABILITY_AVX512", "-DGNFLEX_CPU_AVX512_BF16"]
+    includes = [f"-I{os.path.join(here, '..', 'csrc')}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
+    subprocess.run([compiler, *flags, *includes, os.path.join(here, "cpu", "bf16_narrow_check.cpp"), "-o",
+                    str(binary), f"-L{torch_lib}", "-lc10", f"-Wl,-rpath,{torch_lib}"], check=True)
+    proc = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout
+    assert "blocks differing from ATen: 0;" in proc.stdout
+    assert int(proc.stdout.rsplit(":", 1)[1]) > 0  # the check sees what the instruction alone does

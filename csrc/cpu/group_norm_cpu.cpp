@@ -1,6 +1,6 @@
 // CPU implementations of the gnflex ops: shared argument checks and output
-// allocation (group_norm_utils), then the kernel variant for this CPU (AVX-512,
-// AVX2 or portable).
+// allocation (group_norm_utils), then the kernel variant for this CPU (AVX-512
+// with or without AVX512-BF16, AVX2 or portable).
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -20,24 +20,42 @@ namespace cpu {
 // lowers it (default, avx2) on any CPU, but ATen takes avx512 on trust, without
 // asking the CPU (its own kernels then fault where AVX-512 is missing), so the
 // variant is also capped by what the CPU and OS support: the features ATen itself
-// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA). GNFLEX_CPU_VARIANT
-// (default, avx2, avx512) caps it without changing ATen's own kernels, so
-// benchmarks can compare variants against the same torch.
+// requires for AVX512 (F, BW, VL, DQ) and AVX2 (AVX2, FMA). AVX512_BF16 is the
+// AVX512 variant with AVX512-BF16's conversion for bfloat16 tensors, where the
+// CPU has it. GNFLEX_CPU_VARIANT (default, avx2, avx512, avx512_bf16) caps it
+// without changing ATen's own kernels, so benchmarks can compare variants
+// against the same torch.
+namespace {
+#if defined(GNFLEX_HAVE_AVX512_KERNELS)
+void forward_avx512_bf16(const ErasedForwardArgs& p) {
+  (p.dtype == c10::ScalarType::BFloat16 ? AVX512BF16::group_norm_forward_kernel : AVX512::group_norm_forward_kernel)(p);
+}
+void backward_avx512_bf16(const ErasedBackwardArgs& p) {
+  (p.dtype == c10::ScalarType::BFloat16 ? AVX512BF16::group_norm_backward_kernel
+                                        : AVX512::group_norm_backward_kernel)(p);
+}
+#endif
+}  // namespace
+
 const KernelVariant& kernel_variant() {
   static const KernelVariant variant = []() -> KernelVariant {
     const std::string cap = at::get_cpu_capability();
-    static const char* const kVariants[] = {"default", "avx2", "avx512"};
+    static const char* const kVariants[] = {"default", "avx2", "avx512", "avx512_bf16"};
     const char* env = std::getenv("GNFLEX_CPU_VARIANT");
-    int limit = 2;
+    int limit = 3;
     if (env != nullptr && *env != '\0') {
       const auto it = std::find(std::begin(kVariants), std::end(kVariants), std::string(env));
-      TORCH_CHECK(it != std::end(kVariants), "GNFLEX_CPU_VARIANT must be default, avx2 or avx512, got '", env, "'");
+      TORCH_CHECK(it != std::end(kVariants), "GNFLEX_CPU_VARIANT must be default, avx2, avx512 or avx512_bf16, got '",
+                  env, "'");
       limit = static_cast<int>(it - std::begin(kVariants));
     }
 #if defined(GNFLEX_HAVE_AVX2_KERNELS) && defined(GNFLEX_HAVE_AVX512_KERNELS)
     __builtin_cpu_init();
     const bool avx512 = cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (avx512 && limit >= 3 && __builtin_cpu_supports("avx512bf16")) {
+      return {"AVX512_BF16", &forward_avx512_bf16, &backward_avx512_bf16};
+    }
     if (avx512 && limit >= 2) {
       return {"AVX512", &AVX512::group_norm_forward_kernel, &AVX512::group_norm_backward_kernel};
     }

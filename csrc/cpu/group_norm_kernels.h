@@ -65,13 +65,14 @@ GNFLEX_DECLARE_CPU_KERNELS(DEFAULT)
 #define GNFLEX_HAVE_AVX512_KERNELS 1
 GNFLEX_DECLARE_CPU_KERNELS(AVX2)
 GNFLEX_DECLARE_CPU_KERNELS(AVX512)
+GNFLEX_DECLARE_CPU_KERNELS(AVX512BF16)  // bfloat16 only
 #endif
 #undef GNFLEX_DECLARE_CPU_KERNELS
 
 // The variant this process runs (group_norm_cpu.cpp): the one for ATen's CPU
 // capability (which ATEN_CPU_CAPABILITY sets) that this CPU can run.
 struct KernelVariant {
-  const char* name;  // "DEFAULT", "AVX2" or "AVX512"
+  const char* name;  // "DEFAULT", "AVX2", "AVX512" or "AVX512_BF16"
   void (*forward)(const ErasedForwardArgs&);
   void (*backward)(const ErasedBackwardArgs&);
 };

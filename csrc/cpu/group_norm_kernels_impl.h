@@ -205,6 +205,12 @@ void dispatch_dtype(c10::ScalarType dtype, F&& f) {
 
 }  // namespace
 
+#if defined(GNFLEX_CPU_AVX512_BF16)
+// bfloat16 only: kernel_variant() sends other dtypes to the AVX512 variant.
+void group_norm_forward_kernel(const ErasedForwardArgs& params) { forward_typed<c10::BFloat16>(params); }
+
+void group_norm_backward_kernel(const ErasedBackwardArgs& params) { backward_typed<c10::BFloat16>(params); }
+#else
 void group_norm_forward_kernel(const ErasedForwardArgs& params) {
   dispatch_dtype(params.dtype, [&](auto tag) { forward_typed<decltype(tag)>(params); });
 }
@@ -212,6 +218,7 @@ void group_norm_forward_kernel(const ErasedForwardArgs& params) {
 void group_norm_backward_kernel(const ErasedBackwardArgs& params) {
   dispatch_dtype(params.dtype, [&](auto tag) { backward_typed<decltype(tag)>(params); });
 }
+#endif
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

@@ -205,12 +205,24 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   static constexpr int kVecs = 2;
   static constexpr int64_t kStep = 2 * Vec::size();
   static void load(const scalar_t* p, Vec (&v)[kVecs]) { at::vec::load_to_float(p, v[0], v[1]); }
-  // ATen's conversion (integer round-to-nearest-even). AVX512-BF16's
-  // vcvtne2ps2bf16 was tried as a separate kernel variant: no faster on a
-  // Xeon with AMX and AVX512-BF16 (the comparison is in git, commit 08514ec).
-  static void store(scalar_t* p, const Vec (&v)[kVecs]) { at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p); }
-  static void stream(scalar_t* p, const Vec (&v)[kVecs]) {
-    stream_vector(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
+  static void store(scalar_t* p, const Vec (&v)[kVecs]) { narrow(v[0], v[1]).store(p); }
+  static void stream(scalar_t* p, const Vec (&v)[kVecs]) { stream_vector(p, narrow(v[0], v[1])); }
+  // Two float vectors -> one of scalar_t, rounded to nearest even: ATen's
+  // integer rounding, or in the AVX512-BF16 kernels the hardware's, which
+  // gives the same bits except that it reads denormals as 0 and quiets NaNs
+  // its own way; a pair of vectors holding either goes ATen's way.
+  static at::vec::Vectorized<scalar_t> narrow(const Vec& lo, const Vec& hi) {
+#if defined(GNFLEX_CPU_AVX512_BF16)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, denormal, signaling NaN
+      const __mmask16 odd_lo = _mm512_fpclass_ps_mask(lo, kNanOrDenormal);
+      const __mmask16 odd_hi = _mm512_fpclass_ps_mask(hi, kNanOrDenormal);
+      if (__builtin_expect(_kortestz_mask16_u8(odd_lo, odd_hi), 1)) {
+        return at::vec::Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+#endif
+    return at::vec::convert_from_float<scalar_t>(lo, hi);
   }
   // One float vector of values (half a step), for the end of a run: a 7x7
   // plane would otherwise leave 17 of its 49 values to the scalar tail. Or
@@ -219,9 +231,7 @@ struct VecIO<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   static void load_half(const scalar_t* p, Vec& v, int64_t n) {
     v = std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
   }
-  static void store_half(scalar_t* p, const Vec& v, int64_t n = Vec::size()) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
-  }
+  static void store_half(scalar_t* p, const Vec& v, int64_t n = Vec::size()) { narrow(v, v).store(p, n); }
 };
 
 // Broadcast of a scalar, or a load of per-channel values, as value type V
