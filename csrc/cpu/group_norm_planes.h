@@ -370,7 +370,7 @@ void input_grad_planes(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int6
                                    const Vec xv = IO::load(x + i, kind, split);
                                    const auto a = lane_affine(coefs);
                                    const Vec g = grad(i, kind, split, xv, a);
-                                   const Vec v = coefs[3] * g + coefs[4] * centered(xv, a, 0) + coefs[5];
+                                   const Vec v = input_grad_value(coefs[3], g, coefs[4], centered(xv, a, 0), coefs[5]);
                                    IO::store(dx + i, v, kind, split, w.stream);
                                  });
   };

@@ -120,7 +120,7 @@ CenteredStats<acc_type<scalar_t>> chunk_stats(const scalar_t* p, int64_t len) {
     for (int k = 0; k < S::count; ++k) {
       const V d = v[k] - V(center);
       a = a + d;
-      b = b + d * d;
+      b = mul_add(d, d, b);
     }
   });
   return math::stats_from_centered_sums(len, center, sum_d, sum_d2);
@@ -364,7 +364,7 @@ struct ClBlockSumsOp {
       if constexpr (Centered) {
         const auto d = v[k] - st.center[k];
         st.sum_d[k] = st.sum_d[k] + d;
-        st.sum_d2[k] = st.sum_d2[k] + d * d;
+        st.sum_d2[k] = mul_add(d, d, st.sum_d2[k]);
       } else {
         st.sum_d[k] = st.sum_d[k] + v[k];
       }

@@ -190,7 +190,13 @@ inline V centered(V x, const RunAffine<Coef>& a, int64_t j) {
 
 template <typename V, typename Coef>
 inline V pre_activation(V x_centered, const RunAffine<Coef>& a, int64_t j) {
-  return x_centered * a.scale.template get<V>(j) + a.shift.template get<V>(j);
+  return mul_add(x_centered, a.scale.template get<V>(j), a.shift.template get<V>(j));
+}
+
+// dx = g_coef * g + x_coef * d + bias_coef, for d = x - pivot.
+template <typename V>
+inline V input_grad_value(const V& g_coef, const V& g, const V& x_coef, const V& d, const V& bias_coef) {
+  return mul_add(g_coef, g, mul_add(x_coef, d, bias_coef));
 }
 
 // d = x - pivot and g = dy * act'(z), z recomputed from x.
@@ -381,8 +387,8 @@ inline void input_grad_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
       for (int k = 0; k < S::count; ++k) {
         const int64_t j = i + k * S::lanes;
         const V d = centered(xv[k], a, j);
-        gv[k] =
-            ig.g_coef.template get<V>(j) * gv[k] + ig.x_coef.template get<V>(j) * d + ig.bias_coef.template get<V>(j);
+        gv[k] = input_grad_value(ig.g_coef.template get<V>(j), gv[k], ig.x_coef.template get<V>(j), d,
+                                 ig.bias_coef.template get<V>(j));
       }
       store_values(dx + i, gv, w.stream);
     });
