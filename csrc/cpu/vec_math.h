@@ -185,23 +185,25 @@ inline void stream_fence() {
 #endif
 }
 
-// a * b + c, in one rounding where the variant has fused multiply-adds (on
-// whole vectors and on the scalar values of tails alike, so a value's bits
-// do not depend on where a vector starts). The kernels' per-value formulas
-// (statistics' squares, outputs, dx) use it: separate products and adds
-// queue on the add ports, and -ffp-contract=off (build_flags.txt) leaves
-// fusing to the code.
+// a * b + c: in one rounding in the AVX2 / AVX-512 variants, in two in the
+// portable one, on whole vectors and on the scalar values of tails alike, so
+// a value's bits do not depend on where a vector starts. The kernels'
+// per-value formulas (statistics' squares, outputs, dx) use it: separate
+// products and adds queue on the add ports, and -ffp-contract=off
+// (build_flags.txt) leaves fusing to the code.
 template <typename V>
 inline V mul_add(const V& a, const V& b, const V& c) {
-  if constexpr (std::is_arithmetic_v<V>) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_arithmetic_v<V>) {
     return std::fma(a, b, c);
-#else
-    return a * b + c;
-#endif
   } else {
     return at::vec::fmadd(a, b, c);
   }
+#else
+  // Not at::vec::fmadd: it fuses on some targets (NEON) and not on others,
+  // where the scalar tails would not.
+  return a * b + c;
+#endif
 }
 
 // Loads kStep consecutive scalar_t values as kVecs vectors of acc_type and
