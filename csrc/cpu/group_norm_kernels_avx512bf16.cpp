@@ -5,7 +5,7 @@
 // Sapphire Rapids and later Xeons, Zen 4 and later); every other dtype runs
 // group_norm_kernels_avx512.cpp. Same bits as that variant: the instruction
 // reads float denormals as 0, so vectors holding a denormal or a NaN round
-// as ATen does (docs/performance.md has the check over every float).
+// as ATen does (tests/cpu/bf16_narrow_check.cpp checks every float).
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include "capability_prelude.h"
