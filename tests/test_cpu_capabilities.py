@@ -8,6 +8,7 @@ process's capability cannot run on this CPU and is skipped: ATen takes a forced
 avx512 on trust, and its own kernels (the float64 reference) would fault.
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -234,11 +235,18 @@ def test_bf16_conversion_rounds_every_float_as_aten(tmp_path):
     if compiler is None:
         pytest.skip("no g++")
     here = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join(here, "..", "csrc")
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     binary = tmp_path / "bf16_narrow_check"
-    flags = ["-O2", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
-             "-mf16c", "-DCPU_CAPABILITY=AVX512BF16", "-DCPU_CAPABILITY_AVX512", "-DGNFLEX_CPU_AVX512_BF16"]
-    includes = [f"-I{os.path.join(here, '..', 'csrc')}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
+    # The variant's own target and defines, read from its source: -m flags
+    # for the target pragma, -D for each #define.
+    with open(os.path.join(csrc, "cpu", "group_norm_kernels_avx512bf16.cpp")) as f:
+        variant = f.read()
+    target = re.search(r'#pragma GCC target\("([^"]+)"\)', variant).group(1).split(",")
+    defines = re.findall(r"^#define (\w+)(?: (\w+))?$", variant, re.MULTILINE)
+    assert target and defines
+    flags = ["-O2", "-std=c++17"] + [f"-m{t}" for t in target] + [f"-D{n}={v}" if v else f"-D{n}" for n, v in defines]
+    includes = [f"-I{csrc}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
     subprocess.run([compiler, *flags, *includes, os.path.join(here, "cpu", "bf16_narrow_check.cpp"), "-o",
                     str(binary), f"-L{torch_lib}", "-lc10", f"-Wl,-rpath,{torch_lib}"], check=True)
     proc = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
