@@ -66,9 +66,9 @@ TensorTriple group_norm_backward(const at::Tensor& grad_out, const at::Tensor& i
 namespace {
 
 // {"l1d": bytes, "l2": ..., "l3": ..., "cache_source": str, "fused_group_bytes": ...,
-//  "fused_sample_bytes": ..., "stream_output_bytes": ..., "walk_back_bytes": ...,
+//  "fused_sample_bytes": ..., "stream_output_bytes": ..., "l3_reread_bytes": ..., "walk_back_bytes": ...,
 //  "walk_back_max_bytes": ..., "schedule": str,
-//  "kernel_variant": "DEFAULT" | "AVX2" | "AVX512"}
+//  "kernel_variant": "DEFAULT" | "AVX2" | "AVX512" | "AVX512_BF16"}
 PyObject* cpu_tuning_info(PyObject*, PyObject*) {
   using namespace gnflex::cpu;
   const CacheSizes& c = cache_sizes();
@@ -81,14 +81,14 @@ PyObject* cpu_tuning_info(PyObject*, PyObject*) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
-  return Py_BuildValue("{s:L,s:L,s:L,s:s,s:L,s:L,s:L,s:L,s:L,s:s,s:s}", "l1d", static_cast<long long>(c.l1d), "l2",
-                       static_cast<long long>(c.l2), "l3", static_cast<long long>(c.l3), "cache_source",
-                       c.source.c_str(), "fused_group_bytes", static_cast<long long>(t.fused_group_bytes),
-                       "fused_sample_bytes", static_cast<long long>(t.fused_sample_bytes), "stream_output_bytes",
-                       static_cast<long long>(t.stream_output_bytes), "walk_back_bytes",
-                       static_cast<long long>(t.walk_back_bytes), "walk_back_max_bytes",
-                       static_cast<long long>(t.walk_back_max_bytes), "schedule", schedule_name(t.schedule),
-                       "kernel_variant", variant);
+  return Py_BuildValue(
+      "{s:L,s:L,s:L,s:s,s:L,s:L,s:L,s:L,s:L,s:L,s:s,s:s}", "l1d", static_cast<long long>(c.l1d), "l2",
+      static_cast<long long>(c.l2), "l3", static_cast<long long>(c.l3), "cache_source", c.source.c_str(),
+      "fused_group_bytes", static_cast<long long>(t.fused_group_bytes), "fused_sample_bytes",
+      static_cast<long long>(t.fused_sample_bytes), "stream_output_bytes",
+      static_cast<long long>(t.stream_output_bytes), "l3_reread_bytes", static_cast<long long>(t.l3_reread_bytes),
+      "walk_back_bytes", static_cast<long long>(t.walk_back_bytes), "walk_back_max_bytes",
+      static_cast<long long>(t.walk_back_max_bytes), "schedule", schedule_name(t.schedule), "kernel_variant", variant);
 }
 
 // The activation names the op accepts (aliases included).

@@ -36,7 +36,8 @@ def cpu_tuning_line():
     t = _C.cpu_tuning()
     return (f"CPU caches: L1d {_size(t['l1d'])}, L2 {_size(t['l2'])}, L3 {_size(t['l3'])} "
             f"({t['cache_source']}) | fused budgets: group {_size(t['fused_group_bytes'])}, sample "
-            f"{_size(t['fused_sample_bytes'])} | streaming stores from {_size(t['stream_output_bytes'])} | "
+            f"{_size(t['fused_sample_bytes'])} (channels-last backward samples past L2: calls up to "
+            f"{_size(t['l3_reread_bytes'])}) | streaming stores from {_size(t['stream_output_bytes'])} | "
             f"walking back from {_size(t['walk_back_bytes'])} to {_size(t['walk_back_max_bytes'])} | "
             f"schedule: {t['schedule']} (GNFLEX_CPU_SCHEDULE)")
 

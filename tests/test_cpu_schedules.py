@@ -156,6 +156,8 @@ def test_cpu_tuning_reads_the_caches():
     assert t["fused_group_bytes"] == t["l2"] and t["fused_sample_bytes"] == 4 * t["l2"]
     # Streaming stores only for outputs that, with their input, would not stay in L3.
     assert t["stream_output_bytes"] == min(max(t["l3"] // 2, 2 << 20), 16 << 20)
+    # Channels-last backward samples that spill L2 run fused only while a call's tensors stay in L3.
+    assert t["l3_reread_bytes"] == min(t["l3"] // 2, 16 << 20)
     # Elementwise passes walk backward after a thread read more than its L2.
     assert t["walk_back_bytes"] == t["l2"] and t["walk_back_max_bytes"] == 4 * t["l2"]
 

@@ -97,6 +97,9 @@ class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({mean, rstd});
+    // The backward reads only y's gradient; undefined ones stay undefined
+    // instead of being filled with zeros on every call.
+    ctx->set_materialize_grads(false);
     return {y, mean, rstd};
   }
 

@@ -130,6 +130,10 @@ CpuTuning cpu_tuning() {
   // process on a few cores keeps a few MB; there, not streaming a 32 MB
   // output made the forward 1.3x slower (docs/performance.md).
   t.stream_output_bytes = std::clamp<int64_t>(c.l3 / 2, 2 * 1024 * 1024, 16 * 1024 * 1024);
+  // Half the L3, at most 16 MiB, as above: the L3 is shared with the other
+  // cores (on a VM, with other machines too). Measured on channels-last
+  // backwards whose samples spill L2 (docs/performance.md).
+  t.l3_reread_bytes = std::min<int64_t>(c.l3 / 2, 16 * 1024 * 1024);
   // What one thread reads before its elementwise pass stays in its L2 up to
   // the L2's size (walks_back in the kernels). Past four L2s, what the L2
   // still holds is under a quarter of the pass, less than a backward walk's
