@@ -134,7 +134,7 @@ void backward_typed(const ErasedBackwardArgs& p) {
   const GroupNormShape& s = p.shape;
   const int64_t planes = s.N * s.C;
   const int64_t bytes = static_cast<int64_t>(sizeof(scalar_t));
-  const Schedule schedule = backward_schedule(s, p.layout, bytes, p.tuning);
+  const Schedule schedule = backward_schedule(s, p.layout, bytes, p.activation, p.tuning);
   // Written whole by every schedule, so not zeroed here.
   const std::unique_ptr<acc_t[]> sum_gx(new acc_t[planes]), sum_g(new acc_t[planes]);
   const std::vector<acc_t> residual =

@@ -54,10 +54,16 @@ Schedule choose_schedule(const GroupNormShape& s, Layout layout, int64_t input_b
 // except that a channels-last sample whose x, dy and dx do not fit L2 runs
 // fused only while the call's x, dy and dx stay in L3 (l3_reread_bytes): its
 // dx pass reads back what L2 no longer holds, and from memory the two-pass
-// schedule's long sequential passes are faster.
-Schedule backward_schedule(const GroupNormShape& s, Layout layout, int64_t elem_bytes, const CpuTuning& t) {
+// schedule's long sequential passes are faster. Not with an activation: the
+// fused schedules keep act'(z) for the dx pass (keeps_grad), which two-pass
+// recomputes, and that outweighs the reads.
+Schedule backward_schedule(const GroupNormShape& s, Layout layout, int64_t elem_bytes, Activation activation,
+                           const CpuTuning& t) {
   const Schedule schedule = choose_schedule(s, layout, 2 * elem_bytes, t);
-  if (t.schedule != Schedule::Auto || schedule != Schedule::Fused || layout == Layout::ChannelsFirst) return schedule;
+  if (t.schedule != Schedule::Auto || schedule != Schedule::Fused || layout == Layout::ChannelsFirst ||
+      activation != Activation::None) {
+    return schedule;
+  }
   const bool sample_fits_l2 = 3 * fused_item_values(s, layout) * elem_bytes <= t.fused_group_bytes;
   const bool call_fits_l3 = 3 * s.numel() * elem_bytes <= t.l3_reread_bytes;
   return sample_fits_l2 || call_fits_l3 ? Schedule::Fused : Schedule::TwoPass;
