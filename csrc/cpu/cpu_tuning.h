@@ -30,7 +30,7 @@ struct CpuTuning {
   // (GNFLEX_CPU_STREAM_BYTES overrides it, e.g. 1G or 64K, for experiments).
   int64_t stream_output_bytes = 0;
   // What a call's tensors (inputs and outputs together) may total and still
-  // be read back from L3 (l3_rereads).
+  // be read back from L3 (backward_schedule in the kernels).
   int64_t l3_reread_bytes = 0;
   // Elementwise passes walk their items last to first where the pass before
   // them read more than walk_back_bytes on one thread

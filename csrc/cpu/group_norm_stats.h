@@ -55,8 +55,9 @@ Schedule choose_schedule(const GroupNormShape& s, Layout layout, int64_t input_b
 // fused only while the call's x, dy and dx stay in L3 (l3_reread_bytes): its
 // dx pass reads back what L2 no longer holds, and from memory the two-pass
 // schedule's long sequential passes are faster. Not with an activation: the
-// fused schedules keep act'(z) for the dx pass (keeps_grad), which two-pass
-// recomputes, and that outweighs the reads.
+// fused schedules keep g = dy * act'(z) in cache for the dx pass
+// (keeps_grad), where two-pass recomputes it (bf16, fp16) or parks it in dx,
+// a round trip through memory at these sizes; that outweighs the reads.
 Schedule backward_schedule(const GroupNormShape& s, Layout layout, int64_t elem_bytes, Activation activation,
                            const CpuTuning& t) {
   const Schedule schedule = choose_schedule(s, layout, 2 * elem_bytes, t);
