@@ -148,3 +148,99 @@ def test_opcheck(device, shape, layout, groups, activation, affine):
             (dy, x.detach(), mean, rstd, w if w is None else w.detach(), b if b is None else b.detach(),
              groups, activation, mask),
         )
+
+
+# ---- the graph node a recorded call leaves (GroupNormBackward) -------------------
+def recorded(affine=True, activation="silu"):
+    """x (a non-leaf, so that only the graph holds it), leaves, y."""
+    leaf = make_input((2, 8, 5, 5), torch.float32, "cpu").requires_grad_()
+    w, b = (t.requires_grad_() for t in make_params(8, torch.float32))
+    x = leaf * 1.5
+    y = gnflex.group_norm(x, 4, w if affine else None, b if affine else None, activation=activation)
+    return leaf, w, b, x, y
+
+
+def test_second_backward_without_retain_graph_raises():
+    leaf, w, b, _, y = recorded()
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        y.sum().backward()
+
+
+def test_retained_graph_gives_the_same_gradients_twice():
+    leaf, w, b, _, y = recorded()
+    dy = torch.randn_like(y)
+    first = torch.autograd.grad(y, (leaf, w, b), dy, retain_graph=True)
+    second = torch.autograd.grad(y, (leaf, w, b), dy)
+    for a, r in zip(first, second):
+        assert torch.equal(a, r)
+
+
+def test_input_modified_in_place_after_the_forward_raises():
+    leaf, w, b, x, y = recorded()
+    with torch.no_grad():
+        x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("affine", (True, False))
+def test_saved_tensor_hooks_see_what_the_node_saves(affine):
+    """torch.autograd.graph.saved_tensors_hooks (activation offloading,
+    checkpointing) packs every tensor the node keeps and unpacks it for the
+    backward; gradients are those of the unhooked graph."""
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    def unpack(t):
+        unpacked.append(t.shape)
+        return t
+
+    torch.manual_seed(0)
+    leaf, w, b, x, _ = recorded(affine)
+    dy = torch.randn(2, 8, 5, 5)
+    params = (w, b) if affine else ()
+    plain = torch.autograd.grad(gnflex.group_norm(x, 4, *params, activation="silu"), (leaf, *params), dy,
+                                retain_graph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = gnflex.group_norm(x, 4, *params, activation="silu")
+    # x, mean and rstd, and the weight and bias where given.
+    assert sorted(packed) == sorted([x.shape, (2, 4), (2, 4)] + [w.shape, b.shape] * affine)
+    hooked = torch.autograd.grad(y, (leaf, *params), dy)
+    assert sorted(unpacked) == sorted(packed)
+    for a, r in zip(hooked, plain):
+        assert torch.equal(a, r)
+
+
+def test_gradient_of_one_input_only():
+    leaf, w, b, _, y = recorded()
+    dy = torch.randn_like(y)
+    full = torch.autograd.grad(y, (leaf, w, b), dy, retain_graph=True)
+    for i, wanted in enumerate((leaf, w, b)):
+        (only,) = torch.autograd.grad(y, (wanted,), dy, retain_graph=True)
+        assert torch.equal(only, full[i])
+
+
+def test_graph_frees_what_it_saved():
+    """No reference cycle keeps the saved input alive once the output is gone."""
+    import gc
+    import weakref
+
+    _, _, _, x, y = recorded()
+    saved = weakref.ref(x)
+    del x
+    gc.collect()
+    assert saved() is not None  # held by the graph
+    del y
+    gc.collect()
+    assert saved() is None
+
+
+def test_anomaly_mode_runs_the_node():
+    with torch.autograd.detect_anomaly():
+        leaf, w, b, _, y = recorded()
+        y.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

@@ -7,18 +7,22 @@
 // forward from ATen ops, which autograd can differentiate again. Calls
 // inside torch.func transforms or with forward-mode tangents run that
 // composite instead of the kernels (the transforms cannot see into a C++
-// autograd Function).
+// graph node).
 #include <ATen/ATen.h>
 #include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+
+#include <array>
+#include <mutex>
+#include <string>
 
 #include "../group_norm_utils.h"
 
 namespace gnflex {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 c10::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
@@ -29,7 +33,7 @@ c10::optional<at::Tensor> optional_if_defined(const at::Tensor& t) {
 // dtype (as the kernels), with y in the input's layout. Autograd can
 // differentiate it again and again, the torch.func transforms (vmap, grad,
 // jvp, ...) and forward-mode AD handle every op in it: the fused kernels'
-// C++ autograd Function supports none of these. mean and rstd are
+// graph node (GroupNormBackward) supports none of these. mean and rstd are
 // non-differentiable, as with the kernels.
 TensorTriple group_norm_composite(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                   int64_t num_groups, double eps, Activation act) {
@@ -85,62 +89,77 @@ bool needs_composite(const at::Tensor& input, const c10::optional<at::Tensor>& w
   return has_tangent(input) || has_tangent(weight) || has_tangent(bias);
 }
 
-class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-                               c10::string_view activation) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = group_norm(input, weight, bias, num_groups, eps, activation);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["num_groups"] = num_groups;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->mark_non_differentiable({mean, rstd});
-    // The backward reads only y's gradient; undefined ones stay undefined
-    // instead of being filled with zeros on every call.
-    ctx->set_materialize_grads(false);
-    return {y, mean, rstd};
+using torch::autograd::SavedVariable;
+
+// The graph node of a recorded call, built as ATen's generated nodes are:
+// saved tensors as SavedVariable members, the other arguments as fields.
+// A torch::autograd::Function's node (CppNode) costs more per call: a
+// context with a string-keyed map, metadata copied per input and output,
+// and its bookkeeping on both passes (docs/performance.md).
+struct GroupNormBackward : public torch::autograd::Node {
+  SavedVariable input, weight, bias, mean, rstd;
+  int64_t num_groups = 0;
+  double eps = 0;
+  std::string activation;
+
+  std::string name() const override { return "GroupNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&input, &weight, &bias, &mean, &rstd}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& bias = saved[2];
-    const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const at::Tensor& grad_y = grad_outputs[0];
-    // needs_input_grad counts the tensors passed: an absent weight shifts the bias.
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
-                                      bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1)};
-    variable_list grads(6);
-    if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return grads;
+  // Next edges (outputs here): input, weight, bias; an absent parameter's
+  // edge is invalid and gets no gradient.
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack();
+    const at::Tensor& grad_y = grads[0];
+    const std::array<bool, 3> mask = {task_should_compute_output(0), w.defined() && task_should_compute_output(1),
+                                      b.defined() && task_should_compute_output(2)};
+    variable_list out(3);
+    if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
 
     if (at::GradMode::is_enabled()) {
       // Higher-order path (create_graph=True).
+      const std::array<const at::Tensor*, 3> saved = {&x, &w, &b};
       variable_list wrt;
       for (int i = 0; i < 3; ++i) {
-        if (mask[i]) wrt.push_back(saved[i]);
+        if (mask[i]) wrt.push_back(*saved[i]);
       }
-      const at::Tensor y = std::get<0>(group_norm_composite(
-          input, weight, bias, num_groups, ctx->saved_data["eps"].toDouble(), parse_activation(activation)));
+      const at::Tensor y =
+          std::get<0>(group_norm_composite(x, w, b, num_groups, eps, parse_activation(activation)));
       const auto computed = torch::autograd::grad({y}, wrt, {grad_y}, /*retain_graph=*/true,
                                                   /*create_graph=*/true, /*allow_unused=*/true);
       for (int i = 0, k = 0; i < 3; ++i) {
-        if (mask[i]) grads[i] = computed[k++];
+        if (mask[i]) out[i] = computed[k++];
       }
-      return grads;
+      return out;
     }
 
-    auto [dx, dweight, dbias] = group_norm_backward(grad_y, input, saved[3], saved[4], optional_if_defined(weight),
-                                                    optional_if_defined(bias), num_groups, activation, mask);
-    grads[0] = dx;
-    grads[1] = dweight;
-    grads[2] = dbias;
-    return grads;
+    auto [dx, dweight, dbias] = group_norm_backward(grad_y, x, mean.unpack(), rstd.unpack(), optional_if_defined(w),
+                                                    optional_if_defined(b), num_groups, activation, mask);
+    out[0] = dx;
+    out[1] = dweight;
+    out[2] = dbias;
+    return out;
   }
 };
+
+// A new node, held as the torch build holds them: std::shared_ptr<Node>
+// with torch's iterative deleter (deep graphs), or c10::intrusive_ptr<Node>
+// in later releases. Both branches depend on N, so only the one that
+// matches the installed torch is compiled.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<N>(new N(), [](N* node) { deleteNode(node); });  // found by ADL, in torch::autograd
+  } else {
+    return c10::make_intrusive<N>();
+  }
+}
 
 TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
@@ -149,19 +168,27 @@ TensorTriple group_norm_autograd(const at::Tensor& input, const c10::optional<at
     return group_norm_composite(input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), num_groups, eps,
                                 parse_activation(activation));
   }
-  // Nothing to record (no_grad, inference, or no input requires grad): the
-  // kernels directly. The autograd Function would build a node, save the
-  // inputs and fill its saved_data map on every call, a good part of a small
-  // input's time, for outputs that need none of it.
-  const auto requires_grad = [](const c10::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() && t->requires_grad();
-  };
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+  auto [y, mean, rstd] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return group_norm(input, weight, bias, num_groups, eps, activation);
-  }
-  const auto out = GroupNormFunction::apply(input, weight, bias, num_groups, eps, activation);
-  return {out[0], out[1], out[2]};
+  }();
+  // Nothing to record (no_grad, or no input requires grad): no node.
+  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  if (!torch::autograd::compute_requires_grad(input, w, b)) return {y, mean, rstd};
+  auto node = make_node<GroupNormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, w, b));
+  node->input = SavedVariable(input, /*is_output=*/false);
+  node->weight = SavedVariable(w, false);
+  node->bias = SavedVariable(b, false);
+  // mean and rstd are outputs without a gradient edge (non-differentiable),
+  // saved as any tensor without history.
+  node->mean = SavedVariable(mean, false);
+  node->rstd = SavedVariable(rstd, false);
+  node->num_groups = num_groups;
+  node->eps = eps;
+  node->activation = std::string(activation);
+  torch::autograd::set_history(y, NodePtr(node));
+  return {y, mean, rstd};
 }
 
 }  // namespace
