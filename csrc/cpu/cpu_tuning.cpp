@@ -120,20 +120,22 @@ CpuTuning cpu_tuning() {
   // the backward of (2, 512, 64, 64) at 1.0x torch, 512 KiB gave 1.4x.
   t.fused_group_bytes = c.l2;
   t.fused_sample_bytes = 4 * c.l2;
+  // What a call's tensors may total and still be read back from L3: half of
+  // it, as the L3 is shared with the other cores (on a VM, with other
+  // machines too), and at most 16 MiB: an L3 of more than 32 MiB is a server
+  // socket's (Intel's sysfs reports the socket's, e.g. 300 MiB for dozens of
+  // cores), of which a process on a few cores keeps a few MB. Measured on
+  // channels-last backwards whose samples spill L2 (docs/performance.md).
+  const int64_t l3_share = std::min<int64_t>(c.l3 / 2, 16 * 1024 * 1024);
+  t.l3_reread_bytes = l3_share;
   // Stream outputs that will not stay in the last-level cache: the input and
-  // the output together must fit it. Streaming an output that would have
-  // stayed makes its reader fetch it from memory: with the bound at an eighth
-  // of a 32 MiB L3, a 6.4 MB forward ran at 0.80x torch on a 2-core EPYC
-  // whose L3 kept both tensors; at half of it, 1.19x (same run).
-  // At most 16 MiB: an L3 of more than 32 MiB is a server socket's (Intel's
-  // sysfs reports the socket's, e.g. 300 MiB for dozens of cores), of which a
-  // process on a few cores keeps a few MB; there, not streaming a 32 MB
-  // output made the forward 1.3x slower (docs/performance.md).
-  t.stream_output_bytes = std::clamp<int64_t>(c.l3 / 2, 2 * 1024 * 1024, 16 * 1024 * 1024);
-  // Half the L3, at most 16 MiB, as above: the L3 is shared with the other
-  // cores (on a VM, with other machines too). Measured on channels-last
-  // backwards whose samples spill L2 (docs/performance.md).
-  t.l3_reread_bytes = std::min<int64_t>(c.l3 / 2, 16 * 1024 * 1024);
+  // the output together must fit that share (and at least 2 MiB). Streaming
+  // an output that would have stayed makes its reader fetch it from memory:
+  // with the bound at an eighth of a 32 MiB L3, a 6.4 MB forward ran at 0.80x
+  // torch on a 2-core EPYC whose L3 kept both tensors; at half of it, 1.19x
+  // (same run). On a socket's L3, not streaming a 32 MB output made the
+  // forward 1.3x slower (docs/performance.md).
+  t.stream_output_bytes = std::max<int64_t>(l3_share, 2 * 1024 * 1024);
   // What one thread reads before its elementwise pass stays in its L2 up to
   // the L2's size (walks_back in the kernels). Past four L2s, what the L2
   // still holds is under a quarter of the pass, less than a backward walk's

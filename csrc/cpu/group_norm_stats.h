@@ -50,6 +50,9 @@ Schedule choose_schedule(const GroupNormShape& s, Layout layout, int64_t input_b
                                                                                                 : Schedule::TwoPass;
 }
 
+// Whether `copies` times `bytes` fit one core's L2 budget (fused_group_bytes).
+bool fits_l2(int64_t bytes, int copies, const CpuTuning& t) { return copies * bytes <= t.fused_group_bytes; }
+
 // The backward's schedule: choose_schedule's (x and dy are both read twice),
 // except that a channels-last sample whose x, dy and dx do not fit L2 runs
 // fused only while the call's x, dy and dx stay in L3 (l3_reread_bytes): its
@@ -65,18 +68,18 @@ Schedule backward_schedule(const GroupNormShape& s, Layout layout, int64_t elem_
       activation != Activation::None) {
     return schedule;
   }
-  const bool sample_fits_l2 = 3 * fused_item_values(s, layout) * elem_bytes <= t.fused_group_bytes;
+  const bool sample_fits_l2 = fits_l2(fused_item_values(s, layout) * elem_bytes, 3, t);
   const bool call_fits_l3 = 3 * s.numel() * elem_bytes <= t.l3_reread_bytes;
   return sample_fits_l2 || call_fits_l3 ? Schedule::Fused : Schedule::TwoPass;
 }
 
 // Whether a fused schedule fetches its next item into L2 while it writes the
-// current one: only where everything that is then live fits the L2 budget
-// (the current item's inputs and output, the next item's inputs: `copies`
-// times the item's input bytes). Past that the prefetch evicts the current
-// item's values before its output pass reads them.
+// current one: only where everything that is then live fits the L2 (the
+// current item's inputs and output, the next item's inputs: `copies` times
+// the item's input bytes). Past that the prefetch evicts the current item's
+// values before its output pass reads them.
 bool prefetch_fits(int64_t item_bytes, int copies, const CpuTuning& tuning) {
-  return copies * item_bytes <= tuning.fused_group_bytes;
+  return fits_l2(item_bytes, copies, tuning);
 }
 
 // Whether an elementwise pass walks its items last to first: where the pass
