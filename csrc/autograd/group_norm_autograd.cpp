@@ -127,8 +127,7 @@ struct GroupNormBackward : public torch::autograd::Node {
       for (int i = 0; i < 3; ++i) {
         if (mask[i]) wrt.push_back(*saved[i]);
       }
-      const at::Tensor y =
-          std::get<0>(group_norm_composite(x, w, b, num_groups, eps, parse_activation(activation)));
+      const at::Tensor y = std::get<0>(group_norm_composite(x, w, b, num_groups, eps, parse_activation(activation)));
       const auto computed = torch::autograd::grad({y}, wrt, {grad_y}, /*retain_graph=*/true,
                                                   /*create_graph=*/true, /*allow_unused=*/true);
       for (int i = 0, k = 0; i < 3; ++i) {
