@@ -192,7 +192,7 @@ void backward_fused_samples(const TypedBackwardArgs<scalar_t>& a, const GroupNor
     // caches besides it; else in scratch (not zeroed: every value read is
     // written first).
     acc_t* const g_dx = grad_in_dx<A>(a);
-    const auto g_saved = std::make_unique_for_overwrite<acc_t[]>(keeps_grad<A>(a) && g_dx == nullptr ? s.HxW * s.C : 0);
+    const std::unique_ptr<acc_t[]> g_saved(new acc_t[keeps_grad<A>(a) && g_dx == nullptr ? s.HxW * s.C : 0]);
     PairwiseArraySum<acc_t> total(2 * s.C);  // block_gx, block_g are adjacent
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * s.HxW * s.C;
