@@ -105,6 +105,15 @@ def grads_of(fn, x, w, b, dy):
     return (y.detach(), *(None if t is None else next(grads) for t in leaves))
 
 
+def torch_group_norm_without_bias(num_groups, num_channels, **kwargs):
+    """nn.GroupNorm(num_groups, num_channels, bias=False), built as torch does
+    it (a weight, bias registered as None) on torch releases whose
+    nn.GroupNorm has no `bias` argument (2.11)."""
+    norm = torch.nn.GroupNorm(num_groups, num_channels, **kwargs)
+    norm.register_parameter("bias", None)
+    return norm
+
+
 def randomize_groupnorms(model):
     """Every GroupNorm's affine parameters away from 1 / 0 (weight in [0.5, 1.5],
     bias ~ N(0, 0.1)), so conversions that lose them show; returns the model."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnflex
-from _helpers import randomize_groupnorms
+from _helpers import randomize_groupnorms, torch_group_norm_without_bias
 from gnflex import GroupNormFlex
 from gnflex._fx_fusion import FusedForward
 
@@ -47,7 +47,7 @@ def test_convert_fuses_activation_and_keeps_attributes():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8, eps=1e-3), nn.SiLU(),
         nn.Conv2d(8, 8, 1), MyGroupNorm(2, 8, affine=False), nn.ReLU(inplace=True),
-        nn.Conv2d(8, 8, 1), nn.GroupNorm(8, 8, bias=False), nn.GELU(approximate="tanh"),
+        nn.Conv2d(8, 8, 1), torch_group_norm_without_bias(8, 8), nn.GELU(approximate="tanh"),
     ).double()
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
