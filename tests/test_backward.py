@@ -246,13 +246,36 @@ def test_anomaly_mode_runs_the_node():
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
-def test_compiled_autograd_is_refused_by_name():
-    """Compiled autograd (torch._dynamo's compiled_autograd) cannot trace the
-    node yet: the backward raises, naming it, and computes nothing wrong."""
+@pytest.mark.parametrize("affine", (True, False))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_compiled_autograd(affine, layout):
+    """torch._dynamo's compiled autograd traces the backward into one graph
+    (fullgraph) with gnflex's backward op in it; the gradients are the eager
+    ones."""
     from torch._dynamo import compiled_autograd
 
-    leaf, w, b, _, y = recorded()
-    with pytest.raises(Exception, match="not implemented: GroupNormBackward"):
-        with compiled_autograd._enable(torch.compile(backend="eager")):
-            y.sum().backward()
-    assert leaf.grad is None
+    # Compiled graphs are cached per process: start from none, so this case
+    # compiles its own.
+    torch._dynamo.reset()
+    compiled_autograd.reset()
+    torch.manual_seed(0)
+    x = make_input((2, 8, 5, 5), torch.float32, "cpu", layout).requires_grad_()
+    w, b = (t.requires_grad_() for t in make_params(8, torch.float32))
+    params = (w, b) if affine else ()
+
+    def loss():
+        return gnflex.group_norm(x * 1.5, 4, *params, activation="silu").square().sum()
+
+    eager = torch.autograd.grad(loss(), (x, *params))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    y = loss()
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+        y.backward()
+    assert len(graphs) == 1 and "GroupNormBackward" in graphs[0]
+    for a, r in zip((x.grad, *(p.grad for p in params)), eager):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)

@@ -12,6 +12,7 @@
 #include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -91,6 +92,15 @@ bool needs_composite(const at::Tensor& input, const c10::optional<at::Tensor>& w
 
 using torch::autograd::SavedVariable;
 
+// dx, dweight, dbias from the kernels (undefined where not in mask).
+variable_list first_order_grads(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                                const std::string& activation, const std::array<bool, 3>& mask) {
+  auto [dx, dweight, dbias] = group_norm_backward(grad_y, x, mean, rstd, optional_if_defined(w), optional_if_defined(b),
+                                                  num_groups, activation, mask);
+  return {dx, dweight, dbias};
+}
+
 // The graph node of a recorded call, built as ATen's generated nodes are:
 // saved tensors as SavedVariable members, the other arguments as fields.
 // A torch::autograd::Function's node (CppNode) costs more per call: a
@@ -104,9 +114,26 @@ struct GroupNormBackward : public torch::autograd::Node {
 
   std::string name() const override { return "GroupNormBackward"; }
 
+  // Compiled autograd (torch._dynamo.compiled_autograd): what keys its
+  // cached graph, and the backward as a call in that graph
+  // (backward_from_packed), as torch's own C++ nodes do.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : saved_variables()) args.collect(*v, /*is_output=*/false);
+    args.collect(num_groups);
+    args.collect(activation);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (SavedVariable* v : saved_variables()) saved.before(*v);
+    variable_list results = call_packed_backward(grads, saved.get_py_compiler());
+    for (SavedVariable* v : saved_variables()) saved.after(*v);
+    return results;
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&input, &weight, &bias, &mean, &rstd}) v->reset_data();
+    for (SavedVariable* v : saved_variables()) v->reset_data();
   }
 
   // Next edges (outputs here): input, weight, bias; an absent parameter's
@@ -136,12 +163,54 @@ struct GroupNormBackward : public torch::autograd::Node {
       return out;
     }
 
-    auto [dx, dweight, dbias] = group_norm_backward(grad_y, x, mean.unpack(), rstd.unpack(), optional_if_defined(w),
-                                                    optional_if_defined(b), num_groups, activation, mask);
-    out[0] = dx;
-    out[1] = dweight;
-    out[2] = dbias;
-    return out;
+    return first_order_grads(grad_y, x, w, b, mean.unpack(), rstd.unpack(), num_groups, activation, mask);
+  }
+
+ private:
+  std::array<SavedVariable*, 5> saved_variables() { return {&input, &weight, &bias, &mean, &rstd}; }
+  std::array<const SavedVariable*, 5> saved_variables() const { return {&input, &weight, &bias, &mean, &rstd}; }
+
+  // Binds backward_from_packed to compiled autograd's compiler and records
+  // a call to it on the traced gradients and saved tensors.
+  variable_list call_packed_backward(const variable_list& grads, PyObject* py_compiler) {
+    namespace ca = torch::dynamo::autograd;
+    const at::Tensor w = weight.unpack(), b = bias.unpack();
+    std::vector<at::Tensor> tensors = {input.unpack(), mean.unpack(), rstd.unpack()};
+    if (w.defined()) tensors.push_back(w);
+    if (b.defined()) tensors.push_back(b);
+    ca::PackedArgs packed;
+    packed.pack(tensors);
+    packed.pack(w.defined());
+    packed.pack(b.defined());
+    packed.pack(num_groups);
+    packed.pack(activation);
+    packed.pack(std::vector<bool>{task_should_compute_output(0), w.defined() && task_should_compute_output(1),
+                                  b.defined() && task_should_compute_output(2)});
+    const std::vector<at::IValue>& args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    for (const at::IValue& arg : args) schema.push_back(arg.isTensor() ? at::TensorType::get() : arg.type());
+    const auto& compiler = ca::getPyCompilerInterface();
+    // As a custom function: bound under a fresh name on every call, since
+    // the schema differs with the parameters present.
+    const std::string fn_name = compiler->bind_function(py_compiler, name(), backward_from_packed, schema,
+                                                        /*is_custom_function=*/true, /*is_traceable=*/true);
+    const auto output_metadata = ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+        ca::get_input_metadata(next_edges()));
+    return compiler->call_function(py_compiler, "apply_functional", fn_name, grads, args, output_metadata);
+  }
+
+  static variable_list backward_from_packed(const variable_list& grads, const std::vector<at::IValue>& packed) {
+    torch::dynamo::autograd::PackedArgs args(packed);
+    const auto tensors = args.unpack<std::vector<at::Tensor>>();
+    const bool has_weight = args.unpack<bool>(), has_bias = args.unpack<bool>();
+    const auto num_groups = args.unpack<int64_t>();
+    const auto activation = args.unpack<std::string>();
+    const auto wanted = args.unpack<std::vector<bool>>();
+    if (!grads[0].defined() || !(wanted[0] || wanted[1] || wanted[2])) return variable_list(3);
+    const at::Tensor w = has_weight ? tensors[3] : at::Tensor();
+    const at::Tensor b = has_bias ? tensors[3 + has_weight] : at::Tensor();
+    return first_order_grads(grads[0], tensors[0], w, b, tensors[1], tensors[2], num_groups, activation,
+                             {wanted[0], wanted[1], wanted[2]});
   }
 };
 
