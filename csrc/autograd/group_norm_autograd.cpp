@@ -92,6 +92,11 @@ bool needs_composite(const at::Tensor& input, const c10::optional<at::Tensor>& w
 
 using torch::autograd::SavedVariable;
 
+// Whether a backward has anything to compute: y's gradient, and a wanted one.
+bool computes_any(const at::Tensor& grad_y, const std::array<bool, 3>& mask) {
+  return grad_y.defined() && (mask[0] || mask[1] || mask[2]);
+}
+
 // dx, dweight, dbias from the kernels (undefined where not in mask).
 variable_list first_order_grads(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                 const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
@@ -142,10 +147,9 @@ struct GroupNormBackward : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack();
     const at::Tensor& grad_y = grads[0];
-    const std::array<bool, 3> mask = {task_should_compute_output(0), w.defined() && task_should_compute_output(1),
-                                      b.defined() && task_should_compute_output(2)};
+    const std::array<bool, 3> mask = wanted(w, b);
     variable_list out(3);
-    if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
+    if (!computes_any(grad_y, mask)) return out;
 
     if (at::GradMode::is_enabled()) {
       // Higher-order path (create_graph=True).
@@ -170,6 +174,13 @@ struct GroupNormBackward : public torch::autograd::Node {
   std::array<SavedVariable*, 5> saved_variables() { return {&input, &weight, &bias, &mean, &rstd}; }
   std::array<const SavedVariable*, 5> saved_variables() const { return {&input, &weight, &bias, &mean, &rstd}; }
 
+  // The gradients this backward computes: those of the edges the current
+  // graph task needs, of the parameters present.
+  std::array<bool, 3> wanted(const at::Tensor& w, const at::Tensor& b) const {
+    return {task_should_compute_output(0), w.defined() && task_should_compute_output(1),
+            b.defined() && task_should_compute_output(2)};
+  }
+
   // Binds backward_from_packed to compiled autograd's compiler and records
   // a call to it on the traced gradients and saved tensors.
   variable_list call_packed_backward(const variable_list& grads, PyObject* py_compiler) {
@@ -184,8 +195,8 @@ struct GroupNormBackward : public torch::autograd::Node {
     packed.pack(b.defined());
     packed.pack(num_groups);
     packed.pack(activation);
-    packed.pack(std::vector<bool>{task_should_compute_output(0), w.defined() && task_should_compute_output(1),
-                                  b.defined() && task_should_compute_output(2)});
+    const std::array<bool, 3> mask = wanted(w, b);
+    packed.pack(std::vector<bool>(mask.begin(), mask.end()));
     const std::vector<at::IValue>& args = packed.vec();
     std::vector<at::TypePtr> schema;
     for (const at::IValue& arg : args) schema.push_back(arg.isTensor() ? at::TensorType::get() : arg.type());
@@ -205,12 +216,12 @@ struct GroupNormBackward : public torch::autograd::Node {
     const bool has_weight = args.unpack<bool>(), has_bias = args.unpack<bool>();
     const auto num_groups = args.unpack<int64_t>();
     const auto activation = args.unpack<std::string>();
-    const auto wanted = args.unpack<std::vector<bool>>();
-    if (!grads[0].defined() || !(wanted[0] || wanted[1] || wanted[2])) return variable_list(3);
+    const auto packed_mask = args.unpack<std::vector<bool>>();
+    const std::array<bool, 3> mask = {packed_mask[0], packed_mask[1], packed_mask[2]};
+    if (!computes_any(grads[0], mask)) return variable_list(3);
     const at::Tensor w = has_weight ? tensors[3] : at::Tensor();
     const at::Tensor b = has_bias ? tensors[3 + has_weight] : at::Tensor();
-    return first_order_grads(grads[0], tensors[0], w, b, tensors[1], tensors[2], num_groups, activation,
-                             {wanted[0], wanted[1], wanted[2]});
+    return first_order_grads(grads[0], tensors[0], w, b, tensors[1], tensors[2], num_groups, activation, mask);
   }
 };
 
